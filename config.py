@@ -1,0 +1,550 @@
+"""Configuration: TOML file -> frozen dataclasses, validated once at start.
+
+Every problem in a file is collected and reported together, each with the key
+path it concerns (``channel[2].address``), so a technician fixes them in one go.
+Nothing here touches hardware, the network or the store.
+"""
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import math
+import os
+import re
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+SYSTEM_CONFIG_PATH = Path("/etc/solarpowerbrampton/config.toml")
+LOCAL_CONFIG_PATH = Path("config.toml")
+ENV_CONFIG = "SOLAR_CONFIG"
+EMBEDDED_NAME = "<embedded default>"
+
+ROLES = ("battery", "solar", "load", "exchange")
+SCENARIOS = ("day", "constant")
+INFLUX_KINDS = ("none", "local", "cloud")
+INFLUX_APIS = ("v1", "v2")
+PRECISIONS = ("ms",)
+
+
+@dataclass(frozen=True)
+class ConstantTruth:
+    """What the `constant` scenario pins a channel to (bus volts, signed mA)."""
+
+    bus_voltage_v: float = 12.6
+    current_ma: float = 250.0
+
+
+@dataclass(frozen=True)
+class ChannelConfig:
+    """One INA219: where it is, its shunt, and what it measures."""
+
+    name: str
+    address: int
+    shunt_ohms: float = 0.1
+    max_current_a: float = 2.0
+    tags: Mapping[str, str] = field(default_factory=dict)
+    role: str = "battery"
+    unit: str = ""  # the model unit it sits on; empty means the channel's name
+    constant: ConstantTruth = field(default_factory=ConstantTruth)
+
+    @property
+    def unit_name(self) -> str:
+        return self.unit or self.name
+
+
+@dataclass(frozen=True)
+class SiteConfig:
+    name: str = "brampton2zero"
+
+
+@dataclass(frozen=True)
+class SamplingConfig:
+    interval_s: float = 10.0
+    window_s: float = 1.0
+    samples: int = 10
+    adc_samples: int = 1  # INA219 hardware averaging: 1, 2, 4 ... 128 conversions
+
+
+@dataclass(frozen=True)
+class I2CConfig:
+    bus: int = 1
+
+
+@dataclass(frozen=True)
+class LedConfig:
+    pin: int = 18
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class StoreConfig:
+    dir: str = "data"
+    max_mb: float = 200.0
+    retention_days: float = 7.0
+
+
+@dataclass(frozen=True)
+class SimulationConfig:
+    enabled: bool = False
+    scenario: str = "day"
+    speed: float = 1.0
+    seed: int = 1
+    start: dt.datetime | None = None  # simulated start; None = the real local time
+    plant: str = "power_plant"  # the unit that houses buy from / sell to
+
+
+@dataclass(frozen=True)
+class InfluxConfig:
+    kind: str = "none"
+    api: str = "v2"
+    url: str = ""
+    org: str = ""
+    bucket: str = ""
+    database: str = ""
+    retention_policy: str = ""
+    username: str = ""
+    token_file: str = ""
+    password_file: str = ""
+    timeout_s: float = 10.0
+    flush_interval_s: float = 30.0
+    batch_lines: int = 5000
+    batch_bytes: int = 1_000_000
+    max_upload_bytes_per_s: float = 0.0  # 0 = unlimited
+
+
+@dataclass(frozen=True)
+class LogConfig:
+    level: str = "INFO"
+    file: bool = False
+    file_max_bytes: int = 1_000_000
+    file_backups: int = 4
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole validated configuration. `source` names where it came from."""
+
+    source: str = EMBEDDED_NAME
+    site: SiteConfig = field(default_factory=SiteConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    i2c: I2CConfig = field(default_factory=I2CConfig)
+    channels: tuple[ChannelConfig, ...] = ()
+    led: LedConfig = field(default_factory=LedConfig)
+    store: StoreConfig = field(default_factory=StoreConfig)
+    simulation: SimulationConfig = field(default_factory=SimulationConfig)
+    influx: InfluxConfig = field(default_factory=InfluxConfig)
+    log: LogConfig = field(default_factory=LogConfig)
+
+
+DEFAULT_CHANNELS = (
+    ChannelConfig("red_house", 0x40),
+    ChannelConfig("green_house", 0x41),
+    ChannelConfig("blue_house", 0x44),
+    ChannelConfig("power_plant", 0x45, max_current_a=3.2),
+)
+
+
+class ConfigError(Exception):
+    """The configuration cannot be used. `problems` holds one line per problem."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source = source
+        self.problems = problems
+        super().__init__("\n".join(f"{source}: {p}" for p in problems))
+
+
+def embedded_default() -> Config:
+    """The config used when no file exists: the simulated model, storing in ./data."""
+    return Config(
+        channels=DEFAULT_CHANNELS,
+        simulation=SimulationConfig(enabled=True),
+        store=StoreConfig(dir=_default_store_dir()),
+    )
+
+
+def _default_store_dir() -> str:
+    # systemd's StateDirectory= hands us the place; elsewhere the working directory.
+    return os.environ.get("STATE_DIRECTORY", "").split(":")[0] or StoreConfig.dir
+
+
+def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:
+    """Where the config lives: --config, $SOLAR_CONFIG, /etc/..., ./config.toml, or None."""
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit)
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG])
+    for candidate in (SYSTEM_CONFIG_PATH, LOCAL_CONFIG_PATH):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def load_config(path: Path | None) -> Config:
+    """Read and validate `path` (None = the embedded default).
+
+    Raises ConfigError listing every problem found, each with its key path.
+    """
+    if path is None:
+        return embedded_default()
+    source = str(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ConfigError(source, [f"cannot read the file: {exc.strerror or exc}"]) from None
+    try:
+        data = tomllib.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as exc:
+        raise ConfigError(source, [f"not UTF-8 text (byte {exc.start})"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(source, [f"not valid TOML: {exc}"]) from None
+    return parse_config(data, source)
+
+
+def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
+    """Validate a parsed TOML document. Raises ConfigError with every problem."""
+    v = _Validator()
+    known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log"}
+    v.unknown(data, known, "")
+    site = v.section(data, "site", SiteConfig, {"name": v.text})
+    sampling = v.section(
+        data,
+        "sampling",
+        SamplingConfig,
+        {"interval_s": v.positive, "window_s": v.positive, "samples": v.count, "adc_samples": v.count},
+    )
+    i2c = v.section(data, "i2c", I2CConfig, {"bus": v.non_negative_int})
+    led = v.section(data, "led", LedConfig, {"pin": v.gpio_pin, "enabled": v.boolean})
+    store = v.section(
+        data,
+        "store",
+        StoreConfig,
+        {"dir": v.text, "max_mb": v.positive, "retention_days": v.non_negative},
+        defaults={"dir": _default_store_dir()},
+    )
+    simulation = v.section(
+        data,
+        "simulation",
+        SimulationConfig,
+        {
+            "enabled": v.boolean,
+            "scenario": v.choice(SCENARIOS),
+            "speed": v.positive,
+            "seed": v.integer,
+            "start": v.datetime,
+            "plant": v.text,
+        },
+    )
+    influx = v.section(
+        data,
+        "influx",
+        InfluxConfig,
+        {
+            "kind": v.choice(INFLUX_KINDS),
+            "api": v.choice(INFLUX_APIS),
+            "url": v.url,
+            "org": v.text,
+            "bucket": v.text,
+            "database": v.text,
+            "retention_policy": v.text,
+            "username": v.text,
+            "token_file": v.text,
+            "password_file": v.text,
+            "timeout_s": v.positive,
+            "flush_interval_s": v.positive,
+            "batch_lines": v.count,
+            "batch_bytes": v.count,
+            "max_upload_bytes_per_s": v.non_negative,
+        },
+    )
+    log = v.section(
+        data,
+        "log",
+        LogConfig,
+        {
+            "level": v.choice(("DEBUG", "INFO", "WARNING", "ERROR")),
+            "file": v.boolean,
+            "file_max_bytes": v.count,
+            "file_backups": v.non_negative_int,
+        },
+    )
+    channels = _channels(v, data)
+
+    if sampling.samples > 1000:
+        v.problem("sampling.samples", f"{sampling.samples} is more than 1000 samples per cycle")
+    if sampling.window_s >= sampling.interval_s:
+        v.problem(
+            "sampling.window_s",
+            f"the sampling window ({sampling.window_s} s) must be shorter than the interval "
+            f"({sampling.interval_s} s)",
+        )
+    if sampling.adc_samples not in (1, 2, 4, 8, 16, 32, 64, 128):
+        v.problem("sampling.adc_samples", f"{sampling.adc_samples} is not one of 1, 2, 4, 8, 16, 32, 64, 128")
+    if influx.kind == "cloud":
+        if influx.url and not influx.url.startswith("https://"):
+            v.problem("influx.url", "InfluxDB Cloud needs an https:// URL")
+        for key in ("url", "org", "bucket"):
+            if not getattr(influx, key):
+                v.problem(f"influx.{key}", "required when kind = \"cloud\"")
+    if influx.kind == "local":
+        if not influx.url:
+            v.problem("influx.url", "required when kind = \"local\"")
+        if influx.api == "v2":
+            for key in ("org", "bucket"):
+                if not getattr(influx, key):
+                    v.problem(f"influx.{key}", "required when kind = \"local\" and api = \"v2\"")
+        elif not influx.database:
+            v.problem("influx.database", "required when kind = \"local\" and api = \"v1\"")
+    if v.problems:
+        raise ConfigError(source, v.problems)
+    return Config(
+        source=source,
+        site=site,
+        sampling=sampling,
+        i2c=i2c,
+        channels=channels,
+        led=led,
+        store=store,
+        simulation=simulation,
+        influx=influx,
+        log=log,
+    )
+
+
+def _channels(v: _Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ...]:
+    raw = data.get("channel")
+    if raw is None:
+        return DEFAULT_CHANNELS
+    if not isinstance(raw, list) or not all(isinstance(c, dict) for c in raw):
+        v.problem("channel", "must be an array of tables ([[channel]])")
+        return ()
+    if not raw:
+        v.problem("channel", "at least one [[channel]] is needed")
+    channels = []
+    names: dict[str, int] = {}
+    addresses: dict[int, int] = {}
+    for i, item in enumerate(raw):
+        where = f"channel[{i}]"
+        v.unknown(item, {"name", "address", "shunt_ohms", "max_current_a", "tags", "role", "unit", "constant"}, where)
+        ok = True
+        name = v.required(item, "name", where, v.identifier)
+        address = v.required(item, "address", where, v.i2c_address)
+        values: dict[str, Any] = {}
+        for key, check in (
+            ("shunt_ohms", v.positive),
+            ("max_current_a", v.positive),
+            ("tags", v.tags),
+            ("role", v.choice(ROLES)),
+            ("unit", v.identifier),
+        ):
+            if key in item:
+                value = check(item[key], f"{where}.{key}")
+                if value is _INVALID:
+                    ok = False
+                else:
+                    values[key] = value
+        if "constant" in item:
+            constant = v.table(item["constant"], f"{where}.constant", ConstantTruth,
+                               {"bus_voltage_v": v.non_negative, "current_ma": v.number})
+            if constant is _INVALID:
+                ok = False
+            else:
+                values["constant"] = constant
+        if name is _INVALID or address is _INVALID:
+            continue
+        if name in names:
+            v.problem(f"{where}.name", f"{name!r} is already used by channel[{names[name]}]")
+        names.setdefault(name, i)
+        if address in addresses:
+            v.problem(f"{where}.address", f"0x{address:02X} is already used by channel[{addresses[address]}]")
+        addresses.setdefault(address, i)
+        if ok:
+            channel = ChannelConfig(name=name, address=address, **values)
+            full_scale_mv = channel.max_current_a * channel.shunt_ohms * 1000
+            if full_scale_mv > 320 + 1e-6:
+                v.problem(
+                    f"{where}.max_current_a",
+                    f"{channel.max_current_a} A through {channel.shunt_ohms} ohm is {full_scale_mv:.0f} mV, "
+                    "beyond the INA219's 320 mV shunt range",
+                )
+            channels.append(channel)
+    return tuple(channels)
+
+
+_INVALID = object()
+_IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+
+
+class _Validator:
+    """Collects problems as `at 'key.path': message` lines."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def problem(self, path: str, message: str) -> object:
+        self.problems.append(f"at '{path}': {message}")
+        return _INVALID
+
+    def unknown(self, table: Mapping[str, Any], known: set[str], where: str) -> None:
+        for key in table:
+            if key not in known:
+                path = f"{where}.{key}" if where else key
+                self.problem(path, f"unknown key (expected one of: {', '.join(sorted(known))})")
+
+    def section(self, data, name, cls, checks, defaults=None):
+        raw = data.get(name, {})
+        result = self.table(raw, name, cls, checks, defaults)
+        return cls(**(defaults or {})) if result is _INVALID else result
+
+    def table(self, raw, where, cls, checks, defaults=None):
+        if not isinstance(raw, dict):
+            return self.problem(where, f"must be a table, not {_kind(raw)}")
+        self.unknown(raw, set(checks), where)
+        values = dict(defaults or {})
+        bad = False
+        for key, check in checks.items():
+            if key in raw:
+                value = check(raw[key], f"{where}.{key}")
+                if value is _INVALID:
+                    bad = True
+                else:
+                    values[key] = value
+        if bad:
+            return _INVALID
+        return cls(**values)
+
+    def required(self, table, key, where, check):
+        if key not in table:
+            return self.problem(f"{where}.{key}", "is required")
+        return check(table[key], f"{where}.{key}")
+
+    # Checks: each returns the value or _INVALID after recording a problem.
+    def text(self, value, path):
+        if not isinstance(value, str):
+            return self.problem(path, f"must be a string, not {_kind(value)}")
+        return value
+
+    def identifier(self, value, path):
+        if not isinstance(value, str):
+            return self.problem(path, f"must be a string, not {_kind(value)}")
+        if not _IDENT.match(value):
+            return self.problem(path, f"{value!r} must be 1-64 letters, digits, '_', '-' or '.'")
+        return value
+
+    def boolean(self, value, path):
+        if not isinstance(value, bool):
+            return self.problem(path, f"must be true or false, not {_kind(value)}")
+        return value
+
+    def integer(self, value, path):
+        if isinstance(value, bool) or not isinstance(value, int):
+            return self.problem(path, f"must be a whole number, not {_kind(value)}")
+        return value
+
+    def number(self, value, path):
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            return self.problem(path, f"must be a number, not {_kind(value)}")
+        if not math.isfinite(value):
+            return self.problem(path, f"must be a finite number, not {value}")
+        return float(value)
+
+    def positive(self, value, path):
+        value = self.number(value, path)
+        if value is not _INVALID and value <= 0:
+            return self.problem(path, f"must be greater than 0, not {_fmt(value)}")
+        return value
+
+    def non_negative(self, value, path):
+        value = self.number(value, path)
+        if value is not _INVALID and value < 0:
+            return self.problem(path, f"must not be negative, not {_fmt(value)}")
+        return value
+
+    def count(self, value, path):
+        value = self.integer(value, path)
+        if value is not _INVALID and value < 1:
+            return self.problem(path, f"must be 1 or more, not {value}")
+        return value
+
+    def non_negative_int(self, value, path):
+        value = self.integer(value, path)
+        if value is not _INVALID and value < 0:
+            return self.problem(path, f"must not be negative, not {value}")
+        return value
+
+    def gpio_pin(self, value, path):
+        value = self.integer(value, path)
+        if value is not _INVALID and not 0 <= value <= 27:
+            return self.problem(path, f"GPIO {value} does not exist on a Raspberry Pi header (0-27)")
+        return value
+
+    def i2c_address(self, value, path):
+        if isinstance(value, str):
+            try:
+                value = int(value, 0)
+            except ValueError:
+                return self.problem(path, f"{value!r} is not an I2C address (e.g. 0x40)")
+        value = self.integer(value, path)
+        if value is not _INVALID and not 0x40 <= value <= 0x4F:
+            return self.problem(path, f"0x{value:02X} is not an INA219 address (0x40-0x4F)")
+        return value
+
+    def tags(self, value, path):
+        if not isinstance(value, dict):
+            return self.problem(path, f"must be a table of strings, not {_kind(value)}")
+        bad = False
+        for key, tag in value.items():
+            if not isinstance(tag, str) or not tag:
+                self.problem(f"{path}.{key}", f"a tag value must be a non-empty string, not {_kind(tag)}")
+                bad = True
+            elif key in ("site", "unit"):
+                self.problem(f"{path}.{key}", "is set by the daemon and cannot be overridden")
+                bad = True
+        return _INVALID if bad else dict(value)
+
+    def url(self, value, path):
+        value = self.text(value, path)
+        if value is not _INVALID and value and not re.match(r"^https?://[^/\s]+", value):
+            return self.problem(path, f"{value!r} is not an http:// or https:// URL")
+        return value.rstrip("/") if value is not _INVALID else value
+
+    def datetime(self, value, path):
+        if isinstance(value, dt.datetime):
+            return value
+        if isinstance(value, dt.date):
+            return dt.datetime(value.year, value.month, value.day, 12, 0)
+        return self.problem(path, f"must be a TOML date-time such as 2026-06-21T12:00:00, not {_kind(value)}")
+
+    def choice(self, options):
+        def check(value, path):
+            if value not in options:
+                return self.problem(path, f"{value!r} is not one of: {', '.join(map(repr, options))}")
+            return value
+
+        return check
+
+
+def _kind(value: Any) -> str:
+    if isinstance(value, bool):
+        return f"boolean {str(value).lower()}"
+    if isinstance(value, (int, float)):
+        return f"number {value}"
+    if isinstance(value, str):
+        return f"string {value!r}"
+    if isinstance(value, dict):
+        return "a table"
+    if isinstance(value, list):
+        return "an array"
+    return type(value).__name__
+
+
+def _fmt(value: float) -> str:
+    return str(int(value)) if float(value).is_integer() else str(value)
+
+
+def replace(config: Config, **changes: Any) -> Config:
+    """A copy of `config` with top-level sections replaced (thin wrapper for callers)."""
+    return dataclasses.replace(config, **changes)

@@ -1,0 +1,493 @@
+"""SolarPowerBrampton: measure the Brampton2Zero solar model, store every reading, deliver it.
+
+Commands: run, once, check, status, export (``python main.py --help``).
+This module wires the parts together and owns the exit codes; the parts never
+import it.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import dataclasses
+import datetime as dt
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable
+from pathlib import Path
+
+import config as config_mod
+from config import Config, ConfigError
+from outbox import Outbox, StoreError
+from rpi_errors import CriticalError, ErrorHandler, ShortError, SolarError, StatusLED, Tier, make_led
+from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
+
+log = logging.getLogger(__name__)
+
+EXIT_OK = 0
+EXIT_FAILURE = 1
+EXIT_USAGE = 2
+EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd and shell scripts know it
+_MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
+
+
+# -- the bus ------------------------------------------------------------------
+@dataclasses.dataclass(frozen=True)
+class BusChoice:
+    bus: object
+    simulated: bool
+    note: str
+
+
+def is_raspberry_pi(model_path: Path = Path("/proc/device-tree/model")) -> bool:
+    """True on a Raspberry Pi (reads the device-tree model string)."""
+    try:
+        return "raspberry pi" in model_path.read_text(errors="replace").lower()
+    except OSError:
+        return False
+
+
+def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.monotonic) -> BusChoice:
+    """The Pi's I2C bus, or the simulated model when asked for or when this is no Pi.
+
+    Raises CriticalError on a Pi whose I2C bus is missing (I2C not enabled).
+    """
+    from simulator import build_simulated_bus
+
+    if simulate or config.simulation.enabled:
+        why = "--simulate" if simulate else f"[simulation] enabled in {config.source}"
+        return BusChoice(build_simulated_bus(config, clock), True,
+                         f"using the simulated model ({config.simulation.scenario} scenario, {why})")
+    device = Path(f"/dev/i2c-{config.i2c.bus}")
+    if device.exists():
+        from adafruit_extended_bus import ExtendedI2C  # Blinka: only loaded where a real bus exists
+
+        return BusChoice(ExtendedI2C(config.i2c.bus, frequency=None), False, f"using I2C bus {device}")
+    if not is_raspberry_pi():
+        return BusChoice(build_simulated_bus(config, clock), True,
+                         f"no {device} and this is not a Raspberry Pi: using the simulated model")
+    raise CriticalError(
+        f"I2C bus {device} is missing: enable I2C (sudo raspi-config nonint do_i2c 0) and reboot",
+        key="i2c",
+    )
+
+
+# -- points -------------------------------------------------------------------
+def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
+    """The `electricity` and `system` points of one cycle (failed channels publish nothing)."""
+    site = config.site.name
+    by_name = {c.name: c for c in config.channels}
+    points = []
+    for reading in cycle.channels:
+        if not reading.ok:
+            continue
+        channel = by_name[reading.name]
+        values = {k: getattr(reading, k) for k in ELECTRICITY_FIELDS}
+        tags = {**channel.tags, "site": site, "unit": channel.name}
+        points.append(Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), cycle.time_ms))
+    if system is not None:
+        values = dataclasses.asdict(system)
+        values["channels_ok"] = sum(1 for r in cycle.channels if r.ok)
+        values["channels_failed"] = len(cycle.channels) - values["channels_ok"]
+        if stats is not None:
+            values["outbox_depth"] = stats.queue_depth
+            values["dropped_points"] = stats.dropped
+            values["quarantined_points"] = stats.quarantined
+        points.append(Point(SYSTEM, {"site": site}, typed_fields(SYSTEM, values), cycle.time_ms))
+    return points
+
+
+def energy_state(energy: dict[str, tuple[float, float]]) -> dict[str, str]:
+    return {f"energy:{name}": json.dumps({"in_wh": e[0], "out_wh": e[1]}) for name, e in energy.items()}
+
+
+def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:
+    result = {}
+    for key, value in outbox.state("energy:").items():
+        try:
+            data = json.loads(value)
+            result[key.removeprefix("energy:")] = (float(data["in_wh"]), float(data["out_wh"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable energy counter %r in the store", key)
+    return result
+
+
+# -- the daemon ---------------------------------------------------------------
+class Daemon:
+    """The measuring loop: cycles on a fixed grid of the monotonic clock.
+
+    `wait(s)` sleeps up to s seconds and returns True when asked to stop
+    (threading.Event.wait in production, a fake in tests). Runs in one thread.
+    """
+
+    def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
+                 monitor=None, clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[float], bool] | None = None, on_cycle: Callable | None = None) -> None:
+        self.config = config
+        self.reader = reader
+        self.outbox = outbox
+        self.handler = handler
+        self.monitor = monitor
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.wait = wait or self.stop_event.wait
+        self.on_cycle = on_cycle
+        self.cycles_done = 0
+        self.overruns = 0
+        self._unstored: deque[list[tuple[int, str]]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
+
+    def run_cycle(self):
+        """Measure, store, report. Returns the Cycle."""
+        cycle = self.reader.measure()
+        for reading in cycle.channels:
+            if reading.ok:
+                self.handler.clear(f"measure:{reading.name}")
+        for error in cycle.errors:
+            self.handler.report(error)
+        system = self.monitor.read() if self.monitor else None
+        stats = self.outbox.stats()
+        lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
+        self._store(lines)
+        self.handler.tick()
+        self.cycles_done += 1
+        if self.on_cycle:
+            self.on_cycle(cycle)
+        return cycle
+
+    def _store(self, lines: list[tuple[int, str]]) -> None:
+        self._unstored.append(lines)
+        try:
+            while self._unstored:
+                # Energy counters commit with the points they produced, so a crash
+                # can neither double-count nor lose a cycle's energy.
+                self.outbox.append(self._unstored[0], energy_state(self.reader.energy))
+                self._unstored.popleft()
+            self.handler.clear("store")
+        except StoreError as exc:
+            self.handler.report(CriticalError(
+                f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
+
+    def run(self, cycles: int | None = None) -> None:
+        """Run until stopped or `cycles` cycles are done."""
+        interval = self.config.sampling.interval_s
+        start = self.clock()
+        slot = 0
+        while cycles is None or self.cycles_done < cycles:
+            delay = start + slot * interval - self.clock()
+            if delay > 0 and self.wait(delay):
+                break
+            if self.stop_event.is_set():
+                break
+            began = self.clock()
+            self.run_cycle()
+            slot += 1
+            late = self.clock() - (start + slot * interval)
+            if late > 0:
+                # Overran into the next slot: skip to the next free one rather than
+                # run late, so the grid (and the points' spacing) never drifts.
+                skipped = int(late // interval) + 1
+                slot += skipped
+                self.overruns += 1
+                self.handler.report(ShortError(
+                    f"a cycle took {self.clock() - began:.2f} s, longer than the {interval:g} s interval: "
+                    f"skipped {skipped} slot(s)", key="cycle:overrun"))
+            else:
+                self.handler.clear("cycle:overrun")
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current cycle (safe from a signal handler)."""
+        self.stop_event.set()
+
+
+# -- wiring -------------------------------------------------------------------
+def setup_logging(level: str = "INFO") -> None:
+    """Log to stderr; under systemd the journal adds its own timestamps."""
+    if os.environ.get("JOURNAL_STREAM"):
+        fmt = "%(levelname)s %(name)s: %(message)s"
+    else:
+        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt, stream=sys.stderr, force=True)
+
+
+def load(args) -> Config:
+    path = config_mod.find_config(getattr(args, "config", None))
+    return config_mod.load_config(path)
+
+
+def open_store(config: Config) -> Outbox:
+    return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days)
+
+
+def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None):
+    from tools import read_data
+
+    sampling = config.sampling
+    if window_s is not None:
+        sampling = dataclasses.replace(sampling, window_s=window_s)
+    energy = load_energy(outbox) if outbox else None
+    return read_data(bus, config.channels, sampling, energy=energy)
+
+
+def cmd_run(args, config: Config) -> int:
+    from tools import SystemMonitor
+
+    handler_led = None
+    if config.led.enabled:
+        handler_led = StatusLED(make_led(config.led.pin))
+    handler = ErrorHandler(handler_led)
+    try:
+        choice = open_bus(config, args.simulate)
+        log.info("%s", choice.note)
+        outbox = open_store(config)
+    except (CriticalError, StoreError) as exc:
+        handler.report(exc if isinstance(exc, SolarError) else CriticalError(str(exc), key="store"))
+        log.error("cannot start: %s", exc)
+        time.sleep(5 if handler_led else 0)  # leave the Critical pattern visible for a moment
+        if handler_led:
+            handler_led.close()
+        return EXIT_FAILURE
+    reader = make_reader(config, choice.bus, outbox)
+    daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)))
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: daemon.stop())
+    log.info("measuring %d channels every %g s, storing in %s",
+             len(config.channels), config.sampling.interval_s, outbox.path)
+    try:
+        daemon.run(args.cycles)
+    finally:
+        outbox.close()
+        if handler_led:
+            handler_led.close()
+    log.info("stopped after %d cycles", daemon.cycles_done)
+    return EXIT_OK
+
+
+def cmd_once(args, config: Config) -> int:
+    from tools import SystemMonitor
+
+    try:
+        choice = open_bus(config, args.simulate)
+        outbox = open_store(config)
+    except (CriticalError, StoreError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    if not args.json:
+        print(choice.note, file=sys.stderr)
+    reader = make_reader(config, choice.bus, outbox)
+    daemon = Daemon(config, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(outbox.directory)))
+    cycle = daemon.run_cycle()
+    system = daemon.monitor.read()
+    outbox.close()
+    if args.json:
+        print(json.dumps(cycle_json(cycle, system, choice.simulated), indent=2))
+    else:
+        print(cycle_table(cycle))
+    return EXIT_OK if not cycle.errors else EXIT_FAILURE
+
+
+def cycle_json(cycle, system, simulated: bool) -> dict:
+    """The `once --json` document."""
+    when = dt.datetime.fromtimestamp(cycle.time_ms / 1000, dt.timezone.utc)
+    channels = []
+    for r in cycle.channels:
+        item = dataclasses.asdict(r)
+        if item["error"] is None:
+            del item["error"]
+        channels.append(item)
+    return {
+        "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
+        "simulated": simulated,
+        "channels": channels,
+        "system": dataclasses.asdict(system) if system else {},
+    }
+
+
+def cycle_table(cycle) -> str:
+    head = f"{'channel':<14}{'addr':>6}{'bus V':>9}{'shunt mV':>10}{'current mA':>12}{'power W':>9}" \
+           f"{'samples':>9}{'in Wh':>9}{'out Wh':>9}"
+    rows = [head, "-" * len(head)]
+    for r in cycle.channels:
+        if not r.ok:
+            rows.append(f"{r.name:<14}{'0x%02X' % r.address:>6}  {r.error}")
+            continue
+        rows.append(
+            f"{r.name:<14}{'0x%02X' % r.address:>6}{r.bus_voltage_v:>9.3f}{r.shunt_voltage_mv:>10.2f}"
+            f"{r.current_ma:>12.1f}{r.power_w:>9.3f}{r.samples:>6}/{r.samples + r.failed_samples:<2}"
+            f"{r.energy_in_wh:>9.3f}{r.energy_out_wh:>9.3f}"
+        )
+    return "\n".join(rows)
+
+
+def cmd_check(args, config: Config) -> int:
+    failures = 0
+
+    def report(ok: bool, what: str) -> None:
+        nonlocal failures
+        failures += not ok
+        print(f"{'OK  ' if ok else 'FAIL'}  {what}")
+
+    report(True, f"config: {config.source} ({len(config.channels)} channels)")
+    try:
+        choice = open_bus(config, args.simulate)
+    except CriticalError as exc:
+        report(False, f"I2C bus: {exc}")
+        return EXIT_FAILURE
+    report(True, f"I2C bus: {choice.note}")
+    answering = set(scan(choice.bus))
+    print("      addresses answering: " + (", ".join(f"0x{a:02X}" for a in sorted(answering)) or "none"))
+    for channel in config.channels:
+        report(channel.address in answering,
+               f"sensor {channel.name} at 0x{channel.address:02X}"
+               + ("" if channel.address in answering else ": no answer, check its wiring and address jumpers"))
+    reader = make_reader(config, choice.bus, None, window_s=min(config.sampling.window_s, 0.2))
+    cycle = reader.measure()
+    for r in cycle.channels:
+        if not r.ok:
+            report(False, f"reading {r.name}: {r.error}")
+        else:
+            report(True, f"reading {r.name}: {r.bus_voltage_v:.2f} V, {r.current_ma:.1f} mA, {r.power_w:.2f} W")
+    try:
+        outbox = open_store(config)
+        outbox.set_state({"last_check": dt.datetime.now(dt.timezone.utc).isoformat()})
+        outbox.close()
+        report(True, f"store: {Path(config.store.dir) / 'outbox.db'} is writable")
+    except StoreError as exc:
+        report(False, f"store: {exc}")
+    print("all checks passed" if not failures else f"{failures} check(s) failed")
+    return EXIT_OK if not failures else EXIT_FAILURE
+
+
+def scan(bus, addresses=range(0x40, 0x50)) -> list[int]:
+    """Addresses that acknowledge an empty write (how i2cdetect probes)."""
+    found = []
+    while not bus.try_lock():
+        time.sleep(0)
+    try:
+        for address in addresses:
+            try:
+                bus.writeto(address, b"")
+                found.append(address)
+            except OSError:
+                pass
+    finally:
+        bus.unlock()
+    return found
+
+
+def cmd_status(args, config: Config) -> int:
+    try:
+        outbox = Outbox(config.store.dir, max_mb=config.store.max_mb,
+                        retention_days=config.store.retention_days, check_integrity=False)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    stats = outbox.stats()
+    state = outbox.state()
+    outbox.close()
+    report = {
+        "store": str(outbox.path),
+        "writer": config.influx.kind,
+        "queue_depth": stats.queue_depth,
+        "oldest_unsent": _iso(stats.oldest_unsent_ms),
+        "newest_reading": _iso(stats.newest_ms),
+        "stored_total": stats.stored_total,
+        "last_successful_send": state.get("last_send"),
+        "last_error": state.get("last_error"),
+        "quarantined": stats.quarantined,
+        "dropped": stats.dropped,
+        "size_mb": round(stats.size_bytes / 1_048_576, 3),
+    }
+    if args.json:
+        print(json.dumps(report, indent=2))
+    else:
+        width = max(map(len, report))
+        for key, value in report.items():
+            print(f"{key.replace('_', ' '):<{width}}  {'-' if value is None else value}")
+    return EXIT_OK
+
+
+def cmd_export(args, config: Config) -> int:
+    since_ms = None
+    if args.since:
+        try:
+            since = dt.datetime.fromisoformat(args.since)
+        except ValueError:
+            print(f"error: --since {args.since!r} is not an ISO-8601 date or time", file=sys.stderr)
+            return EXIT_USAGE
+        if since.tzinfo is None:
+            since = since.astimezone()
+        since_ms = int(since.timestamp() * 1000)
+    try:
+        outbox = Outbox(config.store.dir, check_integrity=False)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    out = sys.stdout
+    writer = csv.writer(out) if args.format == "csv" else None
+    if writer:
+        writer.writerow(["time", "status", "line"])
+    for time_ms, line, status in outbox.export(since_ms):
+        if writer:
+            writer.writerow([_iso(time_ms), status, line])
+        else:
+            out.write(line + "\n")
+    outbox.close()
+    return EXIT_OK
+
+
+def _iso(ms: int | None) -> str | None:
+    if ms is None:
+        return None
+    return dt.datetime.fromtimestamp(ms / 1000, dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def add(name: str, help_text: str, simulate: bool = True) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--config", metavar="FILE",
+                       help="config file (default: $SOLAR_CONFIG, /etc/solarpowerbrampton/config.toml, "
+                            "./config.toml, else the embedded default)")
+        if simulate:
+            p.add_argument("--simulate", action="store_true", help="measure the simulated model, not the I2C bus")
+        return p
+
+    run = add("run", "run the daemon: measure every interval, store, deliver")
+    run.add_argument("--cycles", type=int, metavar="N", help="stop after N cycles")
+    once = add("once", "measure one cycle, store it and print it")
+    once.add_argument("--json", action="store_true", help="print one JSON object")
+    add("check", "check config, I2C bus, sensors and store (what a technician runs)")
+    status = add("status", "show the store's queue, last send and errors", simulate=False)
+    status.add_argument("--json", action="store_true", help="print one JSON object")
+    export = add("export", "print every stored point (sent, unsent and quarantined)", simulate=False)
+    export.add_argument("--since", metavar="ISO", help="only points at or after this time")
+    export.add_argument("--format", choices=("lp", "csv"), default="lp", help="line protocol (default) or CSV")
+    return parser
+
+
+COMMANDS = {"run": cmd_run, "once": cmd_once, "check": cmd_check, "status": cmd_status, "export": cmd_export}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    if getattr(args, "cycles", None) is not None and args.cycles < 1:
+        print("error: --cycles must be 1 or more", file=sys.stderr)
+        return EXIT_USAGE
+    try:
+        config = load(args)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
+    setup_logging(config.log.level if args.command == "run" else "WARNING")
+    return COMMANDS[args.command](args, config)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,306 @@
+"""The durable local store: every reading as line protocol in SQLite.
+
+One file, ``outbox.db`` in the state directory. Rows are appended one
+transaction per cycle and leave only in three ways: delivered (kept as local
+history for `retention_days`, then pruned), quarantined (a line the server
+refused, kept in its own table) or dropped by the size cap (counted).
+
+Thread-safety: one Outbox per thread. SQLite's WAL lets the measuring thread
+append while the sender thread reads and acknowledges, each on its own
+connection to the same file.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+DB_NAME = "outbox.db"
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    sent_ms INTEGER
+);
+CREATE INDEX IF NOT EXISTS points_unsent ON points(id) WHERE sent_ms IS NULL;
+CREATE INDEX IF NOT EXISTS points_time ON points(time_ms);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
+
+class StoreError(Exception):
+    """The store cannot be opened or written (disk full, read-only, permissions)."""
+
+
+@dataclass(frozen=True)
+class Pending:
+    """A stored line waiting for delivery."""
+
+    id: int
+    time_ms: int
+    line: str
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    """What `status` shows. Times are Unix ms; None when there is none."""
+
+    queue_depth: int
+    oldest_unsent_ms: int | None
+    newest_ms: int | None
+    stored_total: int
+    quarantined: int
+    dropped: int
+    size_bytes: int
+
+
+class Outbox:
+    """SQLite outbox in `directory`.
+
+    Raises StoreError when the directory or file cannot be used. A file that
+    fails SQLite's integrity check is moved aside and a fresh one started, so
+    measuring never stops because of the store.
+    """
+
+    def __init__(
+        self,
+        directory: str | os.PathLike[str],
+        *,
+        max_mb: float = 200.0,
+        retention_days: float = 7.0,
+        wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
+        check_integrity: bool = True,
+    ) -> None:
+        self.directory = Path(directory)
+        self.path = self.directory / DB_NAME
+        self.max_bytes = int(max_mb * 1024 * 1024)
+        self.retention_ms = int(retention_days * 86_400_000)
+        self._wall_ms = wall_ms
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StoreError(f"cannot create the store directory {self.directory}: {exc.strerror}") from None
+        self._db = self._connect(check_integrity)
+
+    # -- opening ---------------------------------------------------------
+    def _connect(self, check_integrity: bool) -> sqlite3.Connection:
+        try:
+            db = self._open()
+            if check_integrity:
+                result = db.execute("PRAGMA quick_check").fetchone()[0]
+                if result != "ok":
+                    raise sqlite3.DatabaseError(result)
+            return db
+        except sqlite3.DatabaseError as exc:
+            if isinstance(exc, sqlite3.OperationalError) and _is_access_problem(exc):
+                raise StoreError(f"cannot open {self.path}: {exc}") from None
+            moved = self._move_aside()
+            log.error("store %s failed its integrity check (%s): moved to %s, starting a fresh one",
+                      self.path, exc, moved)
+            try:
+                return self._open()
+            except sqlite3.Error as again:
+                raise StoreError(f"cannot open {self.path}: {again}") from None
+
+    def _open(self) -> sqlite3.Connection:
+        db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a
+        # power cut could lose the last cycles even though they were committed.
+        # One fsync per cycle (every few seconds) costs nothing on an SD card.
+        db.execute("PRAGMA synchronous=FULL")
+        db.executescript(_SCHEMA)
+        return db
+
+    def _move_aside(self) -> Path:
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        target = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        for suffix in ("", "-wal", "-shm"):
+            src = Path(f"{self.path}{suffix}")
+            if src.exists():
+                src.replace(Path(f"{target}{suffix}"))
+        return target
+
+    def close(self) -> None:
+        """Close the connection (idempotent)."""
+        self._db.close()
+
+    # -- writing ---------------------------------------------------------
+    def append(self, lines: Sequence[tuple[int, str]], state: Mapping[str, str] | None = None) -> None:
+        """Store one cycle: (time_ms, line) pairs and state values, in one transaction.
+
+        Raises StoreError if it could not be committed (nothing is half-written).
+        """
+        try:
+            with self._transaction() as db:
+                db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", lines)
+                if state:
+                    db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc}") from None
+
+    def set_state(self, values: Mapping[str, str]) -> None:
+        """Store small key/value facts (counters, last send) durably."""
+        try:
+            with self._transaction() as db:
+                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", values.items())
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write to {self.path}: {exc}") from None
+
+    def state(self, prefix: str = "") -> dict[str, str]:
+        """The stored key/value facts whose key starts with `prefix`."""
+        rows = self._db.execute(
+            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
+        )
+        return dict(rows.fetchall())
+
+    # -- delivering ------------------------------------------------------
+    def pending(self, max_lines: int, max_bytes: int) -> list[Pending]:
+        """The oldest unsent lines, at most `max_lines` and about `max_bytes` of text."""
+        rows = self._db.execute(
+            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL ORDER BY id LIMIT ?", (max_lines,)
+        ).fetchall()
+        batch: list[Pending] = []
+        size = 0
+        for row in rows:
+            size += len(row[2]) + 1
+            if batch and size > max_bytes:
+                break
+            batch.append(Pending(*row))
+        return batch
+
+    def mark_sent(self, ids: Iterable[int]) -> None:
+        """Record that the server acknowledged these lines."""
+        now = self._wall_ms()
+        with self._transaction() as db:
+            db.executemany("UPDATE points SET sent_ms = ? WHERE id = ?", ((now, i) for i in ids))
+
+    def quarantine(self, rows: Iterable[Pending], reason: str) -> int:
+        """Move lines the server refused out of the queue; they stay exportable. Returns how many."""
+        now = self._wall_ms()
+        rows = list(rows)
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) VALUES (?, ?, ?, ?)",
+                ((r.time_ms, r.line, reason, now) for r in rows),
+            )
+            db.executemany("DELETE FROM points WHERE id = ?", ((r.id,) for r in rows))
+        return len(rows)
+
+    # -- housekeeping ----------------------------------------------------
+    def enforce_limits(self) -> int:
+        """Prune delivered history past retention, then apply the size cap.
+
+        Over the cap, delivered history goes first (it is already safe in
+        InfluxDB), then the oldest unsent lines, which are counted as dropped.
+        Returns how many unsent lines were dropped now.
+        """
+        cutoff = self._wall_ms() - self.retention_ms
+        with self._transaction() as db:
+            db.execute("DELETE FROM points WHERE sent_ms IS NOT NULL AND sent_ms < ?", (cutoff,))
+        dropped = 0
+        while self.used_bytes() > self.max_bytes:
+            with self._transaction() as db:
+                removed = db.execute(
+                    "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NOT NULL "
+                    "ORDER BY id LIMIT 1000)"
+                ).rowcount
+                if not removed:
+                    removed = db.execute(
+                        "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NULL "
+                        "ORDER BY id LIMIT 1000)"
+                    ).rowcount
+                    dropped += removed
+                    _add_counter(db, "dropped_points", removed)
+            if not removed:
+                break
+        if dropped:
+            log.warning("store over its cap of %d MB: dropped the %d oldest unsent lines",
+                        self.max_bytes // 1024 // 1024, dropped)
+        return dropped
+
+    def used_bytes(self) -> int:
+        """Bytes of the database in use (free pages excluded), plus the WAL."""
+        pages = self._db.execute("PRAGMA page_count").fetchone()[0]
+        free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
+        size = self._db.execute("PRAGMA page_size").fetchone()[0]
+        return (pages - free) * size
+
+    def stats(self) -> OutboxStats:
+        """Counts for `status` and the `system` point."""
+        depth, oldest = self._db.execute(
+            "SELECT count(*), min(time_ms) FROM points WHERE sent_ms IS NULL"
+        ).fetchone()
+        total, newest = self._db.execute("SELECT count(*), max(time_ms) FROM points").fetchone()
+        quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        dropped = int(self.state("dropped_points").get("dropped_points", 0))
+        return OutboxStats(depth, oldest, newest, total, quarantined, dropped, self.used_bytes())
+
+    def export(self, since_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
+        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "quarantined")."""
+        since = since_ms if since_ms is not None else -(2**62)
+        cursor = self._db.execute(
+            "SELECT time_ms, line, CASE WHEN sent_ms IS NULL THEN 'unsent' ELSE 'sent' END FROM points "
+            "WHERE time_ms >= ? UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? "
+            "ORDER BY 1",
+            (since, since),
+        )
+        yield from cursor
+
+    def _transaction(self) -> _Transaction:
+        return _Transaction(self._db)
+
+
+class _Transaction:
+    """BEGIN IMMEDIATE ... COMMIT, rolled back on any error."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            try:
+                self.db.execute("COMMIT")
+                return
+            except sqlite3.Error:
+                self._rollback()
+                raise
+        self._rollback()
+
+    def _rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+
+def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
+    db.execute(
+        "INSERT INTO state (key, value) VALUES (?, ?) "
+        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
+        (key, str(amount), amount),
+    )
+
+
+def _is_access_problem(exc: sqlite3.OperationalError) -> bool:
+    text = str(exc).lower()
+    return "unable to open" in text or "readonly" in text or "read-only" in text or "disk i/o" in text

@@ -1,0 +1,108 @@
+"""The point schema and its InfluxDB line-protocol encoding.
+
+Field types are part of the schema: a float field is always written as a float
+and a count always as an integer (``42i``), so InfluxDB never sees a type
+conflict between two cycles. Escaping follows the line-protocol reference (and
+influxdb-client's own escaping), so names with spaces, commas, equals signs,
+quotes or backslashes survive the trip.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+ELECTRICITY = "electricity"
+SYSTEM = "system"
+
+# Field name -> type. The daemon never writes a field that is not listed here.
+ELECTRICITY_FIELDS: Mapping[str, type] = {
+    "bus_voltage_v": float,
+    "shunt_voltage_mv": float,
+    "current_ma": float,
+    "power_w": float,
+    "samples": int,
+    "failed_samples": int,
+    "energy_in_wh": float,
+    "energy_out_wh": float,
+}
+SYSTEM_FIELDS: Mapping[str, type] = {
+    "cpu_percent": float,
+    "cpu_temp_c": float,
+    "memory_used_mb": float,
+    "disk_free_mb": float,
+    "net_sent_bytes": int,
+    "net_recv_bytes": int,
+    "uptime_s": float,
+    "channels_ok": int,
+    "channels_failed": int,
+    "outbox_depth": int,
+    "dropped_points": int,
+    "quarantined_points": int,
+}
+FIELD_TYPES: Mapping[str, Mapping[str, type]] = {ELECTRICITY: ELECTRICITY_FIELDS, SYSTEM: SYSTEM_FIELDS}
+
+_MEASUREMENT_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
+_KEY_ESCAPES = str.maketrans(
+    {"\\": "\\\\", ",": "\\,", " ": "\\ ", "=": "\\=", "\n": "\\n", "\r": "\\r", "\t": "\\t"}
+)
+_STRING_ESCAPES = str.maketrans({"\\": "\\\\", '"': '\\"'})
+
+
+@dataclass(frozen=True)
+class Point:
+    """One line of line protocol. `time_ms` is Unix time in milliseconds."""
+
+    measurement: str
+    tags: Mapping[str, str]
+    fields: Mapping[str, float | int | bool | str | None]
+    time_ms: int
+
+    def to_line(self) -> str:
+        """Encode as line protocol (ms precision).
+
+        Fields that are None, NaN or infinite are left out (InfluxDB cannot
+        store them). Raises ValueError if no field is left.
+        """
+        fields = ",".join(
+            f"{_key(k)}={_value(v)}" for k, v in self.fields.items() if _storable(v)
+        )
+        if not fields:
+            raise ValueError(f"point {self.measurement!r} has no storable field")
+        tags = "".join(f",{_key(k)}={_key(v)}" for k, v in sorted(self.tags.items()) if v != "")
+        return f"{self.measurement.translate(_MEASUREMENT_ESCAPES)}{tags} {fields} {self.time_ms}"
+
+
+def typed_fields(measurement: str, values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
+    """Coerce `values` to the schema's field types (so 12 becomes 12.0 for a float field).
+
+    Raises KeyError for a field the schema does not have.
+    """
+    types = FIELD_TYPES[measurement]
+    out: dict[str, float | int | None] = {}
+    for name, value in values.items():
+        kind = types[name]
+        out[name] = None if value is None else kind(value)
+    return out
+
+
+def _storable(value: object) -> bool:
+    if value is None:
+        return False
+    if isinstance(value, float):
+        return math.isfinite(value)
+    return True
+
+
+def _key(text: str) -> str:
+    return text.translate(_KEY_ESCAPES)
+
+
+def _value(value: float | int | bool | str) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return f"{value}i"
+    if isinstance(value, float):
+        return repr(value)
+    return '"' + value.translate(_STRING_ESCAPES) + '"'

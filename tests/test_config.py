@@ -1,0 +1,141 @@
+"""Config: defaults, lookup order, and one clear line per problem, naming its key."""
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+import config
+from config import ConfigError, find_config, load_config, parse_config
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_embedded_default_is_the_simulated_model_with_four_channels():
+    cfg = load_config(None)
+    assert cfg.simulation.enabled
+    assert [(c.name, c.address) for c in cfg.channels] == [
+        ("red_house", 0x40), ("green_house", 0x41), ("blue_house", 0x44), ("power_plant", 0x45)]
+    assert {c.shunt_ohms for c in cfg.channels} == {0.1}
+    assert cfg.sampling.interval_s == 10 and cfg.sampling.window_s == 1 and cfg.sampling.samples == 10
+    assert cfg.led.pin == 18
+    assert cfg.influx.kind == "none"
+
+
+def test_example_file_is_valid_and_matches_documented_defaults():
+    cfg = load_config(ROOT / "config.example.toml")
+    assert len(cfg.channels) == 4
+    assert cfg.store.max_mb == 200 and cfg.store.retention_days == 7
+
+
+def test_lookup_order(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "SYSTEM_CONFIG_PATH", tmp_path / "etc.toml")
+    assert find_config(None, env={}) is None
+    (tmp_path / "config.toml").write_text("")
+    assert find_config(None, env={}) == Path("config.toml")
+    (tmp_path / "etc.toml").write_text("")
+    assert find_config(None, env={}) == tmp_path / "etc.toml"
+    assert find_config(None, env={"SOLAR_CONFIG": "x.toml"}) == Path("x.toml")
+    assert find_config("y.toml", env={"SOLAR_CONFIG": "x.toml"}) == Path("y.toml")
+
+
+def test_addresses_as_strings_tags_and_constant():
+    cfg = parse_config({
+        "channel": [{"name": "a", "address": "0x4A", "tags": {"colour": "red"},
+                     "constant": {"bus_voltage_v": 12.0, "current_ma": -300}}],
+    })
+    ch = cfg.channels[0]
+    assert ch.address == 0x4A and ch.tags == {"colour": "red"}
+    assert ch.constant.current_ma == -300.0
+
+
+# Each malformed document and the key path its error must name.
+MALFORMED = [
+    ({"sampling": {"interval_s": 0}}, "sampling.interval_s", "greater than 0"),
+    ({"sampling": {"interval_s": "ten"}}, "sampling.interval_s", "must be a number"),
+    ({"sampling": {"window_s": 10, "interval_s": 10}}, "sampling.window_s", "shorter than the interval"),
+    ({"sampling": {"samples": 0}}, "sampling.samples", "1 or more"),
+    ({"sampling": {"samples": 2.5}}, "sampling.samples", "whole number"),
+    ({"sampling": {"adc_samples": 3}}, "sampling.adc_samples", "not one of"),
+    ({"sampling": {"speed": 2}}, "sampling.speed", "unknown key"),
+    ({"bogus": {}}, "bogus", "unknown key"),
+    ({"site": "brampton"}, "site", "must be a table"),
+    ({"i2c": {"bus": -1}}, "i2c.bus", "not be negative"),
+    ({"led": {"pin": 40}}, "led.pin", "0-27"),
+    ({"led": {"enabled": "yes"}}, "led.enabled", "true or false"),
+    ({"store": {"max_mb": -5}}, "store.max_mb", "greater than 0"),
+    ({"store": {"retention_days": -1}}, "store.retention_days", "not be negative"),
+    ({"simulation": {"scenario": "night"}}, "simulation.scenario", "not one of"),
+    ({"simulation": {"speed": 0}}, "simulation.speed", "greater than 0"),
+    ({"simulation": {"start": "noon"}}, "simulation.start", "date-time"),
+    ({"channel": {"name": "a"}}, "channel", "array of tables"),
+    ({"channel": []}, "channel", "at least one"),
+    ({"channel": [{"address": 0x40}]}, "channel[0].name", "is required"),
+    ({"channel": [{"name": "a"}]}, "channel[0].address", "is required"),
+    ({"channel": [{"name": "a", "address": 0x20}]}, "channel[0].address", "0x40-0x4F"),
+    ({"channel": [{"name": "a", "address": "forty"}]}, "channel[0].address", "not an I2C address"),
+    ({"channel": [{"name": "a", "address": 0x40}, {"name": "b", "address": 0x40}]},
+     "channel[1].address", "already used by channel[0]"),
+    ({"channel": [{"name": "a", "address": 0x40}, {"name": "a", "address": 0x41}]},
+     "channel[1].name", "already used by channel[0]"),
+    ({"channel": [{"name": "a", "address": 0x40, "shunt_ohms": -0.1}]}, "channel[0].shunt_ohms", "greater than 0"),
+    ({"channel": [{"name": "a", "address": 0x40, "max_current_a": 10}]},
+     "channel[0].max_current_a", "320 mV"),
+    ({"channel": [{"name": "a b", "address": 0x40}]}, "channel[0].name", "letters, digits"),
+    ({"channel": [{"name": "a", "address": 0x40, "role": "kettle"}]}, "channel[0].role", "not one of"),
+    ({"channel": [{"name": "a", "address": 0x40, "tags": {"unit": "x"}}]}, "channel[0].tags.unit", "set by the daemon"),
+    ({"channel": [{"name": "a", "address": 0x40, "tags": {"floor": 2}}]}, "channel[0].tags.floor", "non-empty string"),
+    ({"channel": [{"name": "a", "address": 0x40, "wires": 2}]}, "channel[0].wires", "unknown key"),
+    ({"channel": [{"name": "a", "address": 0x40, "constant": {"amps": 1}}]}, "channel[0].constant.amps", "unknown key"),
+    ({"influx": {"kind": "remote"}}, "influx.kind", "not one of"),
+    ({"influx": {"kind": "cloud", "url": "http://x.example", "org": "o", "bucket": "b"}}, "influx.url", "https"),
+    ({"influx": {"kind": "local", "api": "v1", "url": "http://127.0.0.1:8086"}}, "influx.database", "required"),
+    ({"influx": {"kind": "local", "url": "ftp://x"}}, "influx.url", "not an http"),
+    ({"influx": {"timeout_s": 0}}, "influx.timeout_s", "greater than 0"),
+    ({"influx": {"token": "abc"}}, "influx.token", "unknown key"),
+    ({"log": {"level": "LOUD"}}, "log.level", "not one of"),
+]
+
+
+@pytest.mark.parametrize("doc,key,words", MALFORMED, ids=[m[1] + ":" + m[2] for m in MALFORMED])
+def test_malformed_config_names_its_key(doc, key, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc, "bad.toml")
+    lines = str(err.value).splitlines()
+    matching = [line for line in lines if f"at '{key}'" in line]
+    assert matching, lines
+    assert words in matching[0]
+    assert all(line.startswith("bad.toml: at '") for line in lines)
+
+
+def test_every_problem_is_reported_at_once():
+    with pytest.raises(ConfigError) as err:
+        parse_config({"sampling": {"interval_s": -1, "samples": 0}, "led": {"pin": 99}, "x": 1})
+    assert len(err.value.problems) == 4
+
+
+def test_invalid_toml_and_missing_file_are_one_line(tmp_path):
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[sampling\ninterval_s = 1\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(bad)
+    assert str(err.value).startswith(f"{bad}: not valid TOML")
+    assert len(str(err.value).splitlines()) == 1
+    with pytest.raises(ConfigError) as err:
+        load_config(tmp_path / "missing.toml")
+    assert "cannot read the file" in str(err.value)
+
+
+def test_cli_reports_config_errors_with_exit_78_and_no_traceback(tmp_path):
+    bad = tmp_path / "c.toml"
+    bad.write_text('[[channel]]\nname = "a"\naddress = 0x40\n[[channel]]\nname = "b"\naddress = 0x40\n'
+                   '[sampling]\nwindow_s = 20\n')
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "once", "--config", str(bad)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert "Traceback" not in result.stderr
+    assert f"{bad}: at 'channel[1].address': 0x40 is already used by channel[0]" in result.stderr
+    assert f"{bad}: at 'sampling.window_s'" in result.stderr

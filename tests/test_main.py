@@ -1,0 +1,203 @@
+"""The loop, the store wiring and the CLI, on the simulated model."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from config import parse_config
+from main import Daemon, cycle_points, load_energy
+from outbox import Outbox
+from rpi_errors import ErrorHandler, Tier
+from simulator import build_simulated_bus
+from tools import SystemMonitor, read_data
+
+ROOT = Path(__file__).resolve().parent.parent
+CHANNEL_KEYS = {"name", "address", "bus_voltage_v", "shunt_voltage_mv", "current_ma", "power_w", "samples",
+                "failed_samples", "energy_in_wh", "energy_out_wh"}
+
+
+def make_daemon(tmp_path, clock, doc=None):
+    cfg = parse_config({"simulation": {"enabled": True, "scenario": "constant"},
+                        "store": {"dir": str(tmp_path / "store")}, **(doc or {})})
+    bus = build_simulated_bus(cfg, clock)
+    outbox = Outbox(cfg.store.dir, wall_ms=clock.wall_ms)
+    reader = read_data(bus, cfg.channels, cfg.sampling, energy=load_energy(outbox), clock=clock,
+                       sleep=clock.sleep, wall_ms=clock.wall_ms)
+    handler = ErrorHandler(None, clock=clock)
+    starts = []
+    daemon = Daemon(cfg, reader, outbox, handler, clock=clock, wait=clock.wait, monitor=SystemMonitor(str(tmp_path)),
+                    on_cycle=lambda c: starts.append(c.monotonic_s - cfg.sampling.window_s / 2))
+    return daemon, bus, outbox, starts
+
+
+def test_cycles_start_on_a_fixed_grid_without_drift(tmp_path, clock):
+    daemon, _, _, starts = make_daemon(tmp_path, clock)
+    t0 = clock()
+    daemon.run(cycles=50)
+    assert starts == pytest.approx([t0 + 10 * k for k in range(50)], abs=1e-9)
+
+
+def test_overrun_skips_to_the_next_slot_with_a_short_error(tmp_path, clock):
+    daemon, _, _, starts = make_daemon(tmp_path, clock)
+    original = daemon.on_cycle
+
+    def slow_second_cycle(cycle):
+        original(cycle)
+        if len(starts) == 2:
+            clock.advance(15)  # this cycle ends 16 s after it began: slot 2 is gone
+    daemon.on_cycle = slow_second_cycle
+    t0 = clock()
+    seen = []
+    daemon.handler.report = (lambda report: (lambda e: (seen.append(e), report(e))))(daemon.handler.report)
+    daemon.run(cycles=4)
+    assert [s - t0 for s in starts] == pytest.approx([0, 10, 30, 40])
+    assert [e.tier for e in seen] == [Tier.SHORT]
+    assert "cycle:overrun" not in daemon.handler.active  # cleared by the next punctual cycle
+    assert daemon.overruns == 1
+
+
+def test_every_cycle_is_stored_with_energy_in_the_same_transaction(tmp_path, clock):
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    daemon.run(cycles=6)
+    rows = list(outbox.export())
+    assert len(rows) == 6 * 5  # four channels and one system point per cycle
+    assert sum(1 for _, line, _ in rows if line.startswith("system,")) == 6
+    energy = load_energy(outbox)
+    assert set(energy) == {"red_house", "green_house", "blue_house", "power_plant"}
+    # 12.6 V * 250 mA for 50 s (six readings, five gaps of 10 s)
+    assert energy["red_house"][0] == pytest.approx(12.6 * 0.25 * 50 / 3600, rel=1e-3)
+
+
+def test_energy_counters_continue_across_restarts(tmp_path, clock):
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    daemon.run(cycles=3)
+    first = load_energy(outbox)["red_house"][0]
+    outbox.close()
+    daemon2, _, outbox2, _ = make_daemon(tmp_path, clock)
+    daemon2.run(cycles=3)
+    second = load_energy(outbox2)["red_house"][0]
+    # the restart gap is not integrated; the new process adds its own two intervals
+    assert second == pytest.approx(first * 2, rel=1e-3)
+
+
+def test_failed_channel_publishes_nothing_and_others_go_on(tmp_path, clock):
+    daemon, bus, outbox, _ = make_daemon(tmp_path, clock)
+    bus.inject(0x44, "nack", count=None)
+    cycle = daemon.run_cycle()
+    lines = [line for _, line, _ in outbox.export()]
+    assert not any("unit=blue_house" in line for line in lines)
+    assert sum(1 for line in lines if line.startswith("electricity,")) == 3
+    assert "channels_failed=1i" in [line for line in lines if line.startswith("system")][0]
+    assert daemon.handler.top_tier == Tier.MEASURING
+    assert [e.key for e in cycle.errors] == ["measure:blue_house"]
+    bus.clear_faults()
+    daemon.run_cycle()
+    assert daemon.handler.top_tier is None
+
+
+def test_points_carry_site_unit_and_channel_tags(tmp_path, clock):
+    doc = {"site": {"name": "village hall"},
+           "channel": [{"name": "red_house", "address": 0x40, "tags": {"colour": "red"}}]}
+    daemon, _, _, _ = make_daemon(tmp_path, clock, doc)
+    cycle = daemon.reader.measure()
+    point = cycle_points(daemon.config, cycle)[0]
+    line = point.to_line()
+    assert line.startswith("electricity,colour=red,site=village\\ hall,unit=red_house ")
+    assert point.time_ms == cycle.time_ms
+
+
+def run_cli(*args, cwd, env=None, timeout=120):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), *args], cwd=cwd, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "SOLAR_CONFIG": "", **(env or {})})
+
+
+def test_once_json_on_the_embedded_default(tmp_path):
+    result = run_cli("once", "--simulate", "--json", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    doc = json.loads(result.stdout)
+    assert doc["simulated"] is True
+    assert doc["time"].endswith("Z")
+    assert [c["name"] for c in doc["channels"]] == ["red_house", "green_house", "blue_house", "power_plant"]
+    assert [c["address"] for c in doc["channels"]] == [0x40, 0x41, 0x44, 0x45]
+    for channel in doc["channels"]:
+        assert set(channel) == CHANNEL_KEYS
+        assert 11.0 < channel["bus_voltage_v"] < 15.0
+        assert channel["samples"] == 10 and channel["failed_samples"] == 0
+        assert channel["power_w"] == pytest.approx(channel["bus_voltage_v"] * channel["current_ma"] / 1000,
+                                                   rel=0.02, abs=0.01)
+    assert {"cpu_percent", "memory_used_mb", "disk_free_mb", "uptime_s"} <= set(doc["system"])
+    # the cycle was stored too (./data is the embedded default's store)
+    assert len(list(Outbox(tmp_path / "data").export())) == 5
+
+
+def write_config(tmp_path, extra=""):
+    path = tmp_path / "c.toml"
+    path.write_text(f"""
+[sampling]
+interval_s = 0.5
+window_s = 0.1
+[store]
+dir = "{tmp_path / 'store'}"
+[simulation]
+enabled = true
+scenario = "constant"
+[led]
+enabled = false
+{extra}""")
+    return path
+
+
+def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
+    cfg = write_config(tmp_path)
+    result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "stopped after 3 cycles" in result.stderr
+    status = run_cli("status", "--config", str(cfg), "--json", cwd=tmp_path)
+    report = json.loads(status.stdout)
+    assert report["stored_total"] == 15 and report["queue_depth"] == 15 and report["dropped"] == 0
+    export = run_cli("export", "--config", str(cfg), cwd=tmp_path)
+    assert len(export.stdout.splitlines()) == 15
+    csv_out = run_cli("export", "--config", str(cfg), "--format", "csv", "--since", "2000-01-01T00:00:00Z",
+                      cwd=tmp_path)
+    assert csv_out.stdout.splitlines()[0] == "time,status,line"
+    assert len(csv_out.stdout.splitlines()) == 16
+    bad = run_cli("export", "--config", str(cfg), "--since", "yesterday", cwd=tmp_path)
+    assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
+
+
+def test_sigterm_finishes_the_cycle_and_exits_0(tmp_path):
+    cfg = write_config(tmp_path)
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    db = tmp_path / "store" / "outbox.db"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if db.exists() and Outbox(db.parent, check_integrity=False).stats().stored_total >= 10:
+            break
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    total = Outbox(db.parent).stats().stored_total
+    assert total >= 10 and total % 5 == 0  # only whole cycles
+
+
+def test_check_passes_on_the_simulator_and_fails_on_an_unwritable_store(tmp_path):
+    cfg = write_config(tmp_path)
+    ok = run_cli("check", "--config", str(cfg), cwd=tmp_path)
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+    assert "addresses answering: 0x40, 0x41, 0x44, 0x45" in ok.stdout
+    assert ok.stdout.count("OK  ") >= 10
+    (tmp_path / "blocker").write_text("")
+    bad_cfg = write_config(tmp_path, "").read_text().replace(str(tmp_path / "store"), str(tmp_path / "blocker/x"))
+    (tmp_path / "bad.toml").write_text(bad_cfg)
+    bad = run_cli("check", "--config", str(tmp_path / "bad.toml"), cwd=tmp_path)
+    assert bad.returncode == 1
+    assert "FAIL  store:" in bad.stdout

@@ -1,0 +1,117 @@
+"""The SQLite outbox: one transaction per cycle, oldest first, cap, retention, corruption."""
+from __future__ import annotations
+
+import sqlite3
+
+import pytest
+
+from outbox import Outbox, StoreError
+
+
+def lines(n, start=0):
+    return [(1000 + i, f"m v={i}i {1000 + i}") for i in range(start, start + n)]
+
+
+def test_append_and_pending_oldest_first(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(5), {"energy:a": "1"})
+    box.append(lines(5, 5))
+    batch = box.pending(max_lines=3, max_bytes=10_000)
+    assert [p.line for p in batch] == ["m v=0i 1000", "m v=1i 1001", "m v=2i 1002"]
+    box.mark_sent(p.id for p in batch)
+    assert [p.time_ms for p in box.pending(100, 10_000)] == list(range(1003, 1010))
+    assert box.stats().queue_depth == 7
+    assert box.state("energy:") == {"energy:a": "1"}
+
+
+def test_pending_respects_byte_budget_but_always_returns_one(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(10))
+    assert len(box.pending(100, 25)) == 2
+    assert len(box.pending(100, 1)) == 1
+
+
+def test_wal_and_full_sync(tmp_path):
+    box = Outbox(tmp_path)
+    assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_data_survives_reopen(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(3))
+    box.close()
+    assert Outbox(tmp_path).stats().queue_depth == 3
+
+
+def test_quarantine_moves_lines_out_of_the_queue(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(4))
+    bad = box.pending(2, 10_000)
+    assert box.quarantine(bad, "HTTP 400: bad line") == 2
+    stats = box.stats()
+    assert stats.queue_depth == 2 and stats.quarantined == 2
+    statuses = [s for _, _, s in box.export()]
+    assert statuses.count("quarantined") == 2 and statuses.count("unsent") == 2
+
+
+def test_retention_prunes_only_delivered_history(tmp_path):
+    now = [10_000_000_000]
+    box = Outbox(tmp_path, retention_days=1, wall_ms=lambda: now[0])
+    box.append(lines(4))
+    box.mark_sent(p.id for p in box.pending(2, 10_000))
+    now[0] += 2 * 86_400_000
+    assert box.enforce_limits() == 0
+    assert box.stats().stored_total == 2 and box.stats().queue_depth == 2
+
+
+def test_size_cap_drops_sent_history_first_then_oldest_unsent_and_counts(tmp_path):
+    box = Outbox(tmp_path, max_mb=0.25)
+    payload = "x" * 200
+    box.append([(i, f"m s=\"{payload}\" {i}") for i in range(3000)])
+    box.mark_sent(p.id for p in box.pending(500, 10**9))
+    dropped = box.enforce_limits()
+    stats = box.stats()
+    assert stats.size_bytes <= 0.25 * 1024 * 1024
+    assert dropped > 0 and stats.dropped == dropped
+    oldest_left = box.pending(1, 10**9)[0].time_ms
+    assert oldest_left == 500 + dropped  # all sent rows went first, then the oldest unsent
+    assert [s for _, _, s in box.export()].count("sent") == 0
+
+
+def test_corrupt_file_is_moved_aside_and_a_fresh_one_started(tmp_path, caplog):
+    box = Outbox(tmp_path)
+    box.append(lines(50))
+    box.close()
+    db = tmp_path / "outbox.db"
+    data = bytearray(db.read_bytes())
+    data[100:4096] = b"\xff" * (4096 - 100)
+    db.write_bytes(bytes(data))
+    fresh = Outbox(tmp_path)
+    assert fresh.stats().stored_total == 0
+    moved = list(tmp_path.glob("outbox.db.corrupt-*"))
+    assert moved and any(str(m.name) in caplog.text for m in moved)
+
+
+def test_unwritable_directory_is_a_store_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(StoreError, match="cannot create the store directory"):
+        Outbox(blocker / "sub")
+
+
+def test_failed_commit_leaves_nothing_half_written(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(2))
+    with pytest.raises(StoreError):
+        box.append([(1, "ok 1"), (None, "time is null")])  # the NOT NULL constraint fails mid-transaction
+    assert box.stats().stored_total == 2
+    box.append(lines(1, 10))
+    assert box.stats().stored_total == 3
+
+
+def test_export_since(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(10))
+    assert [t for t, _, _ in box.export(since_ms=1007)] == [1007, 1008, 1009]
+    assert isinstance(box._db, sqlite3.Connection)

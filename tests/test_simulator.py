@@ -1,0 +1,533 @@
+"""Tests for simulator.py: INA219 registers, the bus under the real driver, the model."""
+from __future__ import annotations
+
+import datetime as dt
+import errno
+import sys
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import adafruit_ina219  # noqa: E402
+
+import config  # noqa: E402
+import simulator  # noqa: E402
+from simulator import ConstantModel, EmulatedINA219, SimulatedBus, SolarModel  # noqa: E402
+
+UNITS = ("red_house", "green_house", "blue_house", "power_plant")
+
+
+class FakeClock:
+    """Monotonic seconds that only move when a test says so."""
+
+    def __init__(self, now_s: float = 1000.0):
+        self.now_s = now_s
+
+    def __call__(self) -> float:
+        return self.now_s
+
+    def advance(self, seconds: float) -> None:
+        self.now_s += seconds
+
+
+class Truth:
+    """A settable (bus_voltage_v, current_a) source."""
+
+    def __init__(self, bus_voltage_v: float = 12.0, current_a: float = 0.5):
+        self.value = (bus_voltage_v, current_a)
+        self.calls = 0
+
+    def __call__(self) -> tuple[float, float]:
+        self.calls += 1
+        return self.value
+
+
+def reg_write(chip: EmulatedINA219, pointer: int, value: int) -> None:
+    chip.write(bytes([pointer, value >> 8 & 0xFF, value & 0xFF]))
+
+
+def reg_read(chip: EmulatedINA219, pointer: int, signed: bool = False) -> int:
+    chip.write(bytes([pointer]))
+    return int.from_bytes(chip.read(2), "big", signed=signed)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def truth() -> Truth:
+    return Truth()
+
+
+@pytest.fixture
+def chip(truth: Truth, clock: FakeClock) -> EmulatedINA219:
+    return EmulatedINA219(truth, 0.1, clock)
+
+
+# --- registers ------------------------------------------------------------------
+def test_power_on_values(chip):
+    assert reg_read(chip, 0) == 0x399F == chip.config
+    assert reg_read(chip, 5) == 0 == chip.calibration
+
+
+def test_rst_bit_resets_every_register(chip):
+    reg_write(chip, 0, 0x019F)
+    reg_write(chip, 5, 4096)
+    reg_write(chip, 0, 0x8000 | 0x019F)
+    assert reg_read(chip, 0) == 0x399F  # RST itself reads back 0
+    assert reg_read(chip, 5) == 0
+
+
+def test_calibration_bit0_reads_zero(chip):
+    reg_write(chip, 5, 0x1235)
+    assert reg_read(chip, 5) == 0x1234
+
+
+def test_writes_to_read_only_registers_are_ignored(chip, truth):
+    truth.value = (12.0, 0.1)
+    for pointer in (1, 2, 3, 4):
+        reg_write(chip, pointer, 0x5555)
+    assert reg_read(chip, 1, signed=True) == 1000
+
+
+def test_datasheet_calibration_example(chip, truth):
+    current_lsb_a = 100e-6
+    cal = int(0.04096 / (current_lsb_a * 0.1))
+    assert cal == 4096
+    reg_write(chip, 5, cal)
+    truth.value = (12.0, 1.234)
+    shunt = reg_read(chip, 1, signed=True)
+    bus_raw = reg_read(chip, 2) >> 3
+    current = reg_read(chip, 4, signed=True)
+    power = reg_read(chip, 3)
+    assert shunt == 12340 and bus_raw == 3000
+    assert current == int(shunt * cal / 4096) == 12340
+    assert power == int(current * bus_raw / 5000) == 7404
+    assert current * current_lsb_a == pytest.approx(1.234)
+    assert power * 20 * current_lsb_a == pytest.approx(12.0 * 1.234, abs=0.002)
+
+
+def test_current_truncates_towards_zero_and_power_is_magnitude(chip, truth):
+    reg_write(chip, 5, 3000)
+    truth.value = (10.0, -0.1235)
+    shunt = reg_read(chip, 1, signed=True)
+    current = reg_read(chip, 4, signed=True)
+    assert (shunt, current) == (-1235, -904)  # -904.5 truncates to -904, not -905
+    assert reg_read(chip, 3) == abs(current) * 2500 // 5000
+
+
+@pytest.mark.parametrize("pg, limit", [(0, 4000), (1, 8000), (2, 16000), (3, 32000)])
+def test_shunt_clips_at_pga_range(chip, truth, pg, limit):
+    reg_write(chip, 0, (0x399F & ~(3 << 11)) | pg << 11)
+    truth.value = (12.0, 5.0)  # 500 mV across 0.1 ohm: beyond every range
+    assert reg_read(chip, 1, signed=True) == limit
+    truth.value = (12.0, -5.0)
+    assert reg_read(chip, 1, signed=True) == -limit
+    truth.value = (12.0, 0.0345)  # 3.45 mV fits every range
+    assert reg_read(chip, 1, signed=True) == 345
+
+
+@pytest.mark.parametrize("sadc, expected", [(0, 16), (1, 12), (2, 14), (3, 13), (8, 13), (0xF, 13)])
+def test_shunt_quantisation_follows_adc_resolution(chip, truth, sadc, expected):
+    reg_write(chip, 0, (0x399F & ~(0xF << 3)) | sadc << 3)
+    truth.value = (12.0, 13.4 * 10e-6 / 0.1)  # 13.4 LSB
+    assert reg_read(chip, 1, signed=True) == expected
+
+
+def test_bus_register_voltage_and_range(chip, truth):
+    truth.value = (12.345, 0.0)
+    assert reg_read(chip, 2) >> 3 == round(12.345 / 0.004)
+    truth.value = (40.0, 0.0)
+    assert reg_read(chip, 2) >> 3 == 8000  # 32 V full scale
+    reg_write(chip, 0, 0x399F & ~0x2000)
+    assert reg_read(chip, 2) >> 3 == 4000  # 16 V full scale
+    truth.value = (-1.0, 0.0)
+    assert reg_read(chip, 2) >> 3 == 0
+
+
+def test_conversion_ready_bit(chip, clock):
+    reg_write(chip, 0, 0x399F)
+    assert reg_read(chip, 2) & 2 == 0
+    clock.advance(0.5e-3)
+    assert reg_read(chip, 2) & 2 == 0  # 12-bit shunt + bus take 1.064 ms
+    clock.advance(0.6e-3)
+    assert reg_read(chip, 2) & 2 == 2
+    reg_read(chip, 3)  # reading power clears CNVR
+    assert reg_read(chip, 2) & 2 == 0
+    clock.advance(0.01)
+    assert reg_read(chip, 2) & 2 == 2
+    reg_write(chip, 0, 0x3998)  # power-down: nothing converts
+    clock.advance(1.0)
+    assert reg_read(chip, 2) & 2 == 0
+
+
+def test_overflow_bit(chip, truth):
+    truth.value = (12.0, 1.0)
+    reg_write(chip, 5, 4096)
+    assert reg_read(chip, 2) & 1 == 0
+    reg_write(chip, 5, 0xFFFE)  # 10000 * 65534 / 4096 > 32767
+    assert reg_read(chip, 2) & 1 == 1
+    assert reg_read(chip, 4, signed=True) == 32767
+    reg_write(chip, 5, 4096)
+    chip.force_overflow = True
+    assert reg_read(chip, 2) & 1 == 1
+    chip.force_overflow = False
+    truth.value = (32.0, 3.2)  # current 32000, bus 8000: power 51200 fits
+    assert reg_read(chip, 2) & 1 == 0
+
+
+def test_power_overflow_sets_ovf(chip, truth):
+    truth.value = (32.0, 3.2)
+    reg_write(chip, 5, 4200)  # current 32812 > 32767: clipped and flagged
+    assert reg_read(chip, 2) & 1 == 1
+    reg_write(chip, 5, 4096)
+    reg_write(chip, 0, 0x399F)
+    assert reg_read(chip, 3) == 51200
+
+
+def test_zero_calibration_reads_zero_current_and_power(chip, truth):
+    truth.value = (12.0, 1.0)
+    assert reg_read(chip, 1, signed=True) == 10000
+    assert reg_read(chip, 4) == 0
+    assert reg_read(chip, 3) == 0
+
+
+def test_power_down_holds_last_values(chip, truth):
+    truth.value = (12.0, 0.2)
+    assert reg_read(chip, 1, signed=True) == 2000
+    reg_write(chip, 0, 0x3998)  # MODE 0
+    truth.value = (11.0, 0.3)
+    calls = truth.calls
+    assert reg_read(chip, 1, signed=True) == 2000
+    assert reg_read(chip, 2) >> 3 == 3000
+    assert truth.calls == calls
+    reg_write(chip, 0, 0x399D)  # MODE 5: shunt only, bus holds
+    assert reg_read(chip, 1, signed=True) == 3000
+    assert reg_read(chip, 2) >> 3 == 3000
+    reg_write(chip, 0, 0x399F)
+    assert reg_read(chip, 2) >> 3 == 2750
+
+
+def test_read_length_and_short_writes(chip):
+    chip.write(b"\x00")
+    assert chip.read(4) == b"\x39\x9f\x39\x9f"
+    assert chip.read(1) == b"\x39"
+    chip.write(b"\x05\x10")  # pointer plus one byte: no register write
+    assert chip.read(2) == b"\x00\x00"
+    chip.write(b"")  # probe
+    assert chip.read(2) == b"\x00\x00"
+
+
+def test_power_on_reset_method(chip):
+    reg_write(chip, 5, 4096)
+    reg_write(chip, 0, 0x0000)
+    chip.power_on_reset()
+    assert (chip.config, chip.calibration) == (0x399F, 0)
+
+
+@settings(max_examples=200, deadline=None)
+@given(bus_v=st.floats(0, 26), current_a=st.floats(-3.2, 3.2), cal=st.integers(1, 0x7FFF))
+def test_register_formulas_hold(bus_v, current_a, cal):
+    chip = EmulatedINA219(lambda: (bus_v, current_a), 0.1, FakeClock())
+    reg_write(chip, 5, cal << 1)
+    shunt = reg_read(chip, 1, signed=True)
+    bus_raw = reg_read(chip, 2) >> 3
+    assert abs(shunt - current_a * 10000) <= 0.5 + 1e-9
+    assert abs(bus_raw * 0.004 - bus_v) <= 0.002 + 1e-9
+    raw_current = int(shunt * (cal << 1) / 4096)
+    expected = max(-32768, min(32767, raw_current))
+    assert reg_read(chip, 4, signed=True) == expected
+    assert reg_read(chip, 3) == min(0xFFFF, abs(expected) * bus_raw // 5000)
+
+
+# --- the bus and the real driver ------------------------------------------------------
+@pytest.fixture
+def bus(truth, clock) -> SimulatedBus:
+    return SimulatedBus({0x40: EmulatedINA219(truth, 0.1, clock)})
+
+
+def test_driver_reads_match_truth(bus, truth):
+    truth.value = (12.6, 0.4321)
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    assert bus.device(0x40).calibration == 4096
+    assert sensor.bus_voltage == pytest.approx(12.6, abs=0.004)
+    assert sensor.shunt_voltage == pytest.approx(0.04321, abs=1e-5)
+    assert sensor.current == pytest.approx(432.1, abs=0.1)
+    assert sensor.power == pytest.approx(12.6 * 0.4321, abs=0.004)
+    truth.value = (11.9, -0.25)
+    assert sensor.current == pytest.approx(-250.0, abs=0.1)
+    assert sensor.power == pytest.approx(11.9 * 0.25, abs=0.004)
+
+
+def test_driver_setters_round_trip(bus):
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    sensor.gain = adafruit_ina219.Gain.DIV_1_40MV
+    sensor.bus_voltage_range = adafruit_ina219.BusVoltageRange.RANGE_16V
+    sensor.mode = adafruit_ina219.Mode.POWERDOWN
+    assert bus.device(0x40).config == 0x019F & ~0x7
+    assert sensor.gain == 0 and sensor.mode == 0
+
+
+def test_absent_address_raises_value_error_in_driver(bus):
+    with pytest.raises(ValueError):
+        adafruit_ina219.INA219(bus, 0x41)
+
+
+@pytest.mark.parametrize("method, args", [
+    ("writeto", (b"\x00",)),
+    ("readfrom_into", (bytearray(2),)),
+    ("writeto_then_readfrom", (b"\x00", bytearray(2))),
+])
+def test_absent_address_nacks_on_every_method(bus, method, args):
+    with pytest.raises(OSError) as info:
+        getattr(bus, method)(0x41, *args)
+    assert info.value.errno == errno.EREMOTEIO
+
+
+def test_shared_buffer_slices_are_honoured(bus):
+    buffer = bytearray([0x00, 0xAA, 0xBB, 0xCC])
+    bus.writeto_then_readfrom(0x40, buffer, buffer, out_end=1, in_start=1, in_end=3)
+    assert buffer == bytearray([0x00, 0x39, 0x9F, 0xCC])
+    buffer = bytearray([0xEE, 0xEE, 0xEE])
+    bus.readfrom_into(0x40, buffer, start=1)
+    assert buffer == bytearray([0xEE, 0x39, 0x9F])
+    bus.writeto(0x40, bytearray([0xFF, 0x05, 0x10, 0x00, 0xFF]), start=1, end=4)
+    assert bus.device(0x40).calibration == 0x1000
+
+
+def test_probe_scan_lock_and_hotplug(bus, truth, clock):
+    bus.writeto(0x40, b"")
+    assert bus.scan() == [0x40]
+    assert bus.try_lock() and not bus.try_lock()
+    bus.unlock()
+    bus.add(0x44, EmulatedINA219(truth, 0.1, clock))
+    assert bus.scan() == [0x40, 0x44]
+    bus.remove(0x40)
+    assert bus.scan() == [0x44]
+    with pytest.raises(OSError):
+        bus.writeto(0x40, b"")
+
+
+def test_transactions_are_counted(bus):
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    before = bus.transactions
+    sensor.bus_voltage
+    assert bus.transactions == before + 1
+    sensor.current  # rewrites calibration, then reads
+    assert bus.transactions == before + 3
+
+
+@pytest.mark.parametrize("fault, code", [("nack", 121), ("timeout", 110), ("eio", 5)])
+def test_error_faults_raise_errno_for_count_transactions(bus, fault, code):
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    bus.inject(0x40, fault, count=2)
+    for _ in range(2):
+        with pytest.raises(OSError) as info:
+            sensor.bus_voltage
+        assert info.value.errno == code
+    assert sensor.bus_voltage == pytest.approx(12.0, abs=0.004)
+
+
+def test_persistent_fault_until_cleared(bus):
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    bus.inject(0x40, "nack", count=None)
+    for _ in range(5):
+        with pytest.raises(OSError):
+            sensor.bus_voltage
+    assert bus.scan() == []
+    bus.clear_faults(0x40)
+    assert sensor.bus_voltage == pytest.approx(12.0, abs=0.004)
+
+
+def test_brownout_resets_registers(bus, truth):
+    truth.value = (12.0, 0.5)
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    sensor.gain = adafruit_ina219.Gain.DIV_2_80MV
+    bus.inject(0x40, "brownout", count=7)
+    assert sensor.raw_current == 0  # calibration lost
+    chip = bus.device(0x40)
+    assert (chip.config, chip.calibration) == (0x399F, 0)
+    assert sensor.shunt_voltage == pytest.approx(0.05, abs=1e-5)
+    assert sensor.current == pytest.approx(500.0, abs=0.1)  # the driver rewrites calibration
+    assert chip.calibration == 4096
+
+
+def test_overflow_fault(bus):
+    sensor = adafruit_ina219.INA219(bus, 0x40)
+    assert not sensor.overflow
+    bus.inject(0x40, "overflow", count=1)
+    assert sensor.overflow
+    assert not sensor.overflow
+    bus.inject(0x40, "overflow", count=None)
+    assert sensor.overflow and sensor.overflow
+    bus.clear_faults()
+    assert not sensor.overflow
+
+
+def test_inject_validates(bus):
+    with pytest.raises(ValueError):
+        bus.inject(0x40, "smoke")
+    with pytest.raises(ValueError):
+        bus.inject(0x40, "nack", count=0)
+
+
+# --- the model --------------------------------------------------------------------------
+@pytest.mark.parametrize("day, expected_deg", [(dt.date(2025, 6, 21), 58.5), (dt.date(2025, 12, 21), 11.6)])
+def test_sun_elevation_at_solar_noon(day, expected_deg):
+    midnight = dt.datetime.combine(day, dt.time())
+    peak, minute = max((simulator.sun_elevation_deg(midnight + dt.timedelta(minutes=m)), m)
+                       for m in range(24 * 60))
+    assert peak == pytest.approx(expected_deg, abs=1.0)
+    # Solar noon at 2.73 W: about 12:11 GMT, i.e. 13:11 local in summer time.
+    expected_minute = 13 * 60 + 11 if day.month == 6 else 12 * 60 + 11
+    assert abs(minute - expected_minute) < 10
+
+
+def test_sun_below_horizon_at_midnight_and_aware_times():
+    assert simulator.sun_elevation_deg(dt.datetime(2025, 6, 21, 0, 0)) < 0
+    assert simulator.sun_elevation_deg(dt.datetime(2025, 12, 21, 0, 0)) < 0
+    local = dt.datetime(2025, 6, 21, 13, 0)  # BST
+    aware = dt.datetime(2025, 6, 21, 12, 0, tzinfo=dt.timezone.utc)
+    assert simulator.sun_elevation_deg(local) == pytest.approx(simulator.sun_elevation_deg(aware))
+
+
+def make_model(clock, seed=1, speed=1.0, start=dt.datetime(2025, 6, 21, 12, 0), units=UNITS):
+    return SolarModel(units, "power_plant", seed, speed, start, clock)
+
+
+def test_speed_maps_clock_to_sim_time(clock):
+    model = make_model(clock, speed=60.0)
+    assert model.sim_time() == dt.datetime(2025, 6, 21, 12, 0)
+    clock.advance(24 * 60)
+    assert model.sim_time() == dt.datetime(2025, 6, 22, 12, 0)
+
+
+def test_model_is_deterministic_and_independent_of_sampling_rate():
+    def run(seed, sample_every_s):
+        clock = FakeClock()
+        model = make_model(clock, seed=seed, speed=60.0)
+        for _ in range(int(3 * 3600 / 60 / sample_every_s)):
+            clock.advance(sample_every_s)
+            model.truth("red_house", "battery")
+        return [model.state(u) for u in UNITS]
+
+    assert run(1, 1.0) == run(1, 1.0)
+    coarse, fine = run(1, 30.0), run(1, 0.5)
+    for a, b in zip(coarse, fine):
+        assert a.soc == pytest.approx(b.soc, abs=1e-9)
+        assert a.battery_a == pytest.approx(b.battery_a, abs=1e-9)
+    assert run(2, 30.0) != coarse
+
+
+def test_day_irradiance_exceeds_night(clock):
+    model = make_model(clock, start=dt.datetime(2025, 6, 21, 13, 0))
+    day_w_m2, day_solar_a = model.irradiance_w_m2(), model.state("red_house").solar_a
+    clock.advance(12 * 3600)
+    assert model.irradiance_w_m2() == 0 < day_w_m2
+    assert model.state("red_house").solar_a == 0 < day_solar_a
+
+
+def test_soc_integrates_net_current(clock):
+    model = make_model(clock, start=dt.datetime(2025, 3, 10, 9, 0))
+    start = {u: model.state(u).soc for u in UNITS}
+    charge_ah = dict.fromkeys(UNITS, 0.0)
+    for _ in range(120):  # two hours, one grid step at a time
+        for u in UNITS:
+            charge_ah[u] += model.state(u).battery_a / 60
+        clock.advance(60)
+    for u in UNITS:
+        capacity_ah = 18.0 if u == "power_plant" else 7.0
+        soc = model.state(u).soc
+        assert 0 < soc < 1
+        assert soc - start[u] == pytest.approx(charge_ah[u] / capacity_ah, abs=1e-9)
+    assert any(abs(charge_ah[u]) > 0.05 for u in UNITS)
+
+
+def test_state_consistency_and_roles(clock):
+    model = make_model(clock, start=dt.datetime(2025, 12, 1, 8, 0), speed=3600.0)
+    for _ in range(72):  # three days in hourly hops
+        clock.advance(1)
+        states = {u: model.state(u) for u in UNITS}
+        houses = [states[u] for u in UNITS[:3]]
+        plant = states["power_plant"]
+        assert plant.exchange_a == pytest.approx(sum(h.exchange_a for h in houses))
+        for h in houses:
+            assert h.battery_a == pytest.approx(h.solar_a - h.load_a + h.exchange_a)
+            assert -0.5 <= h.exchange_a <= 0.5
+        assert plant.battery_a == pytest.approx(plant.solar_a - plant.load_a - plant.exchange_a)
+        for u, s in states.items():
+            assert 0 <= s.soc <= 1 and s.solar_a >= 0 and s.load_a >= 0
+            assert 11.5 < s.battery_v < 14.5
+            assert model.truth(u, "battery") == (s.battery_v, s.battery_a)
+            assert model.truth(u, "solar") == (s.battery_v, s.solar_a)
+            assert model.truth(u, "load") == (s.battery_v, s.load_a)
+            assert model.truth(u, "exchange") == (s.battery_v, s.exchange_a)
+    with pytest.raises(ValueError):
+        model.truth("red_house", "wind")
+    with pytest.raises(KeyError):
+        model.state("no_house")
+
+
+def test_winter_houses_buy_from_plant():
+    clock = FakeClock()
+    model = make_model(clock, start=dt.datetime(2025, 12, 1, 8, 0), speed=3600.0)
+    bought = False
+    for _ in range(24 * 6):
+        clock.advance(1)
+        bought = bought or any(model.state(u).exchange_a > 0 for u in UNITS[:3])
+    assert bought
+
+
+# --- build_simulated_bus -------------------------------------------------------------------
+def test_constant_scenario_through_driver(clock):
+    cfg = config.parse_config({
+        "simulation": {"enabled": True, "scenario": "constant"},
+        "channel": [
+            {"name": "red_house", "address": 0x40, "constant": {"bus_voltage_v": 12.5, "current_ma": 300.0}},
+            {"name": "power_plant", "address": "0x45",
+             "constant": {"bus_voltage_v": 13.1, "current_ma": -120.0}},
+        ],
+    })
+    bus = simulator.build_simulated_bus(cfg, clock)
+    assert isinstance(bus.model, ConstantModel)
+    assert bus.scan() == [0x40, 0x45]
+    red, plant = adafruit_ina219.INA219(bus, 0x40), adafruit_ina219.INA219(bus, 0x45)
+    assert red.bus_voltage == pytest.approx(12.5, abs=0.004)
+    assert red.current == pytest.approx(300.0, abs=0.1)
+    assert plant.bus_voltage == pytest.approx(13.1, abs=0.004)
+    assert plant.current == pytest.approx(-120.0, abs=0.1)
+
+
+def test_day_scenario_wires_channels_to_model(clock):
+    cfg = config.parse_config({
+        "simulation": {"enabled": True, "speed": 60.0, "seed": 7},
+        "channel": [
+            {"name": "red_house", "address": 0x40},
+            {"name": "red_solar", "address": 0x41, "unit": "red_house", "role": "solar"},
+            {"name": "power_plant", "address": 0x45, "max_current_a": 3.2},
+        ],
+    })
+    bus = simulator.build_simulated_bus(cfg, clock, now=lambda: dt.datetime(2025, 6, 21, 13, 0))
+    model = bus.model
+    assert isinstance(model, SolarModel)
+    assert model.units == ("red_house", "power_plant")
+    assert model.sim_time() == dt.datetime(2025, 6, 21, 13, 0)
+    battery, solar = adafruit_ina219.INA219(bus, 0x40), adafruit_ina219.INA219(bus, 0x41)
+    state = model.state("red_house")
+    assert battery.bus_voltage == pytest.approx(state.battery_v, abs=0.004)
+    assert battery.current == pytest.approx(state.battery_a * 1000, abs=0.1)
+    assert solar.current == pytest.approx(state.solar_a * 1000, abs=0.1)
+    assert state.solar_a > 0
+
+
+def test_day_scenario_uses_configured_start(clock):
+    cfg = config.parse_config({"simulation": {"start": dt.datetime(2025, 1, 2, 3, 4)}})
+    bus = simulator.build_simulated_bus(cfg, clock)
+    assert bus.model.sim_time() == dt.datetime(2025, 1, 2, 3, 4)
+    assert bus.scan() == [0x40, 0x41, 0x44, 0x45]

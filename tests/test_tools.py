@@ -1,0 +1,162 @@
+"""Measuring with the real adafruit driver over the emulated bus: averages, failures, brownouts."""
+from __future__ import annotations
+
+import pytest
+
+from config import parse_config
+from simulator import build_simulated_bus
+from tools import ChannelSetup, EnergyCounter, read_data
+
+BUS_LSB_V = 0.004
+SHUNT_LSB_MV = 0.01
+
+TRUTH = {  # name -> (address, bus V, mA): every channel different, so a mixed-up address shows
+    "red_house": (0x40, 12.345, 123.456),
+    "green_house": (0x41, 13.1, -250.0),
+    "blue_house": (0x44, 11.87, 420.0),
+    "power_plant": (0x45, 12.9, -1234.5),
+}
+
+
+def constant_config(channels=None, **sampling):
+    channels = channels or [
+        {"name": n, "address": a, "max_current_a": 3.2 if n == "power_plant" else 2.0,
+         "constant": {"bus_voltage_v": v, "current_ma": i}}
+        for n, (a, v, i) in TRUTH.items()
+    ]
+    return parse_config({"simulation": {"enabled": True, "scenario": "constant"}, "channel": channels,
+                         "sampling": sampling})
+
+
+def make_reader(cfg, clock):
+    bus = build_simulated_bus(cfg, clock)
+    return read_data(bus, cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep, wall_ms=clock.wall_ms), bus
+
+
+def test_constant_scenario_matches_truth_within_resolution_and_power_is_v_times_i(clock):
+    cfg = constant_config()
+    reader, _ = make_reader(cfg, clock)
+    cycle = reader.measure()
+    assert not cycle.errors
+    for reading in cycle.channels:
+        address, volts, milliamps = TRUTH[reading.name]
+        assert reading.address == address
+        assert reading.samples == 10 and reading.failed_samples == 0  # ten samples averaged, not summed
+        assert reading.bus_voltage_v == pytest.approx(volts, abs=BUS_LSB_V / 2 + 1e-9)
+        assert reading.shunt_voltage_mv == pytest.approx(milliamps * 0.1, abs=SHUNT_LSB_MV / 2 + 1e-9)
+        assert reading.current_ma == pytest.approx(milliamps, abs=SHUNT_LSB_MV / 2 / 0.1 + 1e-9)
+        assert reading.power_w == pytest.approx(reading.bus_voltage_v * reading.current_ma / 1000, rel=1e-9)
+        assert reading.power_w != pytest.approx(0.1 * reading.bus_voltage_v ** 2)  # the 2023 formula
+
+
+@pytest.mark.parametrize("shunt_ohms,max_current_a,current_ma", [
+    (0.1, 0.3, 250.0),    # 40 mV range
+    (0.1, 0.7, -600.0),   # 80 mV
+    (0.05, 3.0, 2500.0),  # 160 mV
+    (0.01, 30.0, -15000.0),  # 320 mV, a big shunt
+    (0.5, 0.6, 310.0),
+])
+def test_current_is_right_for_any_shunt_and_max_current(clock, shunt_ohms, max_current_a, current_ma):
+    cfg = constant_config([{"name": "x", "address": 0x40, "shunt_ohms": shunt_ohms, "max_current_a": max_current_a,
+                            "constant": {"bus_voltage_v": 12.0, "current_ma": current_ma}}])
+    reader, bus = make_reader(cfg, clock)
+    reading = reader.measure().channels[0]
+    assert reading.current_ma == pytest.approx(current_ma, abs=SHUNT_LSB_MV / shunt_ohms)
+    setup = ChannelSetup.for_channel(cfg.channels[0], 1)
+    device = bus.device(0x40)
+    assert device.config == setup.config_word and device.calibration == setup.calibration
+    # the chip's own current register agrees too, through the driver
+    driver_ma = reader._sensors[0].driver.current
+    assert driver_ma == pytest.approx(current_ma, abs=max(setup.current_lsb_ma * 2, SHUNT_LSB_MV / shunt_ohms * 2))
+
+
+def test_failed_samples_are_left_out_and_counted(clock):
+    cfg = constant_config()
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()  # attach drivers
+    # the settings check at the start of the cycle takes the first failing transaction,
+    # then each failing sample one more (its first register read fails)
+    bus.inject(0x41, "timeout", count=4)
+    reading = {r.name: r for r in reader.measure().channels}["green_house"]
+    assert reading.failed_samples == 3 and reading.samples == 7
+    assert reading.current_ma == pytest.approx(-250.0, abs=0.05)
+
+
+def test_channel_with_no_good_sample_publishes_nothing_never_zero(clock):
+    cfg = constant_config()
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()
+    bus.inject(0x44, "nack", count=None)
+    cycle = reader.measure()
+    by_name = {r.name: r for r in cycle.channels}
+    blue = by_name["blue_house"]
+    assert blue.bus_voltage_v is None and blue.current_ma is None and blue.power_w is None
+    assert blue.samples == 0 and blue.failed_samples == 10
+    assert "0x44" in blue.error and "NACK" in blue.error
+    assert [e.key for e in cycle.errors] == ["measure:blue_house"]
+    assert by_name["red_house"].current_ma == pytest.approx(123.456, abs=0.05)
+
+
+def test_brownout_is_detected_restored_and_never_corrupts_a_reading(clock):
+    cfg = constant_config([{"name": "x", "address": 0x40, "max_current_a": 0.3,
+                            "constant": {"bus_voltage_v": 12.0, "current_ma": 200.0}}])
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()
+    bus.inject(0x40, "brownout")
+    # within the same cycle the chip runs on power-on settings (calibration 0, widest range)
+    reading = reader.measure().channels[0]
+    assert reading.current_ma == pytest.approx(200.0, abs=0.1)
+    assert reader.restores == {"x": 1}
+    device = bus.device(0x40)
+    assert device.calibration == ChannelSetup.for_channel(cfg.channels[0], 1).calibration
+    assert reader.measure().channels[0].current_ma == pytest.approx(200.0, abs=0.1)
+    assert reader.restores == {"x": 1}
+
+
+def test_sensor_absent_at_boot_recovers_when_it_answers(clock):
+    cfg = constant_config()
+    reader, bus = make_reader(cfg, clock)
+    device = bus.device(0x45)
+    bus.remove(0x45)
+    cycle = reader.measure()
+    assert {r.name for r in cycle.channels if not r.ok} == {"power_plant"}
+    bus.add(0x45, device)
+    cycle = reader.measure()
+    assert all(r.ok for r in cycle.channels)
+
+
+def test_overflow_beyond_the_shunt_range_is_a_failed_sample_not_a_clipped_value(clock):
+    cfg = constant_config([{"name": "x", "address": 0x40, "max_current_a": 0.3,
+                            "constant": {"bus_voltage_v": 12.0, "current_ma": 900.0}}])  # 90 mV > 40 mV range
+    reader, _ = make_reader(cfg, clock)
+    reading = reader.measure().channels[0]
+    assert not reading.ok and reading.failed_samples == 10
+    assert "end of its range" in reading.error
+
+
+def test_samples_are_spread_evenly_and_stamped_at_the_window_middle(clock):
+    cfg = constant_config(window_s=2.0, interval_s=10.0)
+    reader, _ = make_reader(cfg, clock)
+    t0, wall0 = clock(), clock.wall_ms()
+    cycle = reader.measure()
+    assert clock.sleeps == pytest.approx([0.1] + [0.2] * 9)
+    assert cycle.time_ms == wall0 + 1000
+    assert cycle.monotonic_s == pytest.approx(t0 + 1.0)
+
+
+def test_hardware_averaging_sets_the_adc_fields(clock):
+    cfg = constant_config(adc_samples=16)
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()
+    config_word = bus.device(0x40).config
+    assert (config_word >> 7) & 0xF == 0xC and (config_word >> 3) & 0xF == 0xC
+
+
+def test_energy_counter_splits_directions_and_caps_gaps():
+    counter = EnergyCounter()
+    counter.add(36.0, 0.0, max_gap_s=20)
+    counter.add(36.0, 10.0, max_gap_s=20)    # +0.1 Wh
+    counter.add(-72.0, 20.0, max_gap_s=20)   # 0.2 Wh out
+    counter.add(36.0, 1000.0, max_gap_s=20)  # a long gap counts as 20 s only
+    assert counter.in_wh == pytest.approx(0.1 + 0.2)
+    assert counter.out_wh == pytest.approx(0.2)
