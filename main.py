@@ -34,6 +34,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd and shell scripts know it
 _MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
+_HOUSEKEEPING_CYCLES = 30  # retention and size cap are applied every this many cycles
 
 
 # -- the bus ------------------------------------------------------------------
@@ -127,7 +128,8 @@ class Daemon:
 
     def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
                  monitor=None, clock: Callable[[], float] = time.monotonic,
-                 wait: Callable[[float], bool] | None = None, on_cycle: Callable | None = None) -> None:
+                 wait: Callable[[float], bool] | None = None, on_cycle: Callable | None = None,
+                 sender=None) -> None:
         self.config = config
         self.reader = reader
         self.outbox = outbox
@@ -137,6 +139,7 @@ class Daemon:
         self.stop_event = threading.Event()
         self.wait = wait or self.stop_event.wait
         self.on_cycle = on_cycle
+        self.sender = sender
         self.cycles_done = 0
         self.overruns = 0
         self._unstored: deque[list[tuple[int, str]]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
@@ -152,14 +155,24 @@ class Daemon:
         system = self.monitor.read() if self.monitor else None
         stats = self.outbox.stats()
         lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
-        self._store(lines)
+        if self._store(lines) and self.sender is not None:
+            self.sender.notify(len(lines))
+        if self.cycles_done % _HOUSEKEEPING_CYCLES == 0:
+            self._housekeeping()
         self.handler.tick()
         self.cycles_done += 1
         if self.on_cycle:
             self.on_cycle(cycle)
         return cycle
 
-    def _store(self, lines: list[tuple[int, str]]) -> None:
+    def _housekeeping(self) -> None:
+        try:
+            self.outbox.enforce_limits()
+        except StoreError as exc:
+            log.warning("store housekeeping failed: %s", exc)
+
+    def _store(self, lines: list[tuple[int, str]]) -> bool:
+        """Commit this cycle (and any held back). False when the store cannot be written."""
         self._unstored.append(lines)
         try:
             while self._unstored:
@@ -168,9 +181,11 @@ class Daemon:
                 self.outbox.append(self._unstored[0], energy_state(self.reader.energy))
                 self._unstored.popleft()
             self.handler.clear("store")
+            return True
         except StoreError as exc:
             self.handler.report(CriticalError(
                 f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
+            return False
 
     def run(self, cycles: int | None = None) -> None:
         """Run until stopped or `cycles` cycles are done."""
@@ -219,8 +234,9 @@ def load(args) -> Config:
     return config_mod.load_config(path)
 
 
-def open_store(config: Config) -> Outbox:
-    return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days)
+def open_store(config: Config, check_integrity: bool = True) -> Outbox:
+    return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days,
+                  check_integrity=check_integrity)
 
 
 def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None):
@@ -233,9 +249,48 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     return read_data(bus, config.channels, sampling, energy=energy)
 
 
+def make_writer(config: Config):
+    """The writer `[influx] kind` asks for, or None for "none".
+
+    Raises ConfigError for a secret file that is missing or readable by others.
+    """
+    kind = config.influx.kind
+    if kind == "none":
+        return None
+    if kind == "cloud":
+        import cloud_solution as solution
+    else:
+        import local_solution as solution
+    writer = solution.make_writer(config.influx)
+    if writer.secret is not None:
+        from credentials import SecretError
+
+        try:
+            writer.secret.value()
+        except SecretError as exc:
+            key = "influx.password_file" if writer.secret.env_name == "INFLUXDB_PASSWORD" else "influx.token_file"
+            raise ConfigError(config.source, [f"at '{key}': {exc}"]) from None
+    return writer
+
+
+def make_sender(config: Config, writer, handler: ErrorHandler):
+    from sender import Policy, Sender
+
+    influx = config.influx
+    policy = Policy(flush_interval_s=influx.flush_interval_s, batch_lines=influx.batch_lines,
+                    batch_bytes=influx.batch_bytes, max_upload_bytes_per_s=influx.max_upload_bytes_per_s)
+    # The sender gets its own connection: SQLite connections are not shared between threads here.
+    return Sender(writer, open_store(config, check_integrity=False), handler, policy)
+
+
 def cmd_run(args, config: Config) -> int:
     from tools import SystemMonitor
 
+    try:
+        writer = make_writer(config)
+    except ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return EXIT_CONFIG
     handler_led = None
     if config.led.enabled:
         handler_led = StatusLED(make_led(config.led.pin))
@@ -252,14 +307,22 @@ def cmd_run(args, config: Config) -> int:
             handler_led.close()
         return EXIT_FAILURE
     reader = make_reader(config, choice.bus, outbox)
-    daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)))
+    sender = make_sender(config, writer, handler) if writer else None
+    daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
-    log.info("measuring %d channels every %g s, storing in %s",
-             len(config.channels), config.sampling.interval_s, outbox.path)
+    log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
+             len(config.channels), config.sampling.interval_s, outbox.path,
+             writer.label if writer else "none (everything stays in the store)")
+    if sender:
+        sender.start()
     try:
         daemon.run(args.cycles)
     finally:
+        if sender:
+            sender.stop()
+            sender.outbox.close()
+            writer.close()
         outbox.close()
         if handler_led:
             handler_led.close()
@@ -391,7 +454,7 @@ def cmd_status(args, config: Config) -> int:
     outbox.close()
     report = {
         "store": str(outbox.path),
-        "writer": config.influx.kind,
+        "writer": state.get("writer") or config.influx.kind,
         "queue_depth": stats.queue_depth,
         "oldest_unsent": _iso(stats.oldest_unsent_ms),
         "newest_reading": _iso(stats.newest_ms),

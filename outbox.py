@@ -11,6 +11,7 @@ connection to the same file.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import sqlite3
@@ -47,6 +48,19 @@ CREATE TABLE IF NOT EXISTS state (
 
 class StoreError(Exception):
     """The store cannot be opened or written (disk full, read-only, permissions)."""
+
+
+def _store_errors(method):
+    """Report SQLite failures as StoreError naming the file."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}") from None
+
+    return wrapper
 
 
 @dataclass(frozen=True)
@@ -143,27 +157,24 @@ class Outbox:
         self._db.close()
 
     # -- writing ---------------------------------------------------------
+    @_store_errors
     def append(self, lines: Sequence[tuple[int, str]], state: Mapping[str, str] | None = None) -> None:
         """Store one cycle: (time_ms, line) pairs and state values, in one transaction.
 
         Raises StoreError if it could not be committed (nothing is half-written).
         """
-        try:
-            with self._transaction() as db:
-                db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", lines)
-                if state:
-                    db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc}") from None
+        with self._transaction() as db:
+            db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", lines)
+            if state:
+                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
 
+    @_store_errors
     def set_state(self, values: Mapping[str, str]) -> None:
         """Store small key/value facts (counters, last send) durably."""
-        try:
-            with self._transaction() as db:
-                db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", values.items())
-        except sqlite3.Error as exc:
-            raise StoreError(f"cannot write to {self.path}: {exc}") from None
+        with self._transaction() as db:
+            db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", values.items())
 
+    @_store_errors
     def state(self, prefix: str = "") -> dict[str, str]:
         """The stored key/value facts whose key starts with `prefix`."""
         rows = self._db.execute(
@@ -172,6 +183,7 @@ class Outbox:
         return dict(rows.fetchall())
 
     # -- delivering ------------------------------------------------------
+    @_store_errors
     def pending(self, max_lines: int, max_bytes: int) -> list[Pending]:
         """The oldest unsent lines, at most `max_lines` and about `max_bytes` of text."""
         rows = self._db.execute(
@@ -186,12 +198,14 @@ class Outbox:
             batch.append(Pending(*row))
         return batch
 
+    @_store_errors
     def mark_sent(self, ids: Iterable[int]) -> None:
         """Record that the server acknowledged these lines."""
         now = self._wall_ms()
         with self._transaction() as db:
             db.executemany("UPDATE points SET sent_ms = ? WHERE id = ?", ((now, i) for i in ids))
 
+    @_store_errors
     def quarantine(self, rows: Iterable[Pending], reason: str) -> int:
         """Move lines the server refused out of the queue; they stay exportable. Returns how many."""
         now = self._wall_ms()
@@ -205,6 +219,7 @@ class Outbox:
         return len(rows)
 
     # -- housekeeping ----------------------------------------------------
+    @_store_errors
     def enforce_limits(self) -> int:
         """Prune delivered history past retention, then apply the size cap.
 
@@ -236,6 +251,7 @@ class Outbox:
                         self.max_bytes // 1024 // 1024, dropped)
         return dropped
 
+    @_store_errors
     def used_bytes(self) -> int:
         """Bytes of the database in use (free pages excluded), plus the WAL."""
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
@@ -243,6 +259,7 @@ class Outbox:
         size = self._db.execute("PRAGMA page_size").fetchone()[0]
         return (pages - free) * size
 
+    @_store_errors
     def stats(self) -> OutboxStats:
         """Counts for `status` and the `system` point."""
         depth, oldest = self._db.execute(

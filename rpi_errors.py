@@ -88,6 +88,50 @@ class SilentError(SolarError):
     tier = Tier.SILENT
 
 
+# What a writer raises for one write, one class per outcome. The delivery
+# policy (split, back off, wait, quarantine) acts on the class; `status` is the
+# HTTP status where there was one. Messages never contain credentials.
+class RefusedError(SendingError):
+    """The server refused the write as a whole; keep everything and retry slowly."""
+
+    def __init__(self, message: str, *, status: int | None = None, key: str | None = None) -> None:
+        super().__init__(message, key=key)
+        self.status = status
+
+
+class AuthError(RefusedError):
+    """401/403: the token or password is wrong or lacks permission."""
+
+
+class NotFoundError(RefusedError):
+    """404: the bucket, database or org does not exist."""
+
+
+class RejectedError(RefusedError):
+    """400/422: the server refused some lines of the batch (malformed, type conflict)."""
+
+
+class TooLargeError(RefusedError):
+    """413: the request body is too large for the server."""
+
+
+class UnreachableError(ConnectionFailedError):
+    """5xx, timeout, refused connection, DNS failure: try again later."""
+
+    def __init__(self, message: str, *, status: int | None = None, key: str | None = None) -> None:
+        super().__init__(message, key=key)
+        self.status = status
+
+
+class ThrottledError(UnreachableError):
+    """429/503: the server asks us to wait `retry_after_s` seconds (None: it did not say)."""
+
+    def __init__(self, message: str, *, status: int | None = None, retry_after_s: float | None = None,
+                 key: str | None = None) -> None:
+        super().__init__(message, status=status, key=key)
+        self.retry_after_s = retry_after_s
+
+
 @dataclasses.dataclass(frozen=True)
 class BlinkPattern:
     """A blink code; times in seconds.

@@ -1,0 +1,91 @@
+"""Secrets (the InfluxDB token, the v1 password) from the environment or a file.
+
+A secret never appears in argv, the config file, a log line, an exception's
+text or a repr. A secret file readable by group or others is refused, as ssh
+refuses a private key. The file is re-read when it changes, so a fixed token
+resumes delivery without a restart.
+"""
+from __future__ import annotations
+
+import os
+import stat
+import threading
+from collections.abc import Mapping
+from pathlib import Path
+
+# Under systemd, LoadCredential= puts the token here: $CREDENTIALS_DIRECTORY/influx-token.
+CREDENTIAL_NAMES = {"INFLUXDB_TOKEN": "influx-token", "INFLUXDB_PASSWORD": "influx-password"}
+
+
+class SecretError(Exception):
+    """The secret file cannot be used (missing, unreadable, too open). The text names the file, never the secret."""
+
+
+class Secret:
+    """One secret: env var `env_name`, else `path`, else the systemd credential.
+
+    `value()` returns the current secret ("" when none is configured) and
+    raises SecretError for a file that is missing, unreadable or readable by
+    others. Thread-safe.
+    """
+
+    def __init__(self, env_name: str, path: str = "", environ: Mapping[str, str] | None = None) -> None:
+        environ = os.environ if environ is None else environ
+        self.env_name = env_name
+        self._env_value = environ.get(env_name, "")
+        cred_dir = environ.get("CREDENTIALS_DIRECTORY", "")
+        if not path and cred_dir and env_name in CREDENTIAL_NAMES:
+            candidate = Path(cred_dir) / CREDENTIAL_NAMES[env_name]
+            path = str(candidate) if candidate.exists() else ""
+        self.path = path
+        self._lock = threading.Lock()
+        self._cached: tuple[float, int, str] | None = None  # (mtime, size, value)
+
+    @property
+    def source(self) -> str:
+        """Where the secret comes from, for messages (never the secret itself)."""
+        if self.path:
+            return f"file {self.path}"
+        if self._env_value:
+            return f"${self.env_name}"
+        return "nowhere (not configured)"
+
+    def value(self) -> str:
+        if not self.path:
+            return self._env_value
+        with self._lock:
+            try:
+                st = os.stat(self.path)
+            except OSError as exc:
+                raise SecretError(f"secret file {self.path}: {exc.strerror}") from None
+            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and not _is_systemd_credential(self.path):
+                raise SecretError(
+                    f"secret file {self.path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
+                    f"run chmod 600 {self.path}"
+                )
+            key = (st.st_mtime, st.st_size)
+            if self._cached is None or self._cached[:2] != key:
+                try:
+                    text = Path(self.path).read_text(encoding="utf-8").strip()
+                except (OSError, UnicodeDecodeError) as exc:
+                    raise SecretError(f"secret file {self.path} cannot be read: {type(exc).__name__}") from None
+                self._cached = (*key, text)
+            return self._cached[2]
+
+    def __repr__(self) -> str:
+        return f"Secret({self.source})"
+
+
+def _is_systemd_credential(path: str) -> bool:
+    # systemd hands credentials over in a private, read-only directory it owns;
+    # their modes are its business.
+    cred_dir = os.environ.get("CREDENTIALS_DIRECTORY")
+    return bool(cred_dir) and Path(path).parent == Path(cred_dir)
+
+
+def scrub(text: str, *secrets: str) -> str:
+    """`text` with every non-empty secret replaced by '***'."""
+    for secret in secrets:
+        if secret:
+            text = text.replace(secret, "***")
+    return text
