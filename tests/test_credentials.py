@@ -1,0 +1,58 @@
+"""Secrets: env or file, refused when readable by others, re-read when changed, never shown."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from credentials import Secret, SecretError, scrub
+
+
+def test_env_then_file(tmp_path):
+    assert Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "abc"}).value() == "abc"
+    f = tmp_path / "token"
+    f.write_text("from-file\n")
+    f.chmod(0o600)
+    secret = Secret("INFLUXDB_TOKEN", str(f), environ={"INFLUXDB_TOKEN": "abc"})
+    assert secret.value() == "from-file"
+    assert secret.source == f"file {f}"
+
+
+def test_world_readable_file_is_refused_naming_the_file_not_the_secret(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("s3cret-value")
+    f.chmod(0o644)
+    with pytest.raises(SecretError) as err:
+        Secret("INFLUXDB_TOKEN", str(f), environ={}).value()
+    assert str(f) in str(err.value) and "0644" in str(err.value) and "chmod 600" in str(err.value)
+    assert "s3cret" not in str(err.value)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(SecretError, match="No such file"):
+        Secret("INFLUXDB_TOKEN", str(tmp_path / "nope"), environ={}).value()
+
+
+def test_a_changed_file_is_re_read(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("old")
+    f.chmod(0o600)
+    secret = Secret("INFLUXDB_TOKEN", str(f), environ={})
+    assert secret.value() == "old"
+    f.write_text("new-token")
+    os.utime(f, (1, 1))
+    assert secret.value() == "new-token"
+
+
+def test_systemd_credential_directory(tmp_path, monkeypatch):
+    (tmp_path / "influx-token").write_text("cred")
+    (tmp_path / "influx-token").chmod(0o440)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path))
+    secret = Secret("INFLUXDB_TOKEN", environ={"CREDENTIALS_DIRECTORY": str(tmp_path)})
+    assert secret.value() == "cred"
+
+
+def test_repr_and_scrub_never_show_it():
+    secret = Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "tok-123"})
+    assert "tok-123" not in repr(secret)
+    assert scrub("Authorization: Token tok-123", "tok-123", "") == "Authorization: Token ***"

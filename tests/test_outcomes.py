@@ -1,0 +1,74 @@
+"""Every HTTP outcome maps to one typed error; Retry-After is read; nothing leaks the token."""
+from __future__ import annotations
+
+import email.utils
+
+import pytest
+
+from influx_http import error_for_status, retry_after_s
+from rpi_errors import (
+    AuthError,
+    ConnectionFailedError,
+    NotFoundError,
+    RefusedError,
+    RejectedError,
+    SendingError,
+    ThrottledError,
+    Tier,
+    TooLargeError,
+    UnreachableError,
+)
+
+
+@pytest.mark.parametrize("status,cls,tier", [
+    (400, RejectedError, Tier.SENDING),
+    (422, RejectedError, Tier.SENDING),
+    (401, AuthError, Tier.SENDING),
+    (403, AuthError, Tier.SENDING),
+    (404, NotFoundError, Tier.SENDING),
+    (413, TooLargeError, Tier.SENDING),
+    (429, ThrottledError, Tier.CONNECTION),
+    (503, ThrottledError, Tier.CONNECTION),
+    (500, UnreachableError, Tier.CONNECTION),
+    (502, UnreachableError, Tier.CONNECTION),
+    (408, UnreachableError, Tier.CONNECTION),
+    (405, RefusedError, Tier.SENDING),
+])
+def test_status_to_error(status, cls, tier):
+    error = error_for_status(status, '{"code":"x","message":"why"}', {}, "http://db:8086", "bucket 'b'")
+    assert type(error) is cls
+    assert error.tier == tier
+    assert error.status == status
+    assert str(error).startswith(f"HTTP {status} from http://db:8086: why")
+
+
+def test_2xx_is_no_error():
+    assert error_for_status(204, "", {}, "u", "w") is None
+
+
+def test_messages_name_what_to_fix():
+    assert "bucket 'solar' in org 'coop' not found" in str(
+        error_for_status(404, "", {}, "u", "bucket 'solar' in org 'coop'"))
+    assert "token or password was refused" in str(error_for_status(401, "", {}, "u", "x"))
+
+
+def test_token_echoed_by_a_server_is_scrubbed():
+    error = error_for_status(401, "bad token tok-SECRET", {}, "u", "x", ("tok-SECRET",))
+    assert "tok-SECRET" not in str(error) and "***" in str(error)
+
+
+def test_retry_after_forms():
+    assert retry_after_s({"Retry-After": "7"}) == 7
+    assert retry_after_s({"retry-after": "0"}) == 0
+    assert retry_after_s({}) is None and retry_after_s(None) is None
+    assert retry_after_s({"Retry-After": "soon"}) is None
+    date = email.utils.formatdate(1_000_030, usegmt=True)
+    assert retry_after_s({"Retry-After": date}, now=1_000_000) == pytest.approx(30)
+    error = error_for_status(429, "", {"Retry-After": "12"}, "u", "x")
+    assert error.retry_after_s == 12
+
+
+def test_one_exception_tree():
+    for cls in (RejectedError, AuthError, NotFoundError, TooLargeError):
+        assert issubclass(cls, SendingError) and issubclass(cls, RefusedError)
+    assert issubclass(ThrottledError, UnreachableError) and issubclass(UnreachableError, ConnectionFailedError)
