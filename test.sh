@@ -3,4 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/venv.sh requirements-dev.txt
+scripts/install-test-servers.sh
 exec .venv/bin/python -m pytest "$@"

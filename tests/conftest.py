@@ -40,3 +40,43 @@ class FakeClock:
 @pytest.fixture
 def clock() -> FakeClock:
     return FakeClock()
+
+
+# --- real servers (tests/servers.py) and the fault-injecting proxy (tests/proxy.py) --------------------------
+# Skipped with a visible reason when influxd / victoria-metrics are missing; a failure instead when CI=true.
+
+@pytest.fixture(scope="session")
+def influxdb1():
+    """One InfluxDB 1.6.7 for the whole session (create your own database names per test)."""
+    from servers import InfluxDB1, require_binaries
+
+    require_binaries()
+    with InfluxDB1() as server:
+        yield server
+
+
+@pytest.fixture(scope="session")
+def victoria():
+    """One VictoriaMetrics 1.79.5 for the whole session (use victoria.delete_all() or unique metric names)."""
+    from servers import VictoriaMetrics, require_binaries
+
+    require_binaries()
+    with VictoriaMetrics() as server:
+        yield server
+
+
+@pytest.fixture
+def make_proxy():
+    """Factory: make_proxy(upstream_url) -> a started FaultProxy, stopped after the test."""
+    from proxy import FaultProxy
+
+    proxies = []
+
+    def factory(upstream_url: str, **kwargs) -> FaultProxy:
+        proxy = FaultProxy(upstream_url, **kwargs).start()
+        proxies.append(proxy)
+        return proxy
+
+    yield factory
+    for proxy in proxies:
+        proxy.stop()

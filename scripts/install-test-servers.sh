@@ -1,0 +1,57 @@
+#!/usr/bin/env bash
+# Install the real servers used by tests/test_servers.py (and bench.py):
+#   influxdb 1.6.7 (influxd) and victoria-metrics 1.79.5 from Debian bookworm.
+# Idempotent: does nothing when both binaries are already there. Never leaves the packages'
+# own services running: the tests start private instances on free loopback ports.
+# Without root it prints a note and exits 0 (the server tests are then skipped).
+set -euo pipefail
+
+have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ]; }
+
+if have influxd && have victoria-metrics; then
+  exit 0
+fi
+
+if [ "$(id -u)" -ne 0 ]; then
+  echo "note: influxd/victoria-metrics not installed and not root; server tests will be skipped (run scripts/install-test-servers.sh as root)" >&2
+  exit 0
+fi
+
+# Keep invoke-rc.d from starting the packages' services during install.
+policy=/usr/sbin/policy-rc.d
+created_policy=0
+if [ ! -e "$policy" ]; then
+  printf '#!/bin/sh\nexit 101\n' > "$policy"
+  chmod 755 "$policy"
+  created_policy=1
+fi
+cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
+trap cleanup EXIT
+
+echo "installing influxdb and victoria-metrics (Debian packages) ..." >&2
+apt-get update -qq
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends influxdb victoria-metrics >/dev/null
+
+# No systemd here; but if a postinst started a daemon anyway, stop it.
+for svc in influxdb victoria-metrics; do
+  if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
+    systemctl disable --now "$svc" >/dev/null 2>&1 || true
+  fi
+  if [ -x "/etc/init.d/$svc" ]; then
+    "/etc/init.d/$svc" stop >/dev/null 2>&1 || true
+  fi
+done
+# Any package-started daemon runs as the packages' system users; our test instances never do.
+for user in influxdb victoria-metrics; do
+  if id "$user" >/dev/null 2>&1; then
+    for pid in $(pgrep -u "$user" -x influxd 2>/dev/null; pgrep -u "$user" -x victoria-metric 2>/dev/null); do
+      kill "$pid" 2>/dev/null || true
+    done
+  fi
+done
+
+if have influxd && have victoria-metrics; then
+  echo "installed: $(command -v influxd || echo /usr/bin/influxd), $(command -v victoria-metrics || echo /usr/bin/victoria-metrics)" >&2
+else
+  echo "warning: install finished but influxd/victoria-metrics not found; server tests will be skipped" >&2
+fi
