@@ -92,6 +92,7 @@ class Rule:
     remaining: int | None = 1
     predicate: Callable[[str], bool] | None = None
     hits: int = 0
+    on_request: bool = False  # predicate takes the LoggedRequest (headers too), not the body text
 
 
 class _CountingReader:
@@ -380,6 +381,12 @@ class FaultProxy:
         """Requests whose decoded body text makes `predicate` true get `status` (at most `count` times)."""
         return self._add(Rule(status, remaining=count, predicate=predicate, **self._canned(body, headers)))
 
+    def fail_when_request(self, predicate: Callable[[LoggedRequest], bool], status: int,
+                          body: bytes | str | dict | None = b"", headers: dict[str, str] | None = None) -> Rule:
+        """Requests for which `predicate(request)` is true (it sees headers, e.g. Authorization) get `status`."""
+        return self._add(Rule(status, remaining=None, predicate=predicate, on_request=True,
+                              **self._canned(body, headers)))
+
     def delay(self, seconds: float) -> None:
         """Hold every response (forwarded or injected) for `seconds`; 0 turns it off."""
         self._delay = max(0.0, float(seconds))
@@ -411,10 +418,10 @@ class FaultProxy:
         text = None
         for r in rules:
             if r.predicate is not None:
-                if text is None:
+                if text is None and not r.on_request:
                     text = entry.text
                 try:
-                    if not r.predicate(text):
+                    if not r.predicate(entry if r.on_request else text):
                         continue
                 except Exception:  # noqa: BLE001 - a broken predicate must not kill the proxy
                     continue

@@ -1,0 +1,254 @@
+"""Delivery against real servers: every outcome, through a fault-injecting proxy where a real server
+never returns it. The sender is driven directly (flush()) with a fake clock for its waits; HTTP is real."""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import time
+
+import pytest
+
+import lp
+from config import parse_config
+from local_solution import make_writer
+from outbox import Outbox
+from rpi_errors import AuthError, ErrorHandler, NotFoundError, ThrottledError, Tier, UnreachableError
+from sender import Policy, Sender
+from servers import free_port
+
+TOKEN = "tok-Very-Secret-123"
+
+
+def v2_writer(url, *, token=TOKEN, token_file="", timeout_s=5.0):
+    cfg = parse_config({"influx": {"kind": "local", "api": "v2", "url": url, "org": "coop", "bucket": "solar",
+                                   "timeout_s": timeout_s, "token_file": token_file}})
+    return make_writer(cfg.influx, environ={"INFLUXDB_TOKEN": token})
+
+
+def v1_writer(url, database, *, username="", password="", timeout_s=5.0):
+    cfg = parse_config({"influx": {"kind": "local", "api": "v1", "url": url, "database": database,
+                                   "username": username, "timeout_s": timeout_s}})
+    return make_writer(cfg.influx, environ={"INFLUXDB_PASSWORD": password})
+
+
+def fill(outbox, n, unit, *, bad_at=(), start_ms=None):
+    start_ms = start_ms or (int(time.time() * 1000) - n * 10)
+    rows = []
+    for i in range(n):
+        t = start_ms + i * 10
+        value = '"BAD"' if i in bad_at else f"{i}.5"
+        rows.append((t, f"electricity,site=test,unit={unit} current_ma={value},samples={i}i {t}"))
+    outbox.append(rows)
+    return rows
+
+
+def make_sender(writer, outbox, clock, **policy):
+    handler = ErrorHandler(None, clock=clock)
+    return Sender(writer, outbox, handler, Policy(**policy), clock=clock, sleep=clock.sleep, rng=random.Random(7))
+
+
+def vm_samples(victoria, unit):
+    rows = victoria.export(match=f'{{unit="{unit}"}}')
+    out = {}
+    for row in rows:
+        labels = row["metric"]
+        name = labels.pop("__name__")
+        for value, ts in zip(row["values"], row["timestamps"]):
+            out[(name, tuple(sorted(labels.items())), ts)] = float(value)
+    return out
+
+
+@pytest.fixture
+def outbox(tmp_path):
+    box = Outbox(tmp_path / "store")
+    yield box
+    box.close()
+
+
+def test_delivers_oldest_first_in_full_batches_and_marks_sent(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    rows = fill(outbox, 12_000, "oldest-first")
+    sender = make_sender(v2_writer(proxy.url), outbox, clock)
+    result = sender.flush()
+    assert result.error is None and result.delivered == 12_000
+    assert proxy.requests == 3  # 5000 + 5000 + 2000
+    firsts = [lp.parse(body.splitlines()[0])[3] for body in proxy.decoded_bodies()]
+    assert firsts == sorted(firsts) and firsts[0] == rows[0][0]
+    assert all(r.header("Content-Encoding") == "gzip" for r in proxy.log)
+    assert outbox.stats().queue_depth == 0
+    assert vm_samples(victoria, "oldest-first") == lp.samples(line for _, line in rows)
+
+
+def test_a_partial_batch_waits_for_the_next_flush(victoria, outbox, clock):
+    fill(outbox, 10, "small")
+    sender = make_sender(v2_writer(victoria.url), outbox, clock)
+    assert sender.flush().delivered == 10
+    assert sender.flush().requests == 0
+
+
+@pytest.mark.parametrize("status", [400, 422])
+def test_bad_lines_are_quarantined_and_the_rest_delivered(victoria, make_proxy, outbox, clock, status):
+    unit = f"bad-{status}"
+    proxy = make_proxy(victoria.url)
+    proxy.fail_when(lambda text: "BAD" in text, status,
+                    body={"error": "partial write: unable to parse 'current_ma=\"BAD\"': invalid field"})
+    rows = fill(outbox, 1000, unit, bad_at={3, 700})
+    sender = make_sender(v2_writer(proxy.url), outbox, clock)
+    result = sender.flush()
+    assert result.error is None
+    assert result.quarantined == 2 and result.delivered == 998
+    assert result.requests < 60  # a binary search, not one request per line
+    stats = outbox.stats()
+    assert stats.queue_depth == 0 and stats.quarantined == 2
+    quarantined = [line for _, line, s in outbox.export() if s == "quarantined"]
+    assert quarantined == [rows[3][1], rows[700][1]]
+    good = [line for i, (_, line) in enumerate(rows) if i not in (3, 700)]
+    assert vm_samples(victoria, unit) == lp.samples(good)
+    assert sender.handler.top_tier == Tier.SENDING  # shown until a flush without new refusals
+
+
+def test_real_influxdb_type_conflict_is_quarantined(influxdb1, outbox, clock):
+    influxdb1.create_database("conflict")
+    writer = v1_writer(influxdb1.url, "conflict")
+    rows = fill(outbox, 200, "conflict", bad_at={150})  # current_ma is a float everywhere else
+    result = make_sender(writer, outbox, clock).flush()
+    assert result.error is None and result.quarantined == 1 and result.delivered == 199
+    series = influxdb1.query("conflict", "SELECT count(current_ma) FROM electricity")
+    assert series[0]["values"][0][1] == 199
+
+
+@pytest.mark.parametrize("status", [401, 403])
+def test_auth_failure_keeps_everything_and_a_fixed_token_resumes_without_restart(
+        victoria, make_proxy, outbox, clock, tmp_path, status, caplog):
+    caplog.set_level(logging.DEBUG)
+    token_file = tmp_path / "token"
+    token_file.write_text("wrong-token")
+    token_file.chmod(0o600)
+    proxy = make_proxy(victoria.url)
+    proxy.fail_when_request(lambda r: r.header("Authorization") != f"Token {TOKEN}", status,
+                            body={"code": "unauthorized", "message": f"token wrong-token refused"})
+    fill(outbox, 50, f"auth-{status}")
+    sender = make_sender(v2_writer(proxy.url, token_file=str(token_file)), outbox, clock)
+    result = sender.flush()
+    assert isinstance(result.error, AuthError)
+    assert outbox.stats().queue_depth == 50
+    assert sender.handler.top_tier == Tier.SENDING
+    assert sender._next_attempt == pytest.approx(clock() + 60)
+    token_file.write_text(TOKEN)
+    os.utime(token_file, (1, 1))
+    result = sender.flush()
+    assert result.error is None and result.delivered == 50
+    assert sender.handler.top_tier is None
+    assert "wrong-token" not in caplog.text and TOKEN not in caplog.text
+    assert TOKEN not in outbox.state().get("last_error", "")
+
+
+def test_not_found_names_the_bucket(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    proxy.fail_always(404, body={"code": "not found", "message": 'bucket "solar" not found'})
+    fill(outbox, 5, "nf")
+    result = make_sender(v2_writer(proxy.url), outbox, clock).flush()
+    assert isinstance(result.error, NotFoundError)
+    assert "bucket 'solar' in org 'coop'" in str(result.error)
+    assert outbox.stats().queue_depth == 5
+
+
+def test_real_influxdb_unknown_database_is_not_found(influxdb1, outbox, clock):
+    fill(outbox, 5, "nodb")
+    result = make_sender(v1_writer(influxdb1.url, "no_such_db"), outbox, clock).flush()
+    assert isinstance(result.error, NotFoundError) and "database 'no_such_db'" in str(result.error)
+    assert outbox.stats().queue_depth == 5
+
+
+def test_too_large_splits_and_resends_everything(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    proxy.fail_when(lambda text: text.count("\n") >= 300, 413, body={"error": "request too large"})
+    rows = fill(outbox, 1000, "too-large")
+    result = make_sender(v2_writer(proxy.url), outbox, clock).flush()
+    assert result.error is None and result.delivered == 1000 and result.quarantined == 0
+    assert vm_samples(victoria, "too-large") == lp.samples(line for _, line in rows)
+
+
+@pytest.mark.parametrize("status,headers,wait_s", [
+    (429, {"Retry-After": "7"}, 7),
+    (503, {"Retry-After": "120"}, 120),
+    (429, {}, 30),            # no Retry-After: a sane default
+    (503, {"Retry-After": "86400"}, 900),  # capped
+])
+def test_throttling_waits_at_least_retry_after(victoria, make_proxy, outbox, clock, status, headers, wait_s):
+    proxy = make_proxy(victoria.url)
+    proxy.fail_next(status, headers=headers)
+    fill(outbox, 5, f"throttle-{status}")
+    sender = make_sender(v2_writer(proxy.url), outbox, clock)
+    result = sender.flush()
+    assert isinstance(result.error, ThrottledError)
+    assert sender._next_attempt - clock() == pytest.approx(wait_s)
+    assert sender.handler.top_tier == Tier.CONNECTION
+    assert outbox.stats().queue_depth == 5
+    assert sender.flush().delivered == 5
+
+
+def test_server_errors_back_off_exponentially_with_jitter_up_to_5_minutes(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    proxy.fail_always(500, body="internal error")
+    fill(outbox, 5, "backoff")
+    sender = make_sender(v2_writer(proxy.url), outbox, clock)
+    waits = []
+    for _ in range(12):
+        assert isinstance(sender.flush().error, UnreachableError)
+        waits.append(sender._next_attempt - clock())
+    ceilings = [min(2 * 2 ** k, 300) for k in range(12)]
+    assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings)), waits
+    assert len(set(waits)) > 1 and max(waits) <= 300
+    proxy.clear()
+    assert sender.flush().delivered == 5
+    assert sender._failures == 0
+
+
+def test_slow_server_times_out_and_nothing_is_lost(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    proxy.delay(3)
+    fill(outbox, 5, "slow")
+    result = make_sender(v2_writer(proxy.url, timeout_s=0.5), outbox, clock).flush()
+    assert isinstance(result.error, UnreachableError) and "no answer within 0.5 s" in str(result.error)
+    assert outbox.stats().queue_depth == 5
+
+
+@pytest.mark.parametrize("url,words", [
+    (f"http://127.0.0.1:{free_port()}", "connection refused"),
+    ("http://influx.invalid:8086", "DNS lookup failed"),
+])
+def test_unreachable_server_is_a_connection_error(outbox, clock, url, words):
+    fill(outbox, 5, "down")
+    sender = make_sender(v2_writer(url, timeout_s=2), outbox, clock)
+    result = sender.flush()
+    assert isinstance(result.error, UnreachableError) and words in str(result.error)
+    assert sender.handler.top_tier == Tier.CONNECTION
+    assert outbox.stats().queue_depth == 5
+
+
+def test_upload_rate_limit_spaces_requests(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    fill(outbox, 2000, "rate")
+    sender = make_sender(v2_writer(proxy.url), outbox, clock, batch_lines=200, max_upload_bytes_per_s=2000)
+    start = clock()
+    result = sender.flush()
+    assert result.delivered == 2000 and proxy.requests == 10
+    body_bytes = sum(len(r.body) for r in proxy.log)
+    assert result.bytes_sent == body_bytes
+    # all but the last request's bytes had to be paid for in waiting time before the next request
+    last = len(proxy.log[-1].body)
+    assert clock() - start == pytest.approx((body_bytes - last) / 2000, rel=0.01)
+
+
+def test_v1_basic_auth_is_sent_and_the_password_never_logged(influxdb1, make_proxy, outbox, clock, caplog):
+    caplog.set_level(logging.DEBUG)
+    influxdb1.create_database("auth_v1")
+    proxy = make_proxy(influxdb1.url)
+    fill(outbox, 3, "v1auth")
+    writer = v1_writer(proxy.url, "auth_v1", username="logger", password="pa55-Secret")
+    assert make_sender(writer, outbox, clock).flush().delivered == 3
+    assert proxy.log[0].header("Authorization", "").startswith("Basic ")
+    assert "db=auth_v1" in proxy.log[0].path and "precision=ms" in proxy.log[0].path
+    assert "pa55-Secret" not in caplog.text
