@@ -249,19 +249,25 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     return read_data(bus, config.channels, sampling, energy=energy)
 
 
+def build_writer(config: Config):
+    """The writer object for `[influx] kind` (None for "none"); touches no network and no secret."""
+    if config.influx.kind == "none":
+        return None
+    if config.influx.kind == "cloud":
+        import cloud_solution as solution
+    else:
+        import local_solution as solution
+    return solution.make_writer(config.influx)
+
+
 def make_writer(config: Config):
     """The writer `[influx] kind` asks for, or None for "none".
 
     Raises ConfigError for a secret file that is missing or readable by others.
     """
-    kind = config.influx.kind
-    if kind == "none":
+    writer = build_writer(config)
+    if writer is None:
         return None
-    if kind == "cloud":
-        import cloud_solution as solution
-    else:
-        import local_solution as solution
-    writer = solution.make_writer(config.influx)
     if writer.secret is not None:
         from credentials import SecretError
 
@@ -454,7 +460,7 @@ def cmd_status(args, config: Config) -> int:
     outbox.close()
     report = {
         "store": str(outbox.path),
-        "writer": state.get("writer") or config.influx.kind,
+        "writer": writer_label(config),
         "queue_depth": stats.queue_depth,
         "oldest_unsent": _iso(stats.oldest_unsent_ms),
         "newest_reading": _iso(stats.newest_ms),
@@ -472,6 +478,14 @@ def cmd_status(args, config: Config) -> int:
         for key, value in report.items():
             print(f"{key.replace('_', ' '):<{width}}  {'-' if value is None else value}")
     return EXIT_OK
+
+
+def writer_label(config: Config) -> str:
+    writer = build_writer(config)
+    if writer is None:
+        return "none (everything stays in the store)"
+    writer.close()
+    return writer.label
 
 
 def cmd_export(args, config: Config) -> int:

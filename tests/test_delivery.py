@@ -252,3 +252,13 @@ def test_v1_basic_auth_is_sent_and_the_password_never_logged(influxdb1, make_pro
     assert proxy.log[0].header("Authorization", "").startswith("Basic ")
     assert "db=auth_v1" in proxy.log[0].path and "precision=ms" in proxy.log[0].path
     assert "pa55-Secret" not in caplog.text
+
+
+def test_draining_a_backlog_logs_progress_with_eta(victoria, outbox, clock, caplog):
+    caplog.set_level(logging.INFO, logger="sender")
+    fill(outbox, 6000, "backlog")
+    sender = make_sender(v2_writer(victoria.url), outbox, clock, batch_lines=500, max_upload_bytes_per_s=300,
+                         progress_every_s=10)
+    assert sender.flush().delivered == 6000
+    progress = [r.getMessage() for r in caplog.records if "delivering backlog" in r.getMessage()]
+    assert progress and "points left" in progress[0] and "ETA" in progress[0]
