@@ -116,6 +116,26 @@ class InfluxConfig:
 
 
 @dataclass(frozen=True)
+class UpdateConfig:
+    """Safe self-update from a git remote (off by default)."""
+
+    enabled: bool = False
+    remote: str = ""
+    branch: str = "main"
+    require_signed: bool = True
+    max_failed_starts: int = 3
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    """When readings' timestamps may be trusted. "auto": wait for NTP sync on a Raspberry Pi
+    (no RTC), trust the clock elsewhere; "sync": always wait for sync; "always": never wait."""
+
+    trust: str = "auto"
+    jump_threshold_s: float = 2.0
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     file: bool = False
@@ -137,6 +157,8 @@ class Config:
     simulation: SimulationConfig = field(default_factory=SimulationConfig)
     influx: InfluxConfig = field(default_factory=InfluxConfig)
     log: LogConfig = field(default_factory=LogConfig)
+    update: UpdateConfig = field(default_factory=UpdateConfig)
+    clock: ClockConfig = field(default_factory=ClockConfig)
 
 
 DEFAULT_CHANNELS = (
@@ -207,7 +229,7 @@ def load_config(path: Path | None) -> Config:
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate a parsed TOML document. Raises ConfigError with every problem."""
     v = _Validator()
-    known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log"}
+    known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log", "update", "clock"}
     v.unknown(data, known, "")
     site = v.section(data, "site", SiteConfig, {"name": v.text})
     sampling = v.section(
@@ -271,7 +293,20 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             "file_backups": v.non_negative_int,
         },
     )
+    update = v.section(
+        data,
+        "update",
+        UpdateConfig,
+        {"enabled": v.boolean, "remote": v.text, "branch": v.text, "require_signed": v.boolean,
+         "max_failed_starts": v.count},
+    )
+    clock = v.section(
+        data, "clock", ClockConfig,
+        {"trust": v.choice(("auto", "sync", "always")), "jump_threshold_s": v.positive},
+    )
     channels = _channels(v, data)
+    if update.enabled and not update.remote:
+        v.problem("update.remote", "required when [update] enabled = true")
 
     if sampling.samples > 1000:
         v.problem("sampling.samples", f"{sampling.samples} is more than 1000 samples per cycle")
@@ -311,6 +346,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         simulation=simulation,
         influx=influx,
         log=log,
+        update=update,
+        clock=clock,
     )
 
 
