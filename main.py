@@ -24,7 +24,7 @@ from pathlib import Path
 import config as config_mod
 from config import Config, ConfigError
 from outbox import Outbox, StoreError
-from rpi_errors import CriticalError, ErrorHandler, ShortError, SolarError, StatusLED, Tier, make_led
+from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError, SolarError, StatusLED, Tier, make_led
 from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
 
 log = logging.getLogger(__name__)
@@ -129,7 +129,7 @@ class Daemon:
     def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
                  monitor=None, clock: Callable[[], float] = time.monotonic,
                  wait: Callable[[float], bool] | None = None, on_cycle: Callable | None = None,
-                 sender=None) -> None:
+                 sender=None, clock_guard=None) -> None:
         self.config = config
         self.reader = reader
         self.outbox = outbox
@@ -140,9 +140,10 @@ class Daemon:
         self.wait = wait or self.stop_event.wait
         self.on_cycle = on_cycle
         self.sender = sender
+        self.clock_guard = clock_guard
         self.cycles_done = 0
         self.overruns = 0
-        self._unstored: deque[list[tuple[int, str]]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
+        self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
 
     def run_cycle(self):
         """Measure, store, report. Returns the Cycle."""
@@ -152,10 +153,11 @@ class Daemon:
                 self.handler.clear(f"measure:{reading.name}")
         for error in cycle.errors:
             self.handler.report(error)
+        when = self._clock_check(cycle)
         system = self.monitor.read() if self.monitor else None
         stats = self.outbox.stats()
         lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
-        if self._store(lines) and self.sender is not None:
+        if self._store(lines, when) and self.sender is not None:
             self.sender.notify(len(lines))
         if self.cycles_done % _HOUSEKEEPING_CYCLES == 0:
             self._housekeeping()
@@ -165,20 +167,43 @@ class Daemon:
             self.on_cycle(cycle)
         return cycle
 
+    def _clock_check(self, cycle) -> dict:
+        """Where this cycle sits relative to boot, and whether its wall-clock time can be trusted."""
+        if self.clock_guard is None:
+            return {}
+        state = self.clock_guard.check()
+        if state.newly_trusted:
+            try:
+                released = self.outbox.release_held(state.boot_id, state.offset_ms)
+                log.info("clock synced: corrected the timestamps of %d held readings", released)
+            except StoreError as exc:
+                log.warning("cannot correct held readings yet: %s", exc)
+        if state.jump_ms:
+            self.handler.report(SilentError(f"the wall clock jumped by {state.jump_ms / 1000:+.1f} s",
+                                            key="clock:jump"))
+        if state.trusted:
+            self.handler.clear("clock")
+        else:
+            self.handler.report(ShortError("the clock is not synced yet (no NTP): readings are stored "
+                                           "and held back until it is", key="clock"))
+        mid_boot_ms = state.boot_ms - round((self.clock() - cycle.monotonic_s) * 1000)
+        return {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}
+
     def _housekeeping(self) -> None:
         try:
             self.outbox.enforce_limits()
         except StoreError as exc:
             log.warning("store housekeeping failed: %s", exc)
 
-    def _store(self, lines: list[tuple[int, str]]) -> bool:
+    def _store(self, lines: list[tuple[int, str]], when: dict) -> bool:
         """Commit this cycle (and any held back). False when the store cannot be written."""
-        self._unstored.append(lines)
+        self._unstored.append((lines, when))
         try:
             while self._unstored:
                 # Energy counters commit with the points they produced, so a crash
                 # can neither double-count nor lose a cycle's energy.
-                self.outbox.append(self._unstored[0], energy_state(self.reader.energy))
+                pending_lines, pending_when = self._unstored[0]
+                self.outbox.append(pending_lines, energy_state(self.reader.energy), **pending_when)
                 self._unstored.popleft()
             self.handler.clear("store")
             return True
@@ -237,6 +262,12 @@ def load(args) -> Config:
 def open_store(config: Config, check_integrity: bool = True) -> Outbox:
     return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days,
                   check_integrity=check_integrity)
+
+
+def make_clock_guard(config: Config):
+    from clock import ClockGuard
+
+    return ClockGuard(config.clock.trust, is_pi=is_raspberry_pi(), jump_threshold_s=config.clock.jump_threshold_s)
 
 
 def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None):
@@ -314,7 +345,12 @@ def cmd_run(args, config: Config) -> int:
         return EXIT_FAILURE
     reader = make_reader(config, choice.bus, outbox)
     sender = make_sender(config, writer, handler) if writer else None
-    daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender)
+    guard = make_clock_guard(config)
+    stale = outbox.quarantine_stale_held(guard.boot_id)
+    if stale:
+        log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
+    daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
+                    clock_guard=guard)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
@@ -348,7 +384,8 @@ def cmd_once(args, config: Config) -> int:
     if not args.json:
         print(choice.note, file=sys.stderr)
     reader = make_reader(config, choice.bus, outbox)
-    daemon = Daemon(config, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(outbox.directory)))
+    daemon = Daemon(config, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(outbox.directory)),
+                    clock_guard=make_clock_guard(config))
     cycle = daemon.run_cycle()
     system = daemon.monitor.read()
     outbox.close()
@@ -467,6 +504,7 @@ def cmd_status(args, config: Config) -> int:
         "stored_total": stats.stored_total,
         "last_successful_send": state.get("last_send"),
         "last_error": state.get("last_error"),
+        "held_for_clock_sync": stats.held,
         "quarantined": stats.quarantined,
         "dropped": stats.dropped,
         "size_mb": round(stats.size_bytes / 1_048_576, 3),

@@ -28,9 +28,13 @@ CREATE TABLE IF NOT EXISTS points (
     id INTEGER PRIMARY KEY,
     time_ms INTEGER NOT NULL,
     line TEXT NOT NULL,
-    sent_ms INTEGER
+    sent_ms INTEGER,
+    boot_id TEXT,
+    boot_ms INTEGER,
+    held INTEGER NOT NULL DEFAULT 0
 );
-CREATE INDEX IF NOT EXISTS points_unsent ON points(id) WHERE sent_ms IS NULL;
+CREATE INDEX IF NOT EXISTS points_ready ON points(id) WHERE sent_ms IS NULL AND held = 0;
+CREATE INDEX IF NOT EXISTS points_held ON points(boot_id) WHERE held = 1;
 CREATE INDEX IF NOT EXISTS points_time ON points(time_ms);
 CREATE TABLE IF NOT EXISTS quarantine (
     id INTEGER PRIMARY KEY,
@@ -83,6 +87,7 @@ class OutboxStats:
     quarantined: int
     dropped: int
     size_bytes: int
+    held: int = 0  # waiting for the clock to sync (part of queue_depth)
 
 
 class Outbox:
@@ -140,6 +145,13 @@ class Outbox:
         # power cut could lose the last cycles even though they were committed.
         # One fsync per cycle (every few seconds) costs nothing on an SD card.
         db.execute("PRAGMA synchronous=FULL")
+        columns = {row[1] for row in db.execute("PRAGMA table_info(points)")}
+        if columns and "held" not in columns:
+            # A store from before the clock columns: add them (no data changes).
+            db.executescript(
+                "ALTER TABLE points ADD COLUMN boot_id TEXT; ALTER TABLE points ADD COLUMN boot_ms INTEGER; "
+                "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
+            )
         db.executescript(_SCHEMA)
         return db
 
@@ -158,13 +170,20 @@ class Outbox:
 
     # -- writing ---------------------------------------------------------
     @_store_errors
-    def append(self, lines: Sequence[tuple[int, str]], state: Mapping[str, str] | None = None) -> None:
+    def append(self, lines: Sequence[tuple[int, str]], state: Mapping[str, str] | None = None, *,
+               boot_id: str | None = None, boot_ms: int | None = None, held: bool = False) -> None:
         """Store one cycle: (time_ms, line) pairs and state values, in one transaction.
 
-        Raises StoreError if it could not be committed (nothing is half-written).
+        `boot_id`/`boot_ms` record when the cycle was measured relative to
+        boot; `held` keeps the lines from delivery until `release_held` gives
+        them a trusted timestamp. Raises StoreError if it could not be
+        committed (nothing is half-written).
         """
         with self._transaction() as db:
-            db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", lines)
+            db.executemany(
+                "INSERT INTO points (time_ms, line, boot_id, boot_ms, held) VALUES (?, ?, ?, ?, ?)",
+                ((t, line, boot_id, boot_ms, int(held)) for t, line in lines),
+            )
             if state:
                 db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
 
@@ -187,7 +206,8 @@ class Outbox:
     def pending(self, max_lines: int, max_bytes: int) -> list[Pending]:
         """The oldest unsent lines, at most `max_lines` and about `max_bytes` of text."""
         rows = self._db.execute(
-            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL ORDER BY id LIMIT ?", (max_lines,)
+            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT ?",
+            (max_lines,),
         ).fetchall()
         batch: list[Pending] = []
         size = 0
@@ -216,6 +236,36 @@ class Outbox:
                 ((r.time_ms, r.line, reason, now) for r in rows),
             )
             db.executemany("DELETE FROM points WHERE id = ?", ((r.id,) for r in rows))
+        return len(rows)
+
+    # -- the clock -------------------------------------------------------
+    @_store_errors
+    def release_held(self, boot_id: str, offset_ms: int) -> int:
+        """Re-stamp this boot's held lines as boot_ms + offset_ms and let them go. Returns how many."""
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, boot_ms, line FROM points WHERE held = 1 AND boot_id = ?", (boot_id,)
+            ).fetchall()
+            db.executemany(
+                "UPDATE points SET time_ms = ?, line = ?, held = 0 WHERE id = ?",
+                ((b + offset_ms, _restamp(line, b + offset_ms), i) for i, b, line in rows),
+            )
+        return len(rows)
+
+    @_store_errors
+    def quarantine_stale_held(self, current_boot_id: str) -> int:
+        """Quarantine held lines of earlier boots: their clock never synced, so their time is unknown."""
+        now = self._wall_ms()
+        with self._transaction() as db:
+            rows = db.execute(
+                "SELECT id, time_ms, line, boot_id FROM points WHERE held = 1 AND boot_id IS NOT ? ORDER BY id",
+                (current_boot_id,),
+            ).fetchall()
+            db.executemany(
+                "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) VALUES (?, ?, ?, ?)",
+                ((t, line, f"the clock never synced during boot {b}: time unknown", now) for _, t, line, b in rows),
+            )
+            db.executemany("DELETE FROM points WHERE id = ?", ((r[0],) for r in rows))
         return len(rows)
 
     # -- housekeeping ----------------------------------------------------
@@ -263,18 +313,20 @@ class Outbox:
     def stats(self) -> OutboxStats:
         """Counts for `status` and the `system` point."""
         depth, oldest = self._db.execute(
-            "SELECT count(*), min(time_ms) FROM points WHERE sent_ms IS NULL"
+            "SELECT count(*), min(time_ms) FROM points WHERE sent_ms IS NULL AND held = 0"
         ).fetchone()
+        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
         total, newest = self._db.execute("SELECT count(*), max(time_ms) FROM points").fetchone()
         quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
         dropped = int(self.state("dropped_points").get("dropped_points", 0))
-        return OutboxStats(depth, oldest, newest, total, quarantined, dropped, self.used_bytes())
+        return OutboxStats(depth + held, oldest, newest, total, quarantined, dropped, self.used_bytes(), held)
 
     def export(self, since_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
-        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "quarantined")."""
+        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "held" | "quarantined")."""
         since = since_ms if since_ms is not None else -(2**62)
         cursor = self._db.execute(
-            "SELECT time_ms, line, CASE WHEN sent_ms IS NULL THEN 'unsent' ELSE 'sent' END FROM points "
+            "SELECT time_ms, line, CASE WHEN held = 1 THEN 'held' WHEN sent_ms IS NULL THEN 'unsent' ELSE 'sent' END "
+            "FROM points "
             "WHERE time_ms >= ? UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? "
             "ORDER BY 1",
             (since, since),
@@ -308,6 +360,11 @@ class _Transaction:
     def _rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+
+def _restamp(line: str, time_ms: int) -> str:
+    # The timestamp is always the last space-separated token of a line we wrote.
+    return f"{line[: line.rindex(' ')]} {time_ms}"
 
 
 def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
