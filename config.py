@@ -205,6 +205,22 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
     return None
 
 
+def check_permissions(path: Path) -> None:
+    """Refuse a config file that others (not owner, not group) can read or write, as ssh refuses an open key.
+
+    Raises ConfigError naming the file, its mode and the fix.
+    """
+    try:
+        mode = path.stat().st_mode
+    except OSError:
+        return  # load_config reports an unreadable file
+    if mode & 0o006:
+        raise ConfigError(str(path), [
+            f"the file is {'writable' if mode & 0o002 else 'readable'} by others (mode {mode & 0o777:04o}): "
+            f"run chmod 640 {path}"
+        ])
+
+
 def load_config(path: Path | None) -> Config:
     """Read and validate `path` (None = the embedded default).
 

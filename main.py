@@ -190,10 +190,17 @@ class Daemon:
         return {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}
 
     def _housekeeping(self) -> None:
+        from autostart import disk_finding
+
         try:
             self.outbox.enforce_limits()
         except StoreError as exc:
             log.warning("store housekeeping failed: %s", exc)
+        disk = disk_finding(self.outbox.directory)
+        if disk.error:
+            self.handler.report(disk.error)
+        else:
+            self.handler.clear("disk")
 
     def _store(self, lines: list[tuple[int, str]], when: dict) -> bool:
         """Commit this cycle (and any held back). False when the store cannot be written."""
@@ -245,17 +252,31 @@ class Daemon:
 
 
 # -- wiring -------------------------------------------------------------------
-def setup_logging(level: str = "INFO") -> None:
-    """Log to stderr; under systemd the journal adds its own timestamps."""
-    if os.environ.get("JOURNAL_STREAM"):
-        fmt = "%(levelname)s %(name)s: %(message)s"
-    else:
-        fmt = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+def setup_logging(level: str = "INFO", log_config=None, store_dir: str | None = None) -> None:
+    """Log to stderr (under systemd the journal adds its own timestamps), and optionally to a
+    rotating file in the store directory for technicians who pull the SD card."""
+    stamped = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+    fmt = "%(levelname)s %(name)s: %(message)s" if os.environ.get("JOURNAL_STREAM") else stamped
     logging.basicConfig(level=getattr(logging, level, logging.INFO), format=fmt, stream=sys.stderr, force=True)
+    if log_config is not None and log_config.file and store_dir:
+        from logging.handlers import RotatingFileHandler
+
+        try:
+            Path(store_dir).mkdir(parents=True, exist_ok=True)
+            handler = RotatingFileHandler(Path(store_dir) / "solarpowerbrampton.log", maxBytes=log_config.file_max_bytes,
+                                          backupCount=log_config.file_backups, encoding="utf-8")
+        except OSError as exc:
+            log.warning("cannot write the log file in %s: %s", store_dir, exc.strerror)
+            return
+        handler.setFormatter(logging.Formatter(stamped))
+        logging.getLogger().addHandler(handler)
 
 
 def load(args) -> Config:
+    """The config the command runs with. Raises ConfigError (also for a file others can read)."""
     path = config_mod.find_config(getattr(args, "config", None))
+    if path is not None:
+        config_mod.check_permissions(path)
     return config_mod.load_config(path)
 
 
@@ -343,9 +364,17 @@ def cmd_run(args, config: Config) -> int:
         if handler_led:
             handler_led.close()
         return EXIT_FAILURE
+    import autostart
+    from tools import scan
+
+    guard = make_clock_guard(config)
+    findings = autostart.boot_checks(config, bus=choice.bus, bus_note=choice.note, store_path=outbox.path,
+                                     clock_trusted=guard.check().trusted, scan=scan)
+    autostart.report(findings, handler)  # nothing Critical can be left here: bus and store opened above
+    if config.influx.kind != "none":
+        autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
     reader = make_reader(config, choice.bus, outbox)
     sender = make_sender(config, writer, handler) if writer else None
-    guard = make_clock_guard(config)
     stale = outbox.quarantine_stale_held(guard.boot_id)
     if stale:
         log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
@@ -444,6 +473,8 @@ def cmd_check(args, config: Config) -> int:
         report(False, f"I2C bus: {exc}")
         return EXIT_FAILURE
     report(True, f"I2C bus: {choice.note}")
+    from tools import scan
+
     answering = set(scan(choice.bus))
     print("      addresses answering: " + (", ".join(f"0x{a:02X}" for a in sorted(answering)) or "none"))
     for channel in config.channels:
@@ -466,23 +497,6 @@ def cmd_check(args, config: Config) -> int:
         report(False, f"store: {exc}")
     print("all checks passed" if not failures else f"{failures} check(s) failed")
     return EXIT_OK if not failures else EXIT_FAILURE
-
-
-def scan(bus, addresses=range(0x40, 0x50)) -> list[int]:
-    """Addresses that acknowledge an empty write (how i2cdetect probes)."""
-    found = []
-    while not bus.try_lock():
-        time.sleep(0)
-    try:
-        for address in addresses:
-            try:
-                bus.writeto(address, b"")
-                found.append(address)
-            except OSError:
-                pass
-    finally:
-        bus.unlock()
-    return found
 
 
 def cmd_status(args, config: Config) -> int:
@@ -600,7 +614,10 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    setup_logging(config.log.level if args.command == "run" else "WARNING")
+    if args.command == "run":
+        setup_logging(config.log.level, config.log, config.store.dir)
+    else:
+        setup_logging("WARNING")
     return COMMANDS[args.command](args, config)
 
 

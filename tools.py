@@ -291,6 +291,23 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         )
 
 
+def scan(bus, addresses=range(0x40, 0x50)) -> list[int]:
+    """Addresses that acknowledge an empty write (how i2cdetect probes)."""
+    found = []
+    while not bus.try_lock():
+        time.sleep(0)
+    try:
+        for address in addresses:
+            try:
+                bus.writeto(address, b"")
+                found.append(address)
+            except OSError:
+                pass
+    finally:
+        bus.unlock()
+    return found
+
+
 def _read_register(driver, register: int) -> int:
     buf = bytearray(3)
     buf[0] = register

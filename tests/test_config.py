@@ -133,9 +133,23 @@ def test_cli_reports_config_errors_with_exit_78_and_no_traceback(tmp_path):
     bad = tmp_path / "c.toml"
     bad.write_text('[[channel]]\nname = "a"\naddress = 0x40\n[[channel]]\nname = "b"\naddress = 0x40\n'
                    '[sampling]\nwindow_s = 20\n')
+    bad.chmod(0o600)
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), "once", "--config", str(bad)],
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 78
     assert "Traceback" not in result.stderr
     assert f"{bad}: at 'channel[1].address': 0x40 is already used by channel[0]" in result.stderr
     assert f"{bad}: at 'sampling.window_s'" in result.stderr
+
+
+def test_cli_refuses_a_config_file_others_can_read(tmp_path):
+    path = tmp_path / "open.toml"
+    path.write_text("")
+    path.chmod(0o644)
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "once", "--config", str(path)],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert result.stderr.strip() == f"{path}: the file is readable by others (mode 0644): run chmod 640 {path}"
+    path.chmod(0o640)  # group-readable is how the installer ships it (root:solarpower)
+    assert subprocess.run([sys.executable, str(ROOT / "main.py"), "status", "--config", str(path)],
+                          capture_output=True, text=True, timeout=60, cwd=tmp_path).returncode == 0

@@ -43,6 +43,7 @@ batch_lines = 40
 timeout_s = 2
 {influx}
 """)
+    path.chmod(0o600)
     return path
 
 

@@ -151,6 +151,7 @@ scenario = "constant"
 [led]
 enabled = false
 {extra}""")
+    path.chmod(0o600)
     return path
 
 
@@ -198,6 +199,7 @@ def test_check_passes_on_the_simulator_and_fails_on_an_unwritable_store(tmp_path
     (tmp_path / "blocker").write_text("")
     bad_cfg = write_config(tmp_path, "").read_text().replace(str(tmp_path / "store"), str(tmp_path / "blocker/x"))
     (tmp_path / "bad.toml").write_text(bad_cfg)
+    (tmp_path / "bad.toml").chmod(0o600)
     bad = run_cli("check", "--config", str(tmp_path / "bad.toml"), cwd=tmp_path)
     assert bad.returncode == 1
     assert "FAIL  store:" in bad.stdout

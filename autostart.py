@@ -1,0 +1,142 @@
+"""Starting like an appliance: boot checks that never block measuring, and the installer's entry point.
+
+`boot_checks()` runs when the daemon starts (before the first cycle): config,
+I2C bus, which sensors answer, state dir, disk space and clock. Each finding
+is logged with its tier and shown on the LED; only a Critical one stops the
+start, and the caller decides that. Whether InfluxDB is reachable is probed
+in a background thread, so no network is needed to start measuring.
+
+    sudo python autostart.py install      # = sudo ./install.sh
+    sudo python autostart.py uninstall [--purge]
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from rpi_errors import ErrorHandler, MeasuringError, ShortError, SilentError, SolarError, Tier
+
+log = logging.getLogger(__name__)
+
+LOW_DISK_MB = 100.0
+_ROOT = Path(__file__).resolve().parent
+
+
+@dataclass(frozen=True)
+class Finding:
+    """One boot check. `error` is None when it passed."""
+
+    name: str
+    detail: str
+    error: SolarError | None = None
+
+    @property
+    def tier(self) -> Tier | None:
+        return None if self.error is None else self.error.tier
+
+
+def boot_checks(config, *, bus, bus_note: str, store_path: Path, clock_trusted: bool,
+                scan: Callable[[object], list[int]]) -> list[Finding]:
+    """Check what can be checked without the network. Never raises for a finding."""
+    findings = [
+        Finding("config", f"{config.source}: {len(config.channels)} channels"),
+        Finding("i2c", bus_note),
+        Finding("store", f"{store_path} is writable"),
+    ]
+    try:
+        answering = set(scan(bus))
+    except OSError as exc:
+        answering = set()
+        findings.append(Finding("sensors", f"bus scan failed: {exc}", MeasuringError(f"I2C bus scan failed: {exc}")))
+    for channel in config.channels:
+        if channel.address in answering:
+            findings.append(Finding(f"sensor {channel.name}", f"0x{channel.address:02X} answers"))
+        else:
+            text = f"{channel.name}: no INA219 answers at 0x{channel.address:02X} (check wiring and address jumpers)"
+            findings.append(Finding(f"sensor {channel.name}", text, MeasuringError(text, key=f"measure:{channel.name}")))
+    findings.append(disk_finding(store_path.parent))
+    if clock_trusted:
+        findings.append(Finding("clock", "trusted"))
+    else:
+        text = "the clock is not synced yet (no NTP): readings are stored and held back until it is"
+        findings.append(Finding("clock", text, ShortError(text, key="clock")))
+    return findings
+
+
+def disk_finding(path: Path, low_mb: float = LOW_DISK_MB) -> Finding:
+    """Free space where the store lives; below `low_mb` MiB it is a Short error (the size cap still protects)."""
+    free_mb = shutil.disk_usage(path).free / 1_048_576
+    if free_mb < low_mb:
+        text = f"only {free_mb:.0f} MB free on the store's disk ({path})"
+        return Finding("disk", text, ShortError(text, key="disk"))
+    return Finding("disk", f"{free_mb:.0f} MB free")
+
+
+def report(findings: list[Finding], handler: ErrorHandler) -> bool:
+    """Log every finding with its tier and hand problems to the LED. True when none is Critical."""
+    for finding in findings:
+        if finding.error is None:
+            log.info("boot check %s: ok (%s)", finding.name, finding.detail)
+        else:
+            handler.report(finding.error)
+    return all(f.tier != Tier.CRITICAL for f in findings)
+
+
+def probe_influx(url: str, timeout_s: float) -> str | None:
+    """GET {url}/ping (InfluxDB 1.x, 2.x and Cloud answer 204). None when reachable, else why not."""
+    import urllib3  # comes with influxdb-client
+
+    try:
+        response = urllib3.PoolManager(retries=False).request("GET", f"{url}/ping",
+                                                              timeout=urllib3.Timeout(total=timeout_s))
+    except (urllib3.exceptions.HTTPError, OSError) as exc:
+        return f"{url} is not reachable ({type(exc).__name__})"
+    if response.status >= 500:
+        return f"{url}/ping answered HTTP {response.status}"
+    return None
+
+
+def start_influx_probe(url: str, timeout_s: float, handler: ErrorHandler) -> threading.Thread:
+    """Probe InfluxDB in the background; a failure is logged as Silent (the sender shows real delivery errors)."""
+
+    def run() -> None:
+        problem = probe_influx(url, timeout_s)
+        if problem:
+            handler.report(SilentError(f"boot check influx: {problem}; readings are kept until it is",
+                                       key="boot:influx"))
+        else:
+            log.info("boot check influx: %s answers", url)
+
+    thread = threading.Thread(target=run, name="influx-probe", daemon=True)
+    thread.start()
+    return thread
+
+
+def _installer(args: list[str]) -> int:
+    script = _ROOT / "install.sh"
+    env = {k: v for k, v in os.environ.items() if k not in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD")}
+    return subprocess.call(["bash", str(script), *args], env=env)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="autostart.py", description="install or remove the boot service")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("install", help="install and start the systemd service (as root; same as ./install.sh)")
+    remove = sub.add_parser("uninstall", help="stop and remove the service; keeps data unless --purge")
+    remove.add_argument("--purge", action="store_true", help="also remove /etc/solarpowerbrampton and the data")
+    args = parser.parse_args(argv)
+    if args.command == "install":
+        return _installer([])
+    return _installer(["--uninstall", *(["--purge"] if args.purge else [])])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
