@@ -106,3 +106,72 @@ def _value(value: float | int | bool | str) -> str:
     if isinstance(value, float):
         return repr(value)
     return '"' + value.translate(_STRING_ESCAPES) + '"'
+
+
+def parse_line(line: str) -> Point:
+    """Read back one line this module wrote (the web page's history, tests).
+
+    Raises ValueError for a line that is not line protocol.
+    """
+    try:
+        # Quotes only delimit string field values; in the measurement and tags they are literal.
+        head, rest = _split(line, " ", quotes=False, limit=1)
+        fields_text, stamp = _split(rest, " ")
+        key = _split(head, ",", quotes=False)
+        tags = {}
+        for item in key[1:]:
+            name, value = _split(item, "=", quotes=False)
+            tags[_unescape(name)] = _unescape(value)
+        fields = {}
+        for item in _split(fields_text, ","):
+            name, value = _split(item, "=", limit=1)
+            fields[_unescape(name)] = _parse_value(value)
+        return Point(_unescape(key[0]), tags, fields, int(stamp))
+    except (ValueError, IndexError) as exc:
+        raise ValueError(f"not a line-protocol line: {line[:80]!r}") from exc
+
+
+def _split(text: str, sep: str, *, quotes: bool = True, limit: int = -1) -> list[str]:
+    """Split on `sep` outside backslash escapes (and double-quoted strings when `quotes`), at most `limit` times."""
+    parts, current, i, quoted = [], [], 0, False
+    while i < len(text):
+        ch = text[i]
+        if ch == "\\" and i + 1 < len(text):
+            current.append(text[i:i + 2])
+            i += 2
+            continue
+        if ch == '"' and quotes:
+            quoted = not quoted
+        if ch == sep and not quoted and limit != len(parts):
+            parts.append("".join(current))
+            current = []
+        else:
+            current.append(ch)
+        i += 1
+    parts.append("".join(current))
+    return parts
+
+
+_UNESCAPES = {"n": "\n", "r": "\r", "t": "\t"}
+
+
+def _unescape(text: str) -> str:
+    out, i = [], 0
+    while i < len(text):
+        if text[i] == "\\" and i + 1 < len(text):
+            out.append(_UNESCAPES.get(text[i + 1], text[i + 1]))
+            i += 2
+        else:
+            out.append(text[i])
+            i += 1
+    return "".join(out)
+
+
+def _parse_value(text: str) -> float | int | bool | str:
+    if text.endswith("i") and text[:-1].lstrip("-").isdigit():
+        return int(text[:-1])
+    if text in ("true", "false"):
+        return text == "true"
+    if text.startswith('"') and text.endswith('"'):
+        return _unescape(text[1:-1])
+    return float(text)

@@ -74,3 +74,14 @@ def test_any_tag_value_round_trips(value):
     parsed, rest = _parse_tag_value(line[len("system,site="):])
     assert parsed == value
     assert rest == "uptime_s=2.0 7"
+
+
+@given(st.text(min_size=1, max_size=20), st.text(min_size=1, max_size=20),
+       st.floats(allow_nan=False, allow_infinity=False), st.integers(-2**40, 2**40), st.text(max_size=20))
+def test_parse_line_reads_back_what_to_line_wrote(tag, measurement, value, count, note):
+    from schema import parse_line
+
+    point = Point(measurement, {"site": tag, "unit": "u"}, {"v": value, "n": count, "s": note}, 12345)
+    back = parse_line(point.to_line())
+    assert back.measurement == measurement and dict(back.tags) == {"site": tag, "unit": "u"}
+    assert back.fields == {"v": value, "n": count, "s": note} and back.time_ms == 12345
