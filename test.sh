@@ -3,5 +3,5 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 scripts/venv.sh requirements-dev.txt
-scripts/install-test-servers.sh
+scripts/install-test-tools.sh
 exec .venv/bin/python -m pytest "$@"

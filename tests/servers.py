@@ -2,7 +2,7 @@
 
 Each server runs as a child process on free 127.0.0.1 ports with its data in a private temp dir.
 The binaries come from the Debian bookworm packages `influxdb` (1.6.7) and `victoria-metrics` (1.79.5);
-scripts/install-test-servers.sh installs them. Plain module: stdlib only, no pytest import.
+scripts/install-test-tools.sh installs them. Plain module: stdlib only, no pytest import.
 
     with VictoriaMetrics() as vm:
         ...  # POST vm.url + "/api/v2/write?precision=ms" ...
@@ -66,7 +66,7 @@ def binaries_available() -> str | None:
     if not missing:
         return None
     return (f"{' and '.join(missing)} not installed "
-            "(run scripts/install-test-servers.sh as root: Debian packages influxdb, victoria-metrics)")
+            "(run scripts/install-test-tools.sh as root: Debian packages influxdb, victoria-metrics)")
 
 
 def require_binaries() -> None:
@@ -183,7 +183,7 @@ class _Server:
             return self
         exe = _which(self.binary)
         if exe is None:
-            raise ServerError(f"{self.binary} not installed (scripts/install-test-servers.sh)")
+            raise ServerError(f"{self.binary} not installed (scripts/install-test-tools.sh)")
         cmd = self._command(exe)
         with open(self.log_path, "ab") as log:
             log.write(f"\n=== {time.strftime('%H:%M:%S')} start: {' '.join(cmd)}\n".encode())

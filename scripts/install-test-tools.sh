@@ -1,19 +1,19 @@
 #!/usr/bin/env bash
-# Install the real servers used by tests/test_servers.py (and bench.py):
-#   influxdb 1.6.7 (influxd) and victoria-metrics 1.79.5 from Debian bookworm.
-# Idempotent: does nothing when both binaries are already there. Never leaves the packages'
-# own services running: the tests start private instances on free loopback ports.
-# Without root it prints a note and exits 0 (the server tests are then skipped).
+# Install the real parts the tests use, from Debian's packages:
+#   influxdb 1.6.7 (influxd) and victoria-metrics 1.79.5 (tests and bench.py start private instances),
+#   chromium (the live page's browser test) and systemd's tools (systemd-analyze for the unit tests).
+# Idempotent: does nothing when all are already there. Never leaves the packages' own services
+# running. Without root it prints a note and exits 0 (those tests then skip, off CI).
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ]; }
 
-if have influxd && have victoria-metrics; then
+if have influxd && have victoria-metrics && have chromium && have systemd-analyze; then
   exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "note: influxd/victoria-metrics not installed and not root; server tests will be skipped (run scripts/install-test-servers.sh as root)" >&2
+  echo "note: influxd/victoria-metrics/chromium/systemd-analyze missing and not root; their tests will be skipped (run scripts/install-test-tools.sh as root)" >&2
   exit 0
 fi
 
@@ -28,9 +28,10 @@ fi
 cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-echo "installing influxdb and victoria-metrics (Debian packages) ..." >&2
+echo "installing influxdb, victoria-metrics, chromium and systemd tools (Debian packages) ..." >&2
 apt-get update -qq
-DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends influxdb victoria-metrics >/dev/null
+DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+  influxdb victoria-metrics chromium fonts-dejavu-core systemd >/dev/null
 
 # No systemd here; but if a postinst started a daemon anyway, stop it.
 for svc in influxdb victoria-metrics; do

@@ -1,0 +1,391 @@
+#!/usr/bin/env bash
+# Install SolarPowerBrampton on a Raspberry Pi as the systemd service `solarpowerbrampton`.
+#
+#   sudo ./install.sh                        install or upgrade to this checkout's HEAD (idempotent)
+#   sudo ./install.sh --uninstall            remove service, code and user; keep config and data
+#   sudo ./install.sh --uninstall --purge    ... and /etc/solarpowerbrampton and /var/lib/solarpowerbrampton
+#
+# Layout:
+#   /opt/solarpowerbrampton/releases/<git-sha>/   committed files of HEAD (git archive) with their own .venv
+#   /opt/solarpowerbrampton/current               -> releases/<git-sha> (relative symlink, swapped atomically)
+#   /opt/solarpowerbrampton/previous              -> the release `current` pointed at before an upgrade
+#   /etc/solarpowerbrampton/config.toml           root:solarpower 0640, from config.example.toml (never overwritten)
+#   /etc/solarpowerbrampton/influx-token          root:root 0600, empty (never overwritten); LoadCredential= hands it over
+#   /etc/systemd/system/solarpowerbrampton{.service,-update.service,-update.timer}
+#   /var/lib/solarpowerbrampton                   the store (StateDirectory=, created by systemd)
+#
+# Environment, for tests and packaging:
+#   DESTDIR=/dir      prefix every path this script writes (system commands are still run: stub them on PATH)
+#   SPB_SKIP_PIP=1    do not pip install requirements.txt into the release's .venv
+#   SPB_PIP_ARGS=".." extra arguments for pip install (e.g. "--index-url http://mirror/simple")
+# Every system command (systemctl, useradd, groupadd, usermod, userdel, groupdel, getent, chown,
+# raspi-config, sudo, python3, git) is looked up on PATH.
+set -euo pipefail
+umask 022
+
+NAME=solarpowerbrampton
+SVC_USER=solarpower
+HW_GROUPS=(i2c gpio)
+OPT=/opt/$NAME
+ETC=/etc/$NAME
+STATE=/var/lib/$NAME
+CACHE=/var/cache/$NAME-update
+UNIT_DIR=/etc/systemd/system
+UNITS=("$NAME.service" "$NAME-update.service" "$NAME-update.timer")
+DESTDIR=${DESTDIR:-}
+DESTDIR=${DESTDIR%/}
+
+step() { printf '\n==> %s\n' "$*"; }
+info() { printf '    %s\n' "$*"; }
+warn() { printf 'WARNING: %s\n' "$*" >&2; }
+die() { printf 'ERROR: %s\n' "$*" >&2; exit 1; }
+
+usage() {
+  cat <<EOF
+usage: sudo $0                       install or upgrade to this checkout's HEAD
+       sudo $0 --uninstall [--purge] remove the service (--purge: also config, token and data)
+EOF
+}
+
+uninstall=0
+purge=0
+while [ $# -gt 0 ]; do
+  case "$1" in
+    --uninstall) uninstall=1 ;;
+    --purge) purge=1 ;;
+    -h | --help) usage; exit 0 ;;
+    *) usage >&2; printf 'ERROR: unknown argument: %s\n' "$1" >&2; exit 2 ;;
+  esac
+  shift
+done
+if [ "$purge" = 1 ] && [ "$uninstall" = 0 ]; then
+  usage >&2
+  printf 'ERROR: --purge only goes with --uninstall\n' >&2
+  exit 2
+fi
+if [ -z "$DESTDIR" ] && [ "$(id -u)" -ne 0 ]; then
+  die "run as root: sudo $0 $*"
+fi
+if [ -n "$DESTDIR" ]; then
+  info "DESTDIR=$DESTDIR: every path below is written under it"
+fi
+
+have() { command -v "$1" >/dev/null 2>&1; }
+user_exists() { getent passwd "$1" >/dev/null 2>&1; }
+group_exists() { getent group "$1" >/dev/null 2>&1; }
+
+# ------------------------------------------------------------------------------------------- uninstall
+do_uninstall() {
+  local unit_files=() u
+  for u in "${UNITS[@]}"; do
+    if [ -e "$DESTDIR$UNIT_DIR/$u" ]; then unit_files+=("$u"); fi
+  done
+
+  step "stopping and disabling the units"
+  if [ ${#unit_files[@]} -gt 0 ]; then
+    systemctl disable --now "$NAME-update.timer" "$NAME.service" || warn "systemctl disable --now failed (continuing)"
+    systemctl stop "$NAME-update.service" || warn "systemctl stop $NAME-update.service failed (continuing)"
+    info "stopped and disabled"
+  else
+    info "no unit files installed"
+  fi
+
+  step "removing the unit files"
+  for u in "${unit_files[@]}"; do
+    rm -f "$DESTDIR$UNIT_DIR/$u"
+    info "removed $UNIT_DIR/$u"
+  done
+  if [ ${#unit_files[@]} -gt 0 ]; then
+    systemctl daemon-reload || warn "systemctl daemon-reload failed"
+    systemctl reset-failed "${UNITS[@]}" >/dev/null 2>&1 || true
+  fi
+
+  step "removing $OPT and $CACHE"
+  rm -rf "$DESTDIR$OPT" "$DESTDIR$CACHE"
+  info "removed"
+
+  step "removing the user and group $SVC_USER"
+  if user_exists "$SVC_USER"; then
+    userdel "$SVC_USER"
+    info "user $SVC_USER removed"
+  else
+    info "no user $SVC_USER"
+  fi
+  if group_exists "$SVC_USER"; then
+    groupdel "$SVC_USER"
+    info "group $SVC_USER removed"
+  fi
+  info "the groups ${HW_GROUPS[*]} are left alone (other software uses them)"
+
+  if [ "$purge" = 1 ]; then
+    step "purging $ETC and $STATE"
+    rm -rf "$DESTDIR$ETC" "$DESTDIR$STATE"
+    info "removed the config, the token and the store"
+  else
+    step "keeping $ETC (config, token) and $STATE (the store)"
+    info "remove them too with: sudo $0 --uninstall --purge"
+  fi
+  printf '\nSolarPowerBrampton uninstalled.\n'
+}
+
+# ---------------------------------------------------------------------------------------------- install
+SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
+git_src() { git -c safe.directory="$SRC" -C "$SRC" "$@"; }
+
+write_config() {
+  # config.example.toml with [simulation] enabled = false (real sensors) and the store in the
+  # state directory (the example's "data" is relative to the working directory).
+  local example=$1 out=$2
+  awk -v state="$STATE" '
+    function header(line,   s) { s = line; gsub(/[][[:space:]]/, "", s); sub(/#.*/, "", s); return s }
+    function finish(sec) {
+      if (sec == "simulation" && !sim) { print "enabled = false"; sim = 1 }
+      if (sec == "store" && !store) { print "dir = \"" state "\""; store = 1 }
+    }
+    /^[[:space:]]*\[/ { finish(sec); sec = header($0); print; next }
+    sec == "simulation" && /^[[:space:]]*enabled[[:space:]]*=/ {
+      print "enabled = false                 # installed on a Pi: measure the real INA219 sensors"; sim = 1; next
+    }
+    sec == "store" && /^[[:space:]]*dir[[:space:]]*=/ {
+      print "dir = \"" state "\"   # = $STATE_DIRECTORY of solarpowerbrampton.service"; store = 1; next
+    }
+    { print }
+    END {
+      finish(sec)
+      if (!sim) { print ""; print "[simulation]"; print "enabled = false" }
+      if (!store) { print ""; print "[store]"; print "dir = \"" state "\"" }
+    }
+  ' "$example" >"$out"
+}
+
+check_config() {
+  # The generated config must parse and say what we meant.
+  "$1" - "$2" "$STATE" <<'PY'
+import sys, tomllib
+with open(sys.argv[1], "rb") as f:
+    data = tomllib.load(f)
+assert data["simulation"]["enabled"] is False, "[simulation] enabled is not false"
+assert data["store"]["dir"] == sys.argv[2], "[store] dir is not the state directory"
+PY
+}
+
+do_install() {
+  local sha rel_name rel venv cur old tmp u f g src dst changed=0 units_changed=0 start_failed=0 upgrade=0
+
+  step "reading the checkout $SRC"
+  have git || die "git is not installed (sudo apt install git)"
+  sha=$(git_src rev-parse --verify HEAD 2>/dev/null) || die "$SRC is not a git checkout with a commit"
+  [[ $sha =~ ^[0-9a-f]{40}$ ]] || die "unexpected commit id: $sha"
+  for u in "${UNITS[@]}" main.py requirements.txt config.example.toml; do
+    f=$u
+    case "$u" in *.service | *.timer) f=systemd/$u ;; esac
+    git_src cat-file -e "HEAD:$f" 2>/dev/null || die "$f is not committed in $SRC: commit it first (the release is HEAD)"
+  done
+  if [ -n "$(git_src status --porcelain --untracked-files=no)" ]; then
+    warn "uncommitted changes in $SRC are NOT installed: the release is HEAD ($sha)"
+  fi
+  info "release $sha"
+
+  step "groups ${HW_GROUPS[*]} $SVC_USER and user $SVC_USER"
+  for g in "${HW_GROUPS[@]}" "$SVC_USER"; do
+    if group_exists "$g"; then
+      info "group $g exists"
+    else
+      groupadd --system "$g"
+      info "group $g created"
+    fi
+  done
+  if user_exists "$SVC_USER"; then
+    usermod --append --groups "$(IFS=,; echo "${HW_GROUPS[*]}")" "$SVC_USER"
+    info "user $SVC_USER exists (made sure it is in ${HW_GROUPS[*]})"
+  else
+    useradd --system --gid "$SVC_USER" --groups "$(IFS=,; echo "${HW_GROUPS[*]}")" \
+      --home-dir "$STATE" --no-create-home --shell /usr/sbin/nologin \
+      --comment "SolarPowerBrampton data logger" "$SVC_USER"
+    info "user $SVC_USER created"
+  fi
+
+  rel_name=releases/$sha
+  rel=$DESTDIR$OPT/$rel_name
+  step "code in $OPT/$rel_name"
+  mkdir -p "$DESTDIR$OPT/releases"
+  if [ -d "$rel" ]; then
+    info "exists: reused"
+  else
+    rm -rf "$DESTDIR$OPT/releases/.$sha."*  # left by an interrupted run
+    tmp=$(mktemp -d "$DESTDIR$OPT/releases/.$sha.XXXXXX")
+    trap 'rm -rf "$tmp"' EXIT
+    git_src archive --format=tar HEAD | tar -x --no-same-owner --no-same-permissions -C "$tmp"
+    chmod 0755 "$tmp"
+    mv -T "$tmp" "$rel"
+    trap - EXIT
+    info "copied HEAD (git archive; no .git, no uncommitted files)"
+  fi
+
+  venv=$rel/.venv
+  step "virtualenv $OPT/$rel_name/.venv"
+  if [ -x "$venv/bin/python" ] && [ -e "$venv/.spb-venv-complete" ]; then
+    info "exists: reused"
+  else
+    rm -rf "$venv"  # absent, or left half-made by an interrupted run
+    have python3 || die "python3 is not installed (sudo apt install python3 python3-venv)"
+    # --system-site-packages: Raspberry Pi OS's python3-lgpio (the LED) is not on PyPI in a usable form.
+    if ! python3 -m venv --system-site-packages "$venv"; then
+      rm -rf "$venv"
+      if have apt-get; then
+        info "installing python3-venv (Debian package)"
+        apt-get update -qq || true
+        apt-get install -y python3-venv
+        python3 -m venv --system-site-packages "$venv"
+      else
+        die "python3 -m venv failed (install python3-venv)"
+      fi
+    fi
+    : >"$venv/.spb-venv-complete"
+    info "created (python3 -m venv --system-site-packages)"
+  fi
+  "$venv/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' \
+    || die "SolarPowerBrampton needs Python 3.11 or newer ($("$venv/bin/python" --version 2>&1))"
+  if [ "${SPB_SKIP_PIP:-0}" = 1 ]; then
+    info "pip install skipped (SPB_SKIP_PIP=1)"
+  elif cmp -s "$rel/requirements.txt" "$venv/.spb-installed-requirements.txt"; then
+    info "requirements.txt already installed"
+  else
+    local pip_extra=()
+    read -r -a pip_extra <<<"${SPB_PIP_ARGS:-}"
+    info "pip install -r requirements.txt ${pip_extra[*]:-}"
+    "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -r "$rel/requirements.txt" \
+      ${pip_extra[@]+"${pip_extra[@]}"}
+    cp "$rel/requirements.txt" "$venv/.spb-installed-requirements.txt"
+  fi
+  # The service sees the code read-only (ProtectSystem=strict): compile it once, here.
+  "$venv/bin/python" -m compileall -q -l "$rel" >/dev/null || warn "compileall failed (the daemon still runs)"
+  if grep -qs 'Raspberry Pi' /proc/device-tree/model 2>/dev/null && ! "$venv/bin/python" -c 'import lgpio' 2>/dev/null; then
+    warn "python3-lgpio is not installed: the status LED cannot work (sudo apt install python3-lgpio)"
+  fi
+
+  cur=$DESTDIR$OPT/current
+  step "$OPT/current -> $rel_name"
+  if [ -e "$cur" ] && [ ! -L "$cur" ]; then
+    die "$cur exists and is not a symlink: move it away"
+  fi
+  old=$(readlink "$cur" 2>/dev/null || true)
+  if [ -n "$old" ] && [ "$(basename "$old")" = "$sha" ]; then
+    info "already points there"
+  else
+    if [ -n "$old" ]; then
+      ln -sfn "$old" "$DESTDIR$OPT/.previous.$$"
+      mv -T "$DESTDIR$OPT/.previous.$$" "$DESTDIR$OPT/previous"
+      info "previous -> $old"
+    fi
+    ln -sfn "$rel_name" "$DESTDIR$OPT/.current.$$"
+    mv -T "$DESTDIR$OPT/.current.$$" "$cur"  # rename(2): atomic
+    changed=1
+    info "switched"
+  fi
+
+  step "config $ETC"
+  mkdir -p "$DESTDIR$ETC"
+  chown "root:$SVC_USER" "$DESTDIR$ETC"
+  chmod 0750 "$DESTDIR$ETC"
+  local cfg=$DESTDIR$ETC/config.toml tok=$DESTDIR$ETC/influx-token
+  if [ -e "$cfg" ]; then
+    info "$ETC/config.toml exists: kept as it is"
+  else
+    tmp=$(umask 077 && mktemp "$DESTDIR$ETC/.config.toml.XXXXXX")
+    trap 'rm -f "$tmp"' EXIT
+    write_config "$rel/config.example.toml" "$tmp"
+    check_config "$venv/bin/python" "$tmp" || die "could not derive a valid config from config.example.toml"
+    mv -T "$tmp" "$cfg"
+    trap - EXIT
+    info "$ETC/config.toml created from config.example.toml ([simulation] enabled = false, [store] dir = \"$STATE\")"
+  fi
+  chown "root:$SVC_USER" "$cfg"
+  chmod 0640 "$cfg"
+  if [ -e "$tok" ]; then
+    info "$ETC/influx-token exists: kept as it is"
+  else
+    (umask 077 && : >"$tok")
+    info "$ETC/influx-token created, empty: paste the InfluxDB token into it (only for [influx] kind = local v2 / cloud)"
+  fi
+  chown root:root "$tok"
+  chmod 0600 "$tok"
+
+  step "I2C"
+  if have raspi-config; then
+    if raspi-config nonint do_i2c 0; then
+      info "enabled (raspi-config nonint do_i2c 0)"
+    else
+      warn "raspi-config nonint do_i2c 0 failed: enable I2C with sudo raspi-config (Interface Options)"
+    fi
+  else
+    info "raspi-config not found: make sure I2C is on (dtparam=i2c_arm=on in config.txt, module i2c-dev)"
+  fi
+
+  step "systemd units in $UNIT_DIR"
+  mkdir -p "$DESTDIR$UNIT_DIR"
+  for u in "${UNITS[@]}"; do
+    src=$rel/systemd/$u
+    dst=$DESTDIR$UNIT_DIR/$u
+    if [ -e "$dst" ]; then upgrade=1; fi
+    if cmp -s "$src" "$dst"; then
+      info "$u unchanged"
+    else
+      install -m 0644 "$src" "$dst.tmp.$$"
+      mv -T "$dst.tmp.$$" "$dst"
+      units_changed=1
+      info "$u installed"
+    fi
+    chmod 0644 "$dst"
+  done
+  systemctl daemon-reload
+  if [ -n "$old" ]; then upgrade=1; fi
+  if [ "$upgrade" = 1 ] && { [ "$changed" = 1 ] || [ "$units_changed" = 1 ]; }; then
+    # A running daemon keeps the old code and unit until restarted (no-op when it is not running).
+    systemctl try-restart "$NAME.service" || warn "systemctl try-restart $NAME.service failed"
+  fi
+  if systemctl enable --now "$NAME.service" "$NAME-update.timer"; then
+    info "enabled and started $NAME.service and $NAME-update.timer"
+  else
+    start_failed=1
+    warn "systemctl enable --now failed: see journalctl -u $NAME.service"
+  fi
+
+  step "check: sudo -u $SVC_USER .../.venv/bin/python .../main.py check --config $ETC/config.toml"
+  local rc=0
+  if have sudo; then
+    (cd / && sudo -u "$SVC_USER" "$DESTDIR$OPT/current/.venv/bin/python" "$DESTDIR$OPT/current/main.py" \
+      check --config "$DESTDIR$ETC/config.toml") || rc=$?
+  else
+    warn "sudo is not installed: check skipped"
+    rc=-1
+  fi
+
+  printf '\n'
+  if [ "$rc" = 0 ]; then
+    info "check passed"
+  elif [ "$rc" != -1 ]; then
+    info "check FAILED (exit $rc). The install itself is complete and the service keeps retrying;"
+    info "fix what is marked FAIL above (wiring, $ETC/config.toml), then run the check again:"
+    info "  sudo -u $SVC_USER $OPT/current/.venv/bin/python $OPT/current/main.py check --config $ETC/config.toml"
+  fi
+  if [ "$start_failed" = 1 ]; then
+    info "the service did not start: journalctl -u $NAME.service"
+  fi
+  cat <<EOF
+
+SolarPowerBrampton installed: release $sha
+    code     $OPT/current -> $rel_name
+    config   $ETC/config.toml        (root:$SVC_USER 0640)
+    token    $ETC/influx-token       (root:root 0600)
+    store    $STATE
+    status   systemctl status $NAME      logs: journalctl -u $NAME -f
+    updates  systemctl list-timers $NAME-update.timer
+EOF
+}
+
+if [ "$uninstall" = 1 ]; then
+  do_uninstall
+else
+  do_install
+fi

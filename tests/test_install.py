@@ -1,0 +1,289 @@
+"""install.sh in a fake root: DESTDIR in tmp_path, stub system commands first on PATH.
+
+The stubs (systemctl, useradd, groupadd, usermod, userdel, groupdel, getent, chown, raspi-config,
+sudo, python3) append their argv to a log and succeed. getent/useradd/groupadd/userdel/groupdel
+share a tiny user database of marker files, so getent reports the user missing on the first run
+and present after useradd. `python3 -m venv DIR` makes DIR/bin/python a symlink to the Python
+running the tests. The installer runs from a fresh git repository holding the project's files
+(committed, as a real checkout would be), with SPB_SKIP_PIP=1.
+"""
+from __future__ import annotations
+
+import os
+import shlex
+import shutil
+import stat
+import subprocess
+import sys
+import tomllib
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ("solarpowerbrampton.service", "solarpowerbrampton-update.service", "solarpowerbrampton-update.timer")
+OPT = "opt/solarpowerbrampton"
+ETC = "etc/solarpowerbrampton"
+STATE = "var/lib/solarpowerbrampton"
+
+STUB = r"""#!/usr/bin/env bash
+# Records its argv (shell-quoted, one call per line) and plays a tiny user database.
+name=$(basename "$0")
+{ printf '%s' "$name"; printf ' %q' "$@"; printf '\n'; } >>"$SPB_STUB_LOG"
+db=$SPB_STUB_DB
+last=${!#}
+case "$name" in
+  getent) [ -e "$db/$1.$2" ] && { echo "$2:x:999:"; exit 0; }; exit 2 ;;
+  groupadd) touch "$db/group.$last" ;;
+  useradd) touch "$db/passwd.$last" ;;
+  userdel) rm -f "$db/passwd.$last" ;;
+  groupdel) rm -f "$db/group.$last" ;;
+  python3)
+    if [ "$1" = -m ] && [ "$2" = venv ]; then
+      mkdir -p "$last/bin" && ln -s "$SPB_REAL_PYTHON" "$last/bin/python"
+    fi ;;
+  sudo) exit "${SPB_STUB_SUDO_RC:-0}" ;;
+esac
+exit 0
+"""
+STUBS = ("systemctl", "useradd", "groupadd", "usermod", "userdel", "groupdel", "getent", "chown",
+         "raspi-config", "sudo", "python3")
+
+
+def _git(repo: Path, *args: str) -> str:
+    return subprocess.run(
+        ["git", "-c", "user.name=test", "-c", "user.email=test@example.invalid", "-c", "commit.gpgsign=false",
+         "-c", f"safe.directory={repo}", "-C", str(repo), *args],
+        check=True, capture_output=True, text=True).stdout.strip()
+
+
+class Env:
+    def __init__(self, tmp: Path) -> None:
+        self.tmp = tmp
+        self.dest = tmp / "dest"
+        self.dest.mkdir()
+        self.bin = tmp / "bin"
+        self.bin.mkdir()
+        self.db = tmp / "userdb"
+        self.db.mkdir()
+        (self.db / "group.i2c").touch()  # Raspberry Pi OS has i2c; this fake system lacks gpio
+        self.log = tmp / "calls.log"
+        for name in STUBS:
+            path = self.bin / name
+            path.write_text(STUB)
+            path.chmod(0o755)
+        self.repo = tmp / "checkout"
+        self._make_checkout()
+
+    def _make_checkout(self) -> None:
+        """A git repository with the project's files as they are now (tracked and new), committed."""
+        files = subprocess.run(["git", "-c", f"safe.directory={ROOT}", "-C", str(ROOT), "ls-files", "-z",
+                                "--cached", "--others", "--exclude-standard"],
+                               check=True, capture_output=True, text=True).stdout.split("\0")
+        for rel in filter(None, files):
+            src = ROOT / rel
+            if src.is_file():
+                dst = self.repo / rel
+                dst.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copy2(src, dst)
+        _git(self.repo, "init", "-q")
+        _git(self.repo, "add", "-A")
+        _git(self.repo, "commit", "-q", "-m", "release")
+        self.sha = _git(self.repo, "rev-parse", "HEAD")
+
+    def new_commit(self) -> str:
+        (self.repo / "NEWS").write_text("a change\n")
+        _git(self.repo, "add", "NEWS")
+        _git(self.repo, "commit", "-q", "-m", "next")
+        return _git(self.repo, "rev-parse", "HEAD")
+
+    def run(self, *args: str, sudo_rc: int = 0) -> subprocess.CompletedProcess:
+        self.log.write_text("")
+        env = {
+            "PATH": f"{self.bin}:{os.environ['PATH']}",
+            "HOME": str(self.tmp),
+            "LANG": "C.UTF-8",
+            "DESTDIR": str(self.dest),
+            "SPB_SKIP_PIP": "1",
+            "SPB_STUB_LOG": str(self.log),
+            "SPB_STUB_DB": str(self.db),
+            "SPB_STUB_SUDO_RC": str(sudo_rc),
+            "SPB_REAL_PYTHON": sys.executable,
+        }
+        return subprocess.run(["bash", str(self.repo / "install.sh"), *args], env=env, capture_output=True,
+                              text=True, timeout=60)
+
+    def calls(self, name: str | None = None) -> list[list[str]]:
+        out = [shlex.split(line) for line in self.log.read_text().splitlines()]
+        return [c for c in out if name is None or c[0] == name]
+
+    def path(self, rel: str) -> Path:
+        return self.dest / rel
+
+
+def _mode(path: Path) -> int:
+    return stat.S_IMODE(path.lstat().st_mode)
+
+
+def _ok(result: subprocess.CompletedProcess) -> str:
+    assert result.returncode == 0, f"rc={result.returncode}\n--- stdout\n{result.stdout}\n--- stderr\n{result.stderr}"
+    return result.stdout
+
+
+@pytest.fixture
+def env(tmp_path) -> Env:
+    if shutil.which("git") is None:
+        pytest.skip("git is not installed")
+    return Env(tmp_path)
+
+
+def test_install_twice_then_uninstall_and_purge(env):
+    # ---- first run
+    out = _ok(env.run())
+    assert "==> " in out and env.sha in out
+    release = env.path(f"{OPT}/releases/{env.sha}")
+    assert (release / "main.py").is_file()
+    assert (release / "sdnotify.py").is_file()
+    assert not (release / ".git").exists()
+    assert _mode(release) == 0o755 and _mode(release / "main.py") == 0o644 and _mode(release / "install.sh") == 0o755
+    assert _mode(release / "systemd") == 0o755
+    assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{env.sha}"
+    assert env.path(f"{OPT}/current/main.py").is_file()
+    assert not env.path(f"{OPT}/previous").exists()
+    assert os.access(release / ".venv/bin/python", os.X_OK)
+    assert list((release).glob("__pycache__/main.*.pyc")), "the release is precompiled"
+
+    cfg, tok = env.path(f"{ETC}/config.toml"), env.path(f"{ETC}/influx-token")
+    assert _mode(cfg) == 0o640 and _mode(tok) == 0o600 and _mode(env.path(ETC)) == 0o750
+    assert tok.read_text() == ""
+    config = tomllib.loads(cfg.read_text())
+    example = tomllib.loads((ROOT / "config.example.toml").read_text())
+    assert config["simulation"]["enabled"] is False
+    assert config["store"]["dir"] == "/var/lib/solarpowerbrampton"
+    assert config["led"] == example["led"]  # only [simulation] enabled and [store] dir differ
+    assert config["channel"] == example["channel"]
+    assert not list(env.path(ETC).glob(".config.toml.*")), "no temp file left behind"
+
+    for unit in UNITS:
+        installed = env.path(f"etc/systemd/system/{unit}")
+        assert _mode(installed) == 0o644
+        assert installed.read_text() == (ROOT / "systemd" / unit).read_text()
+
+    chowns = [c[1:] for c in env.calls("chown")]
+    assert ["root:solarpower", str(cfg)] in chowns
+    assert ["root:root", str(tok)] in chowns
+    assert ["root:solarpower", str(env.path(ETC))] in chowns
+
+    assert [c[-1] for c in env.calls("groupadd")] == ["gpio", "solarpower"]  # i2c existed
+    (useradd,) = env.calls("useradd")
+    assert useradd[-1] == "solarpower" and "--system" in useradd
+    assert useradd[useradd.index("--groups") + 1] == "i2c,gpio"
+    assert useradd[useradd.index("--gid") + 1] == "solarpower"
+    assert not env.calls("usermod")
+
+    venv_calls = env.calls("python3")
+    assert venv_calls == [["python3", "-m", "venv", "--system-site-packages", str(release / ".venv")]]
+    assert ["raspi-config", "nonint", "do_i2c", "0"] in env.calls()
+    systemctl = env.calls("systemctl")
+    assert ["systemctl", "daemon-reload"] in systemctl
+    assert ["systemctl", "enable", "--now", "solarpowerbrampton.service", "solarpowerbrampton-update.timer"] in systemctl
+    assert not [c for c in systemctl if "try-restart" in c], "a first install has nothing to restart"
+    assert systemctl.index(["systemctl", "daemon-reload"]) < systemctl.index(
+        ["systemctl", "enable", "--now", "solarpowerbrampton.service", "solarpowerbrampton-update.timer"])
+    assert env.calls("sudo") == [[
+        "sudo", "-u", "solarpower", str(env.path(f"{OPT}/current/.venv/bin/python")),
+        str(env.path(f"{OPT}/current/main.py")), "check", "--config", str(cfg)]]
+    assert "check passed" in out
+
+    # ---- the technician edits config and token; the second run keeps them and duplicates nothing
+    cfg.write_text(cfg.read_text() + "\n# edited by hand\n")
+    tok.write_text("my-secret-token\n")
+    cfg_text, tok_text = cfg.read_text(), tok.read_text()
+    out = _ok(env.run())
+    assert cfg.read_text() == cfg_text and tok.read_text() == tok_text
+    assert _mode(cfg) == 0o640 and _mode(tok) == 0o600
+    assert "kept" in out
+    assert sorted(p.name for p in env.path(f"{OPT}/releases").iterdir()) == [env.sha]
+    assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{env.sha}"
+    assert not env.path(f"{OPT}/previous").exists()
+    assert sorted(p.name for p in env.path("etc/systemd/system").iterdir()) == sorted(UNITS)
+    assert sorted(p.name for p in env.path(ETC).iterdir()) == ["config.toml", "influx-token"]
+    assert not env.calls("useradd") and not env.calls("groupadd")
+    assert env.calls("usermod") == [["usermod", "--append", "--groups", "i2c,gpio", "solarpower"]]
+    assert not env.calls("python3"), "the release's .venv is reused"
+    systemctl = env.calls("systemctl")
+    assert ["systemctl", "enable", "--now", "solarpowerbrampton.service", "solarpowerbrampton-update.timer"] in systemctl
+    assert not [c for c in systemctl if "try-restart" in c], "nothing changed: no restart"
+
+    # ---- uninstall keeps /etc and /var/lib
+    env.path(STATE).mkdir(parents=True)
+    env.path(f"{STATE}/outbox.db").write_text("readings")
+    _ok(env.run("--uninstall"))
+    assert ["systemctl", "disable", "--now", "solarpowerbrampton-update.timer", "solarpowerbrampton.service"] \
+        in env.calls("systemctl")
+    assert not any(env.path(f"etc/systemd/system/{u}").exists() for u in UNITS)
+    assert not env.path(OPT).exists()
+    assert env.calls("userdel") == [["userdel", "solarpower"]]
+    assert env.calls("groupdel") == [["groupdel", "solarpower"]]
+    assert cfg.read_text() == cfg_text and tok.read_text() == tok_text
+    assert env.path(f"{STATE}/outbox.db").read_text() == "readings"
+
+    # ---- a second uninstall is harmless; --purge removes config, token and data
+    _ok(env.run("--uninstall", "--purge"))
+    assert not env.calls("userdel")
+    assert not env.path(ETC).exists() and not env.path(STATE).exists()
+    assert env.path("etc/systemd/system").exists()
+
+
+def test_upgrade_to_a_new_commit_switches_current_and_keeps_previous(env):
+    _ok(env.run())
+    old = env.sha
+    new = env.new_commit()
+    out = _ok(env.run())
+    assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{new}"
+    assert os.readlink(env.path(f"{OPT}/previous")) == f"releases/{old}"
+    assert sorted(p.name for p in env.path(f"{OPT}/releases").iterdir()) == sorted([old, new])
+    assert ["systemctl", "try-restart", "solarpowerbrampton.service"] in env.calls("systemctl")
+    assert new in out
+
+
+@pytest.mark.parametrize("example", [
+    # no [simulation] or [store] section at all
+    '[site]\nname = "x"\n\n[[channel]]\nname = "a"\naddress = 0x40\n',
+    # [simulation] without `enabled`, followed by another table; [store] last, without `dir`
+    '[simulation]  # the model\nscenario = "day"\n[led]\nenabled = true\n[store]\nmax_mb = 5.0\n',
+    # `enabled` in other tables must stay as it is
+    '[led]\nenabled = true\n[simulation]\n  enabled=true\n[update]\nenabled = false\n[store]\ndir = "data"\n',
+])
+def test_config_is_derived_from_any_example(env, example):
+    (env.repo / "config.example.toml").write_text(example)
+    _git(env.repo, "commit", "-q", "-am", "another example")
+    _ok(env.run())
+    config = tomllib.loads(env.path(f"{ETC}/config.toml").read_text())
+    expected = tomllib.loads(example)
+    expected.setdefault("simulation", {})["enabled"] = False
+    expected.setdefault("store", {})["dir"] = "/var/lib/solarpowerbrampton"
+    assert config == expected
+
+
+def test_a_failing_check_does_not_fail_the_install(env):
+    result = env.run(sudo_rc=1)
+    out = _ok(result)
+    assert "check FAILED (exit 1)" in out
+    assert env.path(f"{OPT}/current/main.py").is_file()
+
+
+def test_uncommitted_changes_are_not_installed_and_said_so(env):
+    (env.repo / "main.py").write_text((env.repo / "main.py").read_text() + "\n# local edit\n")
+    result = env.run()
+    _ok(result)
+    assert "uncommitted changes" in result.stderr
+    assert "# local edit" not in env.path(f"{OPT}/current/main.py").read_text()
+
+
+def test_bad_arguments(env):
+    result = env.run("--purge")
+    assert result.returncode == 2 and "--purge only goes with --uninstall" in result.stderr
+    result = env.run("--frobnicate")
+    assert result.returncode == 2 and "unknown argument" in result.stderr
+    assert not env.path(OPT).exists()

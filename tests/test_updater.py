@@ -1,0 +1,576 @@
+"""The self-updater against real git: a local bare repository as the remote, a fake deployment root.
+
+The project in the remote is a tiny fake (main.py with `check` and `run`, the real config.py and
+updater.py), and the venv command only links a python, so a whole update takes well under a second.
+"""
+from __future__ import annotations
+
+import datetime as dt
+import json
+import logging
+import os
+import pwd
+import shlex
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+
+import updater
+
+PROJECT = Path(__file__).resolve().parent.parent
+
+FAKE_MAIN = '''\
+"""Fake daemon for the updater tests: `check` and `run --cycles N`, outcome set by MODE."""
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import config
+
+MODE = {mode!r}
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("command")
+    p.add_argument("--config")
+    p.add_argument("--simulate", action="store_true")
+    p.add_argument("--cycles", type=int)
+    a = p.parse_args()
+    try:
+        if a.config and hasattr(config, "check_permissions"):  # as the real main.py does
+            config.check_permissions(Path(a.config))
+        cfg = config.load_config(Path(a.config) if a.config else None)
+    except config.ConfigError as exc:
+        print(exc, file=sys.stderr)
+        return 78
+    Path(cfg.store.dir, "probe").write_text("x")  # the store must be writable
+    record = {{"command": a.command, "argv": sys.argv[1:], "env": dict(os.environ), "uid": os.getuid(),
+              "pid": os.getpid(), "simulation": cfg.simulation.enabled, "influx": cfg.influx.kind,
+              "token_file": cfg.influx.token_file, "led": cfg.led.enabled, "interval_s": cfg.sampling.interval_s,
+              "samples": cfg.sampling.samples, "store": cfg.store.dir, "update": cfg.update.enabled,
+              "clock": cfg.clock.trust, "site": cfg.site.name}}
+    log = os.environ.get("SPB_TEST_ENV_LOG")
+    if log:
+        with open(log, "a") as f:
+            f.write(json.dumps(record) + "\\n")
+    if MODE == "check-fails" and a.command == "check":
+        print("FAIL red_house 0x40: no answer")
+        return 1
+    if MODE == "hang" and a.command == "check":
+        time.sleep(60)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+'''
+
+LIVE_CONFIG = '''\
+[site]
+name = "brampton \\"test\\" \u00e9"
+
+[sampling]
+interval_s = 10.0
+window_s = 1.0
+samples = 50
+
+[led]
+enabled = true
+
+[store]
+dir = "{live_store}"
+
+[simulation]
+enabled = false
+start = 2026-06-21T06:00:00
+
+[influx]
+kind = "local"
+api = "v2"
+url = "http://127.0.0.1:9"
+org = "o"
+bucket = "b"
+token_file = "/etc/solarpowerbrampton/influx-token"
+
+[clock]
+trust = "sync"
+
+[update]
+enabled = {enabled}
+remote = "{remote}"
+branch = "main"
+require_signed = {signed}
+max_failed_starts = {max_failed}
+
+[[channel]]
+name = "red_house"
+address = 0x40
+tags = {{ colour = "red" }}
+
+[[channel]]
+name = "power_plant"
+address = "0x45"
+max_current_a = 3.2
+'''
+
+GIT_ENV = {"GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.org", "GIT_COMMITTER_NAME": "Test",
+           "GIT_COMMITTER_EMAIL": "test@example.org", "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull}
+
+
+def git(*args: str, cwd: Path, env: dict | None = None) -> str:
+    full = {**os.environ, **GIT_ENV, **(env or {})}
+    result = subprocess.run(["git", *args], cwd=cwd, env=full, capture_output=True, text=True)
+    assert result.returncode == 0, f"git {args}: {result.stdout}{result.stderr}"
+    return result.stdout.strip()
+
+
+def cheap_venv_cmd(python: str) -> str:
+    # Stands in for `python3 -m venv && pip install`: a .venv/bin/python and a dump of our environment.
+    return (f'mkdir -p "$1/.venv/bin" && ln -s {shlex.quote(python)} "$1/.venv/bin/python" '
+            f'&& env >> "$SPB_TEST_VENV_ENV"')
+
+
+class Site:
+    """A remote, a work clone, a deployment root with release 1 installed, a state dir and a config."""
+
+    def __init__(self, base: Path, monkeypatch, python: str = sys.executable) -> None:
+        self.base = base
+        self.work, self.remote = base / "work", base / "remote.git"
+        self.root, self.state = base / "root", base / "state"
+        self.config, self.env_log = base / "config.toml", base / "env.jsonl"
+        self.venv_env, self.restarted = base / "venv-env.txt", base / "restarted"
+        self.python = python
+        self.state.mkdir()
+        (base / "live-store").mkdir()
+        monkeypatch.setenv("SPB_VENV_CMD", cheap_venv_cmd(python))
+        monkeypatch.setenv("SPB_RESTART_CMD", shlex.join(["touch", str(self.restarted)]))
+        monkeypatch.setenv("SPB_TEST_ENV_LOG", str(self.env_log))
+        monkeypatch.setenv("SPB_TEST_VENV_ENV", str(self.venv_env))
+        for name in ("SOLAR_CONFIG", "STATE_DIRECTORY", "GNUPGHOME"):
+            monkeypatch.delenv(name, raising=False)
+        self.write_config()
+
+        git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
+        git("init", "-q", "-b", "main", str(self.work), cwd=base)
+        shutil.copy(PROJECT / "config.py", self.work / "config.py")
+        shutil.copy(PROJECT / "updater.py", self.work / "updater.py")
+        (self.work / "requirements.txt").write_text("")
+        (self.work / ".gitignore").write_text("__pycache__/\n")
+        self.sha1 = self.commit("release 1")
+        # Release 1 as the installer would leave it.
+        release = self.root / "releases" / self.sha1
+        git("clone", "-q", str(self.remote), str(release), cwd=base)
+        subprocess.run(["sh", "-c", cheap_venv_cmd(python), "sh", str(release)], check=True)
+        os.symlink(f"releases/{self.sha1}", self.root / "current")
+        self.venv_env.unlink()  # that install ran with the test's own environment, secrets included
+
+    def write_config(self, enabled: bool = True, signed: bool = False, max_failed: int = 3) -> None:
+        self.config.write_text(LIVE_CONFIG.format(live_store=self.base / "live-store", remote=self.remote,
+                                                  enabled=str(enabled).lower(), signed=str(signed).lower(),
+                                                  max_failed=max_failed), encoding="utf-8")
+
+    def commit(self, message: str, mode: str = "ok", sign: tuple[Path, str] | None = None,
+               amend: bool = False) -> str:
+        (self.work / "main.py").write_text(FAKE_MAIN.format(mode=mode))
+        git("add", "-A", cwd=self.work)
+        args = ["commit", "-q", "--allow-empty", "-m", message] + (["--amend"] if amend else [])
+        env = None
+        if sign:
+            home, fingerprint = sign
+            args = ["-c", "gpg.program=gpg", "-c", f"user.signingkey={fingerprint}"] + args + ["-S"]
+            env = {"GNUPGHOME": str(home)}
+        git(*args, cwd=self.work, env=env)
+        git("push", "-q", "--force", str(self.remote), "main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+    def cli(self, *args: str) -> int:
+        return updater.main(["--root", str(self.root), "--state-dir", str(self.state), "--config", str(self.config),
+                             *args])
+
+    def apply(self, *args: str) -> int:
+        return self.cli("apply", "--run-as", "", *args)
+
+    def pre_start(self) -> int:
+        return self.cli("pre-start")
+
+    @property
+    def layout(self) -> updater.Layout:
+        return updater.Layout(self.root)
+
+    @property
+    def current(self) -> str | None:
+        return updater.release_sha(self.layout, self.layout.current)
+
+    @property
+    def previous(self) -> str | None:
+        return updater.release_sha(self.layout, self.layout.previous)
+
+    def releases(self) -> set[str]:
+        return {p.name for p in (self.root / "releases").iterdir()}
+
+    def records(self) -> list[dict]:
+        if not self.env_log.exists():
+            return []
+        return [json.loads(line) for line in self.env_log.read_text().splitlines()]
+
+    def state_file(self) -> dict:
+        return json.loads((self.state / updater.STATE_FILE).read_text())
+
+
+@pytest.fixture
+def site(tmp_path, monkeypatch) -> Site:
+    monkeypatch.setenv("INFLUXDB_TOKEN", "secret-token-value")
+    monkeypatch.setenv("INFLUXDB_PASSWORD", "secret-password-value")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    return Site(tmp_path, monkeypatch)
+
+
+# -- apply ----------------------------------------------------------------------------------------
+def test_good_update_switches_current_and_sets_previous(site, caplog):
+    caplog.set_level(logging.INFO, logger="updater")
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (sha2, site.sha1)
+    assert os.readlink(site.root / "current") == f"releases/{sha2}"
+    assert (site.root / "releases" / sha2 / "main.py").is_file()
+    assert (site.root / "releases" / sha2 / ".venv" / "bin" / "python").exists()
+    assert any(p.suffix == ".pyc" for p in (site.root / "releases" / sha2 / "__pycache__").iterdir())
+    assert site.restarted.exists(), "the restart command ran"
+    assert f"updated {site.sha1} -> {sha2}" in caplog.text
+    assert site.state_file()["releases"][sha2]["starts"] == 0
+    assert [r["command"] for r in site.records()] == ["check", "run"]
+    assert site.records()[1]["argv"][:4] == ["run", "--simulate", "--cycles", "2"]
+
+    # Nothing new: nothing happens.
+    site.restarted.unlink()
+    assert site.apply() == updater.EXIT_OK
+    assert site.current == sha2 and not site.restarted.exists()
+
+    # A third release: the oldest one is pruned, only current and previous stay.
+    sha3 = site.commit("release 3")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (sha3, sha2)
+    assert site.releases() == {sha2, sha3}
+
+
+def test_selftest_runs_on_a_safe_copy_of_the_live_config(site):
+    site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    for record in site.records():
+        assert record["simulation"] is True
+        assert record["influx"] == "none" and record["token_file"] == ""
+        assert record["led"] is False
+        assert record["interval_s"] == 0.5 and record["samples"] == 10
+        assert record["update"] is False and record["clock"] == "always"
+        assert record["site"] == 'brampton "test" \u00e9', "the rest of the live config is kept"
+        assert not record["store"].startswith(str(site.base)), "a temp store, not the live one"
+        assert record["env"]["STATE_DIRECTORY"] != str(site.state)
+    assert not any((site.base / "live-store").iterdir())
+
+
+def test_child_processes_never_see_the_secrets(site):
+    site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    records = site.records()
+    assert records
+    for record in records:
+        for name in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY"):
+            assert name not in record["env"]
+        assert "SPB_TEST_ENV_LOG" in record["env"], "other variables pass through"
+    venv_env = site.venv_env.read_text()
+    assert "INFLUXDB" not in venv_env and "CREDENTIALS_DIRECTORY" not in venv_env and "secret-" not in venv_env
+    git_env = updater._git_env()
+    assert not {"INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY"} & set(git_env)
+
+
+def test_failing_selftest_is_refused_and_cleaned_up(site, caplog):
+    sha2 = site.commit("release 2: check fails", mode="check-fails")
+    assert site.apply() == updater.EXIT_FAILED
+    assert site.current == site.sha1 and site.previous is None
+    assert sha2 not in site.releases()
+    assert not site.restarted.exists()
+    assert "self-test `check` failed (exit 1)" in caplog.text and "no answer" in caplog.text
+
+
+def test_hanging_selftest_is_killed_and_refused(site):
+    sha2 = site.commit("release 2: check hangs", mode="hang")
+    began = time.monotonic()
+    assert site.apply("--selftest-timeout", "1") == updater.EXIT_FAILED
+    assert time.monotonic() - began < 15
+    assert site.current == site.sha1 and sha2 not in site.releases()
+    (hung,) = [r for r in site.records() if r["command"] == "check"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung["pid"], 0)
+
+
+def test_sigterm_during_the_selftest_cleans_up(site):
+    sha2 = site.commit("release 2: check hangs", mode="hang")
+    proc = subprocess.Popen([sys.executable, str(PROJECT / "updater.py"), "--root", str(site.root), "--state-dir",
+                             str(site.state), "--config", str(site.config), "apply", "--run-as", ""],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 15
+    while not any(r["command"] == "check" for r in site.records()):
+        assert time.monotonic() < deadline and proc.poll() is None, proc.stdout.read() if proc.poll() else "slow"
+        time.sleep(0.05)
+    proc.terminate()
+    assert proc.wait(timeout=15) == 128 + 15
+    assert site.current == site.sha1 and sha2 not in site.releases()
+    (hung,) = [r for r in site.records() if r["command"] == "check"]
+    with pytest.raises(ProcessLookupError):
+        os.kill(hung["pid"], 0)
+
+
+def test_non_fast_forward_is_refused(site, caplog):
+    sha2 = site.commit("release 1, rewritten", amend=True)  # force-pushed over release 1
+    assert sha2 != site.sha1
+    assert site.apply() == updater.EXIT_FAILED
+    assert site.current == site.sha1 and sha2 not in site.releases()
+    assert "not a fast-forward" in caplog.text
+
+
+def test_leftover_release_dir_is_rebuilt(site):
+    sha2 = site.commit("release 2")
+    leftover = site.root / "releases" / sha2
+    leftover.mkdir()
+    (leftover / "junk").write_text("half-made by an interrupted update")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert site.current == sha2 and not (leftover / "junk").exists()
+
+
+def test_disabled_does_nothing(site, caplog):
+    caplog.set_level(logging.INFO, logger="updater")
+    site.write_config(enabled=False)
+    site.commit("release 2")
+    assert site.apply() == updater.EXIT_OK
+    assert site.current == site.sha1 and not (site.root / "repo.git").exists()
+    assert "self-update is off" in caplog.text
+
+
+def test_invalid_config_exits_78(site):
+    site.config.write_text("[update]\nenabled = 1\n")
+    assert site.apply() == updater.EXIT_CONFIG
+
+
+# -- signatures -----------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def keys(tmp_path_factory):
+    """A maintainer key (trusted by the updater), a rogue key, and the updater's public keyring."""
+    if shutil.which("gpg") is None:
+        if os.environ.get("CI") == "true":
+            pytest.fail("gpg is missing (apt-get install gnupg)")
+        pytest.skip("gpg is not installed: the signature tests need it (apt-get install gnupg)")
+    base = tmp_path_factory.mktemp("gpg")
+    homes = {name: base / name for name in ("maintainer", "rogue", "trusted")}
+    for home in homes.values():
+        home.mkdir(mode=0o700)
+    fingerprints = {}
+    for name in ("maintainer", "rogue"):
+        gpg = ["gpg", "--homedir", str(homes[name]), "--batch", "--quiet"]
+        subprocess.run(gpg + ["--pinentry-mode", "loopback", "--passphrase", "", "--quick-gen-key",
+                              f"{name} <{name}@example.org>", "ed25519", "sign", "never"], check=True,
+                       capture_output=True)
+        listing = subprocess.run(gpg + ["--with-colons", "--list-secret-keys"], check=True, capture_output=True,
+                                 text=True).stdout
+        fingerprints[name] = next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
+    public = subprocess.run(["gpg", "--homedir", str(homes["maintainer"]), "--batch", "--export", "--armor"],
+                            check=True, capture_output=True).stdout
+    subprocess.run(["gpg", "--homedir", str(homes["trusted"]), "--batch", "--quiet", "--import"], input=public,
+                   check=True, capture_output=True)
+    yield {name: (homes[name], fingerprints.get(name, "")) for name in homes}
+    for home in homes.values():
+        subprocess.run(["gpgconf", "--homedir", str(home), "--kill", "all"], capture_output=True)
+
+
+def test_require_signed(site, keys, caplog):
+    site.write_config(signed=True)
+    trusted = str(keys["trusted"][0])
+    unsigned = site.commit("release 2, unsigned")
+    assert site.apply("--gnupghome", trusted) == updater.EXIT_FAILED
+    assert site.current == site.sha1 and unsigned not in site.releases()
+    assert "no good signature" in caplog.text
+
+    rogue = site.commit("release 2, signed by a stranger", sign=keys["rogue"])
+    assert site.apply("--gnupghome", trusted) == updater.EXIT_FAILED
+    assert site.current == site.sha1 and rogue not in site.releases()
+    assert "No public key" in caplog.text or "public key not found" in caplog.text
+
+    assert site.apply("--gnupghome", str(site.base / "no-such-keyring")) == updater.EXIT_FAILED
+    assert "does not exist" in caplog.text
+
+    signed = site.commit("release 2, signed by the maintainer", sign=keys["maintainer"])
+    assert site.apply("--gnupghome", trusted) == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (signed, site.sha1)
+
+
+# -- pre-start, mark_good, rollback ---------------------------------------------------------------
+def test_crashing_release_is_rolled_back_and_never_reapplied(site, caplog):
+    sha2 = site.commit("release 2: passes the self-test, crashes at start")
+    assert site.apply() == updater.EXIT_UPDATED
+    for start in range(1, 4):  # max_failed_starts = 3 starts, none reaching mark_good
+        assert site.pre_start() == 0
+        assert site.current == sha2
+        assert site.state_file()["releases"][sha2]["starts"] == start
+    assert updater.rollback_notice(site.state) is None
+
+    assert site.pre_start() == 0  # the start after the third failure starts release 1 instead
+    assert site.current == site.sha1
+    assert site.previous is None, "no way back to the bad release"
+    assert f"rolled back from {sha2} to {site.sha1} after 3 failed starts" in caplog.text
+    assert any(r.levelno == logging.ERROR and "rolled back" in r.getMessage() for r in caplog.records)
+    marker = json.loads((site.state / updater.MARKER_FILE).read_text())
+    assert (marker["from"], marker["to"], marker["failed_starts"]) == (sha2, site.sha1, 3)
+    notice = updater.rollback_notice(site.state)
+    assert notice and sha2 in notice and site.sha1 in notice
+    state = site.state_file()
+    assert sha2 in state["bad"] and state["started"] == site.sha1
+
+    # The remote still offers the bad revision: a later apply leaves it alone.
+    site.restarted.unlink()
+    assert site.apply() == updater.EXIT_OK
+    assert site.current == site.sha1 and not site.restarted.exists()
+    # Release 1 has nowhere to roll back to: it keeps starting.
+    for _ in range(5):
+        assert site.pre_start() == 0
+    assert site.current == site.sha1
+
+    # A fix on top of the bad revision is a normal update and clears the notice.
+    sha3 = site.commit("release 3: the fix")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (sha3, site.sha1)
+    assert updater.rollback_notice(site.state) is None
+    assert updater.acknowledge(site.state) is False
+
+
+def test_mark_good_resets_the_counter(site):
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    for _ in range(2):  # max_failed_starts - 1 failed starts
+        site.pre_start()
+    assert updater.mark_good(site.state) is True  # the third start reached its first stored cycle
+    entry = site.state_file()["releases"][sha2]
+    assert entry["starts"] == 0 and entry["good"] is True
+    site.pre_start()
+    assert site.current == sha2 and site.state_file()["releases"][sha2]["starts"] == 1
+    # Proven good: later failures are a config or hardware problem, not a reason to roll back.
+    for _ in range(5):
+        site.pre_start()
+    assert site.current == sha2 and site.previous == site.sha1
+    assert updater.rollback_notice(site.state) is None
+
+
+def test_unconfirmed_release_never_becomes_the_rollback_target(site):
+    site.pre_start()
+    updater.mark_good(site.state)  # release 1 is proven
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    site.pre_start()  # release 2 starts but has not stored a cycle yet when release 3 arrives
+    sha3 = site.commit("release 3")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (sha3, site.sha1)
+    assert sha2 in site.releases(), "kept until the next update: the running daemon may still import from it"
+    site.pre_start()
+    updater.mark_good(site.state)  # release 3 proves itself: it becomes the way back from release 4
+    sha4 = site.commit("release 4")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert (site.current, site.previous) == (sha4, sha3)
+    assert site.releases() == {sha3, sha4}
+
+
+def test_mark_good_cli_and_acknowledge(site, capsys):
+    site.pre_start()
+    assert site.cli("mark-good") == 0
+    assert site.state_file()["releases"][site.sha1]["good"] is True
+    (site.state / updater.MARKER_FILE).write_text("{not json")
+    assert "rolled back" in updater.rollback_notice(site.state)
+    assert site.cli("acknowledge") == 0
+    assert updater.rollback_notice(site.state) is None
+    assert site.cli("status") == 0
+    assert json.loads(capsys.readouterr().out.split("\n", 1)[1])["current"] == site.sha1
+
+
+def test_fresh_install_is_never_rolled_back(site):
+    for _ in range(6):
+        assert site.pre_start() == 0
+    assert site.current == site.sha1
+    assert site.state_file()["releases"][site.sha1]["starts"] == 6
+
+
+def test_pre_start_survives_garbage(site, tmp_path):
+    (site.state / updater.STATE_FILE).write_text("\x00garbage{")
+    assert site.pre_start() == 0
+    assert site.state_file()["releases"][site.sha1]["starts"] == 1
+    (site.state / updater.STATE_FILE).write_text(json.dumps({"releases": {"x": 1, site.sha1: {"starts": "9"}},
+                                                             "bad": [], "started": 5}))
+    assert site.pre_start() == 0
+    assert site.state_file()["releases"][site.sha1]["starts"] == 1
+    # No release at all, or a state dir it cannot create: still exit 0.
+    assert updater.main(["--root", str(tmp_path / "nothing"), "--state-dir", str(site.state), "pre-start"]) == 0
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert updater.main(["--root", str(site.root), "--state-dir", str(blocker / "state"), "--config",
+                         str(site.config), "pre-start"]) == 0
+    assert updater.mark_good(blocker / "state") is False
+
+
+def test_mark_good_without_a_start_does_nothing(tmp_path):
+    assert updater.mark_good(tmp_path) is False
+    assert updater.rollback_notice(tmp_path) is None
+
+
+# -- pieces ---------------------------------------------------------------------------------------
+def test_toml_writer_round_trips():
+    data = {
+        "site": {"name": 'a "quoted" \\ back\tslash \u00e9 \U0001f600 del\x7f nl\n'},
+        "sampling": {"interval_s": 1e-05, "window_s": 0.5, "samples": 10, "big": 1e300, "neg": -0.0},
+        "simulation": {"enabled": True, "start": dt.datetime(2026, 6, 21, 6, 0),
+                       "zoned": dt.datetime(2026, 6, 21, 6, 0, tzinfo=dt.timezone.utc), "day": dt.date(2026, 1, 2)},
+        "weird key": {"x.y": [1, 2, [3, "4"]], "inline": {"a": {"b": False}}},
+        "channel": [{"name": "red", "address": 64, "tags": {"colour": "red"}}, {"name": "blue", "address": 68}],
+        "empty": [],
+    }
+    assert tomllib.loads(updater.toml_dumps(data)) == data
+
+
+@pytest.mark.skipif(os.geteuid() != 0 or not Path("/usr/bin/python3").exists(),
+                    reason="switching users needs root and a python outside /root")
+def test_selftest_runs_new_code_as_the_service_user(monkeypatch):
+    try:
+        nobody = pwd.getpwnam("nobody")
+    except KeyError:
+        pytest.skip("no user `nobody`")
+    if not updater._can_switch_user():
+        pytest.skip("no CAP_SETUID/CAP_SETGID here")
+    # pytest's tmp dirs are private to root: this site must be readable by `nobody`.
+    base = Path(tempfile.mkdtemp(prefix="spb-updater-test-"))
+    try:
+        base.chmod(0o755)
+        site = Site(base, monkeypatch, python="/usr/bin/python3")
+        base.chmod(0o777)  # the fake daemon, as nobody, appends to env.jsonl here
+        sha2 = site.commit("release 2")
+        assert site.cli("apply", "--run-as", "nobody") == updater.EXIT_UPDATED
+        assert site.current == sha2
+        assert {r["uid"] for r in site.records()} == {nobody.pw_uid}
+        # The real permission model: the state dir belongs to the service user, pre-start runs as
+        # root, and the daemon (not root) must still be able to mark its release good.
+        os.chown(site.state, nobody.pw_uid, nobody.pw_gid)
+        site.state.chmod(0o700)
+        assert site.pre_start() == 0
+        assert (site.state / updater.STATE_FILE).stat().st_uid == nobody.pw_uid
+        daemon = subprocess.run(
+            ["/usr/bin/python3", "-c", "import sys, updater; sys.exit(0 if updater.mark_good(sys.argv[1]) else 1)",
+             str(site.state)], cwd=site.root / "current", user=nobody.pw_uid, group=nobody.pw_gid, extra_groups=[],
+            capture_output=True, text=True)
+        assert daemon.returncode == 0, daemon.stderr
+        assert site.state_file()["releases"][sha2] == {**site.state_file()["releases"][sha2], "starts": 0, "good": True}
+    finally:
+        shutil.rmtree(base, ignore_errors=True)

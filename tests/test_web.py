@@ -1,0 +1,596 @@
+"""The live energy-flow page (web.py): a real FlowPage on a free port, a real Outbox, a real browser."""
+from __future__ import annotations
+
+import http.client
+import json
+import math
+import os
+import shutil
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import web
+from config import ChannelConfig
+from outbox import Outbox
+from schema import ELECTRICITY, SYSTEM, Point, typed_fields
+
+ROOT = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+                 "--disable-sync", "--no-first-run", "--disable-quic"]
+
+# The model as the README describes it, with every role in use somewhere.
+CHANNELS = (
+    ChannelConfig("red_house", 0x40),
+    ChannelConfig("red_trade", 0x48, role="exchange", unit="red_house"),
+    ChannelConfig("red_solar", 0x49, role="solar", unit="red_house"),
+    ChannelConfig("red_load", 0x4A, role="load", unit="red_house"),
+    ChannelConfig("green_house", 0x41),
+    ChannelConfig("green_trade", 0x4B, role="exchange", unit="green_house"),
+    ChannelConfig("blue_house", 0x44),  # no exchange meter: its state comes from the battery
+    ChannelConfig("power_plant", 0x45, max_current_a=3.2),
+    ChannelConfig("plant_solar", 0x4C, role="solar", unit="power_plant"),
+)
+HOUR_MS = 3_600_000
+NOW_S = 1_779_999_900.0  # a multiple of 300 s: bucket edges are easy to name
+
+
+def reading(channel, volts, current_ma):
+    """One snapshot row as the daemon builds it."""
+    power = None if volts is None or current_ma is None else round(volts * current_ma / 1000, 4)
+    return {"name": channel.name, "unit": channel.unit_name, "role": channel.role, "bus_voltage_v": volts,
+            "current_ma": current_ma, "power_w": power, "energy_in_wh": 0.5, "energy_out_wh": 0.25}
+
+
+def snapshot(currents, volts=None, *, time_ms=1_780_000_000_000, tier=None, summary="all well",
+             meaning="All well: measuring and sending normally.", channels=CHANNELS):
+    """A snapshot with `currents` (mA) per channel name; channels not named read 0 mA."""
+    volts = volts or {}
+    rows = []
+    for c in channels:
+        rows.append(reading(c, volts.get(c.unit_name, 12.3), currents.get(c.name, 0.0)))
+    return {"time_ms": time_ms, "channels": rows, "status": {"tier": tier, "summary": summary, "meaning": meaning}}
+
+
+class Clock:
+    def __init__(self, now: float = NOW_S) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def store_history(directory):
+    """The callable main passes: its own Outbox connection per call, closed when the export is read."""
+    def history(since_ms):
+        box = Outbox(directory, check_integrity=False)
+        try:
+            yield from box.export(since_ms)
+        finally:
+            box.close()
+    return history
+
+
+@pytest.fixture
+def start_page():
+    pages = []
+
+    def start(**kwargs):
+        kwargs.setdefault("channels", CHANNELS)
+        kwargs.setdefault("site", "brampton2zero")
+        page = web.FlowPage("127.0.0.1:0", **kwargs)
+        page.start()
+        pages.append(page)
+        return page
+
+    yield start
+    for page in pages:
+        page.stop()
+
+
+@pytest.fixture
+def page(start_page):
+    return start_page()
+
+
+def get(page, path, method="GET", headers=None):
+    """(status, headers, body) without raising for error statuses."""
+    host, port = page.url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=10)
+    try:
+        conn.request(method, path, headers=headers or {})
+        response = conn.getresponse()
+        return response.status, response.headers, response.read()
+    finally:
+        conn.close()
+
+
+def now_json(page):
+    status, headers, body = get(page, "/api/now")
+    assert status == 200
+    assert headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "no-store"
+    return json.loads(body)
+
+
+def unit(view, name):
+    return next(u for u in view["units"] if u["name"] == name)
+
+
+def flow(view, kind, unit_name):
+    return next(f for f in view["flows"] if f["kind"] == kind and f["unit"] == unit_name)
+
+
+# -- /api/now and the derived flows ---------------------------------------------------------------------
+def test_now_before_the_first_update_shows_the_configured_units(page):
+    view = now_json(page)
+    assert view["time_ms"] is None and view["version"] == 0
+    assert [u["name"] for u in view["units"]] == ["red_house", "green_house", "blue_house", "power_plant"]
+    assert all(u["state"] == "unknown" and u["battery_pct"] is None for u in view["units"])
+    assert unit(view, "power_plant")["is_plant"] is True
+    assert isinstance(view["server_time_ms"], int)
+
+
+def test_now_shape_and_exchange_states(page):
+    page.update(snapshot({"red_trade": 300.0, "green_trade": -300.0, "blue_house": 150.0, "red_solar": 400.0,
+                          "red_load": -250.0, "plant_solar": 5.0},
+                         volts={"red_house": 12.3, "green_house": 13.1, "blue_house": 11.5}))
+    view = now_json(page)
+    assert set(view) >= {"site", "plant", "time_ms", "version", "units", "flows", "status", "server_time_ms"}
+    assert view["site"] == "brampton2zero" and view["plant"] == "power_plant"
+    assert view["time_ms"] == 1_780_000_000_000 and view["version"] == 1
+
+    red, green, blue = unit(view, "red_house"), unit(view, "green_house"), unit(view, "blue_house")
+    assert (red["state"], red["state_source"]) == ("buying", "exchange")
+    assert (green["state"], green["state_source"]) == ("selling", "exchange")
+    assert (blue["state"], blue["state_source"]) == ("charging", "battery")
+    assert "battery" in blue["state_text"].lower()
+    # 12 V lead-acid at rest: 11.9 V = 0 %, 12.7 V = 100 %, clamped.
+    assert (red["battery_pct"], green["battery_pct"], blue["battery_pct"]) == (50, 100, 0)
+    assert red["battery_v"] == 12.3
+    assert {c["name"] for c in red["channels"]} == {"red_house", "red_trade", "red_solar", "red_load"}
+    assert set(red["channels"][0]) == {"name", "role", "bus_voltage_v", "current_ma", "power_w", "energy_in_wh",
+                                       "energy_out_wh"}
+
+    buy = flow(view, "exchange", "red_house")
+    assert (buy["from"], buy["to"], buy["direction"], buy["active"]) == ("power_plant", "red_house", "to_unit", True)
+    assert buy["watts"] == pytest.approx(3.69)
+    sell = flow(view, "exchange", "green_house")
+    assert (sell["from"], sell["to"], sell["direction"]) == ("green_house", "power_plant", "from_unit")
+    assert sell["watts"] == pytest.approx(3.93)
+    sun = flow(view, "solar", "red_house")
+    assert (sun["from"], sun["to"], sun["direction"]) == ("sun", "red_house", "to_unit")
+    load = flow(view, "load", "red_house")
+    assert (load["from"], load["to"], load["direction"]) == ("red_house", "load", "from_unit")
+    assert flow(view, "solar", "power_plant")["active"] is False  # 5 mA: inside the dead band
+    assert not any(f["kind"] == "exchange" and f["unit"] in ("blue_house", "power_plant") for f in view["flows"])
+    # Thickness follows |watts|.
+    page.update(snapshot({"red_trade": 1500.0}))
+    assert flow(now_json(page), "exchange", "red_house")["width"] > buy["width"] > 3
+
+
+@pytest.mark.parametrize(("current", "state"), [(300.0, "buying"), (-300.0, "selling"), (5.0, "idle"),
+                                                (-19.0, "idle"), (20.0, "buying")])
+def test_house_state_from_exchange_current(page, current, state):
+    page.update(snapshot({"red_trade": current}))
+    view = now_json(page)
+    assert unit(view, "red_house")["state"] == state
+    link = flow(view, "exchange", "red_house")
+    assert link["active"] is (state != "idle")
+    assert link["direction"] == {"buying": "to_unit", "selling": "from_unit", "idle": "none"}[state]
+
+
+@pytest.mark.parametrize(("current", "state"), [(200.0, "charging"), (-200.0, "using battery"), (3.0, "idle")])
+def test_battery_only_house_says_charging_or_using_battery(page, current, state):
+    page.update(snapshot({"blue_house": current}))
+    blue = unit(now_json(page), "blue_house")
+    assert (blue["state"], blue["state_source"], blue["has_exchange"]) == (state, "battery", False)
+
+
+def test_a_failed_channel_shows_no_reading(page):
+    snap = snapshot({"red_trade": 300.0})
+    for row in snap["channels"]:
+        if row["unit"] == "red_house":
+            row.update(bus_voltage_v=None, current_ma=None, power_w=None, energy_in_wh=None, energy_out_wh=None)
+    page.update(snap)
+    view = now_json(page)
+    red = unit(view, "red_house")
+    assert (red["state"], red["battery_pct"], red["battery_v"]) == ("unknown", None, None)
+    link = flow(view, "exchange", "red_house")
+    assert (link["ok"], link["active"], link["watts"]) == (False, False, None)
+    assert unit(view, "green_house")["state"] == "idle"
+
+
+def test_status_is_passed_through_without_urls(page):
+    page.update(snapshot({}, tier="CONNECTION",
+                         summary="CONNECTION: cannot reach https://eu-central-1.example.com/api/v2/write?org=x",
+                         meaning="The network or the database cannot be reached."))
+    status = now_json(page)["status"]
+    assert status["tier"] == "CONNECTION" and status["level"] == "fault"
+    assert status["meaning"] == "The network or the database cannot be reached."
+    assert "example.com" not in status["summary"] and "<server>" in status["summary"]
+
+
+def test_update_is_cheap_and_never_encodes(page):
+    """update() only stores the dict: even an unencodable value cannot fail the measuring loop."""
+    snap = snapshot({"red_trade": 300.0})
+    snap["channels"][0]["current_ma"] = object()
+    started = time.perf_counter()
+    for _ in range(10_000):
+        page.update(snap)
+    assert time.perf_counter() - started < 0.5
+    view = now_json(page)
+    assert view["version"] == 10_000 and unit(view, "red_house")["state"] == "buying"
+
+
+@pytest.mark.parametrize("bad", [{}, {"channels": 5, "status": "x", "time_ms": "now"},
+                                 {"channels": [None, {"name": "red_trade", "current_ma": "300"}]}])
+def test_a_malformed_snapshot_cannot_break_the_page(page, bad):
+    page.update(bad)
+    view = now_json(page)
+    assert view["time_ms"] is None and unit(view, "red_house")["state"] == "unknown"
+
+
+def test_make_snapshot_from_a_cycle():
+    from tools import ChannelReading, Cycle
+
+    cycle = Cycle(1_780_000_000_000, 5.0, (
+        ChannelReading("red_house", 0x40, 12.4, 10.0, 100.0, 1.24, 10, 0, 0.1, 0.0),
+        ChannelReading("red_trade", 0x48, None, None, None, None, 0, 10, None, None, error="no answer"),
+    ))
+    snap = web.make_snapshot(cycle, CHANNELS, tier=None, summary="all well", meaning="All well.")
+    assert snap["time_ms"] == 1_780_000_000_000
+    assert snap["status"] == {"tier": None, "summary": "all well", "meaning": "All well."}
+    assert snap["channels"][1] == {"name": "red_trade", "unit": "red_house", "role": "exchange",
+                                   "bus_voltage_v": None, "current_ma": None, "power_w": None,
+                                   "energy_in_wh": None, "energy_out_wh": None}
+    from rpi_errors import Tier
+
+    assert web.make_snapshot(cycle, CHANNELS, tier=Tier.MEASURING)["status"]["tier"] == "MEASURING"
+
+
+# -- HTTP behaviour -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND"])
+def test_only_get_and_head(page, method):
+    status, headers, _ = get(page, "/api/now", method=method)
+    assert status == 405
+    assert headers["Allow"] == "GET, HEAD"
+
+
+@pytest.mark.parametrize("path", ["/nope", "/static/missing.js", "/static/../web.py", "/static/%2e%2e/web.py",
+                                  "/static/.hidden", "/api", "/static/"])
+def test_unknown_paths_are_404(page, path):
+    assert get(page, path)[0] == 404
+
+
+def test_favicon_page_and_assets(page):
+    status, headers, body = get(page, "/favicon.ico")
+    assert status == 200 and headers["Content-Type"] == "image/svg+xml" and body.startswith(b"<svg")
+    assert "max-age" in headers["Cache-Control"]
+    status, headers, body = get(page, "/")
+    assert status == 200 and headers["Content-Type"] == "text/html; charset=utf-8"
+    assert headers["Cache-Control"] == "no-cache" and "default-src 'none'" in headers["Content-Security-Policy"]
+    assert b"/static/flow.js" in body and b"http" not in body.replace(b"http-equiv", b"")  # nothing from outside
+    for name, kind in [("flow.js", "text/javascript; charset=utf-8"), ("style.css", "text/css; charset=utf-8")]:
+        status, headers, body = get(page, f"/static/{name}")
+        assert status == 200 and headers["Content-Type"] == kind and int(headers["Content-Length"]) == len(body)
+        assert b"://" not in body.replace(b"http://www.w3.org/2000/svg", b"")  # no CDN
+        assert get(page, f"/static/{name}", headers={"If-None-Match": headers["ETag"]})[0] == 304
+
+
+def test_head_has_headers_but_no_body(page):
+    status, headers, body = get(page, "/api/now", method="HEAD")
+    assert status == 200 and body == b"" and int(headers["Content-Length"]) > 0
+    assert get(page, "/api/events", method="HEAD")[:1] == (200,)
+
+
+def test_no_config_secrets_on_the_page(page):
+    page.update(snapshot({"red_trade": 300.0}))
+    text = get(page, "/api/now")[2].decode()
+    assert "address" not in text and "shunt_ohms" not in text and "0x40" not in text
+
+
+def test_start_raises_when_the_port_is_taken(page):
+    port = int(page.url.rstrip("/").rsplit(":", 1)[1])
+    other = web.FlowPage(f"127.0.0.1:{port}", channels=CHANNELS, site="x")
+    with pytest.raises(OSError):
+        other.start()
+
+
+def test_url_for_a_wildcard_address():
+    assert web.FlowPage("0.0.0.0:8080", channels=CHANNELS, site="x").url == "http://127.0.0.1:8080/"
+    assert web.FlowPage("[::]:8080", channels=CHANNELS, site="x").url == "http://[::1]:8080/"
+
+
+def test_bad_listen_address():
+    with pytest.raises(ValueError, match="HOST:PORT"):
+        web.FlowPage("8080", channels=CHANNELS, site="x")
+
+
+# -- server-sent events ---------------------------------------------------------------------------------
+def read_event(response, deadline_s=5.0):
+    """The next `data:` event's JSON, or the next comment line (as str)."""
+    end = time.monotonic() + deadline_s
+    while time.monotonic() < end:
+        line = response.fp.readline()
+        if not line:
+            raise AssertionError("the event stream ended")
+        line = line.decode().rstrip("\n")
+        if line.startswith("data: "):
+            return json.loads(line[6:])
+        if line.startswith(":"):
+            return line
+    raise AssertionError("no event in time")
+
+
+def open_events(page):
+    host, port = page.url.split("//")[1].rstrip("/").split(":")
+    conn = http.client.HTTPConnection(host, int(port), timeout=5)
+    conn.request("GET", "/api/events")
+    response = conn.getresponse()
+    assert response.status == 200
+    assert response.headers["Content-Type"] == "text/event-stream; charset=utf-8"
+    assert response.headers["Cache-Control"] == "no-store"
+    return conn, response
+
+
+def test_events_deliver_each_update(page):
+    conn, response = open_events(page)
+    try:
+        timer = threading.Timer(0.2, page.update, args=(snapshot({"red_trade": 300.0}),))
+        timer.start()
+        event = read_event(response)
+        assert event["version"] == 1 and unit(event, "red_house")["state"] == "buying"
+        page.update(snapshot({"red_trade": -300.0}))
+        event = read_event(response)
+        assert event["version"] == 2 and unit(event, "red_house")["state"] == "selling"
+    finally:
+        conn.close()
+    # A new client gets the latest snapshot at once.
+    conn, response = open_events(page)
+    try:
+        assert read_event(response)["version"] == 2
+    finally:
+        conn.close()
+
+
+def test_events_keep_alive_and_end_on_stop(start_page, monkeypatch):
+    monkeypatch.setattr(web, "KEEPALIVE_S", 0.2)
+    page = start_page()
+    conn, response = open_events(page)
+    try:
+        assert read_event(response) == ": keep-alive"
+        page.stop()
+        assert response.fp.readline() in (b"", b"\n", b": keep-alive\n")
+    finally:
+        conn.close()
+
+
+# -- history from a real store --------------------------------------------------------------------------
+def electricity(name, time_ms, power_w):
+    values = {"bus_voltage_v": 12.4, "shunt_voltage_mv": 1.0, "current_ma": power_w / 12.4 * 1000,
+              "power_w": power_w, "samples": 10, "failed_samples": 0, "energy_in_wh": 0.0, "energy_out_wh": 0.0}
+    tags = {"site": "brampton 2 zero", "unit": name, "colour": "red, really"}  # escaped on the way in and out
+    return time_ms, Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), time_ms).to_line()
+
+
+def system_line(time_ms):
+    return time_ms, Point(SYSTEM, {"site": "s"}, {"cpu_percent": 99.0}, time_ms).to_line()
+
+
+def test_history_buckets_power_per_unit(start_page, tmp_path):
+    now_ms = int(NOW_S * 1000)
+    box = Outbox(tmp_path, wall_ms=lambda: now_ms)
+    bucket = 300_000
+    b1 = now_ms - 2 * HOUR_MS  # a bucket two hours ago
+    box.append([electricity("red_house", b1 + 10_000, 1.0), electricity("red_house", b1 + 20_000, 3.0),
+                electricity("red_trade", b1 + 20_000, 9.0),  # not the chart's channel for red_house
+                electricity("blue_house", b1 + 30_000, -2.5), system_line(b1 + 30_000)])
+    box.append([electricity("green_house", now_ms - 1000, 0.5)])
+    box.append([electricity("red_house", now_ms - 25 * HOUR_MS, 50.0)])  # older than 24 h
+    box.append([electricity("old_channel", b1 + 10_000, 7.0)])  # no longer configured
+    box.append([electricity("blue_house", b1 + 40_000, 100.0)], held=True, boot_id="b", boot_ms=1)  # time unknown
+    box.append([electricity("blue_house", b1 + 50_000, 200.0)])
+    box.quarantine([p for p in box.pending(100, 10**6) if "200.0" in p.line], "HTTP 400")
+    box.append([(b1 + 60_000, "not line protocol")])
+    box.close()
+
+    clock = Clock()
+    page = start_page(history=store_history(tmp_path), clock=clock)
+    status, headers, body = get(page, "/api/history?hours=24")
+    assert status == 200 and headers["Content-Type"] == "application/json"
+    assert headers["Cache-Control"] == "max-age=60"
+    data = json.loads(body)
+    assert data["bucket_s"] == 300 and data["hours"] == 24
+    assert len(data["series"][0]["values"]) == 288
+    assert data["end_ms"] == now_ms + bucket and data["start_ms"] == data["end_ms"] - 24 * HOUR_MS
+    series = {s["unit"]: s for s in data["series"]}
+    assert [(s["unit"], s["channel"], s["role"]) for s in data["series"]] == [
+        ("red_house", "red_house", "battery"), ("green_house", "green_house", "battery"),
+        ("blue_house", "blue_house", "battery"), ("power_plant", "power_plant", "battery")]
+
+    def value_at(name, time_ms):
+        return series[name]["values"][(time_ms - data["start_ms"]) // bucket]
+
+    assert value_at("red_house", b1) == 2.0  # the mean of 1.0 and 3.0
+    assert value_at("blue_house", b1) == -2.5  # held and quarantined lines left out
+    assert value_at("green_house", now_ms - 1000) == 0.5
+    assert sum(v is not None for s in data["series"] for v in s["values"]) == 3
+    assert all(v is None for v in series["power_plant"]["values"])
+
+    short = json.loads(get(page, "/api/history?hours=1")[2])
+    assert len(short["series"][0]["values"]) == 12
+    assert json.loads(get(page, "/api/history?hours=999")[2])["hours"] == 24
+    assert get(page, "/api/history?hours=abc")[0] == 400
+
+    # Cached: new data shows only after a minute, read incrementally.
+    box = Outbox(tmp_path, wall_ms=lambda: now_ms)
+    box.append([electricity("power_plant", now_ms + 30_000, 4.0)])
+    box.close()
+    clock.now += 30
+    assert json.loads(get(page, "/api/history")[2]) == data
+    clock.now += 31
+    later = json.loads(get(page, "/api/history")[2])
+    plant = next(s for s in later["series"] if s["unit"] == "power_plant")["values"]
+    assert plant[-1] == 4.0
+    assert next(s for s in later["series"] if s["unit"] == "red_house")["values"][
+        (b1 - later["start_ms"]) // bucket] == 2.0
+
+
+def test_history_reads_the_store_once_per_minute(start_page):
+    calls = []
+
+    def history(since_ms):
+        calls.append(since_ms)
+        return [electricity("red_house", int(NOW_S * 1000) - 1000, 1.5) + ("unsent",)]
+
+    clock = Clock()
+    page = start_page(history=history, clock=clock)
+    for _ in range(5):
+        assert get(page, "/api/history?hours=24")[0] == 200
+    assert len(calls) == 1 and calls[0] <= int(NOW_S * 1000) - 24 * HOUR_MS
+    clock.now += 61
+    get(page, "/api/history?hours=24")
+    assert len(calls) == 2 and calls[1] == int(NOW_S * 1000) - 1000 + 1  # only what is new
+
+
+def test_history_unavailable(start_page, page):
+    status, _, body = get(page, "/api/history")  # no history source given
+    assert status == 200 and json.loads(body)["available"] is False
+
+    def broken(since_ms):
+        raise OSError("database is locked")
+
+    status, headers, _ = get(start_page(history=broken), "/api/history")
+    assert status == 503 and headers["Retry-After"] == "60"
+
+
+# -- a real browser -------------------------------------------------------------------------------------
+def _browser_or_skip():
+    reason = None
+    if not Path(CHROMIUM).exists():
+        reason = f"{CHROMIUM} is missing (apt-get install -y chromium)"
+    else:
+        try:
+            import playwright.sync_api  # noqa: F401
+        except ImportError:
+            reason = "playwright is not installed (pip install -r requirements-dev.txt)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+def demo_snapshot(t: float, time_ms: int) -> dict:
+    """Values that move: red buys, green sells, blue (no trade meter) charges, a sunny plant."""
+    wobble = math.sin(t * 2.1)
+    snap = snapshot(
+        {"red_house": -120 + 60 * wobble, "red_trade": 420 + 150 * wobble, "red_solar": 180 + 20 * wobble,
+         "red_load": -560 - 40 * wobble, "green_house": 260 + 30 * wobble, "green_trade": -310 + 80 * wobble,
+         "blue_house": 240 + 50 * wobble, "power_plant": 900 + 100 * wobble, "plant_solar": 1350 + 90 * wobble},
+        volts={"red_house": 12.18, "green_house": 12.62, "blue_house": 12.41, "power_plant": 12.52},
+        time_ms=time_ms)
+    return snap
+
+
+def fill_demo_history(directory, now_ms):
+    """24 hours of a plausible day, one cycle every 2 minutes."""
+    box = Outbox(directory, wall_ms=lambda: now_ms)
+    rows = []
+    for k in range(24 * 30):
+        t = now_ms - k * 120_000
+        hour = (t / HOUR_MS) % 24
+        sun = max(0.0, math.sin((hour - 6) / 12 * math.pi))
+        evening = 1.0 if 17 <= hour <= 22 else 0.3
+        rows += [electricity("red_house", t, round(6 * sun - 2.5 * evening, 3)),
+                 electricity("green_house", t, round(4 * sun - 1.5 * evening + 0.3, 3)),
+                 electricity("blue_house", t, round(5 * sun - 3 * evening - 0.4, 3)),
+                 electricity("power_plant", t, round(14 * sun - 5 * evening, 3))]
+    box.append(rows)
+    box.close()
+
+
+def test_browser_shows_live_flows(start_page, tmp_path):
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    now_ms = int(time.time() * 1000)
+    fill_demo_history(tmp_path / "store", now_ms)
+    page = start_page(history=store_history(tmp_path / "store"))
+    stop = threading.Event()
+
+    def feed():
+        started = time.monotonic()
+        while not stop.is_set():
+            page.update(demo_snapshot(time.monotonic() - started, int(time.time() * 1000)))
+            stop.wait(0.3)
+
+    feeder = threading.Thread(target=feed, daemon=True)
+    feeder.start()
+    problems = []
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            try:
+                tab = browser.new_page(viewport={"width": 1280, "height": 720})
+                tab.on("console", lambda m: problems.append(f"console {m.type}: {m.text}")
+                       if m.type in ("error", "warning") else None)
+                tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+                tab.goto(page.url)
+                tab.wait_for_selector('#diagram [data-unit="red_house"]')
+                tab.wait_for_function("() => document.body.dataset.live === 'sse'", timeout=5000)
+                tab.evaluate("window.__sameDocument = true")
+                label = tab.locator('[data-flow-label="exchange:red_house"]')
+                first = label.text_content()
+                assert first.endswith(" W")
+                tab.wait_for_function(
+                    "(before) => document.querySelector('[data-flow-label=\"exchange:red_house\"]')"
+                    ".textContent !== before", arg=first, timeout=5000)
+                assert tab.evaluate("window.__sameDocument") is True  # live update, no reload
+                states = {u: tab.locator(f'#diagram [data-unit="{u}"] .state-text').text_content()
+                          for u in ("red_house", "green_house", "blue_house", "power_plant")}
+                assert states == {"red_house": "BUYING", "green_house": "SELLING", "blue_house": "CHARGING",
+                                  "power_plant": "CHARGING"}
+                assert tab.locator('[data-flow-label="exchange:blue_house"]').text_content() == "trade not metered"
+                assert tab.locator("#status").get_attribute("class") == "status level-ok"
+                assert "All well" in tab.locator("#status-meaning").text_content()
+                tab.wait_for_selector("#chart path.series", timeout=5000)
+                assert tab.locator("#chart path.series").count() == 4
+                tab.wait_for_timeout(400)  # let the dashes move a little for the picture
+                shot = Path(os.environ.get("SPB_SCREENSHOT") or tmp_path / "flow.png")
+                tab.screenshot(path=str(shot))
+                if os.environ.get("SPB_UPDATE_SCREENSHOT") == "1":
+                    docs = ROOT / "docs"
+                    docs.mkdir(exist_ok=True)
+                    shutil.copyfile(shot, docs / "flow-page.png")
+
+                # A fault shows in words in the banner.
+                stop.set()
+                feeder.join()
+                page.update(snapshot({"red_trade": 300.0}, tier="MEASURING",
+                                     summary="MEASURING: red_solar (INA219 at 0x49): no answer",
+                                     meaning="A sensor did not answer or gave a bad reading."))
+                tab.wait_for_function("() => document.getElementById('status').className === 'status level-fault'",
+                                      timeout=5000)
+                assert tab.locator("#status-meaning").text_content() == \
+                    "A sensor did not answer or gave a bad reading."
+
+                # Without server-sent events the page polls /api/now.
+                tab2 = browser.new_page(viewport={"width": 1280, "height": 720})
+                tab2.on("pageerror", lambda e: problems.append(f"page error (polling): {e}"))
+                tab2.route("**/api/events", lambda route: route.fulfill(status=204, body=""))
+                tab2.goto(page.url)
+                tab2.wait_for_function("() => document.body.dataset.live === 'poll'", timeout=5000)
+                version = int(tab2.evaluate("document.body.dataset.version"))
+                page.update(snapshot({"red_trade": -300.0}))
+                tab2.wait_for_function("(v) => Number(document.body.dataset.version) > v", arg=version, timeout=8000)
+                assert tab2.locator('#diagram [data-unit="red_house"] .state-text').text_content() == "SELLING"
+            finally:
+                browser.close()
+    finally:
+        stop.set()
+        feeder.join()
+    assert problems == []

@@ -1,0 +1,1062 @@
+"""Safe self-update of SolarPowerBrampton from a git remote, with automatic rollback.
+
+Commands (systemd runs them as root; see ``python updater.py --help``):
+
+  apply        fetch [update] branch from [update] remote; if it is a fast-forward of the current
+               release (and signed, when require_signed), build releases/<sha> with a fresh venv,
+               self-test it with its own python, then switch `current` to it and restart the service
+  pre-start    before every daemon start: count the start; roll back a freshly updated release
+               that failed to reach mark_good() max_failed_starts times in a row
+  mark-good    what the daemon does after its first stored cycle (the daemon calls mark_good())
+  status       the releases and the state as JSON
+  acknowledge  clear the rollback notice
+
+Exit codes: 0 nothing to do / done, 1 the update was refused or failed (the current release
+is untouched), 2 bad usage, 10 updated (the new release is current; the service was asked to
+restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
+keep the logger from starting at all.
+
+Only the standard library and `config` are imported, so rollback works even when the
+release's venv is broken.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import datetime as dt
+import errno
+import fcntl
+import json
+import logging
+import math
+import os
+import pwd
+import re
+import shlex
+import shutil
+import signal
+import stat
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import tomllib
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import config as config_mod
+from config import ConfigError, UpdateConfig
+
+log = logging.getLogger(__name__)
+
+DEFAULT_ROOT = Path("/opt/solarpowerbrampton")
+DEFAULT_STATE_DIR = Path("/var/lib/solarpowerbrampton")
+DEFAULT_GNUPGHOME = Path("/etc/solarpowerbrampton/gnupg")
+SERVICE = "solarpowerbrampton.service"
+SERVICE_USER = "solarpower"
+STATE_FILE = "update-state.json"
+MARKER_FILE = "rolled-back.json"
+STATE_LOCK = ".update-state.lock"
+ROOT_LOCK = ".updater.lock"
+
+EXIT_OK = 0
+EXIT_FAILED = 1
+EXIT_USAGE = 2
+EXIT_UPDATED = 10
+EXIT_CONFIG = 78
+
+# `$1` (and $SPB_RELEASE_DIR) is the new release directory; the command runs there. The two
+# marker files are install.sh's: a later install.sh run then knows this venv is complete.
+DEFAULT_VENV_CMD = ('python3 -m venv --system-site-packages "$1/.venv" && '
+                    '"$1/.venv/bin/pip" install --no-input --disable-pip-version-check -r "$1/requirements.txt" && '
+                    'cp "$1/requirements.txt" "$1/.venv/.spb-installed-requirements.txt" && '
+                    ': > "$1/.venv/.spb-venv-complete"')
+ENV_VENV_CMD = "SPB_VENV_CMD"
+ENV_RESTART_CMD = "SPB_RESTART_CMD"
+
+SECRET_ENV = ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY")
+FETCH_TIMEOUT_S = 600.0
+GIT_TIMEOUT_S = 120.0
+INSTALL_TIMEOUT_S = 3600.0  # a Pi Zero may build wheels
+SELFTEST_TIMEOUT_S = 300.0
+RESTART_TIMEOUT_S = 120.0
+
+_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
+_BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
+_MAX_STATE_BYTES = 1_000_000
+_AUTO = "auto"
+
+
+class StepFailed(Exception):
+    """An update step failed; the message says which and why."""
+
+
+class Busy(Exception):
+    """Another updater holds the lock."""
+
+
+# -- layout ---------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Layout:
+    """The deployment tree shared with the installer."""
+
+    root: Path
+
+    @property
+    def releases(self) -> Path:
+        return self.root / "releases"
+
+    @property
+    def current(self) -> Path:
+        return self.root / "current"
+
+    @property
+    def previous(self) -> Path:
+        return self.root / "previous"
+
+    @property
+    def repo(self) -> Path:
+        return self.root / "repo.git"
+
+    @property
+    def lock(self) -> Path:
+        return self.root / ROOT_LOCK
+
+
+def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
+    """$STATE_DIRECTORY (its first entry), else /var/lib/solarpowerbrampton."""
+    env = os.environ if env is None else env
+    first = env.get("STATE_DIRECTORY", "").split(":")[0]
+    return Path(first) if first else DEFAULT_STATE_DIR
+
+
+def release_sha(layout: Layout, link: Path) -> str | None:
+    """The sha a `current`/`previous` link points at, or None if it is missing or not a release."""
+    try:
+        target = os.readlink(link)
+    except OSError:
+        return None
+    sha = Path(target).name
+    if not _SHA.match(sha) or not (layout.releases / sha).is_dir():
+        return None
+    return sha
+
+
+def _swap_link(link: Path, target: str) -> None:
+    # A rename over the old link is atomic: a reader (systemd starting the service) sees the
+    # old or the new release, never no link.
+    tmp = link.with_name(f".{link.name}.tmp-{os.getpid()}")
+    with contextlib.suppress(FileNotFoundError):
+        tmp.unlink()
+    os.symlink(target, tmp)
+    os.replace(tmp, link)
+    _fsync_dir(link.parent)
+
+
+def _fsync_dir(path: Path) -> None:
+    # Power cuts are routine on the Pi: make renames durable.
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _short(sha: str | None) -> str:
+    return sha[:12] if sha else "-"
+
+
+def _now() -> str:
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+
+
+# -- locks ----------------------------------------------------------------------------------------
+@contextlib.contextmanager
+def _flock(path: Path, wait_s: float) -> Iterator[bool]:
+    """Hold an exclusive lock on `path` for the block; yields False if it stayed busy for `wait_s`."""
+    # O_NOFOLLOW/O_NONBLOCK: the state dir belongs to the (unprivileged) daemon user, so a root
+    # process must not follow a planted symlink or hang opening a planted FIFO.
+    # Read-only: a lock file root created must still be lockable by the daemon's user.
+    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    fd = os.open(path, flags, 0o644)
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        deadline = time.monotonic() + wait_s
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() >= deadline:
+                    yield False
+                    return
+                time.sleep(0.05)
+        yield True
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def _root_lock(layout: Layout, wait_s: float = 0.0) -> Iterator[None]:
+    """Serialise everything that touches releases/ and the links. Raises Busy."""
+    layout.root.mkdir(parents=True, exist_ok=True)
+    with _flock(layout.lock, wait_s) as held:
+        if not held:
+            raise Busy(f"another updater holds {layout.lock}")
+        yield
+
+
+# -- state (update-state.json) -------------------------------------------------------------------
+def _empty_state() -> dict[str, Any]:
+    return {"version": 1, "started": None, "releases": {}, "bad": {}}
+
+
+def _clean_state(raw: Any) -> dict[str, Any]:
+    # The file lives in the daemon's directory, so a root process treats it as untrusted input.
+    state = _empty_state()
+    if not isinstance(raw, dict):
+        return state
+    if isinstance(raw.get("started"), str) and _SHA.match(raw["started"]):
+        state["started"] = raw["started"]
+    releases = raw.get("releases")
+    if isinstance(releases, dict):
+        for sha, entry in releases.items():
+            if not (isinstance(sha, str) and _SHA.match(sha) and isinstance(entry, dict)):
+                continue
+            starts = entry.get("starts", 0)
+            clean: dict[str, Any] = {
+                "starts": starts if isinstance(starts, int) and not isinstance(starts, bool) and starts >= 0 else 0,
+                "good": entry.get("good") is True,
+            }
+            for key in ("installed_at", "installed_from", "good_at", "last_start"):
+                if isinstance(entry.get(key), str):
+                    clean[key] = entry[key][:100]
+            state["releases"][sha] = clean
+    bad = raw.get("bad")
+    if isinstance(bad, dict):
+        for sha, entry in bad.items():
+            if isinstance(sha, str) and _SHA.match(sha):
+                entry = entry if isinstance(entry, dict) else {}
+                state["bad"][sha] = {k: v[:300] for k, v in entry.items() if isinstance(k, str) and isinstance(v, str)}
+    return state
+
+
+def _read_json(path: Path) -> Any:
+    """The JSON document at `path`; None if missing. Raises OSError/ValueError."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return None
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise ValueError(f"{path} is not a regular file")
+        data = f.read(_MAX_STATE_BYTES + 1)
+    if len(data) > _MAX_STATE_BYTES:
+        raise ValueError(f"{path} is larger than {_MAX_STATE_BYTES} bytes")
+    return json.loads(data.decode("utf-8"))
+
+
+def _write_json(path: Path, data: Any) -> None:
+    """Atomically replace `path` (temp file + fsync + os.replace)."""
+    # mkstemp uses O_EXCL: never writes through a planted symlink.
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+            f.flush()
+            os.fchmod(f.fileno(), 0o644)
+            if os.geteuid() == 0:
+                # Written by root (pre-start, apply) but read and rewritten by the daemon's user.
+                owner = os.stat(path.parent)
+                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(path.parent)
+
+
+def load_state(state_dir: Path) -> dict[str, Any]:
+    """update-state.json, cleaned; an empty state if it is missing or unreadable."""
+    path = Path(state_dir) / STATE_FILE
+    try:
+        raw = _read_json(path)
+    except (OSError, ValueError) as exc:
+        log.warning("ignoring unreadable %s: %s", path, exc)
+        return _empty_state()
+    return _clean_state(raw)
+
+
+@contextlib.contextmanager
+def _state(state_dir: Path, wait_s: float = 5.0) -> Iterator[dict[str, Any]]:
+    """Read-modify-write update-state.json under a lock; written back when the block ends cleanly."""
+    state_dir = Path(state_dir)
+    with _flock(state_dir / STATE_LOCK, wait_s) as held:
+        if not held:
+            # The writers (pre-start, the daemon, apply) do tiny updates; a lock held this long
+            # is a stuck process, and losing one counter update beats blocking the daemon.
+            log.warning("%s stayed locked; updating the state without the lock", state_dir / STATE_LOCK)
+        state = load_state(state_dir)
+        before = json.dumps(state, sort_keys=True)
+        yield state
+        if json.dumps(state, sort_keys=True) != before:
+            _write_json(state_dir / STATE_FILE, state)
+
+
+# -- child processes ------------------------------------------------------------------------------
+def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The environment for git, pip and the self-test: without the InfluxDB secrets."""
+    env = dict(os.environ if base is None else base)
+    for name in list(env):
+        if name in SECRET_ENV or name.startswith("INFLUXDB_"):
+            del env[name]
+    env.update(extra or {})
+    return env
+
+
+def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
+    env = child_env()
+    for name in list(env):
+        # GIT_DIR, GIT_CONFIG_* etc. from the caller must not redirect what we fetch or check out.
+        if name.startswith("GIT_"):
+            del env[name]
+    # No system/global config (url rewrites, hooks, helpers) and never a credential prompt.
+    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0",
+                "LC_ALL": "C"})
+    env.update(extra or {})
+    return env
+
+
+def _run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: Path | None = None,
+         user: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
+    """Run `cmd`, capturing stdout+stderr; on timeout kill its whole process group (returncode -9)."""
+    kwargs: dict[str, Any] = {}
+    if user is not None:
+        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
+    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            env=dict(env) if env is not None else child_env(), cwd=cwd, text=True,
+                            errors="replace", start_new_session=True, **kwargs)
+    try:
+        out, _ = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc)
+        try:
+            out, _ = proc.communicate(timeout=10)
+        except subprocess.TimeoutExpired:
+            # Still alive: killing another user's process needs CAP_KILL. Do not hang with it.
+            log.error("could not kill %s (pid %d) after its timeout", shlex.join(proc.args), proc.pid)
+            out = ""
+        return subprocess.CompletedProcess(proc.args, -signal.SIGKILL, f"{out}\n(timed out after {timeout:g} s)")
+    except BaseException:  # SIGTERM/Ctrl-C: no orphan may go on writing into a release being removed
+        _kill_group(proc)
+        proc.wait()
+        raise
+    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    # pip and the daemon start children of their own: kill the group, not just the leader.
+    with contextlib.suppress(OSError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    with contextlib.suppress(OSError):
+        proc.kill()
+
+
+def _tail(output: str, lines: int = 15) -> str:
+    kept = [line[:300] for line in (output or "").strip().splitlines()[-lines:]]
+    return " | ".join(kept) if kept else "(no output)"
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//[^/@\s]*@", "//***@", url)
+
+
+class _Git:
+    """git against repo.git, with hooks off and no outside config."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+
+    def run(self, *args: str, timeout: float = GIT_TIMEOUT_S, env: Mapping[str, str] | None = None,
+            git_dir: bool = True) -> subprocess.CompletedProcess:
+        cmd = ["git", "-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never"]
+        if git_dir:
+            cmd += ["--git-dir", str(self.layout.repo)]
+        return _run(cmd + list(args), timeout=timeout, env=_git_env(env))
+
+    def check(self, what: str, *args: str, **kwargs: Any) -> str:
+        result = self.run(*args, **kwargs)
+        if result.returncode != 0:
+            raise StepFailed(f"{what} failed (git exit {result.returncode}): {_tail(result.stdout)}")
+        return result.stdout.strip()
+
+    def has_commit(self, sha: str) -> bool:
+        return self.run("cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
+
+
+# -- the self-test config -------------------------------------------------------------------------
+_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
+
+
+def _toml_key(key: str) -> str:
+    return key if _BARE_KEY.match(key) else _toml_str(key)
+
+
+def _toml_str(value: str) -> str:
+    # JSON string escapes are valid TOML basic-string escapes; DEL is the one control
+    # character TOML wants escaped that json leaves alone.
+    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_str(value)
+    if isinstance(value, (dt.datetime, dt.date, dt.time)):
+        return value.isoformat()
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
+    raise TypeError(f"cannot write {type(value).__name__} as TOML")
+
+
+def toml_dumps(data: Mapping[str, Any]) -> str:
+    """A TOML document for what tomllib parsed (the stdlib reads TOML but cannot write it)."""
+    def is_table_array(v: Any) -> bool:
+        return isinstance(v, list) and bool(v) and all(isinstance(i, dict) for i in v)
+
+    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
+             if not isinstance(v, dict) and not is_table_array(v)]
+    for key, value in data.items():
+        if isinstance(value, dict):
+            lines += ["", f"[{_toml_key(key)}]"]
+            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
+    for key, value in data.items():
+        if is_table_array(value):
+            for item in value:
+                lines += ["", f"[[{_toml_key(key)}]]"]
+                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
+    return "\n".join(lines) + "\n"
+
+
+def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
+    """The live config, made safe to run anywhere: simulated bus, temp store, no InfluxDB, no LED."""
+    data = copy.deepcopy(dict(live))
+
+    def table(name: str) -> dict[str, Any]:
+        if not isinstance(data.get(name), dict):
+            data[name] = {}
+        return data[name]
+
+    table("simulation")["enabled"] = True
+    table("store")["dir"] = str(store_dir)
+    # Only kind: the token/password file settings must not even be looked at.
+    data["influx"] = {"kind": "none"}
+    table("led")["enabled"] = False
+    sampling = table("sampling")
+    sampling["interval_s"] = 0.5
+    sampling["window_s"] = 0.1
+    samples = sampling.get("samples")
+    if isinstance(samples, int) and not isinstance(samples, bool) and samples > 10:
+        sampling["samples"] = 10
+    if "update" in data:
+        table("update")["enabled"] = False
+    # "auto"/"sync" wait for NTP on a Pi: the self-test must not hang on the clock.
+    table("clock")["trust"] = "always"
+    return data
+
+
+# -- apply ----------------------------------------------------------------------------------------
+def _venv_cmd(venv_cmd: str | None) -> str:
+    if venv_cmd is not None:
+        return venv_cmd
+    return os.environ.get(ENV_VENV_CMD) or DEFAULT_VENV_CMD
+
+
+def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
+    if restart_cmd is None:
+        restart_cmd = os.environ.get(ENV_RESTART_CMD)
+    if restart_cmd is None:
+        systemctl = shutil.which("systemctl")
+        if systemctl and os.path.isdir("/run/systemd/system"):
+            # --no-block: the new daemon's start (and its pre-start) must not wait on this process.
+            return [systemctl, "--no-block", "try-restart", SERVICE]
+        return []
+    if isinstance(restart_cmd, str):
+        return shlex.split(restart_cmd)
+    return list(restart_cmd)
+
+
+def _can_switch_user() -> bool:
+    # Under a sandbox without CAP_SETUID/CAP_SETGID (CapabilityBoundingSet=) the switch fails.
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                caps = int(line.split()[1], 16)
+                return bool(caps & (1 << 6)) and bool(caps & (1 << 7))
+    except (OSError, ValueError, IndexError):
+        pass
+    return True
+
+
+def _selftest_user(run_as: str | None) -> pwd.struct_passwd | None:
+    """Who runs the new code in the self-test: the service user when we are root and can switch."""
+    if run_as == "":
+        return None
+    auto = run_as is None or run_as == _AUTO
+    name = SERVICE_USER if auto else run_as
+    try:
+        user = pwd.getpwnam(name)
+    except KeyError:
+        if auto:
+            return None
+        raise StepFailed(f"--run-as {name}: no such user") from None
+    if user.pw_uid == os.geteuid():
+        return None
+    if os.geteuid() != 0 or not _can_switch_user():
+        if auto:
+            log.warning("cannot switch to user %s for the self-test (not root, or no CAP_SETUID/CAP_SETGID): "
+                        "it runs as uid %d", name, os.geteuid())
+            return None
+        raise StepFailed(f"cannot switch to user {name} for the self-test (not root, or no CAP_SETUID/CAP_SETGID)")
+    return user
+
+
+def self_test(release: Path, live_config: Path | None, *, timeout: float = SELFTEST_TIMEOUT_S,
+              run_as: str | None = None) -> None:
+    """Run the new release with its own python against a safe copy of the live config. Raises StepFailed."""
+    python = release / ".venv" / "bin" / "python"
+    if not os.access(python, os.X_OK):
+        raise StepFailed(f"self-test: {python} is missing after the venv command")
+    for name in ("main.py", "updater.py"):
+        if not (release / name).is_file():
+            # Without its updater.py a release could never be rolled back or updated again.
+            raise StepFailed(f"self-test: the new release has no {name}")
+    user = _selftest_user(run_as)
+    live = tomllib.loads(live_config.read_text(encoding="utf-8")) if live_config else {}
+    tmp = Path(tempfile.mkdtemp(prefix="spb-selftest-"))
+    try:
+        store, state, home = tmp / "store", tmp / "state", tmp / "home"
+        for d in (store, state, home):
+            d.mkdir()
+        data = selftest_config(live, store)
+        text = toml_dumps(data)
+        if tomllib.loads(text) != data:  # never test against a config other than the one meant
+            raise StepFailed("self-test: the temporary config did not round-trip through TOML")
+        cfg = tmp / "config.toml"
+        cfg.write_text(text, encoding="utf-8")
+        cfg.chmod(0o600)  # the daemon refuses a config others can read, as it may name secret files
+        if user is not None:
+            for path in (tmp, store, state, home, cfg):
+                os.chown(path, user.pw_uid, user.pw_gid)
+        env = child_env({"HOME": str(home), "STATE_DIRECTORY": str(state), "TMPDIR": str(tmp)})
+        for name in ("SOLAR_CONFIG", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "NOTIFY_SOCKET",
+                     "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
+            env.pop(name, None)  # nothing may point the new code at the live service's files or sockets
+        # Precompiled as root because the service's code tree is read-only (PYTHONDONTWRITEBYTECODE).
+        # -I -S: compileall from the stdlib, never a compileall.py planted in the release, and no
+        # site-packages .pth code: compiling does not run anything of the new release.
+        steps: list[tuple[str, list[str], pwd.struct_passwd | None]] = [
+            ("compile", [str(python), "-I", "-S", "-m", "compileall", "-q", "-x", r"[/\\]\.venv[/\\]",
+                         str(release)], None),
+            ("updater", [str(python), str(release / "updater.py"), "--help"], user),
+            ("check", [str(python), str(release / "main.py"), "check", "--simulate", "--config", str(cfg)], user),
+            ("run", [str(python), str(release / "main.py"), "run", "--simulate", "--cycles", "2",
+                     "--config", str(cfg)], user),
+        ]
+        for name, cmd, who in steps:
+            began = time.monotonic()
+            result = _run(cmd, timeout=timeout, env=env, cwd=tmp, user=who)
+            if result.returncode != 0:
+                raise StepFailed(f"self-test `{name}` failed (exit {result.returncode}): {_tail(result.stdout)}")
+            log.info("self-test %s passed (%.1f s)", name, time.monotonic() - began)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _prepare_gnupghome(source: Path) -> Path:
+    """A private copy of the trusted keyring: gpg writes into its home (locks, trustdb), and
+    the real one may be read-only (ProtectSystem=strict) and must not change."""
+    if not source.is_dir():
+        raise StepFailed(f"require_signed is on but the updater's keyring {source} does not exist "
+                         "(import the maintainers' public keys there, or pass --gnupghome)")
+    home = Path(tempfile.mkdtemp(prefix="spb-gnupg-"))
+    for item in source.iterdir():
+        # Public keyrings and trust only: no private keys, sockets or stale lock files.
+        if item.is_file() and not item.name.endswith(".lock") and not item.name.startswith("S."):
+            shutil.copy2(item, home / item.name)
+    return home
+
+
+def _verify_signature(git: _Git, sha: str, gnupghome: Path) -> None:
+    home = _prepare_gnupghome(gnupghome)
+    try:
+        result = git.run("-c", "gpg.program=gpg", "verify-commit", "--verbose", sha, env={"GNUPGHOME": str(home)})
+        # --verbose also prints the commit itself: only gpg's lines say why.
+        said = [ln for ln in result.stdout.splitlines() if ln.startswith("gpg:")]
+        signer = [ln for ln in said if "Good signature" in ln]
+        if result.returncode != 0:
+            raise StepFailed(f"{sha} has no good signature from a key in {gnupghome}: "
+                             f"{_tail(chr(10).join(said), 4) if said else 'the commit is not signed'}")
+        log.info("signature of %s: %s", _short(sha), signer[0].strip() if signer else "good")
+    finally:
+        if shutil.which("gpgconf"):
+            _run(["gpgconf", "--kill", "all"], timeout=10, env=child_env({"GNUPGHOME": str(home)}))
+        shutil.rmtree(home, ignore_errors=True)
+
+
+def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
+    remote = update.remote
+    if not remote:
+        # [update] enabled requires a remote, but an installer-made checkout knows its origin.
+        release = layout.releases / current
+        result = _Git(layout).run("-C", str(release), "config", "--get", "remote.origin.url", git_dir=False)
+        remote = result.stdout.strip() if result.returncode == 0 else ""
+    if not remote:
+        raise StepFailed("no [update] remote configured and the current release has no origin")
+    if remote.startswith("-"):
+        raise StepFailed(f"[update] remote {remote!r} looks like an option")
+    return remote
+
+
+def _ensure_repo(layout: Layout, git: _Git, remote: str) -> None:
+    if (layout.repo / "HEAD").is_file():
+        return
+    log.info("creating the mirror %s for %s", layout.repo, _redact(remote))
+    # --template=: no sample hooks (hooks are off anyway).
+    git.check("git init", "init", "--quiet", "--bare", "--template=", str(layout.repo), git_dir=False)
+    git.check("git config", "config", "remote.origin.url", remote)
+
+
+def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None, *, venv_cmd: str,
+                   install_timeout: float, selftest_timeout: float, run_as: str | None) -> Path:
+    dest = layout.releases / new
+    dest.mkdir(parents=True)
+    index_dir = Path(tempfile.mkdtemp(prefix="spb-index-"))
+    try:
+        # A private index: repo.git's own HEAD and index stay untouched; read-tree refuses
+        # paths git considers unsafe (.., .git).
+        git.check("checkout", "--work-tree", str(dest), "read-tree", "--reset", "-u", new,
+                  env={"GIT_INDEX_FILE": str(index_dir / "index")})
+    finally:
+        shutil.rmtree(index_dir, ignore_errors=True)
+    log.info("checked out %s; creating its venv", _short(new))
+    began = time.monotonic()
+    result = _run(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
+                  env=child_env({"SPB_RELEASE_DIR": str(dest)}))
+    if result.returncode != 0:
+        raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
+    log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, _short(new))
+    self_test(dest, live_config, timeout=selftest_timeout, run_as=run_as)
+    return dest
+
+
+def _remove_release(layout: Layout, sha: str) -> None:
+    # Never remove what a link points at, whatever the caller thinks.
+    if sha in (release_sha(layout, layout.current), release_sha(layout, layout.previous)):
+        return
+    shutil.rmtree(layout.releases / sha, ignore_errors=True)
+
+
+def _prune(layout: Layout, keep: set[str]) -> None:
+    """Remove releases that are neither current nor previous (an SD card is small)."""
+    try:
+        entries = list(layout.releases.iterdir())
+    except OSError:
+        return
+    for entry in entries:
+        if _SHA.match(entry.name) and entry.name not in keep and entry.is_dir() and not entry.is_symlink():
+            log.info("removing the old release %s", _short(entry.name))
+            _remove_release(layout, entry.name)
+
+
+def _rollback_target(layout: Layout, state_dir: Path, old: str) -> str:
+    """What `previous` should be after updating from `old`: `old`, unless `old` never proved
+    itself (no mark_good yet) and the existing `previous` did - then that stays the way back."""
+    previous = release_sha(layout, layout.previous)
+    if previous is None or previous == old or not state_dir.is_dir():
+        return old
+    releases = load_state(state_dir)["releases"]
+    if releases.get(old, {}).get("good") or not releases.get(previous, {}).get("good"):
+        return old
+    log.warning("the current release %s never reached a stored cycle: keeping previous -> %s (proven good)",
+                _short(old), _short(previous))
+    return previous
+
+
+def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_config: Path | None, *,
+                  gnupghome: Path, venv_cmd: str, install_timeout: float, selftest_timeout: float,
+                  run_as: str | None) -> tuple[str, str] | None:
+    old = release_sha(layout, layout.current)
+    if old is None:
+        raise StepFailed(f"{layout.current} is not a link to {layout.releases}/<sha>: nothing to update from")
+    if not _BRANCH.match(update.branch) or ".." in update.branch:
+        raise StepFailed(f"[update] branch {update.branch!r} is not a branch name")
+    git = _Git(layout)
+    remote = _remote_url(layout, update, old)
+    _ensure_repo(layout, git, remote)
+    ref = f"refs/updater/{update.branch}"
+    log.info("fetching %s from %s", update.branch, _redact(remote))
+    # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
+    git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
+              "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}", timeout=FETCH_TIMEOUT_S)
+    new = git.check("git rev-parse", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    if not _SHA.match(new):
+        raise StepFailed(f"unexpected revision {new!r} for {update.branch}")
+    if new == old:
+        log.info("up to date at %s", _short(old))
+        return None
+    bad = load_state(state_dir)["bad"] if state_dir.is_dir() else {}
+    if new in bad:
+        log.warning("%s %s is %s, which was rolled back on %s: not applying it again (push a fix)",
+                    _redact(remote), update.branch, _short(new), bad[new].get("at", "an earlier start"))
+        return None
+    if not git.has_commit(old):
+        # A repo.git made after the install may lack the installed commit: take it from the checkout.
+        installed = layout.releases / old
+        if (installed / ".git").exists():
+            git.run("fetch", "--quiet", "--no-tags", "--", str(installed), "+HEAD:refs/updater/installed")
+        if not git.has_commit(old):
+            raise StepFailed(f"the current release {old} is not in the history of {_redact(remote)} {update.branch}")
+    is_ff = git.run("merge-base", "--is-ancestor", old, new)
+    if is_ff.returncode == 1:
+        raise StepFailed(f"{_short(new)} is not a fast-forward of the current {_short(old)} "
+                         "(rewritten history?): refusing")
+    if is_ff.returncode != 0:
+        raise StepFailed(f"git merge-base failed: {_tail(is_ff.stdout)}")
+    if update.require_signed:
+        _verify_signature(git, new, gnupghome)
+    else:
+        log.warning("[update] require_signed = false: %s is not signature-checked", _short(new))
+    dest = layout.releases / new
+    if dest.exists() or dest.is_symlink():
+        if new == release_sha(layout, layout.previous):
+            raise StepFailed(f"{_short(new)} is the `previous` release; refusing to rebuild it")
+        log.warning("removing a leftover %s (an interrupted update?)", dest)
+        _remove_release(layout, new)
+    try:
+        _build_release(layout, git, new, live_config, venv_cmd=venv_cmd, install_timeout=install_timeout,
+                       selftest_timeout=selftest_timeout, run_as=run_as)
+    except BaseException:
+        _remove_release(layout, new)
+        raise
+    fallback = _rollback_target(layout, state_dir, old)
+    _swap_link(layout.previous, f"releases/{fallback}")
+    _swap_link(layout.current, f"releases/{new}")
+    log.info("updated %s -> %s", old, new)
+    keep = {old, new, fallback}  # `old` too: the running daemon still imports from it until restarted
+    try:
+        if state_dir.is_dir():
+            with _state(state_dir) as state:
+                state["releases"][new] = {"starts": 0, "good": False, "installed_at": _now(), "installed_from": old}
+                for sha in list(state["releases"]):
+                    if sha not in keep:
+                        del state["releases"][sha]
+            # A newer release supersedes an earlier rollback's notice.
+            with contextlib.suppress(FileNotFoundError):
+                (state_dir / MARKER_FILE).unlink()
+    except OSError as exc:
+        log.warning("cannot record the update in %s: %s", state_dir, exc)
+    _prune(layout, keep)
+    with contextlib.suppress(Exception):
+        git.run("worktree", "prune")  # in case the installer made releases as worktrees
+    return old, new
+
+
+def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, config_path: Path | str | None = None,
+          *, gnupghome: Path | str | None = None, venv_cmd: str | None = None,
+          restart_cmd: Sequence[str] | str | None = None, run_as: str | None = None,
+          install_timeout: float = INSTALL_TIMEOUT_S, selftest_timeout: float = SELFTEST_TIMEOUT_S) -> int:
+    """Fetch, verify, build, self-test and switch to a new release. Returns the exit code.
+
+    venv_cmd: shell command making DIR/.venv (`$1` = DIR); default $SPB_VENV_CMD, else pip.
+    restart_cmd: argv or shell-like string run after a switch ("" / [] = none); default
+    $SPB_RESTART_CMD, else `systemctl --no-block try-restart solarpowerbrampton.service` under systemd.
+    run_as: user for the new code in the self-test ("" = as we are; default: solarpower if root).
+    """
+    # Absolute: the venv command and the self-test run in other working directories.
+    layout = Layout(Path(root).absolute())
+    state_dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
+    path = Path(config_path) if config_path is not None else config_mod.find_config(None)
+    try:
+        cfg = config_mod.load_config(path)
+    except ConfigError as exc:
+        for line in str(exc).splitlines():
+            log.error("%s", line)
+        return EXIT_CONFIG
+    if not cfg.update.enabled:
+        log.info("self-update is off ([update] enabled = false in %s)", cfg.source)
+        return EXIT_OK
+    home = (Path(gnupghome) if gnupghome else Path(os.environ.get("GNUPGHOME") or DEFAULT_GNUPGHOME)).absolute()
+    try:
+        with _root_lock(layout):
+            switched = _apply_locked(layout, state_dir, cfg.update, path, gnupghome=home,
+                                     venv_cmd=_venv_cmd(venv_cmd), install_timeout=install_timeout,
+                                     selftest_timeout=selftest_timeout, run_as=run_as)
+    except Busy as exc:
+        log.warning("not updating: %s", exc)
+        return EXIT_FAILED
+    except StepFailed as exc:
+        log.error("update refused, staying on the current release: %s", exc)
+        return EXIT_FAILED
+    except Exception:
+        log.exception("update failed, staying on the current release")
+        return EXIT_FAILED
+    if switched is None:
+        return EXIT_OK
+    old, new = switched
+    print(f"updated {old} -> {new}", flush=True)
+    _restart(_restart_cmd(restart_cmd))
+    return EXIT_UPDATED
+
+
+def _restart(cmd: list[str]) -> None:
+    # After the lock is released: the restart runs pre-start, which takes the same lock.
+    if not cmd:
+        log.info("no restart command: the new release runs from the next start of %s", SERVICE)
+        return
+    try:
+        result = _run(cmd, timeout=RESTART_TIMEOUT_S)
+    except OSError as exc:
+        log.warning("cannot run the restart command %s: %s", shlex.join(cmd), exc)
+        return
+    if result.returncode != 0:
+        log.warning("the restart command %s failed (exit %d): %s; the new release runs from the next start",
+                    shlex.join(cmd), result.returncode, _tail(result.stdout))
+
+
+# -- pre-start, mark_good, the rollback notice -----------------------------------------------------
+def _max_failed_starts(config_path: Path | None) -> int:
+    try:
+        return config_mod.load_config(config_path).update.max_failed_starts
+    except ConfigError as exc:
+        # The daemon will report the config itself; a rollback decision must still be possible.
+        log.warning("config invalid (%s); using max_failed_starts = %d", exc.source, UpdateConfig.max_failed_starts)
+        return UpdateConfig.max_failed_starts
+
+
+def pre_start(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None,
+              config_path: Path | str | None = None, *, max_failed_starts: int | None = None) -> int:
+    """Count a start of the current release; roll back after max_failed_starts unconfirmed starts.
+
+    Always returns 0: systemd would not start the daemon at all after a failing ExecStartPre.
+    """
+    try:
+        _pre_start(Layout(Path(root).absolute()), Path(state_dir) if state_dir is not None else default_state_dir(),
+                   Path(config_path) if config_path is not None else config_mod.find_config(None), max_failed_starts)
+    except Exception:
+        log.exception("pre-start failed; starting the current release anyway")
+    return EXIT_OK
+
+
+def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit: int | None) -> None:
+    sha = release_sha(layout, layout.current)
+    if sha is None:
+        log.warning("%s is not a link to a release: nothing to count", layout.current)
+        return
+    if limit is None:
+        limit = _max_failed_starts(config_path)
+    state_dir.mkdir(parents=True, exist_ok=True)
+    previous = release_sha(layout, layout.previous)
+    with _state(state_dir) as state:
+        entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
+        failed = entry["starts"]  # starts since the last mark_good: each one died before it
+        # Only a release still on probation (never marked good) after an update is rolled back:
+        # a proven release that stops starting has a config or hardware problem, which old code
+        # would not fix either.
+        if previous and previous != sha and not entry["good"] and failed >= limit:
+            if _rollback(layout, state_dir, state, sha, previous, failed):
+                return
+        entry["starts"] = failed + 1
+        entry["last_start"] = _now()
+        state["started"] = sha
+    if failed and not entry["good"]:
+        log.warning("release %s: start %d; the last %d did not reach their first stored cycle",
+                    _short(sha), failed + 1, failed)
+
+
+def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int) -> bool:
+    try:
+        with _root_lock(layout, wait_s=5.0):
+            _swap_link(layout.current, f"releases/{good}")
+            # No way back to the bad release: `previous` would point at it.
+            with contextlib.suppress(FileNotFoundError):
+                layout.previous.unlink()
+            _fsync_dir(layout.root)
+    except Busy:
+        log.warning("an update is running; not rolling back %s now", _short(bad))
+        return False
+    message = f"rolled back from {bad} to {good} after {failed} failed starts"
+    log.error("%s", message)
+    at = _now()
+    state["bad"][bad] = {"at": at, "reason": f"{failed} failed starts", "rolled_back_to": good}
+    entry = state["releases"].setdefault(good, {"starts": 0, "good": False})
+    entry["starts"] = 1
+    entry["last_start"] = at
+    state["started"] = good
+    _write_json(state_dir / MARKER_FILE, {"from": bad, "to": good, "failed_starts": failed, "at": at,
+                                          "message": message})
+    return True
+
+
+def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bool:
+    """The daemon reached its first stored cycle: reset the start counter, end the probation.
+
+    `sha` defaults to the release the last pre-start started. Fast (no git), never raises;
+    returns False when there was nothing to mark or the state could not be written.
+    """
+    try:
+        state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        with _state(state_dir, wait_s=2.0) as state:
+            sha = sha or state["started"]
+            if not sha or not _SHA.match(sha):
+                return False
+            entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
+            if entry["starts"] == 0 and entry["good"]:
+                return True
+            first = not entry["good"]
+            entry.update(starts=0, good=True, good_at=_now())
+        if first:
+            log.info("release %s is good", _short(sha))
+        return True
+    except Exception as exc:  # the daemon must not fail because of this bookkeeping
+        log.warning("cannot mark the release good in %s: %s", state_dir, exc)
+        return False
+
+
+def rollback_notice(state_dir: Path | str | None = None) -> str | None:
+    """A one-line notice if an update was rolled back (for the LED and the log), else None."""
+    path = (Path(state_dir) if state_dir is not None else default_state_dir()) / MARKER_FILE
+    try:
+        data = _read_json(path)
+    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
+        return "an update was rolled back (details unreadable): see `journalctl -u solarpowerbrampton`"
+    if data is None:
+        return None
+    if isinstance(data, dict) and isinstance(data.get("message"), str):
+        return f"{data['message'][:300]} at {str(data.get('at', '?'))[:40]}"
+    return "an update was rolled back: see `journalctl -u solarpowerbrampton`"
+
+
+def acknowledge(state_dir: Path | str | None = None) -> bool:
+    """Clear the rollback notice. True if there was one."""
+    path = (Path(state_dir) if state_dir is not None else default_state_dir()) / MARKER_FILE
+    try:
+        path.unlink()
+    except FileNotFoundError:
+        return False
+    return True
+
+
+def status(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None) -> dict[str, Any]:
+    """The links, the releases on disk and the state, for humans and scripts."""
+    layout = Layout(Path(root))
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+    try:
+        on_disk = sorted(p.name for p in layout.releases.iterdir() if _SHA.match(p.name))
+    except OSError:
+        on_disk = []
+    return {"current": release_sha(layout, layout.current), "previous": release_sha(layout, layout.previous),
+            "releases": on_disk, "state": load_state(state_dir), "rollback_notice": rollback_notice(state_dir)}
+
+
+# -- CLI ------------------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="updater.py", description=__doc__.splitlines()[0],
+        epilog="Exit codes: 0 ok/nothing to do, 1 refused or failed, 2 usage, 10 updated, 78 bad config.")
+
+    def common(p: argparse.ArgumentParser, default: Any) -> None:
+        # Accepted before and after the command; the subcommand's copy only overrides when given.
+        p.add_argument("--root", default=default, metavar="DIR", help=f"deployment root (default {DEFAULT_ROOT})")
+        p.add_argument("--state-dir", default=default, metavar="DIR",
+                       help=f"state directory (default $STATE_DIRECTORY, else {DEFAULT_STATE_DIR})")
+        p.add_argument("--config", default=default, metavar="FILE",
+                       help="config file (default: $SOLAR_CONFIG, /etc/solarpowerbrampton/config.toml, ./config.toml)")
+        p.add_argument("-v", "--verbose", action="store_true", default=default, help="debug logging")
+
+    common(parser, None)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    a = sub.add_parser("apply", help="fetch, verify, build, self-test and switch to a new release")
+    common(a, argparse.SUPPRESS)
+    a.add_argument("--gnupghome", metavar="DIR",
+                   help=f"keyring of trusted signers (default $GNUPGHOME, else {DEFAULT_GNUPGHOME})")
+    a.add_argument("--venv-cmd", metavar="CMD",
+                   help=f"shell command creating $1/.venv (default ${ENV_VENV_CMD}, else python3 -m venv + pip)")
+    a.add_argument("--restart-cmd", metavar="CMD",
+                   help=f"run after a switch; '' = none (default ${ENV_RESTART_CMD}, else systemctl try-restart)")
+    a.add_argument("--run-as", metavar="USER",
+                   help=f"user running the new code in the self-test; '' = as we are (default {SERVICE_USER} "
+                        "when root and able to switch)")
+    a.add_argument("--selftest-timeout", type=float, default=SELFTEST_TIMEOUT_S, metavar="S",
+                   help="timeout of each self-test step (default %(default)s s)")
+    a.add_argument("--install-timeout", type=float, default=INSTALL_TIMEOUT_S, metavar="S",
+                   help="timeout of the venv command (default %(default)s s)")
+    p = sub.add_parser("pre-start", help="count a start; roll back a release that keeps failing (always exits 0)")
+    common(p, argparse.SUPPRESS)
+    m = sub.add_parser("mark-good", help="the current start reached its first stored cycle")
+    common(m, argparse.SUPPRESS)
+    s = sub.add_parser("status", help="releases and state as JSON")
+    common(s, argparse.SUPPRESS)
+    k = sub.add_parser("acknowledge", help="clear the rollback notice")
+    common(k, argparse.SUPPRESS)
+    return parser
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise SystemExit(128 + signum)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
+    root = Path(args.root) if args.root else DEFAULT_ROOT
+    state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
+    config_path = Path(args.config) if args.config else None
+    if args.command == "pre-start":
+        return pre_start(root, state_dir, config_path)
+    if args.command == "apply":
+        # systemd stops a run with SIGTERM: unwind, so the half-made release is removed.
+        in_main_thread = threading.current_thread() is threading.main_thread()
+        before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+        try:
+            return apply(root, state_dir, config_path, gnupghome=args.gnupghome, venv_cmd=args.venv_cmd,
+                         restart_cmd=args.restart_cmd, run_as=args.run_as, install_timeout=args.install_timeout,
+                         selftest_timeout=args.selftest_timeout)
+        finally:
+            if in_main_thread:
+                signal.signal(signal.SIGTERM, before)
+    if args.command == "mark-good":
+        return EXIT_OK if mark_good(state_dir) else EXIT_FAILED
+    if args.command == "acknowledge":
+        print("cleared the rollback notice" if acknowledge(state_dir) else "no rollback notice")
+        return EXIT_OK
+    print(json.dumps(status(root, state_dir), indent=2, sort_keys=True))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
