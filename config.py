@@ -136,6 +136,14 @@ class ClockConfig:
 
 
 @dataclass(frozen=True)
+class WebConfig:
+    """The live energy-flow page served by the daemon (off by default)."""
+
+    enabled: bool = False
+    listen: str = "127.0.0.1:8080"
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = "INFO"
     file: bool = False
@@ -159,6 +167,7 @@ class Config:
     log: LogConfig = field(default_factory=LogConfig)
     update: UpdateConfig = field(default_factory=UpdateConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
+    web: WebConfig = field(default_factory=WebConfig)
 
 
 DEFAULT_CHANNELS = (
@@ -245,7 +254,7 @@ def load_config(path: Path | None) -> Config:
 def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     """Validate a parsed TOML document. Raises ConfigError with every problem."""
     v = _Validator()
-    known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log", "update", "clock"}
+    known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log", "update", "clock", "web"}
     v.unknown(data, known, "")
     site = v.section(data, "site", SiteConfig, {"name": v.text})
     sampling = v.section(
@@ -320,6 +329,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data, "clock", ClockConfig,
         {"trust": v.choice(("auto", "sync", "always")), "jump_threshold_s": v.positive},
     )
+    web = v.section(data, "web", WebConfig, {"enabled": v.boolean, "listen": v.listen})
     channels = _channels(v, data)
     if update.enabled and not update.remote:
         v.problem("update.remote", "required when [update] enabled = true")
@@ -364,6 +374,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         log=log,
         update=update,
         clock=clock,
+        web=web,
     )
 
 
@@ -563,6 +574,15 @@ class _Validator:
         if value is not _INVALID and value and not re.match(r"^https?://[^/\s]+", value):
             return self.problem(path, f"{value!r} is not an http:// or https:// URL")
         return value.rstrip("/") if value is not _INVALID else value
+
+    def listen(self, value, path):
+        value = self.text(value, path)
+        if value is _INVALID:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            return self.problem(path, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080)")
+        return value
 
     def datetime(self, value, path):
         if isinstance(value, dt.datetime):

@@ -143,6 +143,8 @@ class Daemon:
         self.clock_guard = clock_guard
         self.cycles_done = 0
         self.overruns = 0
+        self.last_store_ok = False
+        self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
         self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
 
     def run_cycle(self):
@@ -157,7 +159,9 @@ class Daemon:
         system = self.monitor.read() if self.monitor else None
         stats = self.outbox.stats()
         lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
-        if self._store(lines, when) and self.sender is not None:
+        self.last_store_ok = self._store(lines, when)
+        self.queue_depth = stats.queue_depth + (len(lines) if self.last_store_ok else 0)
+        if self.last_store_ok and self.sender is not None:
             self.sender.notify(len(lines))
         if self.cycles_done % _HOUSEKEEPING_CYCLES == 0:
             self._housekeeping()
@@ -378,8 +382,10 @@ def cmd_run(args, config: Config) -> int:
     stale = outbox.quarantine_stale_held(guard.boot_id)
     if stale:
         log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
+    service = ServiceHooks(config, handler, outbox.directory)
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
-                    clock_guard=guard)
+                    clock_guard=guard, on_cycle=service.after_cycle)
+    service.daemon = daemon
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
@@ -387,9 +393,11 @@ def cmd_run(args, config: Config) -> int:
              writer.label if writer else "none (everything stays in the store)")
     if sender:
         sender.start()
+    service.start()
     try:
         daemon.run(args.cycles)
     finally:
+        service.stop()
         if sender:
             sender.stop()
             sender.outbox.close()
@@ -399,6 +407,86 @@ def cmd_run(args, config: Config) -> int:
             handler_led.close()
     log.info("stopped after %d cycles", daemon.cycles_done)
     return EXIT_OK
+
+
+class ServiceHooks:
+    """What runs around each cycle for the outside world: systemd notifications, the self-updater's
+    "this release works" mark, and the live page. Called in the measuring thread; each step is cheap."""
+
+    def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path) -> None:
+        from sdnotify import Notifier
+
+        self.config = config
+        self.handler = handler
+        self.state_dir = state_dir
+        self.notifier = Notifier()
+        self.daemon: Daemon | None = None
+        self.page = None
+        self._ready = False
+
+    def start(self) -> None:
+        if self.config.update.enabled:
+            import updater
+
+            notice = updater.rollback_notice(self.state_dir)
+            if notice:
+                self.handler.report(ShortError(notice, key="update:rollback"))
+        if self.config.web.enabled:
+            self._start_page()
+
+    def _start_page(self) -> None:
+        from web import FlowPage
+
+        config = self.config
+
+        def history(since_ms: int):
+            box = Outbox(config.store.dir, check_integrity=False)  # its own connection: the server's thread
+            try:
+                yield from box.export(since_ms)
+            finally:
+                box.close()
+
+        page = FlowPage(config.web.listen, channels=config.channels, site=config.site.name, history=history,
+                        plant_unit=config.simulation.plant)
+        try:
+            page.start()
+        except OSError as exc:
+            log.warning("live page not started on %s: %s", config.web.listen, exc.strerror or exc)
+            return
+        self.page = page
+        log.info("live energy-flow page at %s", page.url)
+
+    def after_cycle(self, cycle) -> None:
+        daemon = self.daemon
+        stored = daemon is not None and daemon.last_store_ok
+        tier = self.handler.top_tier
+        if stored and not self._ready:
+            self._ready = True
+            self.notifier.ready(self._status(cycle, tier))
+            if self.config.update.enabled:
+                import updater
+
+                updater.mark_good(self.state_dir)
+        elif self._ready:
+            self.notifier.status(self._status(cycle, tier))
+        if stored:
+            self.notifier.watchdog()  # only after a complete, stored cycle
+        if self.page is not None:
+            from rpi_errors import BLINK_CODES
+            from web import make_snapshot
+
+            self.page.update(make_snapshot(cycle, self.config.channels, tier=tier, summary=self.handler.summary(),
+                                           meaning=BLINK_CODES[tier].meaning))
+
+    def _status(self, cycle, tier) -> str:
+        when = dt.datetime.fromtimestamp(cycle.time_ms / 1000).strftime("%H:%M:%S")
+        depth = self.daemon.queue_depth if self.daemon else 0
+        return f"last cycle {when}, queue {depth}, LED: {tier.name if tier is not None else 'all well'}"
+
+    def stop(self) -> None:
+        self.notifier.stopping()
+        if self.page is not None:
+            self.page.stop()
 
 
 def cmd_once(args, config: Config) -> int:

@@ -203,3 +203,71 @@ def test_check_passes_on_the_simulator_and_fails_on_an_unwritable_store(tmp_path
     bad = run_cli("check", "--config", str(tmp_path / "bad.toml"), cwd=tmp_path)
     assert bad.returncode == 1
     assert "FAIL  store:" in bad.stdout
+
+
+def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchdog(tmp_path):
+    import socket
+
+    sock_path = tmp_path / "notify.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    cfg = write_config(tmp_path)
+    result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path,
+                     env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "300000000"})
+    assert result.returncode == 0, result.stderr
+    messages = []
+    while True:
+        try:
+            messages.append(receiver.recv(4096).decode())
+        except TimeoutError:
+            break
+    receiver.close()
+    assert messages[0].startswith("READY=1\nSTATUS=last cycle ")
+    assert "queue 5, LED: all well" in messages[0]  # the first cycle is stored before READY
+    assert sum("WATCHDOG=1" in m for m in messages) == 3  # one per complete cycle
+    assert sum(m.startswith("STATUS=") for m in messages) == 2
+    assert messages[-1] == "STOPPING=1"
+
+
+def test_the_live_page_is_served_while_running(tmp_path):
+    import urllib.request
+
+    from servers import free_port
+
+    port = free_port()
+    cfg = write_config(tmp_path, f'[web]\nenabled = true\nlisten = "127.0.0.1:{port}"')
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        doc = None
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/now", timeout=2) as response:
+                    doc = json.loads(response.read())
+                if doc.get("time_ms"):
+                    break
+            except OSError:
+                pass
+            time.sleep(0.2)
+        assert doc and doc["time_ms"], doc
+        assert "red_house" in json.dumps(doc)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+
+
+def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
+    import updater
+    from main import ServiceHooks
+
+    (tmp_path / updater.MARKER_FILE).write_text(json.dumps({"message": "rolled back from abc to def", "at": "now"}))
+    cfg = parse_config({"update": {"enabled": True, "remote": "/srv/solar.git"}})
+    handler = ErrorHandler(None)
+    hooks = ServiceHooks(cfg, handler, tmp_path)
+    hooks.start()
+    assert handler.top_tier == Tier.SHORT
+    assert "rolled back from abc to def" in handler.active["update:rollback"].message
+    hooks.stop()
