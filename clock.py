@@ -47,15 +47,33 @@ def adjtimex_status() -> int | None:
         return None
 
 
+def timedatectl_synced() -> bool | None:
+    """systemd's own answer (`timedatectl show -p NTPSynchronized`), whatever NTP client runs; None if unavailable."""
+    import subprocess
+
+    try:
+        out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
+                             text=True, timeout=5, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+    except (OSError, subprocess.SubprocessError):
+        return None
+    answer = out.stdout.strip()
+    return {"yes": True, "no": False}.get(answer) if out.returncode == 0 else None
+
+
 def detect_sync(timesync_file: Path = TIMESYNC_FILE,
-                status: Callable[[], int | None] = adjtimex_status) -> bool | None:
-    """True when NTP has synced the clock, False when the kernel says it has not, None when unknown."""
+                status: Callable[[], int | None] = adjtimex_status,
+                fallback: Callable[[], bool | None] = timedatectl_synced) -> bool | None:
+    """True when NTP has synced the clock, False when it has not, None when unknown.
+
+    The hardened service (ProtectClock=) cannot call adjtimex(); then timedatectl answers, which also
+    covers chrony or ntpd where timesyncd's marker file never appears.
+    """
     if timesync_file.exists():
         return True
     flags = status()
-    if flags is None:
-        return None
-    return not flags & STA_UNSYNC
+    if flags is not None:
+        return not flags & STA_UNSYNC
+    return fallback()
 
 
 def read_boot_id(path: Path = BOOT_ID_FILE) -> str:
@@ -94,7 +112,7 @@ class ClockGuard:
                  synced: Callable[[], bool | None] = detect_sync,
                  wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
                  boot_ms: Callable[[], int] = boot_ms,
-                 boot_id: Callable[[], str] = read_boot_id) -> None:
+                 boot_id: Callable[[], str] = read_boot_id, recheck_s: float = 30.0) -> None:
         self.needs_sync = trust == "sync" or (trust == "auto" and is_pi)
         self._synced = synced
         self._wall_ms = wall_ms
@@ -103,6 +121,8 @@ class ClockGuard:
         self._threshold_ms = int(jump_threshold_s * 1000)
         self._trusted = not self.needs_sync
         self._last_offset: int | None = None
+        self._recheck_ms = int(recheck_s * 1000)
+        self._next_sync_check = 0  # boot ms; asking for sync may start a process, so not every cycle
 
     def check(self) -> ClockState:
         wall, boot = self._wall_ms(), self._boot_ms()
@@ -113,7 +133,9 @@ class ClockGuard:
             log.warning("the wall clock jumped by %+.1f s", jump / 1000)
         self._last_offset = offset
         newly = False
-        if not self._trusted and self._synced() is True:
-            self._trusted = newly = True
+        if not self._trusted and boot >= self._next_sync_check:
+            self._next_sync_check = boot + self._recheck_ms
+            if self._synced() is True:
+                self._trusted = newly = True
             log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")
         return ClockState(self._trusted, self.boot_id, boot, offset, newly, jump)

@@ -11,6 +11,7 @@
 #   /opt/solarpowerbrampton/previous              -> the release `current` pointed at before an upgrade
 #   /etc/solarpowerbrampton/config.toml           root:solarpower 0640, from config.example.toml (never overwritten)
 #   /etc/solarpowerbrampton/influx-token          root:root 0600, empty (never overwritten); LoadCredential= hands it over
+#   /etc/solarpowerbrampton/gnupg/                root:root 0700, the keyring the self-updater verifies commits with
 #   /etc/systemd/system/solarpowerbrampton{.service,-update.service,-update.timer}
 #   /var/lib/solarpowerbrampton                   the store (StateDirectory=, created by systemd)
 #
@@ -310,6 +311,11 @@ do_install() {
   fi
   chown root:root "$tok"
   chmod 0600 "$tok"
+  # The self-updater accepts only commits signed by a key in this keyring ([update] require_signed):
+  # import the maintainers' public keys with  sudo gpg --homedir /etc/solarpowerbrampton/gnupg --import KEY.asc
+  mkdir -p "$DESTDIR$ETC/gnupg"
+  chown root:root "$DESTDIR$ETC/gnupg"
+  chmod 0700 "$DESTDIR$ETC/gnupg"
 
   step "I2C"
   if have raspi-config; then

@@ -189,8 +189,15 @@ def _flock(path: Path, wait_s: float) -> Iterator[bool]:
     flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
     fd = os.open(path, flags, 0o644)
     try:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
+        if os.geteuid() == 0 and info.st_uid == 0:
+            # The service's UMask=0077 applies to the privileged ExecStartPre too: without this the
+            # lock file would be root-only and the daemon's mark_good() could never take the lock.
+            owner = os.stat(path.parent)
+            os.fchown(fd, owner.st_uid, owner.st_gid)
+            os.fchmod(fd, 0o644)
         deadline = time.monotonic() + wait_s
         while True:
             try:

@@ -18,7 +18,8 @@ def test_detect_sync_sources(tmp_path):
     marker = tmp_path / "synchronized"
     assert detect_sync(marker, status=lambda: STA_UNSYNC) is False
     assert detect_sync(marker, status=lambda: 0) is True
-    assert detect_sync(marker, status=lambda: None) is None
+    assert detect_sync(marker, status=lambda: None, fallback=lambda: None) is None
+    assert detect_sync(marker, status=lambda: None, fallback=lambda: True) is True  # no adjtimex: ask systemd
     marker.write_text("")
     assert detect_sync(marker, status=lambda: STA_UNSYNC) is True
     assert isinstance(adjtimex_status(), int)  # the real syscall answers here
@@ -47,6 +48,8 @@ def test_guard_trusts_a_non_pi_and_waits_for_sync_on_a_pi(clock):
                        boot_id=lambda: "b")
     assert not guard.check().trusted
     c.synced = True
+    assert not guard.check().trusted  # sync is asked at most every 30 s (it may start a process)
+    clock.advance(30)
     state = guard.check()
     assert state.trusted and state.newly_trusted
     c.synced = False  # a flicker later in the boot does not un-trust it
@@ -71,7 +74,7 @@ def make_daemon(tmp_path, clock, clocks, boot_id="boot-1"):
     outbox = Outbox(cfg.store.dir, wall_ms=clocks.wall_ms)
     reader = read_data(bus, cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep, wall_ms=clocks.wall_ms)
     guard = ClockGuard("sync", synced=lambda: clocks.synced, wall_ms=clocks.wall_ms, boot_ms=clocks.boot_ms,
-                       boot_id=lambda: boot_id)
+                       boot_id=lambda: boot_id, recheck_s=0)
     return Daemon(cfg, reader, outbox, ErrorHandler(None, clock=clock), clock=clock, wait=clock.wait,
                   clock_guard=guard), outbox
 

@@ -207,7 +207,8 @@ def test_install_twice_then_uninstall_and_purge(env):
     assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{env.sha}"
     assert not env.path(f"{OPT}/previous").exists()
     assert sorted(p.name for p in env.path("etc/systemd/system").iterdir()) == sorted(UNITS)
-    assert sorted(p.name for p in env.path(ETC).iterdir()) == ["config.toml", "influx-token"]
+    assert sorted(p.name for p in env.path(ETC).iterdir()) == ["config.toml", "gnupg", "influx-token"]
+    assert stat.S_IMODE(env.path(ETC + "/gnupg").stat().st_mode) == 0o700
     assert not env.calls("useradd") and not env.calls("groupadd")
     assert env.calls("usermod") == [["usermod", "--append", "--groups", "i2c,gpio", "solarpower"]]
     assert not env.calls("python3"), "the release's .venv is reused"
