@@ -153,3 +153,9 @@ def test_cli_refuses_a_config_file_others_can_read(tmp_path):
     path.chmod(0o640)  # group-readable is how the installer ships it (root:solarpower)
     assert subprocess.run([sys.executable, str(ROOT / "main.py"), "status", "--config", str(path)],
                           capture_output=True, text=True, timeout=60, cwd=tmp_path).returncode == 0
+
+
+@pytest.mark.parametrize("name", ["config.example.toml", "examples/flow-demo.toml"])
+def test_shipped_example_configs_are_valid(name):
+    cfg = load_config(ROOT / name)
+    assert cfg.channels

@@ -160,3 +160,14 @@ def test_energy_counter_splits_directions_and_caps_gaps():
     counter.add(36.0, 1000.0, max_gap_s=20)  # a long gap counts as 20 s only
     assert counter.in_wh == pytest.approx(0.1 + 0.2)
     assert counter.out_wh == pytest.approx(0.2)
+
+
+def test_the_chips_overflow_flag_does_not_touch_readings_derived_from_the_shunt(clock):
+    cfg = constant_config()
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()
+    bus.inject(0x40, "overflow", count=None)  # OVF: the chip's own current/power math overflowed
+    assert reader._sensors[0].driver.overflow  # the real driver sees the flag
+    reading = reader.measure().channels[0]
+    assert reading.ok and reading.failed_samples == 0
+    assert reading.current_ma == pytest.approx(123.456, abs=0.05)
