@@ -283,6 +283,57 @@ def schedule(cycles: int, tmp: Path, interval_s: float = 0.05) -> dict:
             "schedule_overruns": daemon.overruns}
 
 
+# -- the live page's cost ------------------------------------------------------------------------
+def web_cost(cycles: int, tmp: Path) -> dict:
+    """CPU per cycle without and with the live page and an SSE client connected: in the measuring thread
+    (what the page adds to a cycle) and in the whole process (also the page's server thread, and the
+    client thread that stands in for the browser, which on the model runs on another machine)."""
+    import urllib.request
+
+    from main import ServiceHooks
+
+    def per_cycle(with_page: bool) -> tuple[float, float]:
+        doc = {"simulation": {"enabled": True, "speed": 60}, "store": {"dir": str(tmp / f"web-{with_page}")},
+               "led": {"enabled": False}}
+        if with_page:
+            doc["web"] = {"enabled": True, "listen": "127.0.0.1:0"}
+        cfg = config_mod.parse_config(doc, "bench")
+        clock = FakeClock()
+        outbox = Outbox(cfg.store.dir, wall_ms=clock.wall_ms)
+        reader = read_data(build_simulated_bus(cfg, clock), cfg.channels, cfg.sampling, clock=clock,
+                           sleep=clock.sleep, wall_ms=clock.wall_ms)
+        handler = ErrorHandler(None, clock=clock)
+        hooks = ServiceHooks(cfg, handler, Path(cfg.store.dir))
+        daemon = Daemon(cfg, reader, outbox, handler, monitor=SystemMonitor(str(tmp)), clock=clock,
+                        wait=clock.wait, on_cycle=hooks.after_cycle)
+        hooks.daemon = daemon
+        hooks.start()
+        stream = None
+        if with_page:
+            stream = urllib.request.urlopen(hooks.page.url + "api/events", timeout=10)
+            threading.Thread(target=lambda: [None for _ in stream], daemon=True).start()
+        for _ in range(3):
+            daemon.run_cycle()
+        thread_ms, process_ms = [], []
+        for _ in range(cycles):
+            t0, p0 = time.thread_time(), time.process_time()
+            daemon.run_cycle()
+            t1 = time.thread_time()
+            time.sleep(0.002)  # let the server thread push the event (its CPU counts in process_time)
+            thread_ms.append((t1 - t0) * 1000)
+            process_ms.append((time.process_time() - p0) * 1000)
+        hooks.stop()
+        if stream:
+            stream.close()
+        outbox.close()
+        return statistics.median(thread_ms), statistics.median(process_ms)
+
+    without, with_page = per_cycle(False), per_cycle(True)
+    return {"cycle_cpu_ms_without_page": without[0], "cycle_cpu_ms_with_page": with_page[0],
+            "page_cpu_ms_per_cycle": with_page[0] - without[0],
+            "page_process_cpu_ms_per_cycle": with_page[1] - without[1]}
+
+
 # -- start-up -------------------------------------------------------------------------------------
 def startup(tmp: Path) -> dict:
     store = tmp / "startup"
@@ -314,7 +365,7 @@ def run(quick: bool) -> dict:
     from tests.servers import InfluxDB1, VictoriaMetrics
 
     n = {"cycles": 300 if quick else 1500, "naive": 60 if quick else 300, "backlog_s": 7200 if quick else 86_400,
-         "rss": 2000 if quick else 10_000, "schedule": 300 if quick else 1200}
+         "rss": 2000 if quick else 10_000, "schedule": 300 if quick else 1200, "web": 200 if quick else 1000}
     figures: dict = {"quick": quick, "machine": _machine()}
     with tempfile.TemporaryDirectory() as tmp_name, VictoriaMetrics() as vm, InfluxDB1() as influx:
         tmp = Path(tmp_name)
@@ -334,6 +385,7 @@ def run(quick: bool) -> dict:
         figures.update(json.loads(out.stdout.strip().splitlines()[-1]))
         figures["rss_cycles"] = n["rss"]
         figures.update(schedule(n["schedule"], tmp))
+        figures.update(web_cost(n["web"], tmp))
         figures.update(startup(tmp))
     return figures
 

@@ -580,8 +580,8 @@ class _Validator:
         if value is _INVALID:
             return value
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-            return self.problem(path, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080)")
+        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+            return self.problem(path, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080; port 0 picks a free one)")
         return value
 
     def datetime(self, value, path):
