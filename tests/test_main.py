@@ -271,3 +271,14 @@ def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
     assert handler.top_tier == Tier.SHORT
     assert "rolled back from abc to def" in handler.active["update:rollback"].message
     hooks.stop()
+
+
+def test_optional_log_file_in_the_store_directory(tmp_path):
+    cfg = write_config(tmp_path, '[log]\nfile = true\nfile_max_bytes = 2000\nfile_backups = 2')
+    result = run_cli("run", "--config", str(cfg), "--cycles", "2", cwd=tmp_path,
+                     env={"INFLUXDB_TOKEN": "tok-never-logged"})
+    assert result.returncode == 0, result.stderr
+    log_file = tmp_path / "store" / "solarpowerbrampton.log"
+    text = log_file.read_text()
+    assert "stopped after 2 cycles" in text and "tok-never-logged" not in text
+    assert text.splitlines()[0][:4].isdigit()  # the file carries its own timestamps

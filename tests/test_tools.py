@@ -171,3 +171,18 @@ def test_the_chips_overflow_flag_does_not_touch_readings_derived_from_the_shunt(
     reading = reader.measure().channels[0]
     assert reading.ok and reading.failed_samples == 0
     assert reading.current_ma == pytest.approx(123.456, abs=0.05)
+
+
+def test_day_scenario_readings_match_the_model(clock):
+    import datetime as dt
+
+    cfg = parse_config({"simulation": {"enabled": True, "scenario": "day", "speed": 1,
+                                       "start": dt.datetime(2026, 6, 21, 13, 0)}})
+    reader, bus = make_reader(cfg, clock)
+    cycle = reader.measure()
+    for reading, channel in zip(cycle.channels, cfg.channels):
+        volts, amps = bus.model.truth(channel.unit_name, channel.role)  # the model barely moves in 1 s at 1x
+        assert reading.bus_voltage_v == pytest.approx(volts, abs=0.01)
+        assert reading.current_ma == pytest.approx(amps * 1000, abs=1.0)
+        assert reading.power_w == pytest.approx(volts * amps, rel=0.01, abs=0.01)
+    assert any(abs(r.current_ma) > 50 for r in cycle.channels)  # midsummer midday: current flows
