@@ -24,7 +24,7 @@ from pathlib import Path
 import config as config_mod
 from config import Config, ConfigError
 from outbox import Outbox, StoreError
-from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError, SolarError, StatusLED, Tier, make_led
+from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError, SolarError, StatusLED, make_led
 from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
 
 log = logging.getLogger(__name__)

@@ -1,8 +1,6 @@
 """The clock: held back until NTP sync on a Pi, re-stamped from boot time, quarantined if it never syncs."""
 from __future__ import annotations
 
-import pytest
-
 from clock import STA_UNSYNC, ClockGuard, adjtimex_status, detect_sync
 from config import parse_config
 from main import Daemon

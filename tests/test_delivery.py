@@ -111,7 +111,7 @@ def test_bad_lines_are_quarantined_and_the_rest_delivered(victoria, make_proxy, 
 def test_real_influxdb_type_conflict_is_quarantined(influxdb1, outbox, clock):
     influxdb1.create_database("conflict")
     writer = v1_writer(influxdb1.url, "conflict")
-    rows = fill(outbox, 200, "conflict", bad_at={150})  # current_ma is a float everywhere else
+    fill(outbox, 200, "conflict", bad_at={150})  # current_ma is a float everywhere else
     result = make_sender(writer, outbox, clock).flush()
     assert result.error is None and result.quarantined == 1 and result.delivered == 199
     series = influxdb1.query("conflict", "SELECT count(current_ma) FROM electricity")
@@ -127,7 +127,7 @@ def test_auth_failure_keeps_everything_and_a_fixed_token_resumes_without_restart
     token_file.chmod(0o600)
     proxy = make_proxy(victoria.url)
     proxy.fail_when_request(lambda r: r.header("Authorization") != f"Token {TOKEN}", status,
-                            body={"code": "unauthorized", "message": f"token wrong-token refused"})
+                            body={"code": "unauthorized", "message": "token wrong-token refused"})
     fill(outbox, 50, f"auth-{status}")
     sender = make_sender(v2_writer(proxy.url, token_file=str(token_file)), outbox, clock)
     result = sender.flush()

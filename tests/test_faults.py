@@ -1,7 +1,6 @@
 """The README's fault table, row by row, where no other test file already proves the row."""
 from __future__ import annotations
 
-import os
 import shutil
 import signal
 import sqlite3
