@@ -157,7 +157,7 @@ class Daemon:
             self.handler.report(error)
         when = self._clock_check(cycle)
         system = self.monitor.read() if self.monitor else None
-        stats = self.outbox.stats()
+        stats = self.outbox.queue_stats()
         lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
         self.last_store_ok = self._store(lines, when)
         self.queue_depth = stats.queue_depth + (len(lines) if self.last_store_ok else 0)

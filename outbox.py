@@ -77,6 +77,16 @@ class Pending:
 
 
 @dataclass(frozen=True)
+class QueueStats:
+    """Per-cycle counts: unsent lines (held ones included), quarantined, dropped, held for the clock."""
+
+    queue_depth: int
+    quarantined: int
+    dropped: int
+    held: int
+
+
+@dataclass(frozen=True)
 class OutboxStats:
     """What `status` shows. Times are Unix ms; None when there is none."""
 
@@ -279,7 +289,10 @@ class Outbox:
         """
         cutoff = self._wall_ms() - self.retention_ms
         with self._transaction() as db:
-            db.execute("DELETE FROM points WHERE sent_ms IS NOT NULL AND sent_ms < ?", (cutoff,))
+            # A line is always sent after it was measured, so `time_ms < cutoff` holds for every row
+            # to prune and lets the time index narrow the scan to old rows.
+            db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NOT NULL AND sent_ms < ?",
+                       (cutoff, cutoff))
         dropped = 0
         while self.used_bytes() > self.max_bytes:
             with self._transaction() as db:
@@ -310,11 +323,23 @@ class Outbox:
         return (pages - free) * size
 
     @_store_errors
+    def queue_stats(self) -> QueueStats:
+        """The counts the `system` point carries every cycle: index-only, cheap even with a long backlog."""
+        ready = self._db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL AND held = 0").fetchone()[0]
+        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
+        quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        dropped = int(self.state("dropped_points").get("dropped_points", 0))
+        return QueueStats(ready + held, quarantined, dropped, held)
+
+    @_store_errors
     def stats(self) -> OutboxStats:
-        """Counts for `status` and the `system` point."""
-        depth, oldest = self._db.execute(
-            "SELECT count(*), min(time_ms) FROM points WHERE sent_ms IS NULL AND held = 0"
+        """Everything `status` shows (counts the whole table: not for every cycle)."""
+        depth = self._db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL AND held = 0").fetchone()[0]
+        # ids grow with time, so the first unsent id is the oldest unsent reading: one index probe.
+        row = self._db.execute(
+            "SELECT time_ms FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT 1"
         ).fetchone()
+        oldest = row[0] if row else None
         held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
         total, newest = self._db.execute("SELECT count(*), max(time_ms) FROM points").fetchone()
         quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]

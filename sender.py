@@ -226,7 +226,7 @@ class Sender:
         now = self._clock()
         if now - self._last_progress < self.policy.progress_every_s:
             return
-        left = self.outbox.stats().queue_depth
+        left = self.outbox.queue_stats().queue_depth
         if left <= self.policy.batch_lines:
             return
         self._last_progress = now
