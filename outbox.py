@@ -163,6 +163,11 @@ class Outbox:
                 "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
             )
         db.executescript(_SCHEMA)
+        # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
+        # (every cycle) never has to count a long backlog. Seeded once from the rows themselves.
+        db.execute("INSERT OR IGNORE INTO state (key, value) "
+                   "SELECT 'unsent_count', count(*) FROM points WHERE sent_ms IS NULL")
+        db.execute("INSERT OR IGNORE INTO state (key, value) SELECT 'quarantined_count', count(*) FROM quarantine")
         return db
 
     def _move_aside(self) -> Path:
@@ -181,12 +186,14 @@ class Outbox:
     # -- writing ---------------------------------------------------------
     @_store_errors
     def append(self, lines: Sequence[tuple[int, str]], state: Mapping[str, str] | None = None, *,
-               boot_id: str | None = None, boot_ms: int | None = None, held: bool = False) -> None:
+               boot_id: str | None = None, boot_ms: int | None = None, held: bool = False,
+               dropped: int = 0) -> None:
         """Store one cycle: (time_ms, line) pairs and state values, in one transaction.
 
         `boot_id`/`boot_ms` record when the cycle was measured relative to
         boot; `held` keeps the lines from delivery until `release_held` gives
-        them a trusted timestamp. Raises StoreError if it could not be
+        them a trusted timestamp; `dropped` adds lines lost before they could
+        be stored to the dropped counter. Raises StoreError if it could not be
         committed (nothing is half-written).
         """
         with self._transaction() as db:
@@ -194,6 +201,9 @@ class Outbox:
                 "INSERT INTO points (time_ms, line, boot_id, boot_ms, held) VALUES (?, ?, ?, ?, ?)",
                 ((t, line, boot_id, boot_ms, int(held)) for t, line in lines),
             )
+            _add_counter(db, "unsent_count", len(lines))
+            if dropped:
+                _add_counter(db, "dropped_points", dropped)
             if state:
                 db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
 
@@ -233,7 +243,9 @@ class Outbox:
         """Record that the server acknowledged these lines."""
         now = self._wall_ms()
         with self._transaction() as db:
-            db.executemany("UPDATE points SET sent_ms = ? WHERE id = ?", ((now, i) for i in ids))
+            marked = db.executemany("UPDATE points SET sent_ms = ? WHERE id = ? AND sent_ms IS NULL",
+                                    ((now, i) for i in ids)).rowcount
+            _add_counter(db, "unsent_count", -marked)
 
     @_store_errors
     def quarantine(self, rows: Iterable[Pending], reason: str) -> int:
@@ -245,7 +257,10 @@ class Outbox:
                 "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) VALUES (?, ?, ?, ?)",
                 ((r.time_ms, r.line, reason, now) for r in rows),
             )
-            db.executemany("DELETE FROM points WHERE id = ?", ((r.id,) for r in rows))
+            removed = db.executemany("DELETE FROM points WHERE id = ? AND sent_ms IS NULL",
+                                     ((r.id,) for r in rows)).rowcount
+            _add_counter(db, "unsent_count", -removed)
+            _add_counter(db, "quarantined_count", len(rows))
         return len(rows)
 
     # -- the clock -------------------------------------------------------
@@ -253,30 +268,31 @@ class Outbox:
     def release_held(self, boot_id: str, offset_ms: int) -> int:
         """Re-stamp this boot's held lines as boot_ms + offset_ms and let them go. Returns how many."""
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, boot_ms, line FROM points WHERE held = 1 AND boot_id = ?", (boot_id,)
-            ).fetchall()
-            db.executemany(
-                "UPDATE points SET time_ms = ?, line = ?, held = 0 WHERE id = ?",
-                ((b + offset_ms, _restamp(line, b + offset_ms), i) for i, b, line in rows),
-            )
-        return len(rows)
+            # In SQL, not in Python: a Pi that was offline for days may hold hundreds of thousands of
+            # lines. A line always ends with its time_ms, so that suffix is replaced.
+            return db.execute(
+                "UPDATE points SET time_ms = boot_ms + :offset, held = 0, "
+                "line = substr(line, 1, length(line) - length(CAST(time_ms AS TEXT))) || CAST(boot_ms + :offset AS TEXT) "
+                "WHERE held = 1 AND boot_id = :boot",
+                {"offset": offset_ms, "boot": boot_id},
+            ).rowcount
 
     @_store_errors
     def quarantine_stale_held(self, current_boot_id: str) -> int:
         """Quarantine held lines of earlier boots: their clock never synced, so their time is unknown."""
         now = self._wall_ms()
         with self._transaction() as db:
-            rows = db.execute(
-                "SELECT id, time_ms, line, boot_id FROM points WHERE held = 1 AND boot_id IS NOT ? ORDER BY id",
-                (current_boot_id,),
-            ).fetchall()
-            db.executemany(
-                "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) VALUES (?, ?, ?, ?)",
-                ((t, line, f"the clock never synced during boot {b}: time unknown", now) for _, t, line, b in rows),
-            )
-            db.executemany("DELETE FROM points WHERE id = ?", ((r[0],) for r in rows))
-        return len(rows)
+            moved = db.execute(
+                "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) "
+                "SELECT time_ms, line, 'the clock never synced during boot ' || coalesce(boot_id, '?') || "
+                "': time unknown', ? FROM points WHERE held = 1 AND boot_id IS NOT ? ORDER BY id",
+                (now, current_boot_id),
+            ).rowcount
+            removed = db.execute("DELETE FROM points WHERE held = 1 AND boot_id IS NOT ? AND sent_ms IS NULL",
+                                 (current_boot_id,)).rowcount
+            _add_counter(db, "unsent_count", -removed)
+            _add_counter(db, "quarantined_count", moved)
+        return moved
 
     # -- housekeeping ----------------------------------------------------
     @_store_errors
@@ -307,6 +323,7 @@ class Outbox:
                     ).rowcount
                     dropped += removed
                     _add_counter(db, "dropped_points", removed)
+                    _add_counter(db, "unsent_count", -removed)
             if not removed:
                 break
         if dropped:
@@ -316,7 +333,7 @@ class Outbox:
 
     @_store_errors
     def used_bytes(self) -> int:
-        """Bytes of the database in use (free pages excluded), plus the WAL."""
+        """Bytes of the database in use (free pages excluded; the WAL is checkpointed back into it)."""
         pages = self._db.execute("PRAGMA page_count").fetchone()[0]
         free = self._db.execute("PRAGMA freelist_count").fetchone()[0]
         size = self._db.execute("PRAGMA page_size").fetchone()[0]
@@ -324,12 +341,13 @@ class Outbox:
 
     @_store_errors
     def queue_stats(self) -> QueueStats:
-        """The counts the `system` point carries every cycle: index-only, cheap even with a long backlog."""
-        ready = self._db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL AND held = 0").fetchone()[0]
-        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
-        quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        dropped = int(self.state("dropped_points").get("dropped_points", 0))
-        return QueueStats(ready + held, quarantined, dropped, held)
+        """The counts the `system` point carries every cycle, from the running counters: no table scan."""
+        counters = dict(self._db.execute(
+            "SELECT key, value FROM state WHERE key IN ('unsent_count', 'quarantined_count', 'dropped_points')"
+        ).fetchall())
+        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]  # usually none
+        return QueueStats(int(counters.get("unsent_count", 0)), int(counters.get("quarantined_count", 0)),
+                          int(counters.get("dropped_points", 0)), held)
 
     @_store_errors
     def stats(self) -> OutboxStats:
@@ -385,11 +403,6 @@ class _Transaction:
     def _rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
-
-
-def _restamp(line: str, time_ms: int) -> str:
-    # The timestamp is always the last space-separated token of a line we wrote.
-    return f"{line[: line.rindex(' ')]} {time_ms}"
 
 
 def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:

@@ -115,3 +115,39 @@ def test_export_since(tmp_path):
     box.append(lines(10))
     assert [t for t, _, _ in box.export(since_ms=1007)] == [1007, 1008, 1009]
     assert isinstance(box._db, sqlite3.Connection)
+
+
+def test_running_counters_agree_with_the_rows_through_every_operation(tmp_path):
+    now = [10_000_000_000]
+    box = Outbox(tmp_path, max_mb=0.25, retention_days=1, wall_ms=lambda: now[0])
+
+    def exact(db=None):
+        db = db or box._db
+        unsent = db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL").fetchone()[0]
+        quarantined = db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
+        return unsent, quarantined
+
+    box.append(lines(100))
+    box.append(lines(10, 100), boot_id="old", boot_ms=5, held=True)
+    box.mark_sent(p.id for p in box.pending(30, 10**6))
+    box.mark_sent(p.id for p in box.pending(5, 10**6)[:2])
+    box.mark_sent([1, 2, 3])  # already sent: not counted twice
+    box.quarantine(box.pending(4, 10**6), "bad")
+    box.quarantine_stale_held("new")
+    box.append([(i, f"m s=\"{'x' * 300}\" {i}") for i in range(1000)], dropped=7)
+    box.enforce_limits()
+    stats = box.queue_stats()
+    assert (stats.queue_depth, stats.quarantined) == exact()
+    assert stats.dropped == box.stats().dropped >= 7
+    box.close()
+    reopened = Outbox(tmp_path)  # the counters persist with the rows
+    assert (reopened.queue_stats().queue_depth, reopened.queue_stats().quarantined) == exact(reopened._db)
+
+
+def test_release_held_restamps_in_sql(tmp_path):
+    box = Outbox(tmp_path)
+    box.append([(99, "m v=1i 99"), (99, "m,t=a\\ b v=2i 99")], boot_id="b1", boot_ms=1_000, held=True)
+    assert box.release_held("b1", 1_700_000_000_000) == 2
+    rows = list(box.export())
+    assert [(t, line) for t, line, _ in rows] == [
+        (1_700_000_001_000, "m v=1i 1700000001000"), (1_700_000_001_000, "m,t=a\\ b v=2i 1700000001000")]
