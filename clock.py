@@ -53,7 +53,7 @@ def timedatectl_synced() -> bool | None:
 
     try:
         out = subprocess.run(["timedatectl", "show", "-p", "NTPSynchronized", "--value"], capture_output=True,
-                             text=True, timeout=5, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
+                             text=True, timeout=2, env={"PATH": "/usr/bin:/bin", "LC_ALL": "C"})
     except (OSError, subprocess.SubprocessError):
         return None
     answer = out.stdout.strip()
@@ -77,10 +77,15 @@ def detect_sync(timesync_file: Path = TIMESYNC_FILE,
 
 
 def read_boot_id(path: Path = BOOT_ID_FILE) -> str:
+    """The kernel's id of this boot. If it cannot be read, a fresh id: each run then counts as its own
+    boot, so readings held by an earlier run are never re-stamped with this boot's clock offset."""
     try:
         return path.read_text().strip()
     except OSError:
-        return "unknown"
+        import uuid
+
+        log.warning("cannot read %s: treating this run as its own boot", path)
+        return f"unknown-{uuid.uuid4()}"
 
 
 def boot_ms() -> int:
@@ -137,5 +142,5 @@ class ClockGuard:
             self._next_sync_check = boot + self._recheck_ms
             if self._synced() is True:
                 self._trusted = newly = True
-            log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")
+                log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")
         return ClockState(self._trusted, self.boot_id, boot, offset, newly, jump)

@@ -144,23 +144,31 @@ class Daemon:
         self.cycles_done = 0
         self.overruns = 0
         self.last_store_ok = False
+        self.last_system = None
+        self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
+        self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
         self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
-        self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque(maxlen=_MAX_UNSTORED_CYCLES)
+        self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
 
     def run_cycle(self):
-        """Measure, store, report. Returns the Cycle."""
+        """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
         cycle = self.reader.measure()
         for reading in cycle.channels:
             if reading.ok:
                 self.handler.clear(f"measure:{reading.name}")
         for error in cycle.errors:
             self.handler.report(error)
-        when = self._clock_check(cycle)
-        system = self.monitor.read() if self.monitor else None
-        stats = self.outbox.queue_stats()
+        cycle, when, clock_state = self._clock_check(cycle)
+        system = self.last_system = self.monitor.read() if self.monitor else None
+        try:
+            stats = self.outbox.queue_stats()
+        except StoreError:
+            stats = None  # _store below reports the store's trouble; the cycle is kept in memory
         lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
         self.last_store_ok = self._store(lines, when)
-        self.queue_depth = stats.queue_depth + (len(lines) if self.last_store_ok else 0)
+        if self.last_store_ok:
+            self._release_held(clock_state)
+        self.queue_depth = (stats.queue_depth if stats else 0) + (len(lines) if self.last_store_ok else 0)
         if self.last_store_ok and self.sender is not None:
             self.sender.notify(len(lines))
         if self.cycles_done % _HOUSEKEEPING_CYCLES == 0:
@@ -171,17 +179,13 @@ class Daemon:
             self.on_cycle(cycle)
         return cycle
 
-    def _clock_check(self, cycle) -> dict:
-        """Where this cycle sits relative to boot, and whether its wall-clock time can be trusted."""
+    def _clock_check(self, cycle):
+        """(cycle, store arguments, clock state): where the cycle sits relative to boot and whether its
+        time can be trusted. With a clock guard the cycle is stamped from boot time plus the current
+        offset, so an NTP step during the sampling window cannot leave it with the old time."""
         if self.clock_guard is None:
-            return {}
+            return cycle, {}, None
         state = self.clock_guard.check()
-        if state.newly_trusted:
-            try:
-                released = self.outbox.release_held(state.boot_id, state.offset_ms)
-                log.info("clock synced: corrected the timestamps of %d held readings", released)
-            except StoreError as exc:
-                log.warning("cannot correct held readings yet: %s", exc)
         if state.jump_ms:
             self.handler.report(SilentError(f"the wall clock jumped by {state.jump_ms / 1000:+.1f} s",
                                             key="clock:jump"))
@@ -191,16 +195,34 @@ class Daemon:
             self.handler.report(ShortError("the clock is not synced yet (no NTP): readings are stored "
                                            "and held back until it is", key="clock"))
         mid_boot_ms = state.boot_ms - round((self.clock() - cycle.monotonic_s) * 1000)
-        return {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}
+        cycle = dataclasses.replace(cycle, time_ms=mid_boot_ms + state.offset_ms)
+        if not state.trusted:
+            self._may_hold = True
+        return cycle, {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}, state
+
+    def _release_held(self, state) -> None:
+        """Once the clock is trusted, re-stamp this boot's held readings (also those held in memory while
+        the store failed, and those of an earlier run of this boot) and let them go."""
+        if state is None or not state.trusted or not self._may_hold:
+            return
+        try:
+            released = self.outbox.release_held(state.boot_id, state.offset_ms)
+        except StoreError as exc:
+            log.warning("cannot correct held readings yet: %s", exc)
+            return
+        self._may_hold = False
+        if released:
+            log.info("clock synced: corrected the timestamps of %d held readings", released)
 
     def _housekeeping(self) -> None:
         from autostart import disk_finding
 
         try:
             self.outbox.enforce_limits()
-        except StoreError as exc:
+            disk = disk_finding(self.outbox.directory)
+        except (StoreError, OSError) as exc:
             log.warning("store housekeeping failed: %s", exc)
-        disk = disk_finding(self.outbox.directory)
+            return
         if disk.error:
             self.handler.report(disk.error)
         else:
@@ -214,11 +236,16 @@ class Daemon:
                 # Energy counters commit with the points they produced, so a crash
                 # can neither double-count nor lose a cycle's energy.
                 pending_lines, pending_when = self._unstored[0]
-                self.outbox.append(pending_lines, energy_state(self.reader.energy), **pending_when)
+                self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
+                                   **pending_when)
+                self._evicted_lines = 0
                 self._unstored.popleft()
             self.handler.clear("store")
             return True
         except StoreError as exc:
+            while len(self._unstored) > _MAX_UNSTORED_CYCLES:
+                # Memory is bounded: the oldest held cycle makes room, and is counted as dropped.
+                self._evicted_lines += len(self._unstored.popleft()[0])
             self.handler.report(CriticalError(
                 f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
             return False
@@ -235,7 +262,16 @@ class Daemon:
             if self.stop_event.is_set():
                 break
             began = self.clock()
-            self.run_cycle()
+            done_before = self.cycles_done
+            try:
+                self.run_cycle()
+            except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop measuring
+                log.exception("a measuring cycle failed")
+                self.cycles_done = done_before + 1
+                self.handler.report(CriticalError(f"a measuring cycle failed: {type(exc).__name__}: {exc}",
+                                                  key="cycle:error"))
+            else:
+                self.handler.clear("cycle:error")
             slot += 1
             late = self.clock() - (start + slot * interval)
             if late > 0:
@@ -355,7 +391,11 @@ def cmd_run(args, config: Config) -> int:
         return EXIT_CONFIG
     handler_led = None
     if config.led.enabled:
-        handler_led = StatusLED(make_led(config.led.pin))
+        try:
+            handler_led = StatusLED(make_led(config.led.pin))
+        except Exception as exc:  # noqa: BLE001 - gpiozero raises many kinds; the LED is optional
+            log.warning("no status LED on GPIO %d (%s: %s): measuring without it",
+                        config.led.pin, type(exc).__name__, exc)
     handler = ErrorHandler(handler_led)
     try:
         choice = open_bus(config, args.simulate)
@@ -469,8 +509,9 @@ class ServiceHooks:
                 updater.mark_good(self.state_dir)
         elif self._ready:
             self.notifier.status(self._status(cycle, tier))
-        if stored:
-            self.notifier.watchdog()  # only after a complete, stored cycle
+        # After every complete cycle, stored or not: while the store fails, cycles are held in memory
+        # and the Critical LED says so; a watchdog restart would only lose them.
+        self.notifier.watchdog()
         if self.page is not None:
             from rpi_errors import BLINK_CODES
             from web import make_snapshot
@@ -504,7 +545,7 @@ def cmd_once(args, config: Config) -> int:
     daemon = Daemon(config, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(outbox.directory)),
                     clock_guard=make_clock_guard(config))
     cycle = daemon.run_cycle()
-    system = daemon.monitor.read()
+    system = daemon.last_system
     outbox.close()
     if args.json:
         print(json.dumps(cycle_json(cycle, system, choice.simulated), indent=2))

@@ -112,3 +112,54 @@ def test_readings_of_a_boot_that_never_synced_are_quarantined(tmp_path, clock):
     assert stats.held == 0 and stats.quarantined == 8
     reasons = outbox2._db.execute("SELECT DISTINCT reason FROM quarantine").fetchall()
     assert reasons == [("the clock never synced during boot boot-1: time unknown",)]
+
+
+def test_a_restart_within_the_same_boot_after_sync_releases_what_the_first_run_held(tmp_path, clock):
+    true_offset = 1_780_000_000_000
+    clocks = Clocks(clock, true_offset - HOURS_3_MS)
+    daemon, outbox = make_daemon(tmp_path, clock, clocks)
+    daemon.run(cycles=2)
+    outbox.close()
+    clocks.offset_ms, clocks.synced = true_offset, True  # synced while the daemon was restarting
+    daemon2, outbox2 = make_daemon(tmp_path, clock, clocks)
+    daemon2.run(cycles=1)
+    assert outbox2.stats().held == 0
+    assert all(t > true_offset for t, _, _ in outbox2.export())
+
+
+def test_cycles_held_in_memory_while_the_store_failed_are_released_when_it_recovers(tmp_path, clock):
+    clocks = Clocks(clock, 1_780_000_000_000 - HOURS_3_MS)
+    daemon, outbox = make_daemon(tmp_path, clock, clocks)
+    daemon.run(cycles=1)
+    outbox._db.execute("PRAGMA query_only = ON")  # the store cannot be written
+    daemon.run_cycle()
+    daemon.run_cycle()  # two unsynced cycles held in memory
+    clocks.offset_ms += HOURS_3_MS
+    clocks.synced = True
+    daemon.run_cycle()  # synced, still cannot store
+    outbox._db.execute("PRAGMA query_only = OFF")
+    daemon.run_cycle()
+    assert outbox.stats().held == 0 and outbox.stats().stored_total == 5 * 4
+
+
+def test_an_ntp_step_during_the_window_cannot_leave_the_old_time_on_a_trusted_cycle(tmp_path, clock):
+    clocks = Clocks(clock, 1_780_000_000_000)
+    daemon, outbox = make_daemon(tmp_path, clock, clocks)
+    clocks.synced = True
+    original = daemon.reader.measure
+
+    def measure_then_step():
+        cycle = original()
+        clocks.offset_ms += HOURS_3_MS  # NTP steps the clock just after the window
+        return cycle
+    daemon.reader.measure = measure_then_step
+    cycle = daemon.run_cycle()
+    assert cycle.time_ms == round(cycle.monotonic_s * 1000) + clocks.offset_ms
+    assert all(t == cycle.time_ms for t, _, _ in outbox.export())
+
+
+def test_an_unreadable_boot_id_makes_each_run_its_own_boot(tmp_path):
+    from clock import read_boot_id
+
+    first, second = read_boot_id(tmp_path / "missing"), read_boot_id(tmp_path / "missing")
+    assert first.startswith("unknown-") and first != second

@@ -282,3 +282,63 @@ def test_optional_log_file_in_the_store_directory(tmp_path):
     text = log_file.read_text()
     assert "stopped after 2 cycles" in text and "tok-never-logged" not in text
     assert text.splitlines()[0][:4].isdigit()  # the file carries its own timestamps
+
+
+def test_a_failing_cycle_is_reported_and_measuring_goes_on(tmp_path, clock):
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    calls = []
+    original = daemon.run_cycle
+
+    def sometimes_broken():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return original()
+    daemon.run_cycle = sometimes_broken
+    daemon.run(cycles=4)
+    assert len(calls) == 4 and outbox.stats().stored_total == 3 * 5
+    assert "cycle:error" not in daemon.handler.active  # cleared by the next good cycle
+
+
+def test_cycles_evicted_from_memory_while_the_store_is_down_are_counted_as_dropped(tmp_path, clock, monkeypatch):
+    import main as main_mod
+
+    monkeypatch.setattr(main_mod, "_MAX_UNSTORED_CYCLES", 3)
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    daemon.run_cycle()
+    outbox._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a card gone read-only
+    for _ in range(5):
+        daemon.run_cycle()  # 5 cycles, 3 fit in memory: 2 evicted
+    outbox._db.execute("PRAGMA query_only = OFF")
+    daemon.run_cycle()
+    stats = outbox.queue_stats()
+    assert stats.dropped == 2 * 5
+    assert outbox.stats().stored_total == (1 + 3 + 1) * 5
+
+
+def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, clock, monkeypatch):
+    import socket
+
+    from main import ServiceHooks
+
+    sock_path = tmp_path / "n.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(0.2)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    hooks = ServiceHooks(daemon.config, daemon.handler, tmp_path)
+    hooks.daemon = daemon
+    daemon.on_cycle = hooks.after_cycle
+    daemon.run_cycle()
+    outbox._db.execute("PRAGMA query_only = ON")
+    daemon.run_cycle()
+    daemon.run_cycle()
+    messages = []
+    while True:
+        try:
+            messages.append(receiver.recv(4096).decode())
+        except TimeoutError:
+            break
+    assert sum("WATCHDOG=1" in m for m in messages) == 3
+    assert any("LED: CRITICAL" in m for m in messages)  # STATUS= says the store is failing
