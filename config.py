@@ -261,7 +261,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data,
         "sampling",
         SamplingConfig,
-        {"interval_s": v.positive, "window_s": v.positive, "samples": v.count, "adc_samples": v.count},
+        {"interval_s": v.up_to(86_400), "window_s": v.up_to(3600), "samples": v.count, "adc_samples": v.count},
     )
     i2c = v.section(data, "i2c", I2CConfig, {"bus": v.non_negative_int})
     led = v.section(data, "led", LedConfig, {"pin": v.gpio_pin, "enabled": v.boolean})
@@ -269,7 +269,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data,
         "store",
         StoreConfig,
-        {"dir": v.text, "max_mb": v.positive, "retention_days": v.non_negative},
+        {"dir": v.text, "max_mb": v.up_to(1_000_000), "retention_days": v.non_negative_up_to(3650)},
         defaults={"dir": _default_store_dir()},
     )
     simulation = v.section(
@@ -279,7 +279,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         {
             "enabled": v.boolean,
             "scenario": v.choice(SCENARIOS),
-            "speed": v.positive,
+            "speed": v.up_to(100_000),
             "seed": v.integer,
             "start": v.datetime,
             "plant": v.text,
@@ -300,11 +300,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             "username": v.text,
             "token_file": v.text,
             "password_file": v.text,
-            "timeout_s": v.positive,
-            "flush_interval_s": v.positive,
+            "timeout_s": v.up_to(600),
+            "flush_interval_s": v.up_to(86_400),
             "batch_lines": v.count,
             "batch_bytes": v.count,
-            "max_upload_bytes_per_s": v.non_negative,
+            "max_upload_bytes_per_s": v.upload_rate,
         },
     )
     log = v.section(
@@ -527,6 +527,29 @@ class _Validator:
             return self.problem(path, f"must not be negative, not {_fmt(value)}")
         return value
 
+    def up_to(self, limit: float):
+        """Greater than 0 and at most `limit` (beyond it a value overflows a timer or SQLite)."""
+        def check(value, path):
+            value = self.positive(value, path)
+            if value is not _INVALID and value > limit:
+                return self.problem(path, f"{_fmt(value)} is more than {_fmt(limit)}")
+            return value
+        return check
+
+    def non_negative_up_to(self, limit: float):
+        def check(value, path):
+            value = self.non_negative(value, path)
+            if value is not _INVALID and value > limit:
+                return self.problem(path, f"{_fmt(value)} is more than {_fmt(limit)}")
+            return value
+        return check
+
+    def upload_rate(self, value, path):
+        value = self.non_negative(value, path)
+        if value is not _INVALID and 0 < value < 100:
+            return self.problem(path, f"{_fmt(value)} bytes/s would stall delivery: use 0 (no limit) or 100 or more")
+        return value
+
     def count(self, value, path):
         value = self.integer(value, path)
         if value is not _INVALID and value < 1:
@@ -571,9 +594,14 @@ class _Validator:
 
     def url(self, value, path):
         value = self.text(value, path)
-        if value is not _INVALID and value and not re.match(r"^https?://[^/\s]+", value):
+        if value is _INVALID or not value:
+            return value
+        if not re.match(r"^https?://[^/\s]+", value):
             return self.problem(path, f"{value!r} is not an http:// or https:// URL")
-        return value.rstrip("/") if value is not _INVALID else value
+        if "@" in value.split("/", 3)[2]:
+            # user:password@ would end up in logs and messages: credentials have their own keys.
+            return self.problem(path, "must not contain a user or password (use username / password_file)")
+        return value.rstrip("/")
 
     def listen(self, value, path):
         value = self.text(value, path)

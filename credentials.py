@@ -52,7 +52,7 @@ class Secret:
 
     def value(self) -> str:
         if not self.path:
-            return self._env_value
+            return _checked(self._env_value, f"${self.env_name}")
         with self._lock:
             try:
                 st = os.stat(self.path)
@@ -69,11 +69,19 @@ class Secret:
                     text = Path(self.path).read_text(encoding="utf-8").strip()
                 except (OSError, UnicodeDecodeError) as exc:
                     raise SecretError(f"secret file {self.path} cannot be read: {type(exc).__name__}") from None
-                self._cached = (*key, text)
+                self._cached = (*key, _checked(text, f"secret file {self.path}"))
             return self._cached[2]
 
     def __repr__(self) -> str:
         return f"Secret({self.source})"
+
+
+def _checked(secret: str, source: str) -> str:
+    # A line break or other control character cannot go into an HTTP header, and the HTTP library's
+    # error would quote the whole header, secret included: refuse it here, naming only the source.
+    if any(ord(c) < 32 or ord(c) == 127 for c in secret):
+        raise SecretError(f"{source} contains a line break or another control character")
+    return secret
 
 
 def _is_systemd_credential(path: str) -> bool:

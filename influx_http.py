@@ -58,23 +58,40 @@ def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
+# What InfluxDB (1.x, 2.x, 3.x, Cloud) says when it refuses particular lines, as opposed to a 400 from
+# something else on the way (a proxy, a captive portal, http sent to an https port): only these send the
+# batch through the halving search that quarantines lines.
+_LINE_ERRORS = ("unable to parse", "partial write", "field type conflict", "conflict", "invalid field",
+                "invalid tag", "invalid measurement", "missing field", "missing tag", "bad timestamp",
+                "invalid timestamp", "beyond retention", "max-values-per-tag", "parsing failed", "line protocol",
+                "invalid number", "invalid boolean", "unbalanced quotes")
+
+
 def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str, str] | None,
                      target: str, what: str, secrets: Sequence[str] = ()) -> SolarError | None:
-    """The typed error for an HTTP response, or None for 2xx.
+    """The typed error for an HTTP response, or None when the write was acknowledged.
 
-    `target` names the server (URL without credentials), `what` the bucket or
-    database, so the message says what to fix.
+    Every InfluxDB (and VictoriaMetrics) acknowledges a write with 204; a 200 with a body is something
+    else answering (a captive portal's "top up your plan" page) and must not count as delivered.
+    `target` names the server (URL without credentials), `what` the bucket or database, so the message
+    says what to fix.
     """
-    if 200 <= status < 300:
+    text = _detail(body)
+    if status == 204 or (200 <= status < 300 and not text):
         return None
-    detail = scrub(_detail(body), *secrets)
+    detail = scrub(text, *secrets)
     said = f"HTTP {status} from {target}" + (f": {detail}" if detail else "")
-    if status in (400, 422):
+    if 200 <= status < 300:
+        return RefusedError(f"{said} (not an InfluxDB write acknowledgement: is the URL right?)", status=status)
+    if status == 422 or (status == 400 and any(marker in text.lower() for marker in _LINE_ERRORS)):
         return RejectedError(f"{said} (lines refused)", status=status)
+    if status == 400:
+        return RefusedError(f"{said} (request refused: check the URL and settings)", status=status)
     if status in (401, 403):
         why = "the token or password was refused" if status == 401 else "no permission to write"
         return AuthError(f"{said} ({why} for {what})", status=status)
-    if status == 404:
+    if status == 404 or (status == 500 and "retention policy not found" in text.lower()):
+        # InfluxDB 1.x answers a misspelt retention policy with a 500: a setting, not an outage.
         return NotFoundError(f"{said} ({what} not found)", status=status)
     if status == 413:
         return TooLargeError(f"{said} (request too large)", status=status)
@@ -187,9 +204,16 @@ class V2Writer:
         except ApiException as exc:
             if not exc.status:  # raised for TLS failures before any response
                 raise UnreachableError(f"cannot reach {self.url}: TLS error") from None
-            raise error_for_status(exc.status, exc.body, exc.headers, self.url, what, (token,)) from None
+            error = error_for_status(exc.status, exc.body, exc.headers, self.url, what, (token,))
+            if error is None:
+                return len(body)
+            error.bytes_sent = len(body)
+            raise error from None
         except network_errors() as exc:
             raise error_for_exception(exc, self.url, self.timeout_s) from None
+        except ValueError:
+            # http.client refuses a header with a line break; its message would quote the token.
+            raise AuthError(f"the token for {self.label} contains a character that cannot be sent") from None
         return len(body)
 
     def close(self) -> None:

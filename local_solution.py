@@ -59,6 +59,7 @@ class V1Writer:
         error = error_for_status(response.status, response.data, response.headers, self.url,
                                  f"database {self.database!r}", (password,))
         if error:
+            error.bytes_sent = len(body)
             raise error
         return len(body)
 

@@ -187,6 +187,8 @@ class Sender:
         try:
             sent = self.writer.write([p.line for p in batch])
         except (RejectedError, TooLargeError) as exc:
+            self._account(getattr(exc, "bytes_sent", 0))  # refused requests cost upload too
+            result.bytes_sent += getattr(exc, "bytes_sent", 0)
             if len(batch) == 1:
                 reason = str(exc)
                 self.outbox.quarantine(batch, reason)

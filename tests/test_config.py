@@ -159,3 +159,18 @@ def test_cli_refuses_a_config_file_others_can_read(tmp_path):
 def test_shipped_example_configs_are_valid(name):
     cfg = load_config(ROOT / name)
     assert cfg.channels
+
+
+@pytest.mark.parametrize("doc,key", [
+    ({"store": {"retention_days": 1e12}}, "store.retention_days"),
+    ({"sampling": {"interval_s": 1e10, "window_s": 1}}, "sampling.interval_s"),
+    ({"influx": {"flush_interval_s": 1e10}}, "influx.flush_interval_s"),
+    ({"influx": {"max_upload_bytes_per_s": 0.015}}, "influx.max_upload_bytes_per_s"),
+    ({"influx": {"kind": "local", "api": "v1", "url": "http://logger:hunter2@db:8086", "database": "d"}},
+     "influx.url"),
+])
+def test_values_that_would_fail_later_are_refused_now(doc, key):
+    with pytest.raises(ConfigError) as err:
+        parse_config(doc)
+    assert f"at '{key}'" in str(err.value)
+    assert "hunter2" not in str(err.value)

@@ -56,3 +56,14 @@ def test_repr_and_scrub_never_show_it():
     secret = Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "tok-123"})
     assert "tok-123" not in repr(secret)
     assert scrub("Authorization: Token tok-123", "tok-123", "") == "Authorization: Token ***"
+
+
+def test_a_secret_with_a_line_break_is_refused_without_showing_it(tmp_path):
+    f = tmp_path / "token"
+    f.write_text("part-one\npart-two\n")
+    f.chmod(0o600)
+    with pytest.raises(SecretError) as err:
+        Secret("INFLUXDB_TOKEN", str(f), environ={}).value()
+    assert "control character" in str(err.value) and "part-one" not in str(err.value)
+    with pytest.raises(SecretError):
+        Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "a\rb"}).value()

@@ -21,7 +21,7 @@ from rpi_errors import (
 
 
 @pytest.mark.parametrize("status,cls,tier", [
-    (400, RejectedError, Tier.SENDING),
+    (400, RefusedError, Tier.SENDING),  # a 400 that names no line problem: kept, not quarantined
     (422, RejectedError, Tier.SENDING),
     (401, AuthError, Tier.SENDING),
     (403, AuthError, Tier.SENDING),
@@ -72,3 +72,25 @@ def test_one_exception_tree():
     for cls in (RejectedError, AuthError, NotFoundError, TooLargeError):
         assert issubclass(cls, SendingError) and issubclass(cls, RefusedError)
     assert issubclass(ThrottledError, UnreachableError) and issubclass(UnreachableError, ConnectionFailedError)
+
+
+@pytest.mark.parametrize("body,cls", [
+    ('{"error":"partial write: field type conflict: input field \\"v\\" is type string"}', RejectedError),
+    ('{"code":"invalid","message":"unable to parse \'m v=\': missing field value"}', RejectedError),
+    ("<html><body>400 The plain HTTP request was sent to HTTPS port</body></html>", RefusedError),
+    ("", RefusedError),
+])
+def test_only_line_errors_send_a_400_batch_to_quarantine(body, cls):
+    error = error_for_status(400, body, {}, "u", "x")
+    assert type(error) is cls
+
+
+def test_a_200_page_is_not_an_acknowledged_write():
+    assert error_for_status(200, "", {}, "u", "x") is None
+    error = error_for_status(200, "<html>Your data allowance is used up. Top up now!</html>", {}, "u", "x")
+    assert type(error) is RefusedError and "not an InfluxDB write acknowledgement" in str(error)
+
+
+def test_a_misspelt_retention_policy_is_not_found_not_an_outage():
+    error = error_for_status(500, '{"error":"retention policy not found: autogn"}', {}, "u", "database 'solar'")
+    assert type(error) is NotFoundError
