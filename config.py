@@ -323,7 +323,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         "update",
         UpdateConfig,
         {"enabled": v.boolean, "remote": v.text, "branch": v.text, "require_signed": v.boolean,
-         "max_failed_starts": v.count},
+         "max_failed_starts": v.count_up_to(4)},
     )
     clock = v.section(
         data, "clock", ClockConfig,
@@ -549,6 +549,14 @@ class _Validator:
         if value is not _INVALID and 0 < value < 100:
             return self.problem(path, f"{_fmt(value)} bytes/s would stall delivery: use 0 (no limit) or 100 or more")
         return value
+
+    def count_up_to(self, limit: int):
+        def check(value, path):
+            value = self.count(value, path)
+            if value is not _INVALID and value > limit:
+                return self.problem(path, f"{value} is more than {limit} (systemd stops restarting after 5 starts)")
+            return value
+        return check
 
     def count(self, value, path):
         value = self.integer(value, path)

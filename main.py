@@ -458,17 +458,27 @@ class ServiceHooks:
 
         self.config = config
         self.handler = handler
-        self.state_dir = state_dir
+        # Where the updater keeps its state: $STATE_DIRECTORY under systemd (what its pre-start uses),
+        # else `state_dir` (tests, runs by hand), never a relative [store] dir.
+        self.update_state_dir = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) \
+            if os.environ.get("STATE_DIRECTORY") else state_dir
         self.notifier = Notifier()
         self.daemon: Daemon | None = None
         self.page = None
         self._ready = False
 
     def start(self) -> None:
+        half = self.notifier.watchdog_interval_s
+        interval = self.config.sampling.interval_s
+        if half is not None and interval >= half:
+            # The watchdog is pinged once per cycle: with a long interval, widen it (systemd allows
+            # WATCHDOG_USEC= at run time) rather than be killed between two healthy cycles.
+            self.notifier.notify(f"WATCHDOG_USEC={int(interval * 3 * 1_000_000)}")
+            log.info("watchdog widened to %d s for the %g s interval", interval * 3, interval)
         if self.config.update.enabled:
             import updater
 
-            notice = updater.rollback_notice(self.state_dir)
+            notice = updater.rollback_notice(self.update_state_dir)
             if notice:
                 self.handler.report(ShortError(notice, key="update:rollback"))
         if self.config.web.enabled:
@@ -480,7 +490,10 @@ class ServiceHooks:
         config = self.config
 
         def history(since_ms: int):
-            box = Outbox(config.store.dir, check_integrity=False)  # its own connection: the server's thread
+            try:
+                box = Outbox(config.store.dir, readonly=True)  # its own connection: the server's thread
+            except StoreError:
+                return
             try:
                 yield from box.export(since_ms)
             finally:
@@ -506,7 +519,7 @@ class ServiceHooks:
             if self.config.update.enabled:
                 import updater
 
-                updater.mark_good(self.state_dir)
+                updater.mark_good(self.update_state_dir)
         elif self._ready:
             self.notifier.status(self._status(cycle, tier))
         # After every complete cycle, stored or not: while the store fails, cycles are held in memory
@@ -629,9 +642,11 @@ def cmd_check(args, config: Config) -> int:
 
 
 def cmd_status(args, config: Config) -> int:
+    if not (Path(config.store.dir) / "outbox.db").exists():
+        print(f"no readings stored yet in {config.store.dir} (writer: {writer_label(config)})")
+        return EXIT_OK
     try:
-        outbox = Outbox(config.store.dir, max_mb=config.store.max_mb,
-                        retention_days=config.store.retention_days, check_integrity=False)
+        outbox = Outbox(config.store.dir, readonly=True)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
@@ -681,7 +696,7 @@ def cmd_export(args, config: Config) -> int:
             since = since.astimezone()
         since_ms = int(since.timestamp() * 1000)
     try:
-        outbox = Outbox(config.store.dir, check_integrity=False)
+        outbox = Outbox(config.store.dir, readonly=True)
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE

@@ -116,12 +116,25 @@ class Outbox:
         retention_days: float = 7.0,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         check_integrity: bool = True,
+        readonly: bool = False,
     ) -> None:
         self.directory = Path(directory)
         self.path = self.directory / DB_NAME
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.retention_ms = int(retention_days * 86_400_000)
         self._wall_ms = wall_ms
+        if readonly:
+            # Readers (`status`, `export`, the live page) never write, never move a file aside and
+            # never hold a write lock against the daemon.
+            if not self.path.exists():
+                raise StoreError(f"no store at {self.path} yet (the daemon has not stored a reading)")
+            try:
+                self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
+                                           isolation_level=None, check_same_thread=False)
+                self._db.execute("SELECT 1 FROM points LIMIT 1")
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read {self.path}: {exc}") from None
+            return
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -135,10 +148,12 @@ class Outbox:
             if check_integrity:
                 result = db.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
-                    raise sqlite3.DatabaseError(result)
+                    db.close()
+                    raise sqlite3.DatabaseError(f"database disk image is malformed: {result}")
             return db
         except sqlite3.DatabaseError as exc:
-            if isinstance(exc, sqlite3.OperationalError) and _is_access_problem(exc):
+            if not _is_corruption(exc):
+                # Locked, busy, read-only, no space: the file itself is fine. Never move it aside.
                 raise StoreError(f"cannot open {self.path}: {exc}") from None
             moved = self._move_aside()
             log.error("store %s failed its integrity check (%s): moved to %s, starting a fresh one",
@@ -413,6 +428,6 @@ def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
     )
 
 
-def _is_access_problem(exc: sqlite3.OperationalError) -> bool:
+def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
     text = str(exc).lower()
-    return "unable to open" in text or "readonly" in text or "read-only" in text or "disk i/o" in text
+    return "malformed" in text or "not a database" in text or "file is encrypted" in text

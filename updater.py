@@ -590,6 +590,15 @@ def self_test(release: Path, live_config: Path | None, *, timeout: float = SELFT
             ("compile", [str(python), "-I", "-S", "-m", "compileall", "-q", "-x", r"[/\\]\.venv[/\\]",
                          str(release)], None),
             ("updater", [str(python), str(release / "updater.py"), "--help"], user),
+        ]
+        if live_config is not None:
+            # The new code must accept the live config as it is: the copy above replaces [influx] and
+            # [store], so a release that rejects them would pass, then exit 78 at every start, which
+            # systemd does not retry (RestartPreventExitStatus=78) and the rollback would never see.
+            check = ("import pathlib, sys; sys.path.insert(0, sys.argv[2]); import config; "
+                     "config.load_config(pathlib.Path(sys.argv[1]))")
+            steps.append(("live config", [str(python), "-c", check, str(live_config), str(release)], user))
+        steps += [
             ("check", [str(python), str(release / "main.py"), "check", "--simulate", "--config", str(cfg)], user),
             ("run", [str(python), str(release / "main.py"), "run", "--simulate", "--cycles", "2",
                      "--config", str(cfg)], user),
@@ -856,13 +865,16 @@ def _restart(cmd: list[str]) -> None:
 
 
 # -- pre-start, mark_good, the rollback notice -----------------------------------------------------
-def _max_failed_starts(config_path: Path | None) -> int:
+def _max_failed_starts(config_path: Path | None) -> int | None:
+    """The rollback limit, or None when self-update is off (then nothing is counted or rolled back:
+    releases switched by hand, e.g. with install.sh, are the user's choice)."""
     try:
-        return config_mod.load_config(config_path).update.max_failed_starts
+        update = config_mod.load_config(config_path).update
     except ConfigError as exc:
         # The daemon will report the config itself; a rollback decision must still be possible.
         log.warning("config invalid (%s); using max_failed_starts = %d", exc.source, UpdateConfig.max_failed_starts)
         return UpdateConfig.max_failed_starts
+    return update.max_failed_starts if update.enabled else None
 
 
 def pre_start(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None,
@@ -886,6 +898,9 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
         return
     if limit is None:
         limit = _max_failed_starts(config_path)
+        if limit is None:
+            log.debug("self-update is off: pre-start has nothing to do")
+            return
     state_dir.mkdir(parents=True, exist_ok=True)
     previous = release_sha(layout, layout.previous)
     with _state(state_dir) as state:

@@ -402,10 +402,36 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
+MAX_CONNECTIONS = 32
+
+
 class _Server(ThreadingHTTPServer):
+    """One thread per connection, at most MAX_CONNECTIONS at once: a room full of phones (or a client
+    that trickles bytes) must not exhaust a Pi Zero's threads; the next one is closed at once."""
+
     daemon_threads = True
     allow_reuse_address = True
     page: FlowPage
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+
+    def process_request(self, request, client_address) -> None:
+        if not self._slots.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except Exception:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
 
 
 class FlowPage:

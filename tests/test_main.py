@@ -342,3 +342,19 @@ def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, c
             break
     assert sum("WATCHDOG=1" in m for m in messages) == 3
     assert any("LED: CRITICAL" in m for m in messages)  # STATUS= says the store is failing
+
+
+def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
+    import socket
+
+    from main import ServiceHooks
+
+    sock_path = tmp_path / "w.sock"
+    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    receiver.bind(str(sock_path))
+    receiver.settimeout(1)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
+    monkeypatch.setenv("WATCHDOG_USEC", "300000000")
+    cfg = parse_config({"sampling": {"interval_s": 600}})
+    ServiceHooks(cfg, ErrorHandler(None), tmp_path).start()
+    assert receiver.recv(4096).decode() == "WATCHDOG_USEC=1800000000"

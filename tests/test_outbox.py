@@ -151,3 +151,33 @@ def test_release_held_restamps_in_sql(tmp_path):
     rows = list(box.export())
     assert [(t, line) for t, line, _ in rows] == [
         (1_700_000_001_000, "m v=1i 1700000001000"), (1_700_000_001_000, "m,t=a\\ b v=2i 1700000001000")]
+
+
+def test_a_locked_store_is_never_moved_aside_and_readers_never_write(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(3))
+    other = sqlite3.connect(tmp_path / "outbox.db", timeout=0)
+    other.execute("BEGIN EXCLUSIVE")  # somebody holds the lock for a long time
+    try:
+        import outbox as outbox_mod
+
+        with pytest.raises(StoreError, match="locked"):
+            opened = Outbox.__new__(Outbox)
+            opened.directory, opened.path = tmp_path, tmp_path / "outbox.db"
+            opened._wall_ms = lambda: 0
+            original = sqlite3.connect
+            outbox_mod.sqlite3.connect = lambda *a, **k: original(*a, **{**k, "timeout": 0.1})
+            try:
+                opened._db = opened._connect(True)
+            finally:
+                outbox_mod.sqlite3.connect = original
+        assert not list(tmp_path.glob("*.corrupt-*"))
+    finally:
+        other.rollback()
+        other.close()
+    reader = Outbox(tmp_path, readonly=True)
+    assert reader.stats().stored_total == 3 and len(list(reader.export())) == 3
+    with pytest.raises(StoreError):
+        reader.append(lines(1))
+    with pytest.raises(StoreError, match="no store at"):
+        Outbox(tmp_path / "empty", readonly=True)

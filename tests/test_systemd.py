@@ -184,7 +184,7 @@ def test_main_unit_contract():
     assert _values(MAIN, "CapabilityBoundingSet") == [""]
     assert _values(MAIN, "RestrictAddressFamilies") == ["AF_UNIX AF_INET AF_INET6"]
     assert "@system-service" in _values(MAIN, "SystemCallFilter")
-    assert _values(MAIN, "ExecStartPre") == [f"+{PY} /opt/solarpowerbrampton/current/updater.py pre-start"]
+    assert _values(MAIN, "ExecStartPre") == [f"+-{PY} /opt/solarpowerbrampton/current/updater.py pre-start"]  # "-": a broken updater never blocks the start
     assert _values(MAIN, "ExecStart") == [
         f"{PY} /opt/solarpowerbrampton/current/main.py run --config /etc/solarpowerbrampton/config.toml"]
     assert _values(MAIN, "StartLimitIntervalSec", "Unit") and _values(MAIN, "StartLimitBurst", "Unit")

@@ -574,3 +574,23 @@ def test_selftest_runs_new_code_as_the_service_user(monkeypatch):
         assert site.state_file()["releases"][sha2] == {**site.state_file()["releases"][sha2], "starts": 0, "good": True}
     finally:
         shutil.rmtree(base, ignore_errors=True)
+
+
+def test_with_self_update_off_pre_start_never_rolls_back_a_release_switched_by_hand(site):
+    sha2 = site.commit("release 2: installed by hand with install.sh")
+    assert site.apply() == updater.EXIT_UPDATED  # stands in for the manual switch: current=2, previous=1
+    site.write_config(enabled=False)
+    for _ in range(6):
+        assert site.pre_start() == 0
+    assert site.current == sha2 and site.previous == site.sha1
+    assert updater.rollback_notice(site.state) is None
+
+
+def test_a_release_that_rejects_the_live_config_is_refused(site, caplog):
+    sha1 = site.sha1
+    (site.work / "config.py").write_text((site.work / "config.py").read_text().replace(
+        'INFLUX_KINDS = ("none", "local", "cloud")', 'INFLUX_KINDS = ("none", "cloud")'))
+    site.commit("release 2: no longer knows kind = local, which the live config uses")
+    assert site.apply() == updater.EXIT_FAILED
+    assert site.current == sha1
+    assert "self-test `live config` failed" in caplog.text

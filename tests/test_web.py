@@ -8,6 +8,7 @@ import os
 import shutil
 import threading
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -594,3 +595,27 @@ def test_browser_shows_live_flows(start_page, tmp_path):
         stop.set()
         feeder.join()
     assert problems == []
+
+
+def test_connections_are_capped_so_idle_clients_cannot_exhaust_threads():
+    import socket as socket_mod
+
+    import web as web_mod
+
+    page = web_mod.FlowPage("127.0.0.1:0", channels=[], site="cap")
+    page.start()
+    try:
+        host, port = page.url.split("//")[1].rstrip("/").rsplit(":", 1)
+        idle = [socket_mod.create_connection((host, int(port))) for _ in range(web_mod.MAX_CONNECTIONS)]
+        time.sleep(0.3)
+        extra = socket_mod.create_connection((host, int(port)))
+        extra.settimeout(5)
+        assert extra.recv(1) == b""  # closed at once, no thread spent on it
+        extra.close()
+        for s in idle:
+            s.close()
+        time.sleep(0.3)
+        with urllib.request.urlopen(page.url + "api/now", timeout=5) as response:
+            assert response.status == 200  # slots come back when clients leave
+    finally:
+        page.stop()
