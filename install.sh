@@ -284,6 +284,18 @@ do_install() {
     changed=1
     info "switched"
   fi
+  # Keep only the current and the previous release: each carries a whole virtualenv, and repeated
+  # upgrades must not fill the SD card.
+  local keep_prev
+  keep_prev=$(basename "$(readlink "$DESTDIR$OPT/previous" 2>/dev/null || echo none)")
+  for dir in "$DESTDIR$OPT"/releases/*/; do
+    [ -d "$dir" ] || continue
+    name=$(basename "$dir")
+    if [ "$name" != "$sha" ] && [ "$name" != "$keep_prev" ]; then
+      rm -rf -- "$dir"
+      info "removed the old release $name"
+    fi
+  done
 
   step "config $ETC"
   mkdir -p "$DESTDIR$ETC"

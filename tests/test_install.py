@@ -92,7 +92,8 @@ class Env:
         self.sha = _git(self.repo, "rev-parse", "HEAD")
 
     def new_commit(self) -> str:
-        (self.repo / "NEWS").write_text("a change\n")
+        news = self.repo / "NEWS"
+        news.write_text((news.read_text() if news.exists() else "") + "a change\n")
         _git(self.repo, "add", "NEWS")
         _git(self.repo, "commit", "-q", "-m", "next")
         return _git(self.repo, "rev-parse", "HEAD")
@@ -246,6 +247,10 @@ def test_upgrade_to_a_new_commit_switches_current_and_keeps_previous(env):
     assert sorted(p.name for p in env.path(f"{OPT}/releases").iterdir()) == sorted([old, new])
     assert ["systemctl", "try-restart", "solarpowerbrampton.service"] in env.calls("systemctl")
     assert new in out
+    newest = env.new_commit()  # a third release: the oldest goes, so upgrades never fill the SD card
+    out = _ok(env.run())
+    assert sorted(p.name for p in env.path(f"{OPT}/releases").iterdir()) == sorted([new, newest])
+    assert f"removed the old release {old}" in out
 
 
 @pytest.mark.parametrize("example", [
