@@ -261,7 +261,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data,
         "sampling",
         SamplingConfig,
-        {"interval_s": v.up_to(86_400), "window_s": v.up_to(3600), "samples": v.count, "adc_samples": v.count},
+        {"interval_s": v.at_most(v.positive, 86_400), "window_s": v.at_most(v.positive, 3600), "samples": v.count, "adc_samples": v.count},
     )
     i2c = v.section(data, "i2c", I2CConfig, {"bus": v.non_negative_int})
     led = v.section(data, "led", LedConfig, {"pin": v.gpio_pin, "enabled": v.boolean})
@@ -269,7 +269,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         data,
         "store",
         StoreConfig,
-        {"dir": v.text, "max_mb": v.up_to(1_000_000), "retention_days": v.non_negative_up_to(3650)},
+        {"dir": v.text, "max_mb": v.at_most(v.positive, 1_000_000), "retention_days": v.at_most(v.non_negative, 3650)},
         defaults={"dir": _default_store_dir()},
     )
     simulation = v.section(
@@ -279,7 +279,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         {
             "enabled": v.boolean,
             "scenario": v.choice(SCENARIOS),
-            "speed": v.up_to(100_000),
+            "speed": v.at_most(v.positive, 100_000),
             "seed": v.integer,
             "start": v.datetime,
             "plant": v.text,
@@ -300,8 +300,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             "username": v.text,
             "token_file": v.text,
             "password_file": v.text,
-            "timeout_s": v.up_to(600),
-            "flush_interval_s": v.up_to(86_400),
+            "timeout_s": v.at_most(v.positive, 600),
+            "flush_interval_s": v.at_most(v.positive, 86_400),
             "batch_lines": v.count,
             "batch_bytes": v.count,
             "max_upload_bytes_per_s": v.upload_rate,
@@ -323,7 +323,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         "update",
         UpdateConfig,
         {"enabled": v.boolean, "remote": v.text, "branch": v.text, "require_signed": v.boolean,
-         "max_failed_starts": v.count_up_to(4)},
+         "max_failed_starts": v.at_most(v.count, 4, " (systemd stops restarting after 5 starts)")},
     )
     clock = v.section(
         data, "clock", ClockConfig,
@@ -527,36 +527,20 @@ class _Validator:
             return self.problem(path, f"must not be negative, not {_fmt(value)}")
         return value
 
-    def up_to(self, limit: float):
-        """Greater than 0 and at most `limit` (beyond it a value overflows a timer or SQLite)."""
-        def check(value, path):
-            value = self.positive(value, path)
+    def at_most(self, check, limit: float, why: str = ""):
+        """`check`, then at most `limit`: beyond it a value would overflow a timer or SQLite later."""
+        def bounded(value, path):
+            value = check(value, path)
             if value is not _INVALID and value > limit:
-                return self.problem(path, f"{_fmt(value)} is more than {_fmt(limit)}")
+                return self.problem(path, f"{_fmt(value)} is more than {_fmt(limit)}{why}")
             return value
-        return check
-
-    def non_negative_up_to(self, limit: float):
-        def check(value, path):
-            value = self.non_negative(value, path)
-            if value is not _INVALID and value > limit:
-                return self.problem(path, f"{_fmt(value)} is more than {_fmt(limit)}")
-            return value
-        return check
+        return bounded
 
     def upload_rate(self, value, path):
         value = self.non_negative(value, path)
         if value is not _INVALID and 0 < value < 100:
             return self.problem(path, f"{_fmt(value)} bytes/s would stall delivery: use 0 (no limit) or 100 or more")
         return value
-
-    def count_up_to(self, limit: int):
-        def check(value, path):
-            value = self.count(value, path)
-            if value is not _INVALID and value > limit:
-                return self.problem(path, f"{value} is more than {limit} (systemd stops restarting after 5 starts)")
-            return value
-        return check
 
     def count(self, value, path):
         value = self.integer(value, path)

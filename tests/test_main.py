@@ -205,23 +205,33 @@ def test_check_passes_on_the_simulator_and_fails_on_an_unwritable_store(tmp_path
     assert "FAIL  store:" in bad.stdout
 
 
-def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchdog(tmp_path):
+def notify_receiver(path):
+    """A datagram socket standing in for systemd's NOTIFY_SOCKET."""
     import socket
 
-    sock_path = tmp_path / "notify.sock"
     receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(sock_path))
+    receiver.bind(str(path))
     receiver.settimeout(0.2)
-    cfg = write_config(tmp_path)
-    result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path,
-                     env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "300000000"})
-    assert result.returncode == 0, result.stderr
+    return receiver
+
+
+def received(receiver) -> list[str]:
     messages = []
     while True:
         try:
             messages.append(receiver.recv(4096).decode())
         except TimeoutError:
-            break
+            return messages
+
+
+def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchdog(tmp_path):
+    sock_path = tmp_path / "notify.sock"
+    receiver = notify_receiver(sock_path)
+    cfg = write_config(tmp_path)
+    result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path,
+                     env={"NOTIFY_SOCKET": str(sock_path), "WATCHDOG_USEC": "300000000"})
+    assert result.returncode == 0, result.stderr
+    messages = received(receiver)
     receiver.close()
     assert messages[0].startswith("READY=1\nSTATUS=last cycle ")
     assert "queue 5, LED: all well" in messages[0]  # the first cycle is stored before READY
@@ -317,14 +327,10 @@ def test_cycles_evicted_from_memory_while_the_store_is_down_are_counted_as_dropp
 
 
 def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, clock, monkeypatch):
-    import socket
-
     from main import ServiceHooks
 
     sock_path = tmp_path / "n.sock"
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(sock_path))
-    receiver.settimeout(0.2)
+    receiver = notify_receiver(sock_path)
     monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
     daemon, _, outbox, _ = make_daemon(tmp_path, clock)
     hooks = ServiceHooks(daemon.config, daemon.handler, tmp_path)
@@ -334,27 +340,18 @@ def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, c
     outbox._db.execute("PRAGMA query_only = ON")
     daemon.run_cycle()
     daemon.run_cycle()
-    messages = []
-    while True:
-        try:
-            messages.append(receiver.recv(4096).decode())
-        except TimeoutError:
-            break
+    messages = received(receiver)
     assert sum("WATCHDOG=1" in m for m in messages) == 3
     assert any("LED: CRITICAL" in m for m in messages)  # STATUS= says the store is failing
 
 
 def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
-    import socket
-
     from main import ServiceHooks
 
     sock_path = tmp_path / "w.sock"
-    receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
-    receiver.bind(str(sock_path))
-    receiver.settimeout(1)
+    receiver = notify_receiver(sock_path)
     monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
     monkeypatch.setenv("WATCHDOG_USEC", "300000000")
     cfg = parse_config({"sampling": {"interval_s": 600}})
     ServiceHooks(cfg, ErrorHandler(None), tmp_path).start()
-    assert receiver.recv(4096).decode() == "WATCHDOG_USEC=1800000000"
+    assert received(receiver) == ["WATCHDOG_USEC=1800000000"]
