@@ -66,9 +66,12 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
                          f"using the simulated model ({config.simulation.scenario} scenario, {why})")
     device = Path(f"/dev/i2c-{config.i2c.bus}")
     if device.exists():
-        from adafruit_extended_bus import ExtendedI2C  # Blinka: only loaded where a real bus exists
+        try:
+            from adafruit_extended_bus import ExtendedI2C  # Blinka: only loaded where a real bus exists
 
-        return BusChoice(ExtendedI2C(config.i2c.bus, frequency=None), False, f"using I2C bus {device}")
+            return BusChoice(ExtendedI2C(config.i2c.bus, frequency=None), False, f"using I2C bus {device}")
+        except Exception as exc:  # noqa: BLE001 - Blinka's board detection raises several kinds
+            raise CriticalError(f"cannot open I2C bus {device}: {type(exc).__name__}: {exc}", key="i2c") from None
     if not is_raspberry_pi():
         return BusChoice(build_simulated_bus(config, clock), True,
                          f"no {device} and this is not a Raspberry Pi: using the simulated model")
@@ -419,7 +422,11 @@ def cmd_run(args, config: Config) -> int:
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
     reader = make_reader(config, choice.bus, outbox)
     sender = make_sender(config, writer, handler) if writer else None
-    stale = outbox.quarantine_stale_held(guard.boot_id)
+    try:
+        stale = outbox.quarantine_stale_held(guard.boot_id)
+    except StoreError as exc:
+        stale = 0
+        log.warning("cannot check for readings of earlier unsynced boots yet: %s", exc)
     if stale:
         log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
     service = ServiceHooks(config, handler, outbox.directory)
