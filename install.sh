@@ -279,11 +279,15 @@ do_install() {
       mv -T "$DESTDIR$OPT/.previous.$$" "$DESTDIR$OPT/previous"
       info "previous -> $old"
     fi
+    # Marked until the daemon has been restarted on the new code, so a run interrupted before the
+    # restart still restarts it next time.
+    : > "$DESTDIR$OPT/.restart-pending"
     ln -sfn "$rel_name" "$DESTDIR$OPT/.current.$$"
     mv -T "$DESTDIR$OPT/.current.$$" "$cur"  # rename(2): atomic
     changed=1
     info "switched"
   fi
+  if [ -e "$DESTDIR$OPT/.restart-pending" ]; then changed=1; fi
   # Keep only the current and the previous release: each carries a whole virtualenv, and repeated
   # upgrades must not fill the SD card.
   local keep_prev
@@ -360,7 +364,13 @@ do_install() {
   if [ -n "$old" ]; then upgrade=1; fi
   if [ "$upgrade" = 1 ] && { [ "$changed" = 1 ] || [ "$units_changed" = 1 ]; }; then
     # A running daemon keeps the old code and unit until restarted (no-op when it is not running).
-    systemctl try-restart "$NAME.service" || warn "systemctl try-restart $NAME.service failed"
+    if systemctl try-restart "$NAME.service"; then
+      rm -f "$DESTDIR$OPT/.restart-pending"
+    else
+      warn "systemctl try-restart $NAME.service failed"
+    fi
+  else
+    rm -f "$DESTDIR$OPT/.restart-pending"
   fi
   if systemctl enable --now "$NAME.service" "$NAME-update.timer"; then
     info "enabled and started $NAME.service and $NAME-update.timer"

@@ -43,6 +43,7 @@ case "$name" in
       mkdir -p "$last/bin" && ln -s "$SPB_REAL_PYTHON" "$last/bin/python"
     fi ;;
   sudo) exit "${SPB_STUB_SUDO_RC:-0}" ;;
+  systemctl) [ "$1" = try-restart ] && [ -n "${SPB_STUB_RESTART_RC:-}" ] && exit "$SPB_STUB_RESTART_RC" ;;
 esac
 exit 0
 """
@@ -109,6 +110,7 @@ class Env:
             "SPB_STUB_LOG": str(self.log),
             "SPB_STUB_DB": str(self.db),
             "SPB_STUB_SUDO_RC": str(sudo_rc),
+            "SPB_STUB_RESTART_RC": os.environ.get("SPB_STUB_RESTART_RC", ""),
             "SPB_REAL_PYTHON": sys.executable,
         }
         return subprocess.run(["bash", str(self.repo / "install.sh"), *args], env=env, capture_output=True,
@@ -251,6 +253,18 @@ def test_upgrade_to_a_new_commit_switches_current_and_keeps_previous(env):
     out = _ok(env.run())
     assert sorted(p.name for p in env.path(f"{OPT}/releases").iterdir()) == sorted([new, newest])
     assert f"removed the old release {old}" in out
+
+
+def test_an_upgrade_whose_restart_did_not_happen_restarts_on_the_next_run(env, monkeypatch):
+    _ok(env.run())
+    env.new_commit()
+    monkeypatch.setenv("SPB_STUB_RESTART_RC", "1")  # the run is cut off before the daemon restarted
+    env.run()
+    assert env.path(f"{OPT}/.restart-pending").exists()
+    monkeypatch.delenv("SPB_STUB_RESTART_RC")
+    _ok(env.run())  # nothing new to install, but the daemon still runs the old code: restart it
+    assert ["systemctl", "try-restart", "solarpowerbrampton.service"] in env.calls("systemctl")
+    assert not env.path(f"{OPT}/.restart-pending").exists()
 
 
 @pytest.mark.parametrize("example", [
