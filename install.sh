@@ -124,7 +124,11 @@ do_uninstall() {
     info "removed the config, the token and the store"
   else
     step "keeping $ETC (config, token) and $STATE (the store)"
-    info "remove them too with: sudo $0 --uninstall --purge"
+    # Their owner is gone: hand them to root, so a future user that gets the same uid cannot read them.
+    for dir in "$DESTDIR$ETC" "$DESTDIR$STATE"; do
+      if [ -e "$dir" ]; then chown -R root:root "$dir"; fi
+    done
+    info "kept, now owned by root; remove them too with: sudo $0 --uninstall --purge"
   fi
   printf '\nSolarPowerBrampton uninstalled.\n'
 }

@@ -231,6 +231,9 @@ def test_install_twice_then_uninstall_and_purge(env):
     assert env.calls("groupdel") == [["groupdel", "solarpower"]]
     assert cfg.read_text() == cfg_text and tok.read_text() == tok_text
     assert env.path(f"{STATE}/outbox.db").read_text() == "readings"
+    # the kept files no longer belong to the deleted user's uid
+    assert ["chown", "-R", "root:root", str(env.path(ETC))] in env.calls("chown")
+    assert ["chown", "-R", "root:root", str(env.path(STATE))] in env.calls("chown")
 
     # ---- a second uninstall is harmless; --purge removes config, token and data
     _ok(env.run("--uninstall", "--purge"))
