@@ -22,7 +22,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from rpi_errors import ErrorHandler, MeasuringError, ShortError, SilentError, SolarError, Tier
+from clock import NOT_SYNCED
+from rpi_errors import CriticalError, ErrorHandler, MeasuringError, ShortError, SilentError, SolarError, Tier
 
 log = logging.getLogger(__name__)
 
@@ -44,15 +45,22 @@ class Finding:
 
 
 def boot_checks(config, *, bus, bus_note: str, store_path: Path, clock_trusted: bool,
-                scan: Callable[[object], list[int]]) -> list[Finding]:
-    """Check what can be checked without the network. Never raises for a finding."""
+                scan: Callable[[object], list[int]], store_error: str | None = None) -> list[Finding]:
+    """Check what can be checked without the network (at every start, and by `main.py check`).
+
+    `store_error` says why the store at `store_path` could not be opened (None: it was). Never raises
+    for a finding.
+    """
     findings = [
         Finding("config", f"{config.source}: {len(config.channels)} channels"),
         Finding("i2c", bus_note),
-        Finding("store", f"{store_path} is writable"),
+        Finding("store", f"{store_path} is writable") if store_error is None
+        else Finding("store", store_error, CriticalError(store_error, key="store")),
     ]
     try:
         answering = set(scan(bus))
+        findings.append(Finding("scan", "addresses answering: "
+                                + (", ".join(f"0x{a:02X}" for a in sorted(answering)) or "none")))
     except OSError as exc:
         answering = set()
         findings.append(Finding("sensors", f"bus scan failed: {exc}", MeasuringError(f"I2C bus scan failed: {exc}")))
@@ -62,12 +70,12 @@ def boot_checks(config, *, bus, bus_note: str, store_path: Path, clock_trusted: 
         else:
             text = f"{channel.name}: no INA219 answers at 0x{channel.address:02X} (check wiring and address jumpers)"
             findings.append(Finding(f"sensor {channel.name}", text, MeasuringError(text, key=f"measure:{channel.name}")))
-    findings.append(disk_finding(store_path.parent))
+    if store_error is None:
+        findings.append(disk_finding(store_path.parent))
     if clock_trusted:
         findings.append(Finding("clock", "trusted"))
     else:
-        text = "the clock is not synced yet (no NTP): readings are stored and held back until it is"
-        findings.append(Finding("clock", text, ShortError(text, key="clock")))
+        findings.append(Finding("clock", NOT_SYNCED, ShortError(NOT_SYNCED, key="clock")))
     return findings
 
 

@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 TIMESYNC_FILE = Path("/run/systemd/timesync/synchronized")
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 STA_UNSYNC = 0x40
+NOT_SYNCED = "the clock is not synced yet (no NTP): readings are stored and held back until it is"
 
 
 class _Timex(ctypes.Structure):

@@ -6,7 +6,6 @@ Nothing here touches hardware, the network or the store.
 """
 from __future__ import annotations
 
-import dataclasses
 import datetime as dt
 import math
 import os
@@ -26,7 +25,6 @@ ROLES = ("battery", "solar", "load", "exchange")
 SCENARIOS = ("day", "constant")
 INFLUX_KINDS = ("none", "local", "cloud")
 INFLUX_APIS = ("v1", "v2")
-PRECISIONS = ("ms",)
 
 
 @dataclass(frozen=True)
@@ -637,7 +635,3 @@ def _kind(value: Any) -> str:
 def _fmt(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else str(value)
 
-
-def replace(config: Config, **changes: Any) -> Config:
-    """A copy of `config` with top-level sections replaced (thin wrapper for callers)."""
-    return dataclasses.replace(config, **changes)

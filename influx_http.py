@@ -61,7 +61,7 @@ def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -
 # What InfluxDB (1.x, 2.x, 3.x, Cloud) says when it refuses particular lines, as opposed to a 400 from
 # something else on the way (a proxy, a captive portal, http sent to an https port): only these send the
 # batch through the halving search that quarantines lines.
-_LINE_ERRORS = ("unable to parse", "partial write", "field type conflict", "conflict", "invalid field",
+_LINE_ERRORS = ("unable to parse", "partial write", "field type conflict", "invalid field",
                 "invalid tag", "invalid measurement", "missing field", "missing tag", "bad timestamp",
                 "invalid timestamp", "beyond retention", "max-values-per-tag", "parsing failed", "line protocol",
                 "invalid number", "invalid boolean", "unbalanced quotes")

@@ -22,9 +22,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import config as config_mod
+from clock import NOT_SYNCED
 from config import Config, ConfigError
 from outbox import Outbox, StoreError
-from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError, SolarError, StatusLED, make_led
+from rpi_errors import (BLINK_CODES, CriticalError, ErrorHandler, MeasuringError, ShortError, SilentError,
+                        SolarError, StatusLED, Tier, is_raspberry_pi, make_led)
 from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
 
 log = logging.getLogger(__name__)
@@ -43,14 +45,6 @@ class BusChoice:
     bus: object
     simulated: bool
     note: str
-
-
-def is_raspberry_pi(model_path: Path = Path("/proc/device-tree/model")) -> bool:
-    """True on a Raspberry Pi (reads the device-tree model string)."""
-    try:
-        return "raspberry pi" in model_path.read_text(errors="replace").lower()
-    except OSError:
-        return False
 
 
 def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.monotonic) -> BusChoice:
@@ -195,8 +189,7 @@ class Daemon:
         if state.trusted:
             self.handler.clear("clock")
         else:
-            self.handler.report(ShortError("the clock is not synced yet (no NTP): readings are stored "
-                                           "and held back until it is", key="clock"))
+            self.handler.report(ShortError(NOT_SYNCED, key="clock"))
         mid_boot_ms = state.boot_ms - round((self.clock() - cycle.monotonic_s) * 1000)
         cycle = dataclasses.replace(cycle, time_ms=mid_boot_ms + state.offset_ms)
         if not state.trusted:
@@ -513,31 +506,33 @@ class ServiceHooks:
         except OSError as exc:
             log.warning("live page not started on %s: %s", config.web.listen, exc.strerror or exc)
             return
+        from web import make_snapshot
+
         self.page = page
+        self._make_snapshot = make_snapshot
         log.info("live energy-flow page at %s", page.url)
 
     def after_cycle(self, cycle) -> None:
-        daemon = self.daemon
-        stored = daemon is not None and daemon.last_store_ok
-        tier = self.handler.top_tier
-        if stored and not self._ready:
+        first_stored = self.daemon is not None and self.daemon.last_store_ok and not self._ready
+        if first_stored:
             self._ready = True
-            self.notifier.ready(self._status(cycle, tier))
             if self.config.update.enabled:
                 import updater
 
                 updater.mark_good(self.update_state_dir)
-        elif self._ready:
-            self.notifier.status(self._status(cycle, tier))
-        # After every complete cycle, stored or not: while the store fails, cycles are held in memory
-        # and the Critical LED says so; a watchdog restart would only lose them.
-        self.notifier.watchdog()
+        tier = self.handler.top_tier
+        if self.notifier.enabled:  # off systemd, build nothing
+            if first_stored:
+                self.notifier.ready(self._status(cycle, tier))
+            elif self._ready:
+                self.notifier.status(self._status(cycle, tier))
+            # After every complete cycle, stored or not: while the store fails, cycles are held in
+            # memory and the Critical LED says so; a watchdog restart would only lose them.
+            self.notifier.watchdog()
         if self.page is not None:
-            from rpi_errors import BLINK_CODES
-            from web import make_snapshot
-
-            self.page.update(make_snapshot(cycle, self.config.channels, tier=tier, summary=self.handler.summary(),
-                                           meaning=BLINK_CODES[tier].meaning))
+            self.page.update(self._make_snapshot(cycle, self.config.channels, tier=tier,
+                                                 summary=self.handler.summary(),
+                                                 meaning=BLINK_CODES[tier].meaning))
 
     def _status(self, cycle, tier) -> str:
         when = dt.datetime.fromtimestamp(cycle.time_ms / 1000).strftime("%H:%M:%S")
@@ -608,42 +603,41 @@ def cycle_table(cycle) -> str:
 
 
 def cmd_check(args, config: Config) -> int:
+    """The boot checks, printed for a technician, plus one reading per channel. Short findings
+    (low disk, clock not synced yet) are warnings; anything more serious fails the check."""
+    import autostart
+    from tools import scan
+
     failures = 0
 
-    def report(ok: bool, what: str) -> None:
+    def report(finding) -> None:
         nonlocal failures
-        failures += not ok
-        print(f"{'OK  ' if ok else 'FAIL'}  {what}")
+        tier = finding.tier
+        failures += tier is not None and tier > Tier.SHORT
+        label = "OK  " if tier is None else "WARN" if tier <= Tier.SHORT else "FAIL"
+        print(f"{label}  {finding.name}: {finding.error.message if finding.error else finding.detail}")
 
-    report(True, f"config: {config.source} ({len(config.channels)} channels)")
     try:
         choice = open_bus(config, args.simulate)
     except CriticalError as exc:
-        report(False, f"I2C bus: {exc}")
+        report(autostart.Finding("i2c", str(exc), exc))
         return EXIT_FAILURE
-    report(True, f"I2C bus: {choice.note}")
-    from tools import scan
-
-    answering = set(scan(choice.bus))
-    print("      addresses answering: " + (", ".join(f"0x{a:02X}" for a in sorted(answering)) or "none"))
-    for channel in config.channels:
-        report(channel.address in answering,
-               f"sensor {channel.name} at 0x{channel.address:02X}"
-               + ("" if channel.address in answering else ": no answer, check its wiring and address jumpers"))
-    reader = make_reader(config, choice.bus, None, window_s=min(config.sampling.window_s, 0.2))
-    cycle = reader.measure()
-    for r in cycle.channels:
-        if not r.ok:
-            report(False, f"reading {r.name}: {r.error}")
-        else:
-            report(True, f"reading {r.name}: {r.bus_voltage_v:.2f} V, {r.current_ma:.1f} mA, {r.power_w:.2f} W")
+    store_error = None
     try:
         outbox = open_store(config)
         outbox.set_state({"last_check": dt.datetime.now(dt.timezone.utc).isoformat()})
         outbox.close()
-        report(True, f"store: {Path(config.store.dir) / 'outbox.db'} is writable")
     except StoreError as exc:
-        report(False, f"store: {exc}")
+        store_error = str(exc)
+    for finding in autostart.boot_checks(config, bus=choice.bus, bus_note=choice.note,
+                                         store_path=Path(config.store.dir) / "outbox.db",
+                                         clock_trusted=make_clock_guard(config).check().trusted, scan=scan,
+                                         store_error=store_error):
+        report(finding)
+    reader = make_reader(config, choice.bus, None, window_s=min(config.sampling.window_s, 0.2))
+    for r in reader.measure().channels:
+        detail = r.error if not r.ok else f"{r.bus_voltage_v:.2f} V, {r.current_ma:.1f} mA, {r.power_w:.2f} W"
+        report(autostart.Finding(f"reading {r.name}", detail, None if r.ok else MeasuringError(r.error)))
     print("all checks passed" if not failures else f"{failures} check(s) failed")
     return EXIT_OK if not failures else EXIT_FAILURE
 

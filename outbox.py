@@ -366,18 +366,15 @@ class Outbox:
 
     @_store_errors
     def stats(self) -> OutboxStats:
-        """Everything `status` shows (counts the whole table: not for every cycle)."""
-        depth = self._db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL AND held = 0").fetchone()[0]
+        """Everything `status` shows: the queue counts plus the whole table's (not for every cycle)."""
+        queue = self.queue_stats()
         # ids grow with time, so the first unsent id is the oldest unsent reading: one index probe.
         row = self._db.execute(
             "SELECT time_ms FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT 1"
         ).fetchone()
-        oldest = row[0] if row else None
-        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
         total, newest = self._db.execute("SELECT count(*), max(time_ms) FROM points").fetchone()
-        quarantined = self._db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        dropped = int(self.state("dropped_points").get("dropped_points", 0))
-        return OutboxStats(depth + held, oldest, newest, total, quarantined, dropped, self.used_bytes(), held)
+        return OutboxStats(queue.queue_depth, row[0] if row else None, newest, total, queue.quarantined,
+                           queue.dropped, self.used_bytes(), queue.held)
 
     def export(self, since_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
         """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "held" | "quarantined")."""

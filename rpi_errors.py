@@ -92,7 +92,12 @@ class SilentError(SolarError):
 # policy (split, back off, wait, quarantine) acts on the class; `status` is the
 # HTTP status where there was one. Messages never contain credentials.
 class RefusedError(SendingError):
-    """The server refused the write as a whole; keep everything and retry slowly."""
+    """The server refused the write as a whole; keep everything and retry slowly.
+
+    `bytes_sent`: the request body that went out anyway (it counts against an upload cap).
+    """
+
+    bytes_sent: int = 0
 
     def __init__(self, message: str, *, status: int | None = None, key: str | None = None) -> None:
         super().__init__(message, key=key)
@@ -324,18 +329,18 @@ def make_led(pin: int, *, log_fallback: bool = True):
     if reason is not None:
         Device.pin_factory = MockFactory()
         level = logging.INFO if log_fallback else logging.DEBUG
-        if _looks_like_pi():
+        if is_raspberry_pi():
             level = logging.WARNING
         log.log(level, "status LED on GPIO %d is simulated (no GPIO: %s)",
                 pin, reason)
     return LED(pin)
 
 
-def _looks_like_pi() -> bool:
+def is_raspberry_pi(model_path: str = "/proc/device-tree/model") -> bool:
+    """True on a Raspberry Pi (reads the device-tree model string)."""
     try:
-        with open("/proc/device-tree/model", encoding="ascii",
-                  errors="replace") as model:
-            return "Raspberry Pi" in model.read()
+        with open(model_path, encoding="ascii", errors="replace") as model:
+            return "raspberry pi" in model.read().lower()
     except OSError:
         return False
 

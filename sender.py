@@ -137,8 +137,8 @@ class Sender:
             self._flush_logged()
         deadline = self._clock() + self.policy.final_flush_s
         self._flush_logged(deadline)
-        log.info("sender stopped: %d points delivered in %d requests this run",
-                 self.total_delivered, self.total_requests)
+        log.info("sender stopped: %d points delivered in %d requests (%d bytes) this run",
+                 self.total_delivered, self.total_requests, self.total_bytes)
 
     def _flush_logged(self, deadline: float | None = None) -> None:
         try:
@@ -160,12 +160,12 @@ class Sender:
                 batch = self.outbox.pending(self.policy.batch_lines, self.policy.batch_bytes)
                 if not batch:
                     break
-                if not self._rate_wait(deadline):
-                    break
-                self._send(batch, result)
+                self._send(batch, result, deadline)
                 self._log_progress(result, started)
                 if len(batch) < self.policy.batch_lines and _size(batch) < self.policy.batch_bytes // 2:
                     break  # caught up: the rest waits for the next flush, so requests stay big
+        except _OutOfBudget:
+            pass  # the upload cap or the deadline: the rest goes at the next flush
         except (RefusedError, UnreachableError) as exc:
             result.error = exc
             self._on_failure(exc)
@@ -173,22 +173,24 @@ class Sender:
             result.error = exc
             log.error("delivery paused: %s", exc)
             self._next_attempt = self._clock() + self.policy.refused_retry_s
-        else:
-            if result.requests:
-                self._on_success(result)
+        if result.error is None and result.requests:
+            self._on_success(result)
         self.total_delivered += result.delivered
         self.total_requests += result.requests
         self.total_bytes += result.bytes_sent
         return result
 
-    def _send(self, batch: list[Pending], result: FlushResult) -> None:
-        """Write `batch`; on refused lines or 413 split it in two and recurse."""
+    def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None) -> None:
+        """Write `batch`; on refused lines or 413 split it in two and recurse. Every request, the
+        halves' included, waits for the upload budget (raises _OutOfBudget when it cannot)."""
+        if not self._rate_wait(deadline):
+            raise _OutOfBudget
         result.requests += 1
         try:
             sent = self.writer.write([p.line for p in batch])
         except (RejectedError, TooLargeError) as exc:
-            self._account(getattr(exc, "bytes_sent", 0))  # refused requests cost upload too
-            result.bytes_sent += getattr(exc, "bytes_sent", 0)
+            self._account(exc.bytes_sent)  # refused requests cost upload too
+            result.bytes_sent += exc.bytes_sent
             if len(batch) == 1:
                 reason = str(exc)
                 self.outbox.quarantine(batch, reason)
@@ -199,8 +201,8 @@ class Sender:
                     f"(`main.py export`): {reason}", key="quarantine"))
                 return
             half = len(batch) // 2
-            self._send(batch[:half], result)
-            self._send(batch[half:], result)
+            self._send(batch[:half], result, deadline)
+            self._send(batch[half:], result, deadline)
             return
         self._account(sent)
         self.outbox.mark_sent(p.id for p in batch)
@@ -267,6 +269,10 @@ class Sender:
             self.outbox.set_state(values)
         except StoreError as exc:
             log.warning("cannot record delivery state: %s", exc)
+
+
+class _OutOfBudget(Exception):
+    """No request may go out now (upload cap, deadline or stopping); not an error."""
 
 
 def _size(batch: list[Pending]) -> int:
