@@ -62,7 +62,11 @@ class Cycle:
     time_ms: int
     monotonic_s: float
     channels: tuple[ChannelReading, ...]
-    errors: tuple[MeasuringError, ...] = ()
+
+    @property
+    def errors(self) -> tuple[MeasuringError, ...]:
+        """One MeasuringError per channel with no good sample (keyed `measure:<name>`)."""
+        return tuple(MeasuringError(r.error, key=f"measure:{r.name}") for r in self.channels if not r.ok)
 
 
 @dataclass
@@ -199,15 +203,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             for sensor in self._sensors:
                 self._sample(sensor)
         mid_s = start_s + self.sampling.window_s / 2
-        readings = []
-        errors = []
-        for sensor in self._sensors:
-            reading = self._average(sensor, mid_s)
-            readings.append(reading)
-            if reading.error:
-                errors.append(MeasuringError(reading.error, key=f"measure:{reading.name}"))
-        time_ms = start_wall_ms + round(self.sampling.window_s * 500)
-        return Cycle(time_ms, mid_s, tuple(readings), tuple(errors))
+        readings = tuple(self._average(sensor, mid_s) for sensor in self._sensors)
+        return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings)
 
     def _prepare(self, sensor: _Sensor) -> None:
         """Attach the driver if needed and make sure the chip holds our settings."""
