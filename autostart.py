@@ -81,11 +81,14 @@ def boot_checks(config, *, bus, bus_note: str, store_path: Path, clock_trusted: 
 
 def disk_finding(path: Path, low_mb: float = LOW_DISK_MB) -> Finding:
     """Free space where the store lives; below `low_mb` MiB it is a Short error (the size cap still protects)."""
-    free_mb = shutil.disk_usage(path).free / 1_048_576
+    from outbox import format_mb
+
+    free = shutil.disk_usage(path).free
+    free_mb = free / 1_048_576
     if free_mb < low_mb:
-        text = f"only {free_mb:.0f} MB free on the store's disk ({path})"
+        text = f"only {format_mb(free)} free on the store's disk ({path})"
         return Finding("disk", text, ShortError(text, key="disk"))
-    return Finding("disk", f"{free_mb:.0f} MB free")
+    return Finding("disk", f"{format_mb(free)} free")
 
 
 def report(findings: list[Finding], handler: ErrorHandler) -> bool:

@@ -45,7 +45,7 @@ class ChannelConfig:
     max_current_a: float = 2.0
     tags: Mapping[str, str] = field(default_factory=dict)
     role: str = "battery"
-    unit: str = ""  # the model unit it sits on; empty means the channel's name
+    unit: str = ""  # the model unit it sits on (house, plant): the `unit` tag; empty means the channel's name
     constant: ConstantTruth = field(default_factory=ConstantTruth)
 
     @property
@@ -166,6 +166,9 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    # Deprecated keys found (still honoured or ignored as the text says): logged once at start, never fatal,
+    # since an installed config is never overwritten and exit 78 would also fail every self-update.
+    warnings: tuple[str, ...] = ()
 
 
 DEFAULT_CHANNELS = (
@@ -186,10 +189,12 @@ class ConfigError(Exception):
 
 
 def embedded_default() -> Config:
-    """The config used when no file exists: the simulated model, storing in ./data."""
+    """The config used when no file exists: the simulated model, storing in ./data, with the live
+    page on 127.0.0.1:8080 (only this machine can see it) so a first run shows something at once."""
     return Config(
         channels=DEFAULT_CHANNELS,
         simulation=SimulationConfig(enabled=True),
+        web=WebConfig(enabled=True),
         store=StoreConfig(dir=_default_store_dir()),
     )
 
@@ -213,18 +218,20 @@ def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> P
 
 
 def check_permissions(path: Path) -> None:
-    """Refuse a config file that others (not owner, not group) can read or write, as ssh refuses an open key.
+    """Refuse a config file that group or others can write (they could point the daemon anywhere).
 
+    A config holds no secret (tokens and passwords live in their own 0600 files), so one that others
+    can read is fine: every file git checks out and every `cp` of the example is 0644.
     Raises ConfigError naming the file, its mode and the fix.
     """
     try:
         mode = path.stat().st_mode
     except OSError:
         return  # load_config reports an unreadable file
-    if mode & 0o006:
+    if mode & 0o022:
+        who = "group and others" if mode & 0o022 == 0o022 else "others" if mode & 0o002 else "its group"
         raise ConfigError(str(path), [
-            f"the file is {'writable' if mode & 0o002 else 'readable'} by others (mode {mode & 0o777:04o}): "
-            f"run chmod 640 {path}"
+            f"the file is writable by {who} (mode {mode & 0o777:04o}): run chmod go-w {path}"
         ])
 
 
@@ -373,6 +380,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         update=update,
         clock=clock,
         web=web,
+        warnings=tuple(f"{source}: {w}" for w in v.warnings),
     )
 
 
@@ -445,6 +453,7 @@ class _Validator:
 
     def __init__(self) -> None:
         self.problems: list[str] = []
+        self.warnings: list[str] = []
 
     def problem(self, path: str, message: str) -> object:
         self.problems.append(f"at '{path}': {message}")
@@ -580,6 +589,12 @@ class _Validator:
             elif key in ("site", "unit"):
                 self.problem(f"{path}.{key}", "is set by the daemon and cannot be overridden")
                 bad = True
+        if "channel" in value and not bad:
+            # Before the channel's name had its own `channel` tag, a user's tag could be called so.
+            self.warnings.append(
+                f"at '{path}.channel': deprecated and ignored: the daemon now sets the `channel` tag to the "
+                "channel's name; rename this tag")
+            value = {k: t for k, t in value.items() if k != "channel"}
         return _INVALID if bad else dict(value)
 
     def url(self, value, path):

@@ -16,7 +16,8 @@
 #   /var/lib/solarpowerbrampton                   the store (StateDirectory=, created by systemd)
 #
 # Environment, for tests and packaging:
-#   DESTDIR=/dir      prefix every path this script writes (system commands are still run: stub them on PATH)
+#   DESTDIR=/dir      test mode: every path this script writes, and the final check's store, go under /dir
+#                     (system commands are still run: stub them on PATH, as tests/test_install.py does)
 #   SPB_SKIP_PIP=1    do not pip install requirements.txt into the release's .venv
 #   SPB_PIP_ARGS=".." extra arguments for pip install (e.g. "--index-url http://mirror/simple")
 # Every system command (systemctl, useradd, groupadd, usermod, userdel, groupdel, getent, chown,
@@ -384,15 +385,27 @@ do_install() {
   fi
 
   step "check: sudo -u $SVC_USER .../.venv/bin/python .../main.py check --config $ETC/config.toml"
-  local rc=0
+  local rc=0 check_cfg=$DESTDIR$ETC/config.toml
+  if [ -n "$DESTDIR" ]; then
+    # Test mode touches nothing outside DESTDIR: the check's store (an absolute [store] dir, normally
+    # $STATE) goes under it too, through a copy of the config that the check reads instead.
+    check_cfg=$(mktemp "$DESTDIR$ETC/.config-check.XXXXXX.toml")
+    trap 'rm -f "$check_cfg"' EXIT
+    sed -E "s|^([[:space:]]*dir[[:space:]]*=[[:space:]]*\")/|\1$DESTDIR/|" "$DESTDIR$ETC/config.toml" >"$check_cfg"
+    chmod 0644 "$check_cfg"
+  fi
   if have sudo; then
     (cd / && sudo -u "$SVC_USER" "$DESTDIR$OPT/current/.venv/bin/python" "$DESTDIR$OPT/current/main.py" \
-      check --config "$DESTDIR$ETC/config.toml") || rc=$?
+      check --config "$check_cfg") || rc=$?
   else
     warn "sudo is not installed: check skipped"
     rc=-1
   fi
 
+  if [ -n "$DESTDIR" ]; then
+    rm -f "$check_cfg"
+    trap - EXIT
+  fi
   printf '\n'
   if [ "$rc" = 0 ]; then
     info "check passed"

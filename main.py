@@ -24,7 +24,7 @@ from pathlib import Path
 import config as config_mod
 from clock import NOT_SYNCED
 from config import Config, ConfigError
-from outbox import Outbox, StoreError
+from outbox import Outbox, StoreError, format_mb
 from rpi_errors import (BLINK_CODES, CriticalError, ErrorHandler, MeasuringError, ShortError, SilentError,
                         SolarError, StatusLED, Tier, is_raspberry_pi, make_led)
 from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
@@ -86,7 +86,8 @@ def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
             continue
         channel = by_name[reading.name]
         values = {k: getattr(reading, k) for k in ELECTRICITY_FIELDS}
-        tags = {**channel.tags, "site": site, "unit": channel.name}
+        # `channel`: which sensor; `unit`: which part of the model (house, plant) it sits on.
+        tags = {**channel.tags, "site": site, "channel": channel.name, "unit": channel.unit_name}
         points.append(Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), cycle.time_ms))
     if system is not None:
         values = dataclasses.asdict(system)
@@ -318,7 +319,7 @@ def load(args) -> Config:
 
 def open_store(config: Config, check_integrity: bool = True) -> Outbox:
     return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days,
-                  check_integrity=check_integrity)
+                  check_integrity=check_integrity, local_only=config.influx.kind == "none")
 
 
 def make_clock_guard(config: Config):
@@ -422,7 +423,7 @@ def cmd_run(args, config: Config) -> int:
         log.warning("cannot check for readings of earlier unsynced boots yet: %s", exc)
     if stale:
         log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
-    service = ServiceHooks(config, handler, outbox.directory)
+    service = ServiceHooks(config, handler, outbox.directory, console=console_wanted(), sender=sender)
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
                     clock_guard=guard, on_cycle=service.after_cycle)
     service.daemon = daemon
@@ -445,7 +446,7 @@ def cmd_run(args, config: Config) -> int:
         outbox.close()
         if handler_led:
             handler_led.close()
-    log.info("stopped after %d cycles", daemon.cycles_done)
+    log.info("stopped after %d cycle%s", daemon.cycles_done, "" if daemon.cycles_done == 1 else "s")
     return EXIT_OK
 
 
@@ -453,11 +454,14 @@ class ServiceHooks:
     """What runs around each cycle for the outside world: systemd notifications, the self-updater's
     "this release works" mark, and the live page. Called in the measuring thread; each step is cheap."""
 
-    def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path) -> None:
+    def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path, *, console: bool = False,
+                 sender=None) -> None:
         from sdnotify import Notifier
 
         self.config = config
         self.handler = handler
+        self.console = console  # print a compact line per cycle (a person is watching a terminal)
+        self.sender = sender
         # Where the updater keeps its state: $STATE_DIRECTORY under systemd (what its pre-start uses),
         # else `state_dir` (tests, runs by hand), never a relative [store] dir.
         self.update_state_dir = Path(os.environ["STATE_DIRECTORY"].split(":")[0]) \
@@ -508,9 +512,8 @@ class ServiceHooks:
             return
         from web import make_snapshot
 
-        self.page = page
+        self.page = page  # FlowPage.start logged its URL
         self._make_snapshot = make_snapshot
-        log.info("live energy-flow page at %s", page.url)
 
     def after_cycle(self, cycle) -> None:
         first_stored = self.daemon is not None and self.daemon.last_store_ok and not self._ready
@@ -532,7 +535,17 @@ class ServiceHooks:
         if self.page is not None:
             self.page.update(self._make_snapshot(cycle, self.config.channels, tier=tier,
                                                  summary=self.handler.summary(),
-                                                 meaning=BLINK_CODES[tier].meaning))
+                                                 meaning=self._meaning(tier)))
+        if self.console:
+            stored = self.daemon is not None and self.daemon.last_store_ok
+            print(console_line(cycle, stored=stored, queue=self.daemon.queue_depth if self.daemon else 0,
+                               delivered=self.sender.total_delivered if self.sender else None), flush=True)
+
+    def _meaning(self, tier) -> str:
+        if tier is None and self.config.influx.kind == "none":
+            # "sending normally" would be untrue: nothing is configured to send to.
+            return LOCAL_ONLY_MEANING
+        return BLINK_CODES[tier].meaning
 
     def _status(self, cycle, tier) -> str:
         when = dt.datetime.fromtimestamp(cycle.time_ms / 1000).strftime("%H:%M:%S")
@@ -543,6 +556,37 @@ class ServiceHooks:
         self.notifier.stopping()
         if self.page is not None:
             self.page.stop()
+
+
+LOCAL_ONLY_MEANING = "All well: measuring and storing on this Pi only (no database configured)."
+
+
+def console_wanted(stdout=None, environ=None) -> bool:
+    """True when a person watches `run` in a terminal: stdout is a TTY and systemd is not the caller
+    (under systemd, JOURNAL_STREAM is set and the journal has the log already)."""
+    stdout = sys.stdout if stdout is None else stdout
+    environ = os.environ if environ is None else environ
+    try:
+        tty = stdout.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return tty and not environ.get("JOURNAL_STREAM")
+
+
+def console_line(cycle, *, stored: bool, queue: int, delivered: int | None) -> str:
+    """One compact line per cycle for a terminal: time, each channel's watts, what happened to the points.
+
+    `delivered`: points the sender delivered this run, None when there is no writer.
+    """
+    when = dt.datetime.fromtimestamp(cycle.time_ms / 1000).strftime("%H:%M:%S")
+    parts = [f"{r.name} {r.power_w:+.2f} W" if r.ok else f"{r.name} no reading" for r in cycle.channels]
+    if not stored:
+        fate = "NOT stored (held in memory)"
+    elif delivered is None:
+        fate = f"stored on this Pi ({queue} points kept)"
+    else:
+        fate = f"stored, {delivered} points sent this run, {queue} waiting"
+    return f"{when}  {' | '.join(parts)}  -> {fate}"
 
 
 def cmd_once(args, config: Config) -> int:
@@ -673,6 +717,8 @@ def cmd_status(args, config: Config) -> int:
     else:
         width = max(map(len, report))
         for key, value in report.items():
+            if key == "size_mb":
+                key, value = "size", format_mb(stats.size_bytes)
             print(f"{key.replace('_', ' '):<{width}}  {'-' if value is None else value}")
     return EXIT_OK
 
@@ -701,17 +747,69 @@ def cmd_export(args, config: Config) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    out = sys.stdout
-    writer = csv.writer(out) if args.format == "csv" else None
-    if writer:
-        writer.writerow(["time", "status", "line"])
-    for time_ms, line, status in outbox.export(since_ms):
-        if writer:
-            writer.writerow([_iso(time_ms), status, line])
+    try:
+        if args.format == "csv":
+            export_csv(lambda: outbox.export(since_ms), sys.stdout, local_time=args.local_time)
         else:
-            out.write(line + "\n")
-    outbox.close()
+            for _, line, _ in outbox.export(since_ms):
+                sys.stdout.write(line + "\n")
+    finally:
+        outbox.close()
     return EXIT_OK
+
+
+def export_csv(lines: Callable[[], object], out, *, local_time: bool = False) -> int:
+    """Write the store as CSV a spreadsheet opens: one row per point; columns time, measurement, every tag
+    (sorted), every field (schema order, then any other sorted). `lines()` yields (time_ms, line, status)
+    and is called twice: once for the columns, once for the rows (nothing is held in memory).
+    Returns the number of rows. A line that is not line protocol is skipped and counted on stderr."""
+    from schema import FIELD_TYPES, parse_line
+
+    tags: set[str] = set()
+    fields: set[str] = set()
+    bad = 0
+    for _, line, _ in lines():
+        try:
+            point = parse_line(line)
+        except ValueError:
+            bad += 1
+            continue
+        tags.update(point.tags)
+        fields.update(point.fields)
+    known = [f for types in FIELD_TYPES.values() for f in types if f in fields]
+    field_cols = list(dict.fromkeys(known + sorted(fields - set(known))))
+    tag_cols = sorted(tags)
+    # A tag and a field may share a name; the header says which is which then.
+    clash = set(tag_cols) & set(field_cols)
+    header = ["time", "measurement", *(f"{t} (tag)" if t in clash else t for t in tag_cols), *field_cols]
+    writer = csv.writer(out)
+    writer.writerow(header)
+    zone = None if local_time else dt.timezone.utc
+    rows = 0
+    for _, line, _ in lines():
+        try:
+            point = parse_line(line)
+        except ValueError:
+            continue
+        when = dt.datetime.fromtimestamp(point.time_ms / 1000, zone)
+        if zone is None:
+            when = when.astimezone()
+        stamp = when.isoformat(timespec="milliseconds").replace("+00:00", "Z")
+        writer.writerow([stamp, point.measurement, *(point.tags.get(t, "") for t in tag_cols),
+                         *(_csv_value(point.fields.get(f)) for f in field_cols)])
+        rows += 1
+    if bad:
+        print(f"warning: {bad} stored lines are not line protocol and are left out (--format lp shows them)",
+              file=sys.stderr)
+    return rows
+
+
+def _csv_value(value) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    return repr(value) if isinstance(value, float) else str(value)
 
 
 def _iso(ms: int | None) -> str | None:
@@ -743,6 +841,8 @@ def build_parser() -> argparse.ArgumentParser:
     export = add("export", "print every stored point (sent, unsent and quarantined)", simulate=False)
     export.add_argument("--since", metavar="ISO", help="only points at or after this time")
     export.add_argument("--format", choices=("lp", "csv"), default="lp", help="line protocol (default) or CSV")
+    export.add_argument("--local-time", action="store_true",
+                        help="CSV: times in this machine's local time zone (default: UTC)")
     return parser
 
 
@@ -763,6 +863,8 @@ def main(argv: list[str] | None = None) -> int:
         setup_logging(config.log.level, config.log, config.store.dir)
     else:
         setup_logging("WARNING")
+    for warning in config.warnings:
+        log.warning("%s", warning)
     return COMMANDS[args.command](args, config)
 
 

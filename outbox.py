@@ -3,7 +3,10 @@
 One file, ``outbox.db`` in the state directory. Rows are appended one
 transaction per cycle and leave only in three ways: delivered (kept as local
 history for `retention_days`, then pruned), quarantined (a line the server
-refused, kept in its own table) or dropped by the size cap (counted).
+refused, kept in its own table) or dropped by the size cap (counted). With no
+database to deliver to (`local_only`), every reading is local history: it ages
+out after `retention_days` (or goes first under the size cap) without being
+counted as dropped, since "dropped" means lost before it could be delivered.
 
 Thread-safety: one Outbox per thread. SQLite's WAL lets the measuring thread
 append while the sender thread reads and acknowledges, each on its own
@@ -117,8 +120,10 @@ class Outbox:
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         check_integrity: bool = True,
         readonly: bool = False,
+        local_only: bool = False,
     ) -> None:
         self.directory = Path(directory)
+        self.local_only = local_only
         self.path = self.directory / DB_NAME
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.retention_ms = int(retention_days * 86_400_000)
@@ -320,11 +325,16 @@ class Outbox:
         """
         cutoff = self._wall_ms() - self.retention_ms
         with self._transaction() as db:
+            if self.local_only:
+                # Nothing is ever delivered: every reading is history, and ages out as such.
+                unsent = db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NULL", (cutoff,)).rowcount
+                _add_counter(db, "unsent_count", -unsent)
             # A line is always sent after it was measured, so `time_ms < cutoff` holds for every row
             # to prune and lets the time index narrow the scan to old rows.
             db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NOT NULL AND sent_ms < ?",
                        (cutoff, cutoff))
         dropped = 0
+        aged = 0
         while self.used_bytes() > self.max_bytes:
             with self._transaction() as db:
                 removed = db.execute(
@@ -336,14 +346,20 @@ class Outbox:
                         "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NULL "
                         "ORDER BY id LIMIT 1000)"
                     ).rowcount
-                    dropped += removed
-                    _add_counter(db, "dropped_points", removed)
                     _add_counter(db, "unsent_count", -removed)
+                    if self.local_only:
+                        aged += removed
+                    else:
+                        dropped += removed
+                        _add_counter(db, "dropped_points", removed)
             if not removed:
                 break
         if dropped:
-            log.warning("store over its cap of %d MB: dropped the %d oldest unsent lines",
-                        self.max_bytes // 1024 // 1024, dropped)
+            log.warning("store over its cap of %s: dropped the %d oldest unsent lines",
+                        format_mb(self.max_bytes), dropped)
+        if aged:
+            log.info("store at its cap of %s: the %d oldest readings of the local history aged out early",
+                     format_mb(self.max_bytes), aged)
         return dropped
 
     @_store_errors
@@ -415,6 +431,18 @@ class _Transaction:
     def _rollback(self) -> None:
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
+
+
+def format_mb(size_bytes: float) -> str:
+    """A size for people, in MB (MiB) with a sensible precision: "200 MB", "12.5 MB", "1.25 MB", "0.05 MB"."""
+    mb = size_bytes / 1_048_576
+    if mb >= 100:
+        return f"{mb:.0f} MB"
+    if mb >= 10:
+        return f"{mb:.1f} MB".replace(".0 MB", " MB")
+    if mb >= 0.01 or mb == 0:
+        return f"{mb:.2f}".rstrip("0").rstrip(".") + " MB"
+    return f"{mb:.2g} MB"
 
 
 def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:

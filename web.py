@@ -277,13 +277,18 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
 
 # -- history ------------------------------------------------------------------------------------------------
 def _unit_and_power(line: str) -> tuple[str, float] | None:
-    """(unit tag, power_w) of an `electricity` line, by string search: a full parse of every line of 24
+    """(channel name, power_w) of an `electricity` line, by string search: a full parse of every line of 24
     hours costs seconds of a Pi Zero's CPU. Channel names are plain (letters, digits, _ - .), so the
-    unit tag needs no unescaping; anything unexpected returns None."""
-    start = line.find(",unit=")
+    tag needs no unescaping; anything unexpected returns None. The name is in the `channel` tag; lines
+    stored before that tag existed carried it in `unit`."""
+    tag = ",channel="
+    start = line.find(tag)
+    if start < 0:
+        tag = ",unit="
+        start = line.find(tag)
     if start < 1 or line[start - 1] == "\\":  # an escaped comma inside another tag's value
         return None
-    start += 6
+    start += len(tag)
     end = start
     while end < len(line) and line[end] not in ", ":
         end += 1
@@ -316,7 +321,7 @@ class _History:
         self._chart = self._chart_channels(channels)
         self._charted = {name for _, name, _ in self._chart}
         # Channel names are plain (letters, digits, _ - .): a cheap test before the full parse.
-        self._needles = tuple(f"unit={name}" for name in self._charted)
+        self._needles = tuple(f"{tag}={name}" for name in self._charted for tag in ("channel", "unit"))
         self._lock = threading.Lock()
         self._sums: dict[str, dict[int, list[float]]] = {}
         self._last_ms: int | None = None

@@ -22,7 +22,7 @@ ROOT = Path(__file__).resolve().parent.parent
 INFLUX2_PATH = ROOT / "dashboards" / "influxdb2-solarpowerbrampton.json"
 GRAFANA_PATH = ROOT / "dashboards" / "grafana-influxdb1.json"
 
-TAGS = {"site", "unit"}  # what the daemon tags (channel `tags` are the user's own; the dashboards use none)
+TAGS = {"site", "channel", "unit"}  # what the daemon tags (channel `tags` are the user's own; the dashboards use none)
 ALL_FIELDS = set().union(*FIELD_TYPES.values())
 # Fields the dashboards must show (the panels the README promises).
 SHOWN_FIELDS = {"power_w", "bus_voltage_v", "energy_in_wh", "energy_out_wh",
@@ -35,7 +35,7 @@ FLUX_BUILTIN_VARIABLES = {"timeRangeStart", "timeRangeStop", "windowPeriod"}
 CHART_KINDS = {"xy", "single_stat", "gauge", "table"}
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-GRAFANA_BUILTINS = {"timeFilter", "__interval", "tag_unit", "col"}
+GRAFANA_BUILTINS = {"timeFilter", "__interval", "tag_channel", "col"}
 
 
 def load(path: Path):
@@ -266,8 +266,9 @@ def test_grafana_variables():
     assert v["DS_INFLUXDB"]["type"] == "datasource" and v["DS_INFLUXDB"]["query"] == "influxdb"
     assert v["site"]["type"] == "query"
     assert v["site"]["query"] == 'SHOW TAG VALUES FROM "electricity" WITH KEY = "site"'
-    assert v["unit"]["type"] == "query" and v["unit"]["multi"] and v["unit"]["includeAll"]
-    for name in ("site", "unit"):
+    assert v["channel"]["type"] == "query" and v["channel"]["multi"] and v["channel"]["includeAll"]
+    assert "unit" not in v  # the sensor is the `channel` tag; `unit` names the part of the model it sits on
+    for name in ("site", "channel"):
         assert v[name]["datasource"] == {"type": "influxdb", "uid": "${DS_INFLUXDB}"}
         assert influxql_problems(v[name]["query"]) == []
 
@@ -281,7 +282,7 @@ def test_grafana_target(item):
     assert influxql_problems(q) == []
     assert "$timeFilter" in q and '"site" =~ /^$site$/' in q
     if f'FROM "{ELECTRICITY}"' in q:
-        assert '"unit" =~ /^$unit$/' in q
+        assert '"channel" =~ /^$channel$/' in q
     if panel["type"] == "timeseries":
         assert "GROUP BY time($__interval)" in q
     used = set(re.findall(r"\$(\w+)", q)) | set(re.findall(r"\$(\w+)", target.get("alias", "")))
@@ -371,6 +372,7 @@ dir = "{tmp / 'store'}"
 enabled = true
 scenario = "day"
 speed = 600
+start = 2026-06-21T11:00:00  # a sunny midday, so energy flows in at any hour the suite runs
 [led]
 enabled = false
 [influx]
@@ -397,7 +399,7 @@ def substitute(query: str, unit_regex: str) -> str:
     return (query.replace("$timeFilter", "time > now() - 1h")
                  .replace("$__interval", "1s")
                  .replace("$site", SITE)
-                 .replace("$unit", unit_regex))
+                 .replace("$channel", unit_regex))
 
 
 def queried_fields(query: str) -> set[str]:
@@ -421,8 +423,8 @@ def test_grafana_query_returns_data_from_the_daemon(influxdb1, filled, item, uni
         return
     assert series, f"no series for {query}"
     assert non_null_values(series), f"only nulls for {query}"
-    grouped_units = {s.get("tags", {}).get("unit") for s in series} - {None}
-    if 'GROUP BY "unit"' in query or ', "unit"' in query:
+    grouped_units = {s.get("tags", {}).get("channel") for s in series} - {None}
+    if 'GROUP BY "channel"' in query or ', "channel"' in query:
         expected = set(UNITS) if unit == "all" else {"power_plant"}
         assert grouped_units == expected, query
 
@@ -430,7 +432,7 @@ def test_grafana_query_returns_data_from_the_daemon(influxdb1, filled, item, uni
 def test_grafana_energy_today_is_in_minus_out(influxdb1, filled):
     (target,) = [t for _, t in grafana_targets() if "energy_in_wh" in t["query"]]
     series = influxdb1.query(DATABASE, substitute(target["query"], UNIT_CHOICES["all"]))
-    assert {s["tags"]["unit"] for s in series} == set(UNITS)
+    assert {s["tags"]["channel"] for s in series} == set(UNITS)
     for s in series:
         row = dict(zip(s["columns"], s["values"][0]))
         assert row["in_wh"] >= 0 and row["out_wh"] >= 0
@@ -445,7 +447,7 @@ def test_grafana_last_point_is_recent(influxdb1, filled):
     assert 0 <= time.time() - newest_ms / 1000 < 120
 
 
-@pytest.mark.parametrize("name", ["site", "unit"])
+@pytest.mark.parametrize("name", ["site", "channel"])
 def test_grafana_variable_queries_list_the_daemons_tags(influxdb1, filled, name):
     query = substitute(grafana_variables()[name]["query"], UNIT_CHOICES["all"])
     values = {row[1] for s in influxdb1.query(DATABASE, query) for row in s["values"]}

@@ -193,9 +193,12 @@ def test_install_twice_then_uninstall_and_purge(env):
     assert not [c for c in systemctl if "try-restart" in c], "a first install has nothing to restart"
     assert systemctl.index(["systemctl", "daemon-reload"]) < systemctl.index(
         ["systemctl", "enable", "--now", "solarpowerbrampton.service", "solarpowerbrampton-update.timer"])
-    assert env.calls("sudo") == [[
+    (check,) = env.calls("sudo")
+    # In test mode the check reads a copy of the config whose store is under DESTDIR (removed afterwards).
+    assert check[:-1] == [
         "sudo", "-u", "solarpower", str(env.path(f"{OPT}/current/.venv/bin/python")),
-        str(env.path(f"{OPT}/current/main.py")), "check", "--config", str(cfg)]]
+        str(env.path(f"{OPT}/current/main.py")), "check", "--config"]
+    assert Path(check[-1]).parent == cfg.parent and Path(check[-1]).name.startswith(".config-check")
     assert "check passed" in out
 
     # ---- the technician edits config and token; the second run keeps them and duplicates nothing
@@ -310,3 +313,30 @@ def test_bad_arguments(env):
     result = env.run("--frobnicate")
     assert result.returncode == 2 and "unknown argument" in result.stderr
     assert not env.path(OPT).exists()
+
+
+REAL_STATE = Path("/var/lib/solarpowerbrampton")
+
+
+def _tree_state(path: Path):
+    """What a path looks like now (None: absent): enough to tell whether a run created or changed it."""
+    if not path.exists():
+        return None
+    return sorted((str(p), p.stat().st_mtime_ns, p.stat().st_size) for p in [path, *path.rglob("*")])
+
+
+def test_test_mode_touches_nothing_outside_destdir_even_when_the_check_really_runs(env):
+    # A sudo that really runs the command (as the test's user): the installer's final `main.py check`
+    # then opens the store named in the installed config, which is /var/lib/solarpowerbrampton.
+    (env.bin / "sudo").write_text('#!/usr/bin/env bash\n[ "$1" = -u ] && shift 2\nexec "$@"\n')
+    before = _tree_state(REAL_STATE)
+    result = env.run()
+    out = _ok(result) + result.stderr
+    assert _tree_state(REAL_STATE) == before  # not created, not changed
+    # (the release's .venv here is a bare symlink to the test's Python, without the drivers: the check's
+    # readings may fail, but by then it has opened its store)
+    assert f"OK    store: {env.path(STATE)}/outbox.db is writable" in out, out[-2000:]
+    assert (env.path(STATE) / "outbox.db").is_file()  # the check's store went under DESTDIR instead
+    cfg = tomllib.loads(env.path(f"{ETC}/config.toml").read_text())
+    assert cfg["store"]["dir"] == "/var/lib/solarpowerbrampton"  # the installed config itself is untouched
+    assert not list(env.path(ETC).glob(".config-check*"))

@@ -1,6 +1,9 @@
 """The loop, the store wiring and the CLI, on the simulated model."""
 from __future__ import annotations
 
+import csv
+import datetime as dt
+import io
 import json
 import os
 import signal
@@ -15,6 +18,7 @@ from config import parse_config
 from main import Daemon, cycle_points, load_energy
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier
+from schema import ELECTRICITY_FIELDS, parse_line
 from simulator import build_simulated_bus
 from tools import SystemMonitor, read_data
 
@@ -103,14 +107,28 @@ def test_failed_channel_publishes_nothing_and_others_go_on(tmp_path, clock):
 
 
 def test_points_carry_site_unit_and_channel_tags(tmp_path, clock):
+    # One meaning per word: `channel` is the sensor's name, `unit` the part of the model it sits on.
     doc = {"site": {"name": "village hall"},
-           "channel": [{"name": "red_house", "address": 0x40, "tags": {"colour": "red"}}]}
+           "channel": [{"name": "red_house", "address": 0x40, "tags": {"colour": "red"}},
+                       {"name": "red_trade", "address": 0x48, "role": "exchange", "unit": "red_house"}]}
     daemon, _, _, _ = make_daemon(tmp_path, clock, doc)
     cycle = daemon.reader.measure()
-    point = cycle_points(daemon.config, cycle)[0]
-    line = point.to_line()
-    assert line.startswith("electricity,colour=red,site=village\\ hall,unit=red_house ")
-    assert point.time_ms == cycle.time_ms
+    battery, trade = cycle_points(daemon.config, cycle)
+    assert battery.to_line().startswith(
+        "electricity,channel=red_house,colour=red,site=village\\ hall,unit=red_house ")
+    assert trade.to_line().startswith("electricity,channel=red_trade,site=village\\ hall,unit=red_house ")
+    assert battery.time_ms == cycle.time_ms
+
+
+def test_an_old_channel_tag_in_a_config_is_a_warning_not_exit_78(tmp_path):
+    path = tmp_path / "old.toml"
+    path.write_text('[[channel]]\nname = "red_house"\naddress = 0x40\ntags = { channel = "A", colour = "red" }\n'
+                    '[simulation]\nenabled = true\nscenario = "constant"\n')
+    result = run_cli("once", "--config", str(path), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert f"{path}: at 'channel[0].tags.channel': deprecated and ignored" in result.stderr
+    lines = run_cli("export", "--config", str(path), cwd=tmp_path).stdout.splitlines()
+    assert lines[0].startswith("electricity,channel=red_house,colour=red,")
 
 
 def run_cli(*args, cwd, env=None, timeout=120):
@@ -165,10 +183,10 @@ def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
     assert report["stored_total"] == 15 and report["queue_depth"] == 15 and report["dropped"] == 0
     export = run_cli("export", "--config", str(cfg), cwd=tmp_path)
     assert len(export.stdout.splitlines()) == 15
-    csv_out = run_cli("export", "--config", str(cfg), "--format", "csv", "--since", "2000-01-01T00:00:00Z",
-                      cwd=tmp_path)
-    assert csv_out.stdout.splitlines()[0] == "time,status,line"
-    assert len(csv_out.stdout.splitlines()) == 16
+    csv_rows = list(csv.reader(io.StringIO(run_cli("export", "--config", str(cfg), "--format", "csv",
+                                                   "--since", "2000-01-01T00:00:00Z", cwd=tmp_path).stdout)))
+    assert len(csv_rows) == 16  # the header and one row per point
+    assert "stopped after 1 cycle\n" in run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).stderr
     bad = run_cli("export", "--config", str(cfg), "--since", "yesterday", cwd=tmp_path)
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
@@ -355,3 +373,45 @@ def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
     cfg = parse_config({"sampling": {"interval_s": 600}})
     ServiceHooks(cfg, ErrorHandler(None), tmp_path).start()
     assert received(receiver) == ["WATCHDOG_USEC=1800000000"]
+
+
+def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_path):
+    cfg = write_config(tmp_path, '[[channel]]\nname = "red_house"\naddress = 0x40\ntags = { colour = "red, really" }\n'
+                                 '[[channel]]\nname = "red_trade"\naddress = 0x48\nrole = "exchange"\n'
+                                 'unit = "red_house"\n')
+    assert run_cli("run", "--config", str(cfg), "--cycles", "2", cwd=tmp_path).returncode == 0
+    points = [parse_line(line) for line in run_cli("export", "--config", str(cfg), cwd=tmp_path).stdout.splitlines()]
+    assert len(points) == 6
+    out = run_cli("export", "--config", str(cfg), "--format", "csv", cwd=tmp_path)
+    assert out.returncode == 0 and out.stderr == ""
+    rows = list(csv.DictReader(io.StringIO(out.stdout)))
+    header = next(csv.reader(io.StringIO(out.stdout)))
+    tags = sorted({t for p in points for t in p.tags})
+    assert header[:2 + len(tags)] == ["time", "measurement", *tags] == \
+        ["time", "measurement", "channel", "colour", "site", "unit"]
+    fields = header[2 + len(tags):]
+    assert fields[:8] == list(ELECTRICITY_FIELDS) and set(fields) == {f for p in points for f in p.fields}
+    assert len(rows) == len(points)
+    for row, point in zip(rows, points):
+        when = dt.datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
+        assert row["time"].endswith("Z") and round(when.timestamp() * 1000) == point.time_ms
+        assert row["measurement"] == point.measurement
+        assert {t: row[t] for t in tags if row[t]} == dict(point.tags)
+        for name in fields:
+            value = point.fields.get(name)
+            if value is None:
+                assert row[name] == ""
+            elif isinstance(value, int):
+                assert int(row[name]) == value
+            else:
+                assert float(row[name]) == value
+    trade = next(r for r in rows if r["channel"] == "red_trade")
+    assert trade["unit"] == "red_house" and trade["colour"] == ""
+    assert next(r for r in rows if r["channel"] == "red_house")["colour"] == "red, really"
+    # --local-time: the same instants, with this machine's offset
+    local = list(csv.DictReader(io.StringIO(run_cli("export", "--config", str(cfg), "--format", "csv",
+                                                    "--local-time", cwd=tmp_path,
+                                                    env={"TZ": "Europe/London"}).stdout)))
+    for row, point in zip(local, points):
+        when = dt.datetime.fromisoformat(row["time"])
+        assert when.utcoffset() is not None and round(when.timestamp() * 1000) == point.time_ms

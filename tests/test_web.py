@@ -371,10 +371,12 @@ def test_events_keep_alive_and_end_on_stop(start_page, monkeypatch):
 
 
 # -- history from a real store --------------------------------------------------------------------------
-def electricity(name, time_ms, power_w):
+def electricity(name, time_ms, power_w, legacy=False, unit="some_house"):
+    """A stored line of channel `name`; `legacy`: as stored before the `channel` tag (the name in `unit`)."""
     values = {"bus_voltage_v": 12.4, "shunt_voltage_mv": 1.0, "current_ma": power_w / 12.4 * 1000,
               "power_w": power_w, "samples": 10, "failed_samples": 0, "energy_in_wh": 0.0, "energy_out_wh": 0.0}
-    tags = {"site": "brampton 2 zero", "unit": name, "colour": "red, really"}  # escaped on the way in and out
+    tags = {"site": "brampton 2 zero", "colour": "red, really"}  # escaped on the way in and out
+    tags.update({"unit": name} if legacy else {"channel": name, "unit": unit})
     return time_ms, Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), time_ms).to_line()
 
 
@@ -388,9 +390,10 @@ def test_history_buckets_power_per_unit(start_page, tmp_path):
     bucket = 300_000
     b1 = now_ms - 2 * HOUR_MS  # a bucket two hours ago
     box.append([electricity("red_house", b1 + 10_000, 1.0), electricity("red_house", b1 + 20_000, 3.0),
-                electricity("red_trade", b1 + 20_000, 9.0),  # not the chart's channel for red_house
+                # not the chart's channel for red_house, although its `unit` tag says red_house
+                electricity("red_trade", b1 + 20_000, 9.0, unit="red_house"),
                 electricity("blue_house", b1 + 30_000, -2.5), system_line(b1 + 30_000)])
-    box.append([electricity("green_house", now_ms - 1000, 0.5)])
+    box.append([electricity("green_house", now_ms - 1000, 0.5, legacy=True)])  # stored before the channel tag
     box.append([electricity("red_house", now_ms - 25 * HOUR_MS, 50.0)])  # older than 24 h
     box.append([electricity("old_channel", b1 + 10_000, 7.0)])  # no longer configured
     box.append([electricity("blue_house", b1 + 40_000, 100.0)], held=True, boot_id="b", boot_ms=1)  # time unknown

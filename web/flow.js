@@ -4,8 +4,17 @@
 
 (() => {
   const NS = "http://www.w3.org/2000/svg";
-  const W = 1280;
-  const H = 420;
+  // Wide screens draw a 1280x420 diagram scaled to fit; narrower ones (phones, the Pi's 7" screen) stack the
+  // units in one column drawn at 1 unit = 1 CSS px, so text keeps its size and the page scrolls instead.
+  // The same breakpoint as style.css.
+  const NARROW = window.matchMedia("(max-width: 999.98px)");
+  let W = 1280;
+  let H = 420;
+  let narrow = false;
+  const LANE = 56; // narrow: the line to the plant runs down this strip left of the cards
+  const ICON_COL = 104; // narrow: sun and lamp to the right of the cards
+  const ICON_GAP = 64; // narrow: from a card's edge to its icons' centre
+  const LABEL_ROW = 48; // narrow: the trade label sits in this gap above each house
   const PALETTE = ["#56b4e9", "#e69f00", "#2bb38a", "#cc79a7", "#f0e442", "#e8743b", "#b0b8c0"];
   const DASHES = ["", "12 6", "3 5", "14 5 3 5", "7 4"];
   const POLL_MS = 5000;
@@ -63,7 +72,41 @@
   // ---- layout ---------------------------------------------------------------------------------
   let built = null; // {key, boxes, cards, flows, plant}
 
+  function measure() {
+    narrow = NARROW.matches;
+    if (narrow) {
+      W = Math.max(300, Math.floor($("diagram").getBoundingClientRect().width));
+    } else {
+      W = 1280;
+      H = 420;
+    }
+  }
+
+  function stackedLayout(units) {
+    // One column: the plant on top, the houses below it, each house's trade arrow off a line on the left.
+    const boxes = {};
+    const blockW = Math.min(W - 8, 560);
+    const x0 = (W - blockW) / 2;
+    const cw = blockW - LANE - ICON_COL;
+    const ch = 178;
+    const plant = units.find((u) => u.is_plant);
+    let y = 6;
+    if (plant) {
+      boxes[plant.name] = { x: x0 + LANE, y, w: cw, h: ch, side: 1 };
+      y += ch;
+    }
+    for (const h of units.filter((u) => !u.is_plant)) {
+      y += LABEL_ROW;
+      boxes[h.name] = { x: x0 + LANE, y, w: cw, h: ch, side: 1 };
+      y += ch;
+    }
+    H = y + 6;
+    boxes.lane = x0 + 12;
+    return boxes;
+  }
+
   function layout(units) {
+    if (narrow) return stackedLayout(units);
     const boxes = {};
     const houses = units.filter((u) => !u.is_plant);
     const plant = units.find((u) => u.is_plant);
@@ -106,9 +149,20 @@
     el("rect", { class: "bulb-base", x: cx - 7, y: cy + 10, width: 14, height: 9, rx: 2 }, g);
   }
 
+  function fitText(text, maxWidth, minSize) {
+    // Shrink a text until it fits its card (never below minSize): long unit names, narrow cards.
+    // (An inline style: the stylesheet's font-size would win over a font-size attribute.)
+    let size = parseFloat(getComputedStyle(text).fontSize);
+    while (size > minSize && text.getComputedTextLength() > maxWidth) {
+      size -= 1;
+      text.style.fontSize = `${size}px`;
+    }
+  }
+
   function build(data) {
     const svg = $("diagram");
     while (svg.firstChild) svg.removeChild(svg.firstChild);
+    measure();
     const defs = el("defs", {}, svg);
     const hatch = el("pattern", { id: "low-hatch", width: 8, height: 8, patternUnits: "userSpaceOnUse",
       patternTransform: "rotate(45)" }, defs);
@@ -116,7 +170,18 @@
     el("line", { x1: 0, y1: 0, x2: 0, y2: 8, stroke: "#0f1822", "stroke-width": 4 }, hatch);
 
     const boxes = layout(data.units);
+    svg.setAttribute("viewBox", `0 0 ${W} ${H}`);
+    svg.style.height = narrow ? `${H}px` : "";
     const flowLayer = el("g", { id: "flows" }, svg);
+    if (narrow && boxes.lane !== undefined) {
+      const houses = data.units.filter((u) => !u.is_plant && boxes[u.name]);
+      const plant = data.units.find((u) => u.is_plant && boxes[u.name]);
+      if (plant && houses.length) {
+        const last = boxes[houses[houses.length - 1].name];
+        const top = boxes[plant.name];
+        el("path", { class: "trunk", d: `M${top.x - 2} ${top.y + top.h - 30} H${boxes.lane} V${last.y + 30}` }, flowLayer);
+      }
+    }
     const cardLayer = el("g", { id: "cards" }, svg);
     const labelLayer = el("g", { id: "flow-labels" }, svg);
     const cards = {};
@@ -129,16 +194,18 @@
       el("rect", { class: "card-stripe", x: b.x + 1, y: b.y + 14, width: 7, height: b.h - 28, rx: 3, fill: colour }, g);
       if (unit.is_plant) plantIcon(g, b.x + 18, b.y + 8, colour);
       else houseIcon(g, b.x + 18, b.y + 10, colour);
-      el("text", { class: "unit-name", x: b.x + 66, y: b.y + 38 }, g, pretty(unit.name));
-      const pillY = unit.is_plant ? b.y + 52 : b.y + 54;
-      const pillH = unit.is_plant ? 38 : 48;
+      const name = el("text", { class: "unit-name", x: b.x + 66, y: b.y + 38 }, g, pretty(unit.name));
+      fitText(name, b.w - 66 - 12, 16);
+      const compact = unit.is_plant && !narrow; // the wide layout's plant card is low and wide
+      const pillY = compact ? b.y + 52 : b.y + 54;
+      const pillH = compact ? 38 : 48;
       const stateG = el("g", { class: "state state-unknown" }, g);
       el("rect", { class: "state-pill", x: b.x + 18, y: pillY, width: b.w - 32, height: pillH, rx: 10 }, stateG);
       const stateText = el("text", { class: "state-text", x: b.x + 18 + (b.w - 32) / 2, y: pillY + pillH / 2 },
         stateG, "NO READING");
       const stateTitle = el("title", {}, stateG, "");
-      const barY = unit.is_plant ? b.y + 98 : b.y + 114;
-      const barW = unit.is_plant ? 110 : 120;
+      const barY = compact ? b.y + 98 : b.y + 114;
+      const barW = compact ? 110 : Math.min(120, b.w - 110);
       const barX = b.x + 18;
       el("rect", { class: "battery-shell", x: barX, y: barY, width: barW, height: 24, rx: 4 }, g);
       el("rect", { class: "battery-nub", x: barX + barW, y: barY + 7, width: 5, height: 10, rx: 1 }, g);
@@ -146,9 +213,10 @@
       const pct = el("text", { class: "battery-pct", x: barX + barW + 14, y: barY + 20 }, g, "– %");
       const low = el("text", { class: "battery-low", x: barX + barW - 6, y: barY + 18, "text-anchor": "end" }, g, "");
       const detail = el("text", { class: "unit-detail",
-        x: unit.is_plant ? b.x + b.w - 16 : barX, y: unit.is_plant ? barY + 19 : b.y + b.h - 12,
-        "text-anchor": unit.is_plant ? "end" : "start" }, g, "");
-      cards[unit.name] = { g, stateG, stateText, stateTitle, fill, pct, low, detail, barW, colour, pillW: b.w - 32 };
+        x: compact ? b.x + b.w - 16 : barX, y: compact ? barY + 19 : b.y + b.h - 12,
+        "text-anchor": compact ? "end" : "start" }, g, "");
+      cards[unit.name] = { g, stateG, stateText, stateTitle, fill, pct, low, detail, barW, colour, pillW: b.w - 32,
+        detailW: compact ? b.w - barW - 110 : b.w - 30, compact };
     });
 
     // Sun and load icons beside the units that measure them.
@@ -157,7 +225,8 @@
       if (flow.kind === "exchange") continue;
       const b = boxes[flow.unit];
       if (!b) continue;
-      const outer = b.side < 0 ? b.x - 92 : b.x + b.w + 92;
+      const gap = narrow ? ICON_GAP : 92;
+      const outer = b.side < 0 ? b.x - gap : b.x + b.w + gap;
       const edge = b.side < 0 ? b.x - 2 : b.x + b.w + 2;
       const y = flow.kind === "solar" ? b.y + 34 : b.y + b.h - 62;
       const ig = el("g", { class: `icon icon-${flow.kind}` }, cardLayer);
@@ -170,7 +239,8 @@
   }
 
   function layoutKey(data) {
-    return data.units.map((u) => `${u.name}/${u.is_plant}`).join(",") + "|" +
+    const screen = NARROW.matches ? `narrow:${Math.floor($("diagram").getBoundingClientRect().width)}` : "wide";
+    return `${screen}|` + data.units.map((u) => `${u.name}/${u.is_plant}`).join(",") + "|" +
       data.flows.map((f) => `${f.kind}:${f.unit}`).join(",");
   }
 
@@ -226,13 +296,16 @@
     }
   }
 
-  function placeLabel(f, x, y, text, quiet) {
+  function placeLabel(f, x, y, text, quiet, start) {
+    // Centred on x (on x's right with `start`), kept inside the drawing.
     f.label.textContent = text;
     f.label.setAttribute("class", `flow-label${quiet ? " quiet" : ""}`);
-    f.label.setAttribute("x", x.toFixed(1));
-    f.label.setAttribute("y", y.toFixed(1));
     const w = Math.max(text.length * (quiet ? 10 : 14) + 18, 44);
     const h = quiet ? 28 : 34;
+    if (start) x += w / 2;
+    x = Math.min(Math.max(x, w / 2 + 2), W - w / 2 - 2);
+    f.label.setAttribute("x", x.toFixed(1));
+    f.label.setAttribute("y", y.toFixed(1));
     f.bg.setAttribute("x", (x - w / 2).toFixed(1));
     f.bg.setAttribute("y", (y - h / 2).toFixed(1));
     f.bg.setAttribute("width", w);
@@ -256,13 +329,31 @@
       const key = `exchange:${flow.unit}`;
       seen.add(key);
       const f = flowEls(key, "exchange");
+      const buying = flow.direction === "to_unit";
+      const moving = flow.active && flow.direction !== "none";
+      const tone = buying ? "flow-exchange-buy" : "flow-exchange-sell";
+      let text;
+      if (flow.unmetered) text = "trade not metered";
+      else if (!flow.ok) text = "no reading";
+      else if (!moving) text = "idle";
+      else text = fmtW(flow.watts);
+      if (narrow) {
+        // From the line down the left to the card, at the height of the house's name.
+        const plantPt = { x: built.boxes.lane, y: b.y + 30 };
+        const housePt = { x: b.x - 3, y: b.y + 30 };
+        const [a, z] = flow.direction === "from_unit" ? [housePt, plantPt] : [plantPt, housePt];
+        drawArrow(f, a, z, Math.min(flow.width || 3, 14), moving, tone, flow.watts);
+        placeLabel(f, b.x, b.y - LABEL_ROW / 2, moving ? `${buying ? "buys" : "sells"} ${text}` : text, !moving, true);
+        f.g.dataset.direction = flow.direction;
+        const unit = units[flow.unit];
+        if (unit) f.g.dataset.state = unit.state;
+        continue;
+      }
       const hx = b.x + b.w / 2;
       const plantPt = { x: W / 2 + (hx - W / 2) * 0.32, y: plantBox.y + plantBox.h + 3 };
       const housePt = { x: hx, y: b.y - 3 };
-      const buying = flow.direction === "to_unit";
-      const moving = flow.active && flow.direction !== "none";
       const [a, z] = flow.direction === "from_unit" ? [housePt, plantPt] : [plantPt, housePt];
-      drawArrow(f, a, z, flow.width || 3, moving, buying ? "flow-exchange-buy" : "flow-exchange-sell", flow.watts);
+      drawArrow(f, a, z, flow.width || 3, moving, tone, flow.watts);
       // The label sits beside the middle of the line.
       const mx = plantPt.x + (housePt.x - plantPt.x) * 0.42;
       const my = plantPt.y + (housePt.y - plantPt.y) * 0.42;
@@ -273,11 +364,6 @@
       // Inner side (towards the middle), so the labels stay clear of the sun and load icons.
       if (px * (mx - W / 2) > 0 || (Math.abs(mx - W / 2) < 1 && px < 0)) { px = -px; py = -py; }
       const off = (moving ? (flow.width || 3) / 2 : 2) + 44;
-      let text;
-      if (flow.unmetered) text = "trade not metered";
-      else if (!flow.ok) text = "no reading";
-      else if (!moving) text = "idle";
-      else text = fmtW(flow.watts);
       placeLabel(f, mx + px * off, my + py * off, text, !moving);
       f.g.dataset.direction = flow.direction;
       const unit = units[flow.unit];
@@ -294,7 +380,7 @@
       const cardEdge = { x: icon.edge, y: icon.y };
       const moving = flow.active && flow.direction !== "none";
       const [a, z] = flow.kind === "solar" ? [iconEdge, cardEdge] : [cardEdge, iconEdge];
-      drawArrow(f, a, z, Math.min(flow.width || 3, 16), moving, `flow-${flow.kind}`, flow.watts);
+      drawArrow(f, a, z, Math.min(flow.width || 3, narrow ? 10 : 16), moving, `flow-${flow.kind}`, flow.watts);
       let text;
       if (!flow.ok) text = "no reading";
       else if (!moving) text = flow.kind === "solar" ? "no sun" : "off";
@@ -334,6 +420,8 @@
         : (unit.channels.find((ch) => ch.power_w !== null) || {}).power_w;
       if (power !== null && power !== undefined) parts.push(fmtSignedW(power));
       c.detail.textContent = parts.join(" · ");
+      c.detail.style.fontSize = "";
+      fitText(c.detail, c.detailW, 12);
     }
   }
 
@@ -448,13 +536,19 @@
     return 10 * mag;
   }
 
+  let lastHistory;
+
   function drawChart(data) {
+    lastHistory = data;
     const svg = $("chart");
     while (svg.firstChild) svg.removeChild(svg.firstChild);
-    const VW = 900;
-    const VH = 200;
+    // Drawn at 1 unit = 1 CSS px whatever the screen, so its text keeps its size.
+    const box = svg.getBoundingClientRect();
+    const VW = Math.max(Math.floor(box.width), 240);
+    const VH = Math.max(Math.floor(box.height), 120);
+    svg.setAttribute("viewBox", `0 0 ${VW} ${VH}`);
     const L = 58;
-    const R = 150;
+    const R = VW < 600 ? 128 : 150;
     const T = 10;
     const B = 24;
     const series = (data && data.series) || [];
@@ -463,7 +557,7 @@
       let why = "The history cannot be read right now.";
       if (data && data.available === false) why = "This logger keeps no history for the page.";
       else if (data) why = "No readings stored in the last 24 hours yet.";
-      el("text", { class: "chart-empty", x: VW / 2, y: VH / 2 }, svg, why);
+      fitText(el("text", { class: "chart-empty", x: VW / 2, y: VH / 2 }, svg, why), VW - 20, 12);
       return;
     }
     let lo = Math.min(0, ...values);
@@ -484,8 +578,9 @@
     }
     const tick = new Date(data.start_ms);
     tick.setMinutes(0, 0, 0);
-    while (tick.getTime() < data.start_ms || tick.getHours() % 3 !== 0) tick.setHours(tick.getHours() + 1);
-    for (; tick.getTime() <= data.end_ms; tick.setHours(tick.getHours() + 3)) {
+    const every = VW - L - R < 480 ? 6 : 3; // hours between ticks: the labels must not overlap
+    while (tick.getTime() < data.start_ms || tick.getHours() % every !== 0) tick.setHours(tick.getHours() + 1);
+    for (; tick.getTime() <= data.end_ms; tick.setHours(tick.getHours() + every)) {
       const tx = x(tick.getTime());
       el("line", { class: "axis-line", x1: tx, x2: tx, y1: T, y2: VH - B }, axes);
       el("text", { class: "axis-text", x: tx, y: VH - 6, "text-anchor": "middle" }, axes,
@@ -517,9 +612,11 @@
     const overflow = labels.length ? labels[labels.length - 1].ly - (VH - B) : 0;
     for (const lab of labels) {
       const ly = Math.max(lab.ly - Math.max(overflow, 0), T + 6);
-      const line = el("line", { x1: lab.x, y1: lab.y, x2: VW - R + 30, y2: ly, stroke: lab.colour, "stroke-width": 2.6 }, svg);
+      const gap = VW < 600 ? 16 : 30;
+      const line = el("line", { x1: lab.x, y1: lab.y, x2: VW - R + gap, y2: ly, stroke: lab.colour, "stroke-width": 2.6 }, svg);
       if (lab.dash) line.setAttribute("stroke-dasharray", lab.dash);
-      el("text", { class: "series-label", x: VW - R + 36, y: ly, fill: lab.colour }, svg, lab.text);
+      const text = el("text", { class: "series-label", x: VW - R + gap + 6, y: ly, fill: lab.colour }, svg, lab.text);
+      fitText(text, R - gap - 8, 12);
     }
   }
 
@@ -531,7 +628,19 @@
   }
 
   // ---- start ----------------------------------------------------------------------------------
+  let resizeTimer = null;
+
+  function relayout() {
+    // A rotated phone or a resized window: redraw both drawings for the new size.
+    if (lastData && built && built.key !== layoutKey(lastData)) handle(lastData);
+    if (lastHistory !== undefined) drawChart(lastHistory);
+  }
+
   function start() {
+    window.addEventListener("resize", () => {
+      clearTimeout(resizeTimer);
+      resizeTimer = setTimeout(relayout, 150);
+    });
     poll(); // draws the diagram at once, even before the first update
     connect();
     loadHistory();
