@@ -60,7 +60,7 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    interval_s: float = 10.0
+    interval_s: float = 3.0  # the 2023 cadence
     window_s: float = 1.0
     samples: int = 10
     adc_samples: int = 1  # INA219 hardware averaging: 1, 2, 4 ... 128 conversions
@@ -171,11 +171,13 @@ class Config:
     warnings: tuple[str, ...] = ()
 
 
+# What the real model measures: "an INA219 module is connected to a solar panel", one per house and one
+# on the plant. Battery, load and trade meters are extra channels a fuller model may add.
 DEFAULT_CHANNELS = (
-    ChannelConfig("red_house", 0x40),
-    ChannelConfig("green_house", 0x41),
-    ChannelConfig("blue_house", 0x44),
-    ChannelConfig("power_plant", 0x45, max_current_a=3.2),
+    ChannelConfig("red_house", 0x40, role="solar"),
+    ChannelConfig("green_house", 0x41, role="solar"),
+    ChannelConfig("blue_house", 0x44, role="solar"),
+    ChannelConfig("power_plant", 0x45, max_current_a=3.2, role="solar"),
 )
 
 

@@ -35,6 +35,8 @@ EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd and shell scripts know it
+UNDERVOLTAGE = ("the Pi's own supply is too weak (the firmware reports under-voltage): "
+                "use a 5 V supply of at least 2.5 A or a better converter, with a short, thick cable")
 _MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
 _HOUSEKEEPING_CYCLES = 30  # retention and size cap are applied every this many cycles
 
@@ -158,6 +160,7 @@ class Daemon:
             self.handler.report(error)
         cycle, when, clock_state = self._clock_check(cycle)
         system = self.last_system = self.monitor.read() if self.monitor else None
+        self._power_check(system)
         try:
             stats = self.outbox.queue_stats()
         except StoreError:
@@ -176,6 +179,15 @@ class Daemon:
         if self.on_cycle:
             self.on_cycle(cycle)
         return cycle
+
+    def _power_check(self, system) -> None:
+        """An under-voltage on the Pi's own supply is a Short error while it lasts."""
+        if system is None or system.undervoltage is None:
+            return
+        if system.undervoltage:
+            self.handler.report(ShortError(UNDERVOLTAGE, key="power"))
+        else:
+            self.handler.clear("power")
 
     def _clock_check(self, cycle):
         """(cycle, store arguments, clock state): where the cycle sits relative to boot and whether its
@@ -535,7 +547,8 @@ class ServiceHooks:
         if self.page is not None:
             self.page.update(self._make_snapshot(cycle, self.config.channels, tier=tier,
                                                  summary=self.handler.summary(),
-                                                 meaning=self._meaning(tier)))
+                                                 meaning=self._meaning(tier),
+                                                 system=self.daemon.last_system if self.daemon else None))
         if self.console:
             stored = self.daemon is not None and self.daemon.last_store_ok
             print(console_line(cycle, stored=stored, queue=self.daemon.queue_depth if self.daemon else 0,
@@ -607,43 +620,78 @@ def cmd_once(args, config: Config) -> int:
     system = daemon.last_system
     outbox.close()
     if args.json:
-        print(json.dumps(cycle_json(cycle, system, choice.simulated), indent=2))
+        print(json.dumps(cycle_json(cycle, system, choice.simulated, config.channels), indent=2))
     else:
-        print(cycle_table(cycle))
+        print(cycle_table(cycle, config.channels, system))
     return EXIT_OK if not cycle.errors else EXIT_FAILURE
 
 
-def cycle_json(cycle, system, simulated: bool) -> dict:
-    """The `once --json` document."""
+# What each role measures, in words, for "not measured" lines.
+ROLE_WORDS = {"solar": "solar panels", "battery": "batteries", "load": "loads", "exchange": "trade with the plant"}
+
+
+def not_measured(channels) -> list[str]:
+    """The roles no configured channel measures (reports say "not measured", never 0)."""
+    have = {c.role for c in channels}
+    return [role for role in ROLE_WORDS if role not in have]
+
+
+def cycle_json(cycle, system, simulated: bool, channels=()) -> dict:
+    """The `once --json` document. `channels`: the configured channels (their roles)."""
     when = dt.datetime.fromtimestamp(cycle.time_ms / 1000, dt.timezone.utc)
-    channels = []
+    roles = {c.name: c.role for c in channels}
+    items = []
     for r in cycle.channels:
         item = dataclasses.asdict(r)
         if item["error"] is None:
             del item["error"]
-        channels.append(item)
+        if r.name in roles:
+            item["role"] = roles[r.name]
+        items.append(item)
     return {
         "time": when.isoformat(timespec="milliseconds").replace("+00:00", "Z"),
         "simulated": simulated,
-        "channels": channels,
+        "channels": items,
+        "not_measured": not_measured(channels),
         "system": dataclasses.asdict(system) if system else {},
     }
 
 
-def cycle_table(cycle) -> str:
-    head = f"{'channel':<14}{'addr':>6}{'bus V':>9}{'shunt mV':>10}{'current mA':>12}{'power W':>9}" \
+def cycle_table(cycle, channels=(), system=None) -> str:
+    roles = {c.name: c.role for c in channels}
+    head = f"{'channel':<14}{'role':>9}{'addr':>6}{'bus V':>9}{'shunt mV':>10}{'current mA':>12}{'power W':>9}" \
            f"{'samples':>9}{'in Wh':>9}{'out Wh':>9}"
     rows = [head, "-" * len(head)]
     for r in cycle.channels:
+        role = roles.get(r.name, "")
         if not r.ok:
-            rows.append(f"{r.name:<14}{'0x%02X' % r.address:>6}  {r.error}")
+            rows.append(f"{r.name:<14}{role:>9}{'0x%02X' % r.address:>6}  {r.error}")
             continue
         rows.append(
-            f"{r.name:<14}{'0x%02X' % r.address:>6}{r.bus_voltage_v:>9.3f}{r.shunt_voltage_mv:>10.2f}"
+            f"{r.name:<14}{role:>9}{'0x%02X' % r.address:>6}{r.bus_voltage_v:>9.3f}{r.shunt_voltage_mv:>10.2f}"
             f"{r.current_ma:>12.1f}{r.power_w:>9.3f}{r.samples:>6}/{r.samples + r.failed_samples:<2}"
             f"{r.energy_in_wh:>9.3f}{r.energy_out_wh:>9.3f}"
         )
+    missing = not_measured(channels) if channels else []
+    if missing:
+        rows.append("not measured: " + ", ".join(ROLE_WORDS[role] for role in missing))
+    if system is not None:
+        rows.append(f"Pi supply: {pi_power_text(system)}")
     return "\n".join(rows)
+
+
+def pi_power_text(system) -> str:
+    """The firmware's power flags in words ("not measured" where this Pi does not report them)."""
+    if system.undervoltage is None:
+        return "not measured (no firmware flags on this machine)"
+    words = ["UNDER-VOLTAGE now" if system.undervoltage else "ok"]
+    if system.throttled:
+        words.append("CPU throttled now")
+    if system.undervoltage_since_boot and not system.undervoltage:
+        words.append("under-voltage earlier since boot")
+    if system.throttled_since_boot and not system.throttled:
+        words.append("throttled earlier since boot")
+    return ", ".join(words)
 
 
 def cmd_check(args, config: Config) -> int:

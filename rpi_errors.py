@@ -154,18 +154,25 @@ class BlinkPattern:
     action: str = ""
 
     @property
+    def period_s(self) -> float:
+        """One repetition, in seconds."""
+        return self.blinks * (self.on_s + self.off_s) + self.pause_s
+
+    @property
     def appearance(self) -> str:
-        """What the LED looks like, in words."""
-        if self.pause_s <= 0:
-            return "Fast flashing without pause"
-        period = self.blinks * (self.on_s + self.off_s) + self.pause_s
+        """What the LED looks like, in words, the count first."""
+        if self.on_s > self.off_s + self.pause_s:
+            # Mostly on: nothing a technician could count as an error code.
+            return f"On, with a brief dip every {self.period_s:g} s"
         if self.blinks == 1:
-            return f"One short blink every {period:g} s"
+            return "1 quick blink, then a pause"
         return f"{self.blinks} blinks, then a pause"
 
 
+# All well: the LED is mostly on with a brief dip, so it cannot be mistaken for
+# any counted code (each of those is mostly off) nor for "not running" (off).
 _HEARTBEAT = BlinkPattern(
-    1, 0.1, 0.4, 4.5,
+    1, 4.8, 0.2, 0.0,
     "All well: measuring and sending normally.",
     "Nothing to do.")
 
@@ -175,45 +182,63 @@ def _counted(blinks: int, meaning: str, action: str) -> BlinkPattern:
     return BlinkPattern(blinks, 0.4, 0.4, 2.0, meaning, action)
 
 
+# The 2023 codes technicians were taught: Short = one quick blink, Sending = 2,
+# Measuring = 3, Critical = 4; Connection (no 2023 code) takes 5.
 BLINK_CODES: Mapping[Tier | None, BlinkPattern] = types.MappingProxyType({
     None: _HEARTBEAT,
     Tier.SILENT: dataclasses.replace(
         _HEARTBEAT,
         meaning="Same as all well: a minor note was written to the log only.",
         action="Nothing to do."),
-    Tier.SHORT: _counted(
-        2, "A minor hiccup, e.g. one measuring cycle ran late.",
-        "Usually clears by itself. If it lasts more than a day, "
-        "tell the maintainer."),
+    Tier.SHORT: BlinkPattern(
+        1, 0.1, 0.4, 2.0,
+        "A minor problem: a measuring cycle ran late, the clock is not set "
+        "yet, the disk is nearly full, a self-update was rolled back, or the "
+        "Pi's power supply is too weak (under-voltage).",
+        "Usually clears by itself. Under-voltage: power the Pi from a 5 V "
+        "supply of at least 2.5 A (or a better 12 V to 5 V converter) with a "
+        "short, thick cable. If it lasts more than a day, tell the "
+        "maintainer."),
+    Tier.SENDING: _counted(
+        2, "The database refused data. The data is kept on the Pi.",
+        "Tell the maintainer: the database settings (token, bucket or "
+        "database name) need checking."),
     Tier.MEASURING: _counted(
         3, "A sensor did not answer or gave a bad reading.",
         "Check the sensor's wires and plugs. The Pi keeps trying."),
-    Tier.SENDING: _counted(
-        4, "The database refused some data. The data is kept on the Pi.",
-        "Tell the maintainer: the database settings need checking."),
+    Tier.CRITICAL: _counted(
+        4, "The logger cannot run until this is fixed "
+        "(e.g. the store cannot be written).",
+        "Restart the Pi. If it still blinks 4, tell the maintainer: "
+        "the log says what is wrong."),
     Tier.CONNECTION: _counted(
         5, "The network or the database cannot be reached. "
         "The data is kept on the Pi and sent later.",
         "Check the network cable, Wi-Fi or SIM, and that the database "
         "server is on."),
-    Tier.CRITICAL: BlinkPattern(
-        1, 0.1, 0.1, 0.0,
-        "The logger cannot run until this is fixed "
-        "(e.g. a broken settings file).",
-        "Restart the Pi. If it keeps flashing, tell the maintainer: "
-        "the log says what is wrong."),
 })
+
+_NOT_RUNNING_ROW = ("Off", "The logger is not running.",
+                    "Check the Pi has power; "
+                    "`sudo systemctl status solarpowerbrampton`.")
 
 
 def blink_table_markdown() -> str:
-    """The README's blink-code table, generated from ``BLINK_CODES``."""
+    """The README's LED table, generated from ``BLINK_CODES``.
+
+    One row per distinct code (SILENT looks like all well and has no row of
+    its own): all well first, then the codes by blink count, then "Off".
+    """
     def cell(text: str) -> str:
         return text.replace("|", "\\|")
 
+    codes = [BLINK_CODES[None]] + sorted(
+        (p for t, p in BLINK_CODES.items() if t not in (None, Tier.SILENT)),
+        key=lambda p: p.blinks)
+    rows = [(p.appearance, p.meaning, p.action) for p in codes]
+    rows.append(_NOT_RUNNING_ROW)
     lines = ["| LED shows | Meaning | What to do |", "|---|---|---|"]
-    for pattern in BLINK_CODES.values():
-        lines.append(f"| {cell(pattern.appearance)} | {cell(pattern.meaning)}"
-                     f" | {cell(pattern.action)} |")
+    lines += [f"| {cell(a)} | {cell(m)} | {cell(d)} |" for a, m, d in rows]
     return "\n".join(lines) + "\n"
 
 

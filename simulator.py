@@ -16,6 +16,7 @@ import functools
 import logging
 import math
 import os
+import random
 import threading
 import zlib
 from collections.abc import Callable, Sequence
@@ -50,21 +51,39 @@ def _adc_time_s(code: int) -> float:
     return _ADC_TIME_S[code & 3 if code < 8 else code]
 
 
+# ADC noise of one 12-bit conversion (1 sigma): about two LSBs on each ADC, as on a real INA219 with
+# quiet wiring. Hardware averaging of n conversions divides it by sqrt(n), as on the chip.
+SHUNT_NOISE_V = 20e-6
+BUS_NOISE_V = 0.008
+_POWER_DOWN_MODES = (0, 4)  # power-down and ADC off: writing them leaves CNVR as it was (SBOS448 8.6.3.2)
+
+
+def _adc_samples(code: int) -> int:
+    return 1 << (code - 8) if code >= 8 else 1
+
+
 class EmulatedINA219:
     """One INA219 at register level (TI SBOS448).
 
     `truth()` returns (bus_voltage_v, current_a) at this moment, current signed
-    (+ = through the shunt from V+ to V-). Not thread-safe by itself:
-    `SimulatedBus` serialises every transaction.
+    (+ = through the shunt from V+ to V-). Like the chip, the result registers
+    change only when a conversion has finished (per the configured ADC times):
+    continuously in modes 5-7, once per config write (trigger) in modes 1-3,
+    never in power-down (0, 4). CNVR is set when results are new and cleared by
+    reading the power register or writing an operating mode (not power-down).
+    `noise_seed` adds seeded ADC noise (None: exact readings). Not thread-safe
+    by itself: `SimulatedBus` serialises every transaction.
     """
 
-    def __init__(self, truth: Truth, shunt_ohms: float, clock: Clock):
+    def __init__(self, truth: Truth, shunt_ohms: float, clock: Clock, *, noise_seed: int | None = None):
         if not shunt_ohms > 0:
             raise ValueError(f"shunt_ohms must be > 0, not {shunt_ohms!r}")
         self._truth = truth
         self._shunt_ohms = shunt_ohms
         self._clock = clock
+        self._noise = random.Random(noise_seed) if noise_seed is not None else None
         self.force_overflow = False  # test hook: OVF reads 1 while set
+        self.conversions = 0  # conversions whose results reached the registers
         self.power_on_reset()
 
     def power_on_reset(self) -> None:
@@ -72,10 +91,15 @@ class EmulatedINA219:
         self._config = POWER_ON_CONFIG
         self._calibration = 0
         self._pointer = REG_CONFIG
-        # Last converted values, which power-down and ADC-off modes keep showing.
+        # Last converted values, which the registers show until the next conversion finishes.
         self._shunt_code = 0
         self._bus_code = 0
+        self._ready = False  # CNVR
+        self._start_conversions()
+
+    def _start_conversions(self) -> None:
         self._conversion_start_s = self._clock()
+        self._conversions_done = 0  # since _conversion_start_s
 
     @property
     def config(self) -> int:
@@ -100,8 +124,12 @@ class EmulatedINA219:
                 log.debug("INA219 reset through the RST bit")
                 self.power_on_reset()
             else:
+                self._update()  # a conversion that finished before this write still counts
                 self._config = value
-                self._conversion_start_s = self._clock()
+                if value & 7 not in _POWER_DOWN_MODES:
+                    self._ready = False
+                # A new mode starts converting (a triggered mode: exactly one conversion) from now.
+                self._start_conversions()
         elif self._pointer == REG_CALIBRATION:
             self._calibration = value & 0xFFFE
         # Other registers are read-only: the write only moved the pointer.
@@ -118,26 +146,54 @@ class EmulatedINA219:
             return self._calibration
         if pointer not in (REG_SHUNT, REG_BUS, REG_POWER, REG_CURRENT):
             return 0
-        shunt, bus = self._convert()
+        self._update()
+        shunt, bus = self._shunt_code, self._bus_code
         current, power, overflow = self._math(shunt, bus)
         if pointer == REG_SHUNT:
             return shunt & 0xFFFF
         if pointer == REG_BUS:
-            return (bus << 3) | (self._conversion_ready() << 1) | int(overflow or self.force_overflow)
+            return (bus << 3) | (int(self._ready) << 1) | int(overflow or self.force_overflow)
         if pointer == REG_POWER:
-            self._conversion_start_s = self._clock()  # reading power clears CNVR
+            self._ready = False  # reading power clears CNVR
             return power
         return current & 0xFFFF
 
-    def _convert(self) -> tuple[int, int]:
+    def _conversion_s(self) -> float:
         mode = self._config & 7
-        if mode & 3:  # bit 0 = shunt ADC on, bit 1 = bus ADC on
-            bus_v, current_a = self._truth()
-            if mode & 1:
-                self._shunt_code = self._quantise_shunt(current_a * self._shunt_ohms)
-            if mode & 2:
-                self._bus_code = self._quantise_bus(bus_v)
-        return self._shunt_code, self._bus_code
+        needed_s = 0.0
+        if mode & 1:
+            needed_s += _adc_time_s((self._config >> 3) & 0xF)
+        if mode & 2:
+            needed_s += _adc_time_s((self._config >> 7) & 0xF)
+        return needed_s
+
+    def _update(self) -> None:
+        """Bring the result registers up to date with the conversions finished by now."""
+        mode = self._config & 7
+        if not mode & 3:
+            return  # power-down or ADC off: nothing converts, the registers hold
+        finished = int((self._clock() - self._conversion_start_s) / self._conversion_s())
+        if mode < 4:
+            finished = min(finished, 1)  # triggered: one conversion per config write
+        if finished <= self._conversions_done:
+            return
+        self._conversions_done = finished
+        # Only the latest finished conversion is visible: convert the truth once, now.
+        bus_v, current_a = self._truth()
+        if mode & 1:
+            code = (self._config >> 3) & 0xF
+            self._shunt_code = self._quantise_shunt(current_a * self._shunt_ohms
+                                                    + self._noise_v(SHUNT_NOISE_V, code))
+        if mode & 2:
+            code = (self._config >> 7) & 0xF
+            self._bus_code = self._quantise_bus(bus_v + self._noise_v(BUS_NOISE_V, code))
+        self._ready = True
+        self.conversions += 1
+
+    def _noise_v(self, sigma_v: float, adc_code: int) -> float:
+        if self._noise is None:
+            return 0.0
+        return self._noise.gauss(0.0, sigma_v / math.sqrt(_adc_samples(adc_code)))
 
     def _quantise_shunt(self, shunt_v: float) -> int:
         step = 1 << (12 - _adc_bits((self._config >> 3) & 0xF))
@@ -157,17 +213,6 @@ class EmulatedINA219:
         # The chip multiplies the magnitude of the current: power is never negative.
         raw_power = abs(current) * bus // 5000
         return current, min(raw_power, 0xFFFF), current != raw_current or raw_power > 0xFFFF
-
-    def _conversion_ready(self) -> int:
-        mode = self._config & 7
-        if not mode & 3:
-            return 0
-        needed_s = 0.0
-        if mode & 1:
-            needed_s += _adc_time_s((self._config >> 3) & 0xF)
-        if mode & 2:
-            needed_s += _adc_time_s((self._config >> 7) & 0xF)
-        return int(self._clock() - self._conversion_start_s >= needed_s)
 
 
 # --- The I2C bus ---------------------------------------------------------------
@@ -407,6 +452,10 @@ def _value_noise(seed: int, salt: int, epoch_s: float, period_s: float) -> float
     return a + (b - a) * frac * frac * (3 - 2 * frac)
 
 
+def _uniform_seed(*parts: int) -> int:
+    return _splitmix64(int(_uniform(*parts) * 2.0**53))
+
+
 def _key(name: str) -> int:
     return zlib.crc32(name.encode())
 
@@ -421,22 +470,45 @@ class UnitSpec:
     base_load_a: float
 
 
-HOUSE = UnitSpec(capacity_ah=7.0, panel_peak_w=10.0, base_load_a=0.0)
-PLANT = UnitSpec(capacity_ah=18.0, panel_peak_w=30.0, base_load_a=0.05)
-LED_A = 0.25
+HOUSE = UnitSpec(capacity_ah=3.2, panel_peak_w=10.0, base_load_a=0.0)
+PLANT = UnitSpec(capacity_ah=36.0, panel_peak_w=20.0, base_load_a=0.1)
+LED_A = 0.3
 FAN_A = 0.15
 BUY_A = 0.5
 SELL_A = 0.3
-INTERNAL_OHMS = 0.05
-ABSORPTION_V = 14.4  # the charge controller stops charging here
+# A 36-cell "12 V" panel: maximum power at 17.5 V, a short-circuit current 7 % above the maximum-power
+# current, 21.6 V open-circuit in full sun, falling by ~1.2 V per e-fold less light.
+PANEL_VMP_V = 17.5
+PANEL_VOC_V = 21.6
+PANEL_VOC_PER_E_V = 1.2
+PANEL_ISC_FACTOR = 1.07
+# The PWM charge controller connects the panel to the battery while it charges (the panel then sits this
+# far above the battery), never lets the battery rise above the absorption voltage, stops charging when the
+# battery is full (the panel floats at its open-circuit voltage) and starts again once the battery sagged.
+CONTROLLER_DROP_V = 0.2
+ABSORPTION_V = 14.4
+FULL_SOC = 0.98
+RECHARGE_SOC = 0.93
 DISCONNECT_SOC = 0.02  # the controller's low-voltage disconnect drops the loads
+# Lead-acid: 11.9 V (empty) to 12.7 V (full) at rest; internal resistance per Ah of capacity.
+INTERNAL_OHM_AH = 0.35
+# The trading switches (see SolarModel).
+SELL_ABOVE_SOC = 0.9
+SELL_DOWN_TO_SOC = 0.55
+BUY_BELOW_SOC = 0.45
+BUY_UNTIL_SOC = 0.6
+PLANT_RESERVE_SOC = 0.3
 STEP_S = 60.0
 _CLOUD, _LED, _FAN, _SOC = 1, 2, 3, 4
 
 
 @dataclass(frozen=True)
 class UnitState:
-    """A unit at one moment. Currents in A; exchange_a + = house buys (plant: + = plant sells)."""
+    """A unit at one moment. Currents in A; exchange_a + = house buys (plant: + = plant sells).
+
+    panel_v is what a sensor on the panel's line sees: the battery's voltage plus the controller's
+    drop while charging (`charging`), the panel's open-circuit voltage otherwise (0 V in the dark).
+    """
 
     soc: float  # 0..1
     battery_v: float
@@ -444,10 +516,45 @@ class UnitState:
     load_a: float
     exchange_a: float
     battery_a: float  # net, + = charging
+    panel_v: float = 0.0
+    charging: bool = False  # the controller connects the panel to the battery
 
 
 def _ocv_v(soc: float) -> float:
     return 11.9 + 0.8 * soc
+
+
+def battery_voltage_v(soc: float, current_a: float, capacity_ah: float) -> float:
+    """Terminal voltage (V) of a 12 V lead-acid battery at charge `soc` (0..1) and `current_a` (+ = charging).
+
+    Open-circuit voltage by charge, the drop on the internal resistance, and while charging the charge
+    overvoltage, which grows with the current and towards full (13-14.4 V at typical solar currents).
+    """
+    volts = _ocv_v(soc) + current_a * INTERNAL_OHM_AH / capacity_ah
+    if current_a > 0:
+        volts += (0.3 + 0.35 * soc**6) * math.log1p(current_a / (0.01 * capacity_ah))
+    return volts
+
+
+def _max_charge_a(soc: float, capacity_ah: float) -> float:
+    """The largest charging current (A) that keeps the battery at ABSORPTION_V or below."""
+    low, high = 0.0, capacity_ah
+    for _ in range(30):
+        middle = (low + high) / 2
+        if battery_voltage_v(soc, middle, capacity_ah) <= ABSORPTION_V:
+            low = middle
+        else:
+            high = middle
+    return low
+
+
+def panel_output(peak_w: float, irradiance_w_m2: float) -> tuple[float, float]:
+    """(short-circuit current A, open-circuit voltage V) of a 36-cell panel of `peak_w` in this light."""
+    if irradiance_w_m2 <= 0:
+        return 0.0, 0.0
+    isc_a = PANEL_ISC_FACTOR * peak_w / PANEL_VMP_V * irradiance_w_m2 / 1000
+    voc_v = max(0.0, PANEL_VOC_V + PANEL_VOC_PER_E_V * math.log(irradiance_w_m2 / 1000))
+    return isc_a, voc_v
 
 
 def _clamp01(x: float) -> float:
@@ -457,9 +564,21 @@ def _clamp01(x: float) -> float:
 class SolarModel:
     """Physical model of the scale model, deterministic for a seed.
 
-    Every value is a function of (seed, simulated time) alone: the state is
-    integrated on a fixed 60-s grid from `start`, so sampling rate cannot change
-    readings. Thread-safe.
+    Every value is a function of (seed, simulated time) alone: the state (charge, controllers,
+    switches) is integrated on a fixed 60-s grid from `start`, so sampling rate cannot change readings.
+    Batteries start part-charged (45-75 %).
+
+    Each unit's PWM controller charges its battery from the panel (the panel at the battery's voltage
+    plus 0.2 V, never above 14.4 V on the battery) until the charge reaches 98 %, then opens (the panel
+    reads its open-circuit voltage and 0 A) until the charge has fallen to 93 %.
+
+    The switches, checked every grid step (a house trades with the plant only, one switch at a time):
+    - SELL closes when the house battery is at 90 % or more, its panel could give more than the house
+      uses plus the 0.3 A sale, and the plant's battery is below 93 %; it opens when the charge falls
+      below 75 %, the surplus ends (evening, clouds) or the plant's battery is full (98 %).
+    - BUY closes when the house battery has run down to 35 % and the plant's is above 30 %; it draws
+      0.5 A from the plant until the house reaches 55 % or the plant falls to 20 %.
+    Thread-safe.
     """
 
     def __init__(self, units: Sequence[str], plant: str, seed: int, speed: float,
@@ -478,14 +597,17 @@ class SolarModel:
         self._start_epoch_s = (_to_utc(start) - _EPOCH).total_seconds()
         self._houses = tuple(u for u in self.units if u != plant)
         self._specs = {u: PLANT if u == plant else HOUSE for u in self.units}
-        self._initial = {u: 0.5 + 0.3 * _uniform(seed, _SOC, _key(u)) for u in self.units}
+        self._initial = {u: 0.45 + 0.3 * _uniform(seed, _SOC, _key(u)) for u in self.units}
         self._lock = threading.Lock()
         self._reset()
 
     def _reset(self) -> None:
         self._socs = dict(self._initial)
+        self._full = dict.fromkeys(self.units, False)
+        self._trade = dict.fromkeys(self._houses, "")  # "buy", "sell" or ""
         self._grid_s = 0.0
         self._cached: tuple[float, dict[str, UnitState]] | None = None
+        self._decide(self._start_epoch_s)
 
     def _elapsed_s(self) -> float:
         return (self._clock() - self._clock0) * self.speed
@@ -504,7 +626,7 @@ class SolarModel:
         if role == "battery":
             return state.battery_v, state.battery_a
         if role == "solar":
-            return state.battery_v, state.solar_a
+            return state.panel_v, state.solar_a
         if role == "load":
             return state.battery_v, state.load_a
         if role == "exchange":
@@ -522,16 +644,18 @@ class SolarModel:
             if elapsed_s < self._grid_s:  # clock went back: integrate again from the start
                 self._reset()
             while self._grid_s + STEP_S <= elapsed_s:
-                flows = self._flows(self._start_epoch_s + self._grid_s, self._socs)
+                flows = self._flows(self._start_epoch_s + self._grid_s)
                 for unit, flow in flows.items():
                     self._socs[unit] = self._integrate(unit, flow.battery_a, STEP_S)
                 self._grid_s += STEP_S
+                self._decide(self._start_epoch_s + self._grid_s)
             partial_s = max(0.0, elapsed_s - self._grid_s)
             states = {}
-            for unit, flow in self._flows(self._start_epoch_s + elapsed_s, self._socs).items():
+            for unit, flow in self._flows(self._start_epoch_s + elapsed_s).items():
                 soc = self._integrate(unit, flow.battery_a, partial_s)
-                states[unit] = dataclasses.replace(
-                    flow, soc=soc, battery_v=_ocv_v(soc) + flow.battery_a * INTERNAL_OHMS)
+                battery_v = battery_voltage_v(soc, flow.battery_a, self._specs[unit].capacity_ah)
+                panel_v = battery_v + CONTROLLER_DROP_V if flow.charging else flow.panel_v
+                states[unit] = dataclasses.replace(flow, soc=soc, battery_v=battery_v, panel_v=panel_v)
             self._cached = (elapsed_s, states)
             return states
 
@@ -563,36 +687,62 @@ class SolarModel:
             load += FAN_A
         return load
 
-    def _flows(self, epoch_s: float, socs: dict[str, float]) -> dict[str, UnitState]:
-        elevation, irradiance, hour = self._environment(epoch_s)
-        plant_soc = socs.get(self.plant)
-        exchange = {}
+    def _load_a(self, unit: str, epoch_s: float, hour: float, irradiance: float) -> float:
+        if self._socs[unit] <= DISCONNECT_SOC:
+            return 0.0
+        load = self._specs[unit].base_load_a
+        if unit != self.plant:
+            load += self._switched_load_a(unit, epoch_s, hour, irradiance)
+        return load
+
+    def _decide(self, epoch_s: float) -> None:
+        """Flip the controllers and the trading switches at a grid step (rules: the class docstring)."""
+        for unit, soc in self._socs.items():
+            if soc >= FULL_SOC:
+                self._full[unit] = True
+            elif soc <= RECHARGE_SOC:
+                self._full[unit] = False
+        plant_soc = self._socs.get(self.plant)
+        if plant_soc is None:
+            return
+        _, irradiance, hour = self._environment(epoch_s)
         for house in self._houses:
-            soc = socs[house]
-            if plant_soc is not None and soc < 0.4 and plant_soc > 0.3:
-                exchange[house] = BUY_A
-            elif plant_soc is not None and soc > 0.85 and elevation > 0 and plant_soc < 0.95:
-                exchange[house] = -SELL_A
-            else:
-                exchange[house] = 0.0
-        if plant_soc is not None:
+            soc, trade = self._socs[house], self._trade[house]
+            isc_a, _ = panel_output(self._specs[house].panel_peak_w, irradiance)
+            surplus = isc_a > self._load_a(house, epoch_s, hour, irradiance)  # the panel covers the house
+            if trade == "buy" and (soc >= BUY_UNTIL_SOC or plant_soc <= PLANT_RESERVE_SOC - 0.1):
+                trade = ""
+            elif trade == "sell" and (soc < SELL_DOWN_TO_SOC or not surplus or plant_soc >= FULL_SOC):
+                trade = ""
+            if not trade:
+                if soc <= BUY_BELOW_SOC and plant_soc > PLANT_RESERVE_SOC:
+                    trade = "buy"
+                elif soc >= SELL_ABOVE_SOC and surplus and plant_soc < RECHARGE_SOC:
+                    trade = "sell"
+            self._trade[house] = trade
+
+    def _flows(self, epoch_s: float) -> dict[str, UnitState]:
+        _, irradiance, hour = self._environment(epoch_s)
+        exchange = {h: BUY_A if t == "buy" else -SELL_A if t == "sell" else 0.0 for h, t in self._trade.items()}
+        if self.plant in self._specs:
             exchange[self.plant] = sum(exchange.values())
         flows = {}
         for unit in self.units:
-            spec, soc = self._specs[unit], socs[unit]
-            load = 0.0
-            if soc > DISCONNECT_SOC:
-                load = spec.base_load_a
-                if unit != self.plant:
-                    load += self._switched_load_a(unit, epoch_s, hour, irradiance)
+            spec, soc = self._specs[unit], self._socs[unit]
+            load = self._load_a(unit, epoch_s, hour, irradiance)
             other_a = (-exchange[unit] if unit == self.plant else exchange[unit]) - load
-            ocv = _ocv_v(soc)
-            solar = spec.panel_peak_w * irradiance / 1000 / ocv
-            if soc >= 1.0:  # full: the controller only covers what the loads draw
-                solar = min(solar, max(0.0, -other_a))
-            solar = max(0.0, min(solar, (ABSORPTION_V - ocv) / INTERNAL_OHMS - other_a))
+            isc_a, voc_v = panel_output(spec.panel_peak_w, irradiance)
+            # The controller charges while the battery is not full and the panel can drive current into it.
+            charging = not self._full[unit] and voc_v > _ocv_v(soc) + 1.0
+            solar = 0.0
+            if charging:
+                solar = isc_a
+                if battery_voltage_v(soc, solar + other_a, spec.capacity_ah) > ABSORPTION_V:
+                    solar = max(0.0, min(isc_a, _max_charge_a(soc, spec.capacity_ah) - other_a))
             battery = solar + other_a
-            flows[unit] = UnitState(soc, ocv + battery * INTERNAL_OHMS, solar, load, exchange[unit], battery)
+            battery_v = battery_voltage_v(soc, battery, spec.capacity_ah)
+            panel_v = battery_v + CONTROLLER_DROP_V if charging else voc_v
+            flows[unit] = UnitState(soc, battery_v, solar, load, exchange[unit], battery, panel_v, charging)
         return flows
 
 
@@ -626,7 +776,10 @@ def build_simulated_bus(config: Config, clock: Clock,
         truths = {c.name: functools.partial(model.truth_for, c.name) for c in config.channels}
     else:
         raise ValueError(f"unknown simulation scenario {sim.scenario!r}")
-    bus = SimulatedBus({c.address: EmulatedINA219(truths[c.name], c.shunt_ohms, clock)
+    # The day scenario's chips carry ADC noise (seeded per channel); the constant scenario stays exact.
+    noisy = sim.scenario == "day"
+    bus = SimulatedBus({c.address: EmulatedINA219(truths[c.name], c.shunt_ohms, clock,
+                                                  noise_seed=_uniform_seed(sim.seed, c.address) if noisy else None)
                         for c in config.channels})
     bus.model = model
     log.info("simulated I2C bus: %d INA219 at %s, scenario %s", len(config.channels),

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -325,9 +326,87 @@ def _describe(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
+# The Raspberry Pi firmware's under-voltage and throttling flags (`vcgencmd get_throttled` shows the same
+# word): a solar model's Pi often runs on a weak supply. The kernel exposes the word as a hex sysfs file,
+# and the under-voltage bit alone through the `rpi_volt` hwmon device (the interface newer kernels keep).
+THROTTLED_PATH = "/sys/devices/platform/soc/soc:firmware/get_throttled"
+HWMON_DIR = "/sys/class/hwmon"
+_UNDERVOLTAGE_NOW = 1 << 0
+_THROTTLED_NOW = (1 << 1) | (1 << 2) | (1 << 3)  # frequency capped, throttled, soft temperature limit
+_UNDERVOLTAGE_SINCE_BOOT = 1 << 16
+_THROTTLED_SINCE_BOOT = (1 << 17) | (1 << 18) | (1 << 19)
+
+
+@dataclass(frozen=True)
+class PowerFlags:
+    """The Pi's own power as its firmware reports it; None = this Pi does not say."""
+
+    undervoltage: bool | None = None  # the supply is below ~4.63 V now
+    throttled: bool | None = None  # the CPU is throttled or its frequency capped now
+    undervoltage_since_boot: bool | None = None
+    throttled_since_boot: bool | None = None
+
+
+class PowerFlagReader:
+    """Reads PowerFlags cheaply (one small sysfs read per call); paths injectable for tests.
+
+    Prefers the firmware's get_throttled word (every flag); else the `rpi_volt` hwmon alarm (under-voltage
+    only); off a Pi, no flags. Where each source lives is looked up once. Not thread-safe.
+    """
+
+    def __init__(self, throttled_path: str = THROTTLED_PATH, hwmon_dir: str = HWMON_DIR) -> None:
+        self._throttled_path = throttled_path if os.path.isfile(throttled_path) else None
+        self._alarm_path = None if self._throttled_path else _rpi_volt_alarm(hwmon_dir)
+
+    @property
+    def available(self) -> bool:
+        """True when this machine reports any of the flags."""
+        return bool(self._throttled_path or self._alarm_path)
+
+    def read(self) -> PowerFlags:
+        """The flags now; a source that cannot be read gives PowerFlags() (all None)."""
+        if self._throttled_path:
+            text = _read_small(self._throttled_path)
+            try:
+                word = int(text.strip(), 16) if text is not None else None
+            except ValueError:
+                word = None
+            if word is None:
+                return PowerFlags()
+            return PowerFlags(bool(word & _UNDERVOLTAGE_NOW), bool(word & _THROTTLED_NOW),
+                              bool(word & _UNDERVOLTAGE_SINCE_BOOT), bool(word & _THROTTLED_SINCE_BOOT))
+        if self._alarm_path:
+            text = _read_small(self._alarm_path)
+            if text is not None and text.strip() in ("0", "1"):
+                return PowerFlags(undervoltage=text.strip() == "1")
+        return PowerFlags()
+
+
+def _read_small(path: str) -> str | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(64).decode("ascii", "replace")  # a sysfs value: a few bytes; never read more
+    except OSError:
+        return None
+
+
+def _rpi_volt_alarm(hwmon_dir: str) -> str | None:
+    try:
+        entries = sorted(os.listdir(hwmon_dir))
+    except OSError:
+        return None
+    for entry in entries:
+        base = os.path.join(hwmon_dir, entry)
+        if (_read_small(os.path.join(base, "name")) or "").strip() == "rpi_volt":
+            alarm = os.path.join(base, "in0_lcrit_alarm")
+            if os.path.isfile(alarm):
+                return alarm
+    return None
+
+
 @dataclass(frozen=True)
 class SystemReading:
-    """The Pi's health for one cycle."""
+    """The Pi's health for one cycle. The power flags are None where the Pi does not report them."""
 
     cpu_percent: float
     cpu_temp_c: float | None
@@ -336,16 +415,24 @@ class SystemReading:
     net_sent_bytes: int
     net_recv_bytes: int
     uptime_s: float
+    undervoltage: bool | None = None
+    throttled: bool | None = None
+    undervoltage_since_boot: bool | None = None
+    throttled_since_boot: bool | None = None
 
 
 class SystemMonitor:
-    """psutil readings; network bytes are counted since the previous call. Not thread-safe."""
+    """psutil readings and the firmware's power flags; network bytes are counted since the previous call.
 
-    def __init__(self, disk_path: str, psutil_module=None) -> None:
+    `power` reads the flags (default: a PowerFlagReader on this machine's sysfs). Not thread-safe.
+    """
+
+    def __init__(self, disk_path: str, psutil_module=None, *, power: PowerFlagReader | None = None) -> None:
         if psutil_module is None:
             import psutil as psutil_module
         self._psutil = psutil_module
         self._disk_path = disk_path
+        self._power = power if power is not None else PowerFlagReader()
         self._psutil.cpu_percent(interval=None)  # the first call only primes the counter
         self._net = self._net_counters()
 
@@ -359,6 +446,7 @@ class SystemMonitor:
         # Counters can wrap or reset (interface down/up): never report a negative delta.
         delta = (max(sent - self._net[0], 0), max(recv - self._net[1], 0))
         self._net = (sent, recv)
+        flags = self._power.read()
         return SystemReading(
             cpu_percent=float(ps.cpu_percent(interval=None)),
             cpu_temp_c=self._cpu_temp(),
@@ -367,6 +455,10 @@ class SystemMonitor:
             net_sent_bytes=delta[0],
             net_recv_bytes=delta[1],
             uptime_s=_uptime_s(ps),
+            undervoltage=flags.undervoltage,
+            throttled=flags.throttled,
+            undervoltage_since_boot=flags.undervoltage_since_boot,
+            throttled_since_boot=flags.throttled_since_boot,
         )
 
     def _cpu_temp(self) -> float | None:

@@ -47,6 +47,14 @@ HISTORY_CACHE_S = 60.0
 HISTORY_FULL_REBUILD_S = 6 * 3600.0
 HISTORY_BUCKET_S = 300
 MAX_EVENT_CLIENTS = 16
+# While a battery charges its voltage reads above its resting voltage, so the charge estimated from it
+# is lowered by a typical charging lift and never shown as full.
+CHARGING_LIFT_V = 0.5
+CHARGING_MAX_PCT = 95
+# A panel's line above this voltage with no current: the charge controller has stopped charging.
+PANEL_OPEN_V = 17.0
+# The firmware's power flags of the Pi, as `tools.SystemReading` names them.
+PI_FLAGS = ("undervoltage", "throttled", "undervoltage_since_boot", "throttled_since_boot")
 # Which channel of a unit the history chart shows, best first.
 _CHART_ROLES = ("battery", "exchange", "solar", "load")
 
@@ -76,12 +84,12 @@ _URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
 
 # -- snapshots ----------------------------------------------------------------------------------------------
 def make_snapshot(cycle: Any, channels: Sequence[Any], *, tier: Any = None, summary: str = "all well",
-                  meaning: str = "") -> dict:
+                  meaning: str = "", system: Any = None) -> dict:
     """The dict `FlowPage.update` takes, from a measuring cycle (duck-typed: `tools.Cycle`).
 
     `channels` are the configured channels (.name, .role, .unit_name); `tier` an
     `rpi_errors.Tier` or None, `summary` `ErrorHandler.summary()`, `meaning`
-    `BLINK_CODES[tier].meaning`.
+    `BLINK_CODES[tier].meaning`; `system` a `tools.SystemReading` (the Pi's power flags) or None.
     """
     by_name = {c.name: c for c in channels}
     rows = []
@@ -101,6 +109,7 @@ def make_snapshot(cycle: Any, channels: Sequence[Any], *, tier: Any = None, summ
         "time_ms": cycle.time_ms,
         "channels": rows,
         "status": {"tier": getattr(tier, "name", tier), "summary": summary, "meaning": meaning},
+        "pi": {flag: getattr(system, flag, None) for flag in PI_FLAGS},
     }
 
 
@@ -111,11 +120,19 @@ def _number(value: Any) -> float | None:
     return value if math.isfinite(value) else None
 
 
-def battery_level_pct(volts: float | None) -> int | None:
-    """Charge estimated from the voltage of a 12 V lead-acid battery at rest, 0..100 (None: unknown)."""
+def battery_level_pct(volts: float | None, current_ma: float | None = None) -> int | None:
+    """Charge estimated from the voltage of a 12 V lead-acid battery, 0..100 (None: unknown).
+
+    `current_ma` is the battery's current where it is measured (+ = charging): while it charges, its
+    voltage reads high, so the estimate is lowered by CHARGING_LIFT_V and capped below full.
+    """
     if volts is None:
         return None
-    return round(min(max((volts - EMPTY_V) / (FULL_V - EMPTY_V), 0.0), 1.0) * 100)
+    charging = current_ma is not None and current_ma >= DEAD_BAND_MA
+    if charging:
+        volts -= CHARGING_LIFT_V
+    pct = round(min(max((volts - EMPTY_V) / (FULL_V - EMPTY_V), 0.0), 1.0) * 100)
+    return min(pct, CHARGING_MAX_PCT) if charging else pct
 
 
 def flow_width(watts: float) -> float:
@@ -129,6 +146,9 @@ _STATE_TEXT = {
     "idle": "Not trading",
     "charging": "Charging its battery",
     "using battery": "Running on its battery",
+    "generating": "Its panel is charging the battery",
+    "full": "Battery full: the charge controller has stopped charging",
+    "no sun": "No sun on the panel",
     "unknown": "No reading",
 }
 _PLANT_STATE_TEXT = {"selling": "Supplying the houses", "buying": "Taking energy from the houses",
@@ -180,10 +200,13 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
         for chan in chans:
             by_role.setdefault(chan["role"], []).append(chan)
         is_plant = unit == plant_unit
-        volts_from = by_role.get("battery") or chans  # every sensor of a unit sits on its battery's bus
+        # Battery, load and trade meters sit on the battery's bus; a panel's meter sees the panel's
+        # voltage (up to ~21 V with the controller open), never the battery's.
+        on_battery = [c for c in chans if c["role"] != "solar"]
+        volts_from = by_role.get("battery") or on_battery
         volts = next((c["bus_voltage_v"] for c in volts_from if c["bus_voltage_v"] is not None), None)
         if volts is None:
-            volts = next((c["bus_voltage_v"] for c in chans if c["bus_voltage_v"] is not None), None)
+            volts = next((c["bus_voltage_v"] for c in on_battery if c["bus_voltage_v"] is not None), None)
 
         state, source = "unknown", None
         if by_role.get("exchange"):
@@ -203,18 +226,31 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
             if current is not None:
                 state = ("idle" if abs(current) < DEAD_BAND_MA
                          else "charging" if current > 0 else "using battery")
+        elif by_role.get("solar"):
+            # Only the panel is measured (the real model): what its charge controller is doing.
+            source = "solar"
+            current = total(by_role["solar"], "current_ma")
+            panel_v = next((c["bus_voltage_v"] for c in by_role["solar"] if c["bus_voltage_v"] is not None), None)
+            if current is not None and panel_v is not None:
+                state = ("generating" if current >= DEAD_BAND_MA
+                         else "full" if panel_v >= PANEL_OPEN_V else "no sun")
         if source == "battery" and state == "idle":
             text = "Battery neither charging nor in use"
         else:
             text = (_PLANT_STATE_TEXT.get(state) if is_plant else None) or _STATE_TEXT[state]
         battery_power = total(by_role.get("battery", []), "power_w")
+        solar = by_role.get("solar", [])
         units.append({
             "name": unit,
             "is_plant": is_plant,
             "channels": chans,
             "battery_v": volts,
-            "battery_pct": battery_level_pct(volts),
+            "battery_pct": battery_level_pct(volts, total(by_role.get("battery", []), "current_ma")),
             "battery_power_w": battery_power,
+            # What the page cannot know says so ("not measured"), it is never shown as 0.
+            "battery_measured": bool(on_battery),
+            "panel_v": next((c["bus_voltage_v"] for c in solar if c["bus_voltage_v"] is not None), None),
+            "panel_power_w": total(solar, "power_w"),
             "state": state,
             "state_source": source,
             "state_text": text,
@@ -226,6 +262,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
                 continue
             current = total(by_role[role], "current_ma")
             power = total(by_role[role], "power_w")
+            idle_text = "idle" if role == "exchange" else "off"
             ok = current is not None
             active = ok and abs(current) >= DEAD_BAND_MA
             watts = abs(power) if power is not None else 0.0
@@ -235,6 +272,8 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
                 direction = "none" if not active else ("to_unit" if buying else "from_unit")
             elif role == "solar":
                 ends, direction = ("sun", unit), "to_unit" if active else "none"
+                panel_v = next((c["bus_voltage_v"] for c in by_role[role] if c["bus_voltage_v"] is not None), None)
+                idle_text = "battery full" if panel_v is not None and panel_v >= PANEL_OPEN_V else "no sun"
             else:
                 ends, direction = (unit, "load"), "from_unit" if active else "none"
             flows.append({
@@ -248,6 +287,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
                 "watts": round(watts, 3) if ok else None,
                 "current_ma": round(current, 1) if ok else None,
                 "width": flow_width(watts) if active else 2.0,
+                "idle_text": idle_text,
             })
 
     status = snapshot.get("status") if isinstance(snapshot.get("status"), Mapping) else {}
@@ -264,6 +304,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
     else:
         level = "fault"
     time_ms = snapshot.get("time_ms")
+    pi = snapshot.get("pi") if isinstance(snapshot.get("pi"), Mapping) else {}
     return {
         "site": site,
         "plant": plant_unit,
@@ -271,6 +312,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
         "units": units,
         "flows": flows,
         "status": {"tier": tier, "level": level, "summary": summary, "meaning": meaning},
+        "pi": {flag: pi.get(flag) if isinstance(pi.get(flag), bool) else None for flag in PI_FLAGS},
         "dead_band_ma": DEAD_BAND_MA,
     }
 

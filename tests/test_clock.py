@@ -94,10 +94,10 @@ def test_unsynced_readings_are_held_then_restamped_from_boot_time(tmp_path, cloc
     fixed = [t for t, _, _ in rows[:12]]
     assert [f - w for f, w in zip(fixed, wrong)] == [HOURS_3_MS] * 12
     assert all(line.endswith(f" {t}") for t, line, _ in rows)
-    # the held readings keep their 10 s spacing, and the first synced cycle (started right after the
-    # third, 0.95 s later) lines up with them on the true clock
+    # the held readings keep their 3 s spacing (the default interval), and the first synced cycle
+    # (started right after the third, 0.95 s later) lines up with them on the true clock
     electricity = [t for t, line, _ in rows if "unit=red_house" in line]
-    assert [b - a for a, b in zip(electricity, electricity[1:])] == [10_000, 10_000, 950]
+    assert [b - a for a, b in zip(electricity, electricity[1:])] == [3_000, 3_000, 950]
     assert daemon.handler.top_tier is None
 
 

@@ -19,14 +19,20 @@ def test_embedded_default_is_the_simulated_model_with_four_channels():
     assert [(c.name, c.address) for c in cfg.channels] == [
         ("red_house", 0x40), ("green_house", 0x41), ("blue_house", 0x44), ("power_plant", 0x45)]
     assert {c.shunt_ohms for c in cfg.channels} == {0.1}
-    assert cfg.sampling.interval_s == 10 and cfg.sampling.window_s == 1 and cfg.sampling.samples == 10
+    assert {c.role for c in cfg.channels} == {"solar"}  # an INA219 on each panel, as on the real model
+    assert cfg.sampling.interval_s == 3 and cfg.sampling.window_s == 1 and cfg.sampling.samples == 10
     assert cfg.led.pin == 18
     assert cfg.influx.kind == "none"
 
 
 def test_example_file_is_valid_and_matches_documented_defaults():
     cfg = load_config(ROOT / "config.example.toml")
-    assert len(cfg.channels) == 4
+    default = load_config(None)
+    assert [(c.name, c.address, c.role) for c in cfg.channels] == [
+        (c.name, c.address, c.role) for c in default.channels]
+    assert {c.role for c in cfg.channels} == {"solar"}
+    assert cfg.sampling == default.sampling and cfg.sampling.interval_s == 3
+    assert "\ninterval_s = 3 " in (ROOT / "config.example.toml").read_text()
     assert cfg.store.max_mb == 200 and cfg.store.retention_days == 7
 
 

@@ -24,7 +24,7 @@ from tools import SystemMonitor, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL_KEYS = {"name", "address", "bus_voltage_v", "shunt_voltage_mv", "current_ma", "power_w", "samples",
-                "failed_samples", "energy_in_wh", "energy_out_wh"}
+                "failed_samples", "energy_in_wh", "energy_out_wh", "role"}
 
 
 def make_daemon(tmp_path, clock, doc=None):
@@ -45,7 +45,7 @@ def test_cycles_start_on_a_fixed_grid_without_drift(tmp_path, clock):
     daemon, _, _, starts = make_daemon(tmp_path, clock)
     t0 = clock()
     daemon.run(cycles=50)
-    assert starts == pytest.approx([t0 + 10 * k for k in range(50)], abs=1e-9)
+    assert starts == pytest.approx([t0 + 3 * k for k in range(50)], abs=1e-9)  # the default 3 s
 
 
 def test_overrun_skips_to_the_next_slot_with_a_short_error(tmp_path, clock):
@@ -55,13 +55,13 @@ def test_overrun_skips_to_the_next_slot_with_a_short_error(tmp_path, clock):
     def slow_second_cycle(cycle):
         original(cycle)
         if len(starts) == 2:
-            clock.advance(15)  # this cycle ends 16 s after it began: slot 2 is gone
+            clock.advance(4)  # this cycle ends 5 s after it began (3 s interval): slot 2 is gone
     daemon.on_cycle = slow_second_cycle
     t0 = clock()
     seen = []
     daemon.handler.report = (lambda report: (lambda e: (seen.append(e), report(e))))(daemon.handler.report)
     daemon.run(cycles=4)
-    assert [s - t0 for s in starts] == pytest.approx([0, 10, 30, 40])
+    assert [s - t0 for s in starts] == pytest.approx([0, 3, 9, 12])
     assert [e.tier for e in seen] == [Tier.SHORT]
     assert "cycle:overrun" not in daemon.handler.active  # cleared by the next punctual cycle
     assert daemon.overruns == 1
@@ -75,8 +75,8 @@ def test_every_cycle_is_stored_with_energy_in_the_same_transaction(tmp_path, clo
     assert sum(1 for _, line, _ in rows if line.startswith("system,")) == 6
     energy = load_energy(outbox)
     assert set(energy) == {"red_house", "green_house", "blue_house", "power_plant"}
-    # 12.6 V * 250 mA for 50 s (six readings, five gaps of 10 s)
-    assert energy["red_house"][0] == pytest.approx(12.6 * 0.25 * 50 / 3600, rel=1e-3)
+    # 12.6 V * 250 mA for 15 s (six readings, five gaps of 3 s)
+    assert energy["red_house"][0] == pytest.approx(12.6 * 0.25 * 15 / 3600, rel=1e-3)
 
 
 def test_energy_counters_continue_across_restarts(tmp_path, clock):
@@ -144,9 +144,11 @@ def test_once_json_on_the_embedded_default(tmp_path):
     assert doc["time"].endswith("Z")
     assert [c["name"] for c in doc["channels"]] == ["red_house", "green_house", "blue_house", "power_plant"]
     assert [c["address"] for c in doc["channels"]] == [0x40, 0x41, 0x44, 0x45]
+    assert doc["not_measured"] == ["battery", "load", "exchange"]  # only the four panels are measured
     for channel in doc["channels"]:
-        assert set(channel) == CHANNEL_KEYS
-        assert 11.0 < channel["bus_voltage_v"] < 15.0
+        assert set(channel) == CHANNEL_KEYS and channel["role"] == "solar"
+        # a panel's line: 0 V in the dark, ~13-14.5 V while charging, ~21 V open circuit (any hour)
+        assert 0.0 <= channel["bus_voltage_v"] < 22.5
         assert channel["samples"] == 10 and channel["failed_samples"] == 0
         assert channel["power_w"] == pytest.approx(channel["bus_voltage_v"] * channel["current_ma"] / 1000,
                                                    rel=0.02, abs=0.01)
@@ -415,3 +417,30 @@ def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_pat
     for row, point in zip(local, points):
         when = dt.datetime.fromisoformat(row["time"])
         assert when.utcoffset() is not None and round(when.timestamp() * 1000) == point.time_ms
+
+
+def test_undervoltage_on_the_pis_supply_is_a_short_error_and_a_system_field(tmp_path, clock):
+    from tools import PowerFlagReader
+
+    word = tmp_path / "get_throttled"
+    word.write_text("50005\n")
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock)
+    daemon.monitor = SystemMonitor(str(tmp_path), power=PowerFlagReader(str(word), str(tmp_path / "none")))
+    daemon.run_cycle()
+    condition = daemon.handler.active["power"]
+    assert condition.tier == Tier.SHORT and "under-voltage" in condition.message
+    system = [line for _, line, _ in outbox.export() if line.startswith("system,")]
+    assert "undervoltage=true" in system[-1] and "throttled=true" in system[-1]
+    word.write_text("50000\n")  # the supply recovered; the firmware remembers it happened
+    daemon.run_cycle()
+    assert "power" not in daemon.handler.active
+    system = [line for _, line, _ in outbox.export() if line.startswith("system,")]
+    assert "undervoltage=false" in system[-1] and "undervoltage_since_boot=true" in system[-1]
+
+
+def test_once_says_what_the_default_model_does_not_measure(tmp_path):
+    result = run_cli("once", "--simulate", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "not measured: batteries, loads, trade with the plant" in result.stdout
+    assert result.stdout.count(" solar ") == 4
+    assert "Pi supply: " in result.stdout

@@ -49,3 +49,9 @@ def test_quick_start_has_exactly_two_commands_and_ci_runs_the_test_one():
     commands = [line.split("#")[0].strip() for line in block.splitlines() if line.strip()]
     assert commands == ["./run.sh", "./test.sh"]
     assert "./test.sh" in (ROOT / ".ci" / "run").read_text()
+
+
+def test_the_led_table_is_the_one_rpi_errors_speaks():
+    import rpi_errors
+
+    assert rpi_errors.blink_table_markdown() in section("The status LED")

@@ -186,3 +186,51 @@ def test_day_scenario_readings_match_the_model(clock):
         assert reading.current_ma == pytest.approx(amps * 1000, abs=1.0)
         assert reading.power_w == pytest.approx(volts * amps, rel=0.01, abs=0.01)
     assert any(abs(r.current_ma) > 50 for r in cycle.channels)  # midsummer midday: current flows
+
+
+# -- the Pi's own power: the firmware's flags, from real files standing in for sysfs --------------------
+def test_power_flags_from_the_firmwares_get_throttled_word(tmp_path):
+    from tools import PowerFlagReader, PowerFlags
+
+    word = tmp_path / "get_throttled"
+    word.write_text("50005\n")  # under-voltage now, throttled now, and both since boot
+    reader = PowerFlagReader(str(word), str(tmp_path / "no-hwmon"))
+    assert reader.available
+    assert reader.read() == PowerFlags(True, True, True, True)
+    word.write_text("50000\n")  # fine now, but it happened since boot
+    assert reader.read() == PowerFlags(False, False, True, True)
+    word.write_text("0\n")
+    assert reader.read() == PowerFlags(False, False, False, False)
+    word.write_text("not hex")
+    assert reader.read() == PowerFlags()  # unreadable: unknown, never "all fine"
+    word.unlink()
+    assert reader.read() == PowerFlags()
+
+
+def test_power_flags_from_the_rpi_volt_hwmon_alarm_and_none_off_a_pi(tmp_path):
+    from tools import PowerFlagReader, PowerFlags
+
+    hwmon = tmp_path / "hwmon"
+    (hwmon / "hwmon0").mkdir(parents=True)
+    (hwmon / "hwmon0" / "name").write_text("cpu_thermal\n")
+    (hwmon / "hwmon1").mkdir()
+    (hwmon / "hwmon1" / "name").write_text("rpi_volt\n")
+    alarm = hwmon / "hwmon1" / "in0_lcrit_alarm"
+    alarm.write_text("1\n")
+    reader = PowerFlagReader(str(tmp_path / "no-get_throttled"), str(hwmon))
+    assert reader.read() == PowerFlags(undervoltage=True)  # throttling is not reported there
+    alarm.write_text("0\n")
+    assert reader.read() == PowerFlags(undervoltage=False)
+    off_a_pi = PowerFlagReader(str(tmp_path / "absent"), str(tmp_path / "absent-too"))
+    assert not off_a_pi.available and off_a_pi.read() == PowerFlags()
+
+
+def test_system_monitor_reads_the_power_flags(tmp_path):
+    from tools import PowerFlagReader, SystemMonitor
+
+    word = tmp_path / "get_throttled"
+    word.write_text("1\n")
+    reading = SystemMonitor(str(tmp_path), power=PowerFlagReader(str(word), str(tmp_path))).read()
+    assert (reading.undervoltage, reading.throttled, reading.undervoltage_since_boot) == (True, False, False)
+    off = SystemMonitor(str(tmp_path), power=PowerFlagReader(str(tmp_path / "x"), str(tmp_path / "y"))).read()
+    assert off.undervoltage is None and off.throttled is None

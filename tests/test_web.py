@@ -622,3 +622,93 @@ def test_connections_are_capped_so_idle_clients_cannot_exhaust_threads():
             assert response.status == 200  # slots come back when clients leave
     finally:
         page.stop()
+
+
+# -- the real model: one meter on each panel, nothing else measured -------------------------------------
+def panel_snapshot(pi=None):
+    """The default model at a June noon: two panels charging, one battery full, one panel dark."""
+    from config import DEFAULT_CHANNELS
+
+    values = {"red_house": (13.3, 256.0), "green_house": (21.2, 0.4), "blue_house": (13.6, 310.0),
+              "power_plant": (0.0, 0.1)}
+    rows = [reading(c, *values[c.name]) for c in DEFAULT_CHANNELS]
+    return {"time_ms": 1_780_000_000_000, "channels": rows,
+            "status": {"tier": None, "summary": "all well", "meaning": "All well"}, "pi": pi or {}}
+
+
+def test_panel_only_model_says_not_measured_and_what_each_controller_does(start_page):
+    from config import DEFAULT_CHANNELS
+
+    page = start_page(channels=DEFAULT_CHANNELS)
+    page.update(panel_snapshot())
+    view = now_json(page)
+    red, green, plant = unit(view, "red_house"), unit(view, "green_house"), unit(view, "power_plant")
+    for u in view["units"]:
+        # the panel's 13-21 V is not the battery's voltage: no charge is shown, never a 0 or a 100 %
+        assert u["battery_measured"] is False and u["battery_pct"] is None and u["battery_v"] is None
+        assert not u["has_exchange"]
+    assert (red["state"], red["state_source"], red["panel_v"]) == ("generating", "solar", 13.3)
+    assert red["panel_power_w"] == pytest.approx(13.3 * 0.256, abs=1e-3)
+    assert (green["state"], plant["state"]) == ("full", "no sun")
+    assert "stopped charging" in green["state_text"]
+    assert flow(view, "solar", "green_house")["idle_text"] == "battery full"
+    assert flow(view, "solar", "power_plant")["idle_text"] == "no sun"
+    assert view["pi"] == {"undervoltage": None, "throttled": None, "undervoltage_since_boot": None,
+                          "throttled_since_boot": None}
+
+
+def test_battery_never_reads_full_while_it_is_charging():
+    assert web.battery_level_pct(12.7) == 100  # at rest
+    assert web.battery_level_pct(14.2, current_ma=1300.0) <= web.CHARGING_MAX_PCT < 100  # +16 W going in
+    assert web.battery_level_pct(12.75, current_ma=400.0) < web.battery_level_pct(12.75)
+    assert web.battery_level_pct(12.3, current_ma=-300.0) == 50  # discharging: no correction
+    assert web.battery_level_pct(None, current_ma=100.0) is None
+
+
+def test_make_snapshot_carries_the_pis_power_flags():
+    from tools import ChannelReading, Cycle, SystemReading
+
+    cycle = Cycle(1_780_000_000_000, 5.0, (ChannelReading("red_house", 0x40, 13.2, 25.6, 256.0, 3.38, 10, 0,
+                                                          0.1, 0.0),))
+    system = SystemReading(1.0, None, 100.0, 1000.0, 0, 0, 10.0, undervoltage=True, throttled=False,
+                           undervoltage_since_boot=True, throttled_since_boot=False)
+    snap = web.make_snapshot(cycle, [ChannelConfig("red_house", 0x40, role="solar")], system=system)
+    assert snap["pi"] == {"undervoltage": True, "throttled": False, "undervoltage_since_boot": True,
+                          "throttled_since_boot": False}
+    view = web.derive(snap, [ChannelConfig("red_house", 0x40, role="solar")], "power_plant", "s")
+    assert view["pi"]["undervoltage"] is True
+    assert web.derive({"pi": {"undervoltage": "yes"}}, [], "p", "s")["pi"]["undervoltage"] is None  # untrusted
+
+
+def test_browser_shows_the_panel_only_model_and_the_pis_supply(start_page):
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    from config import DEFAULT_CHANNELS
+
+    page = start_page(channels=DEFAULT_CHANNELS)
+    page.update(panel_snapshot(pi={"undervoltage": True, "throttled": False, "undervoltage_since_boot": True,
+                                   "throttled_since_boot": False}))
+    problems = []
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            tab = browser.new_page(viewport={"width": 1280, "height": 720})
+            tab.on("pageerror", lambda e: problems.append(f"page error: {e}"))
+            tab.goto(page.url)
+            tab.wait_for_selector('#diagram [data-unit="red_house"]')
+            tab.wait_for_function("() => document.getElementById('pi-power') !== null", timeout=5000)
+            states = {u: tab.locator(f'#diagram [data-unit="{u}"] .state-text').text_content()
+                      for u in ("red_house", "green_house", "blue_house", "power_plant")}
+            assert states == {"red_house": "CHARGING", "green_house": "BATTERY FULL", "blue_house": "CHARGING",
+                              "power_plant": "NO SUN"}
+            pcts = {tab.locator(f'#diagram [data-unit="{u}"] .battery-pct').text_content()
+                    for u in ("red_house", "green_house", "blue_house", "power_plant")}
+            assert pcts == {"not measured"}
+            assert tab.locator('[data-flow-label="solar:green_house"]').text_content() == "battery full"
+            assert tab.locator('[data-flow-label="exchange:red_house"]').text_content() == "trade not metered"
+            assert "panel 13.3 V" in tab.locator('#diagram [data-unit="red_house"] .unit-detail').text_content()
+            assert tab.locator("#pi-power").text_content().startswith("Pi supply: UNDER-VOLTAGE")
+        finally:
+            browser.close()
+    assert problems == []

@@ -22,7 +22,8 @@
   const HISTORY_MS = 5 * 60 * 1000;
   const STATE_WORDS = {
     buying: "BUYING", selling: "SELLING", idle: "IDLE", charging: "CHARGING",
-    "using battery": "USING BATTERY", unknown: "NO READING",
+    "using battery": "USING BATTERY", generating: "CHARGING", full: "BATTERY FULL", "no sun": "NO SUN",
+    unknown: "NO READING",
   };
 
   const $ = (id) => document.getElementById(id);
@@ -383,7 +384,7 @@
       drawArrow(f, a, z, Math.min(flow.width || 3, narrow ? 10 : 16), moving, `flow-${flow.kind}`, flow.watts);
       let text;
       if (!flow.ok) text = "no reading";
-      else if (!moving) text = flow.kind === "solar" ? "no sun" : "off";
+      else if (!moving) text = flow.idle_text || (flow.kind === "solar" ? "no sun" : "off");
       else text = fmtW(flow.watts);
       placeLabel(f, icon.x, icon.y + 46, text, !moving);
     }
@@ -412,13 +413,19 @@
       const inner = c.barW - 6;
       c.fill.setAttribute("width", pct === null ? 0 : ((inner * pct) / 100).toFixed(1));
       c.fill.setAttribute("class", `battery-fill${pct !== null && pct < 20 ? " low" : ""}`);
-      c.pct.textContent = pct === null ? "– %" : `${pct} %`;
+      // A battery nobody measures says so: never an empty bar that reads as 0 %.
+      c.pct.textContent = unit.battery_measured === false ? "not measured" : pct === null ? "– %" : `${pct} %`;
       c.low.textContent = pct !== null && pct < 20 ? "LOW" : "";
       const parts = [];
-      if (unit.battery_v !== null) parts.push(`${unit.battery_v.toFixed(2)} V`);
-      const power = unit.battery_power_w !== null ? unit.battery_power_w
-        : (unit.channels.find((ch) => ch.power_w !== null) || {}).power_w;
-      if (power !== null && power !== undefined) parts.push(fmtSignedW(power));
+      if (unit.battery_measured === false) {
+        if (unit.panel_v !== null && unit.panel_v !== undefined) parts.push(`panel ${unit.panel_v.toFixed(1)} V`);
+        if (unit.panel_power_w !== null && unit.panel_power_w !== undefined) parts.push(fmtW(unit.panel_power_w));
+      } else {
+        if (unit.battery_v !== null) parts.push(`${unit.battery_v.toFixed(2)} V`);
+        const power = unit.battery_power_w !== null ? unit.battery_power_w
+          : (unit.channels.find((ch) => ch.power_w !== null) || {}).power_w;
+        if (power !== null && power !== undefined) parts.push(fmtSignedW(power));
+      }
       c.detail.textContent = parts.join(" · ");
       c.detail.style.fontSize = "";
       fitText(c.detail, c.detailW, 12);
@@ -473,7 +480,32 @@
     renderCards(data);
     renderFlows(data);
     renderStatus();
+    renderPiPower(data.pi);
     document.body.dataset.version = String(data.version);
+  }
+
+  // The Pi's own supply, from the firmware's flags (absent off a Pi: "not measured").
+  function renderPiPower(pi) {
+    let node = $("pi-power");
+    if (!node) {
+      node = document.createElement("div");
+      node.id = "pi-power";
+      const header = document.querySelector("header");
+      if (!header) return;
+      header.appendChild(node);
+    }
+    let text = "Pi supply: not measured";
+    let level = "unknown";
+    if (pi && pi.undervoltage !== null && pi.undervoltage !== undefined) {
+      const words = [pi.undervoltage ? "UNDER-VOLTAGE" : "ok"];
+      if (pi.throttled) words.push("CPU throttled");
+      else if (pi.throttled === false) words.push("not throttled");
+      if (!pi.undervoltage && pi.undervoltage_since_boot) words.push("under-voltage earlier");
+      text = `Pi supply: ${words.join(" · ")}`;
+      level = pi.undervoltage || pi.throttled ? "bad" : "ok";
+    }
+    node.textContent = text;
+    node.className = `pi-power pi-${level}`;
   }
 
   // ---- live updates: server-sent events, else polling ----------------------------------------
@@ -552,6 +584,12 @@
     const T = 10;
     const B = 24;
     const series = (data && data.series) || [];
+    if (series.length && series.every((s) => s.role === "solar")) {
+      // The real model measures only its panels: the chart shows what they give.
+      $("chart-what").textContent = "solar panel power of each unit";
+      const hint = document.querySelector(".chart-box .hint");
+      if (hint) hint.textContent = "(watts the panel gives its battery)";
+    }
     const values = series.flatMap((s) => s.values.filter((v) => v !== null));
     if (!values.length) {
       let why = "The history cannot be read right now.";
@@ -604,7 +642,7 @@
       const path = el("path", { class: "series", d, stroke: colour, "data-unit": s.unit }, svg);
       if (DASHES[i % DASHES.length]) path.setAttribute("stroke-dasharray", DASHES[i % DASHES.length]);
       labels.push({ y: last.y, x: last.x, colour, dash: DASHES[i % DASHES.length],
-        text: pretty(s.unit) + (s.role === "battery" ? "" : ` (${s.role})`) });
+        text: pretty(s.unit) + (s.role === "battery" || series.every((x) => x.role === "solar") ? "" : ` (${s.role})`) });
     });
     labels.sort((a, b) => a.y - b.y);
     for (let k = 1; k < labels.length; k += 1) labels[k].ly = Math.max(labels[k].y, (labels[k - 1].ly ?? labels[k - 1].y) + 18);
