@@ -164,6 +164,7 @@ class Site:
         git("init", "-q", "-b", "main", str(self.work), cwd=base)
         shutil.copy(PROJECT / "config.py", self.work / "config.py")
         shutil.copy(PROJECT / "updater.py", self.work / "updater.py")
+        shutil.copy(PROJECT / "safepip.py", self.work / "safepip.py")
         (self.work / "requirements.txt").write_text("")
         (self.work / ".gitignore").write_text("__pycache__/\n")
         self.sha1 = self.commit("release 1")
@@ -594,3 +595,175 @@ def test_a_release_that_rejects_the_live_config_is_refused(site, caplog):
     assert site.apply() == updater.EXIT_FAILED
     assert site.current == sha1
     assert "self-test `live config` failed" in caplog.text
+
+
+# -- issue 10: hashed dependencies (a loopback package index) ------------------------------------
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import zipfile  # noqa: E402
+
+import safepip  # noqa: E402
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _wheel(directory: Path, name: str, files: dict[str, str]) -> Path:
+    """A minimal valid wheel `name`-1.0 holding `files` (path -> text)."""
+    dist = f"{name}-1.0.dist-info"
+    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    wheel = directory / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pip_venv(tmp_path_factory):
+    """A real venv with pip, in a directory every user may traverse (the build user reads it)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is missing: the hashed-install tests need the system python")
+    base = Path(tempfile.mkdtemp(prefix="spb-venv-test-"))
+    base.chmod(0o755)
+    venv = base / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    yield venv
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def index(pip_venv):
+    """A loopback package index (a --find-links directory) and a place for requirements, readable by all."""
+    base = Path(tempfile.mkdtemp(prefix="spb-index-test-"))
+    base.chmod(0o755)
+    (base / "wheels").mkdir(mode=0o755)
+    (base / "marks").mkdir(mode=0o777)
+    (base / "marks").chmod(0o777)
+    yield base
+    subprocess.run([str(pip_venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "spbevil", "spbsrc"],
+                   capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _isolated_pip_env() -> dict[str, str]:
+    # No pip.conf of this machine (its find-links and extra indexes): only the loopback index.
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+
+
+def test_a_substituted_wheel_with_a_pth_file_is_refused(pip_venv, index):
+    """The index serves a wheel with a .pth file (code run at every python start, as root in pre-start)
+    instead of the file the requirements pin: the install is refused and the .pth never runs."""
+    mark = index / "marks" / "pth-ran"
+    good_dir = index / "good"
+    good_dir.mkdir()
+    good = _wheel(good_dir, "spbevil", {"spbevil/__init__.py": ""})
+    evil = _wheel(index / "wheels", "spbevil", {
+        "spbevil/__init__.py": "",
+        "spbevil.pth": f"import os; open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"})
+    assert _sha(good) != _sha(evil)
+    req = index / "requirements.txt"
+    req.write_text(f"spbevil==1.0 \\\n    --hash=sha256:{_sha(good)}\n")
+    req.chmod(0o644)
+    args = ["--no-index", "--find-links", str(index / "wheels")]
+    python = str(pip_venv / "bin/python")
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        safepip.install(python, req, extra_args=args, env=_isolated_pip_env(), timeout=300)
+    assert "hash" in caught.value.output.lower(), caught.value.output
+    subprocess.run([python, "-c", "pass"], check=True)  # a start of the venv's python: would run a .pth
+    assert not mark.exists(), f".pth ran as uid {mark.read_text()}"
+    assert not list((pip_venv / "lib").glob("python3*/site-packages/spbevil*"))
+
+    # The attack is real: pinned to the substituted file's hash, the same .pth runs at the next start.
+    req.write_text(f"spbevil==1.0 --hash=sha256:{_sha(evil)}\n")
+    safepip.install(python, req, extra_args=args, env=_isolated_pip_env(), timeout=300)
+    subprocess.run([python, "-c", "pass"], check=True)
+    assert mark.exists()
+
+
+def test_unhashed_requirements_are_refused_before_pip_runs(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# pinned, not hashed\npsutil==7.2.2\n")
+    with pytest.raises(safepip.HashError, match=r"requirements.txt:2: psutil==7.2.2 has no --hash"):
+        safepip.allowed_hashes(req)
+    # An index option would let the file pick where code comes from; -r must be hashed too.
+    req.write_text(f"--extra-index-url http://evil.example/simple\nx==1 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(safepip.HashError, match="option '--extra-index-url'"):
+        safepip.allowed_hashes(req)
+    (tmp_path / "base.txt").write_text("y==2\n")
+    req.write_text(f"-r base.txt\nx==1 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(safepip.HashError, match=r"base.txt:1"):
+        safepip.allowed_hashes(req)
+
+
+def test_the_projects_requirement_files_are_fully_hashed():
+    hashes = safepip.allowed_hashes(PROJECT / "requirements-dev.txt")  # includes requirements.txt
+    assert len(hashes) > 40
+    for line in (PROJECT / "requirements.txt").read_text().splitlines():
+        assert "==" not in line or line.lstrip().startswith("#") or line.rstrip().endswith("\\"), line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the build-user switch happens only as root")
+def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
+    """An sdist's setup.py runs at build time: as root it must run as `nobody`, never uid 0."""
+    import tarfile
+
+    mark = index / "marks" / "setup-ran"
+    src = index / "src" / "spbsrc-1.0"
+    (src / "spbsrc").mkdir(parents=True)
+    (src / "spbsrc" / "__init__.py").write_text("")
+    # An in-tree PEP 517 backend (stdlib only: no setuptools or wheel needed offline) that records
+    # who runs the build, as a hostile setup.py would run its code.
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\n'
+                                        'backend-path = ["."]\n')
+    (src / "backend.py").write_text(
+        "import base64, hashlib, os, zipfile\n"
+        "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        f"    open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"
+        "    d = 'spbsrc-1.0.dist-info'\n"
+        "    files = {'spbsrc/__init__.py': '', d + '/METADATA': 'Metadata-Version: 2.1\\nName: spbsrc\\nVersion: 1.0\\n',\n"
+        "             d + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}\n"
+        "    rec = [p + ',sha256=' + base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()"
+        " + ',' + str(len(t)) for p, t in files.items()] + [d + '/RECORD,,']\n"
+        "    name = 'spbsrc-1.0-py3-none-any.whl'\n"
+        "    with zipfile.ZipFile(os.path.join(wheel_directory, name), 'w') as z:\n"
+        "        for p, t in files.items():\n            z.writestr(p, t)\n"
+        "        z.writestr(d + '/RECORD', chr(10).join(rec) + chr(10))\n"
+        "    return name\n")
+    sdist = index / "wheels" / "spbsrc-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="spbsrc-1.0")
+    req = index / "requirements.txt"
+    req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
+    req.chmod(0o644)
+    try:
+        safepip.install(str(pip_venv / "bin/python"), req, timeout=300, env=_isolated_pip_env(),
+                        extra_args=["--no-index", "--find-links", str(index / "wheels"), "--no-build-isolation"])
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"pip failed: {exc.output}")
+    uids = {int(u) for u in mark.read_text().split()}  # noqa
+    assert uids and 0 not in uids, uids
+    assert uids == {pwd.getpwnam(safepip.BUILD_USER).pw_uid}
+    done = subprocess.run([str(pip_venv / "bin/python"), "-c", "import spbsrc"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_release_whose_requirements_lack_hashes_is_refused(site, caplog):
+    (site.work / "requirements.txt").write_text("psutil==7.2.2\n")
+    new = site.commit("release 2 with unhashed requirements")
+    assert site.apply() == updater.EXIT_FAILED
+    assert "not hash-pinned" in caplog.text and "psutil==7.2.2 has no --hash" in caplog.text
+    assert site.current == site.sha1
+    assert new not in site.releases()
+    assert not site.venv_env.exists(), "the venv command ran for an unhashed release"
