@@ -460,7 +460,8 @@ class ServiceHooks:
     """What runs around each cycle for the outside world: systemd notifications, the self-updater's
     "this release works" mark, and the live page. Called in the measuring thread; each step is cheap."""
 
-    def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path) -> None:
+    def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         from sdnotify import Notifier
 
         self.config = config
@@ -475,7 +476,8 @@ class ServiceHooks:
         self._ready = False
         # Probation of a new release (see mark_good_due): stored cycles and when the run began.
         self._stored_cycles = 0
-        self._began = time.monotonic()
+        self._clock = clock
+        self._began = clock()
         self._marked_good = False
         self._notice_checked = -math.inf
 
@@ -522,7 +524,7 @@ class ServiceHooks:
     def _check_rollback_notice(self) -> None:
         """Show an update rollback on the LED until `updater.py acknowledge` (or a day of good running)
         clears it; looked at once a minute (one small file read)."""
-        now = time.monotonic()
+        now = self._clock()
         if not self.config.update.enabled or now - self._notice_checked < ROLLBACK_NOTICE_CHECK_S:
             return
         self._notice_checked = now
@@ -541,7 +543,7 @@ class ServiceHooks:
         if self._stored_cycles < GOOD_AFTER_CYCLES:
             return False
         sender = self.daemon.sender if self.daemon is not None else None
-        return sender is None or sender.total_requests > 0 or time.monotonic() - self._began >= GOOD_AFTER_S
+        return sender is None or sender.total_requests > 0 or self._clock() - self._began >= GOOD_AFTER_S
 
     def after_cycle(self, cycle) -> None:
         stored = self.daemon is not None and self.daemon.last_store_ok

@@ -767,3 +767,233 @@ def test_a_release_whose_requirements_lack_hashes_is_refused(site, caplog):
     assert site.current == site.sha1
     assert new not in site.releases()
     assert not site.venv_env.exists(), "the venv command ran for an unhashed release"
+
+
+# -- issue 10: root steps isolated from what the service user can write -----------------------------
+UNIT = PROJECT / "systemd" / "solarpowerbrampton.service"
+
+
+def unit_pre_start_argv(site: Site) -> list[str]:
+    """The unit's ExecStartPre line as systemd runs it, with /opt/solarpowerbrampton and /etc mapped into
+    the site (and --root, which the unit leaves at its default)."""
+    lines = [ln.split("=", 1)[1] for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStartPre=")]
+    assert len(lines) == 1
+    line = lines[0].lstrip("+-")
+    line = line.replace("/etc/solarpowerbrampton/config.toml", str(site.config))
+    line = line.replace("/opt/solarpowerbrampton", str(site.root))
+    return shlex.split(line) + ["--root", str(site.root)]
+
+
+def run_unit_pre_start(site: Site, argv: list[str], home: Path) -> subprocess.CompletedProcess:
+    # What systemd gives the '+' ExecStartPre: the service's User='s HOME, STATE_DIRECTORY, and the
+    # unit's Environment= lines; we add a PYTHONPATH a local user could have set, to be ignored too.
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "STATE_DIRECTORY": str(site.state),
+           "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(home / "pypath")}
+    return subprocess.run(argv, env=env, cwd=home, capture_output=True, text=True, timeout=60)
+
+
+def test_pre_start_never_imports_from_the_service_users_home(site):
+    """The service user plants a .pth in its user site (its HOME is the state directory), a PYTHONPATH
+    module and a ./config.toml: the root pre-start runs none of them and reads the real config."""
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    home = site.state  # useradd --home-dir /var/lib/solarpowerbrampton
+    mark = site.base / "planted-code-ran"
+    user_site = subprocess.run([site.python, "-c", "import site; print(site.getusersitepackages())"],
+                               env={"HOME": str(home), "PATH": os.environ["PATH"]}, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert user_site.startswith(str(home))
+    Path(user_site).mkdir(parents=True)
+    Path(user_site, "evil.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('pth ' + str(os.getuid()))\n")
+    (home / "pypath").mkdir()
+    (home / "pypath" / "tomllib.py").write_text(f"open({str(mark)!r}, 'a').write('pythonpath')\n")
+    (home / "config.toml").write_text("[update]\nenabled = true\nremote = '/x'\nmax_failed_starts = 1\n")
+
+    argv = unit_pre_start_argv(site)
+    assert argv[0] == str(site.root / "previous/.venv/bin/python")
+    for _ in range(3):
+        result = run_unit_pre_start(site, argv, home)
+        assert result.returncode == 0, result.stderr
+    assert not mark.exists(), f"planted code ran in the root pre-start: {mark.read_text()}"
+    # It counted with the real config (max_failed_starts = 3), not ./config.toml (1): still on probation.
+    assert site.current == sha2 and site.state_file()["releases"][sha2]["starts"] == 3
+
+    # The attack is real: the same command without -s -E runs the planted .pth and module.
+    bare = [a for a in argv if a not in ("-s", "-E")]
+    run_unit_pre_start(site, bare, home)
+    assert "pth" in mark.read_text() and "pythonpath" in mark.read_text()
+
+
+def test_root_never_reads_config_toml_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text("[update]\nenabled = true\n")
+    monkeypatch.delenv("SOLAR_CONFIG", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    found = updater.find_config()
+    assert found is None or found == Path("/etc/solarpowerbrampton/config.toml")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert updater.find_config() == Path("config.toml")  # a user running it by hand still may
+
+
+def test_root_env_is_isolated_from_the_service_user(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    env = {"HOME": "/var/lib/solarpowerbrampton", "PYTHONPATH": "/var/lib/solarpowerbrampton/x",
+           "PYTHONSTARTUP": "/tmp/s.py", "PIP_CONFIG_FILE": "/var/lib/solarpowerbrampton/pip.conf", "PATH": "/bin"}
+    updater.isolate_root_env(env)
+    assert env["HOME"] == pwd.getpwuid(0).pw_dir
+    assert "PYTHONPATH" not in env and "PYTHONSTARTUP" not in env
+    assert env["PIP_CONFIG_FILE"] == os.devnull and env["PYTHONNOUSERSITE"] == "1" and env["PATH"] == "/bin"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the attack is on a process running as root")
+def test_a_planted_lock_file_is_never_chowned_or_chmodded(site, tmp_path):
+    """The service user owns the state directory; it links the lock file to a root-owned file. The root
+    pre-start must not hand that file to the service user (nor follow a symlink)."""
+    nobody = pwd.getpwnam("nobody")
+    os.chown(site.state, nobody.pw_uid, nobody.pw_gid)
+    victim = tmp_path / "root-secret"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    os.link(victim, site.state / updater.STATE_LOCK)  # a hard link (same filesystem)
+    site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert site.pre_start() == 0
+    info = victim.stat()
+    assert (info.st_uid, stat_mode(info)) == (0, 0o600), "root chowned/chmodded a planted lock file"
+    (site.state / updater.STATE_LOCK).unlink()
+    (site.state / updater.STATE_LOCK).symlink_to(victim)
+    assert site.pre_start() == 0  # O_NOFOLLOW: refused, logged, the start goes on
+    assert (victim.stat().st_uid, stat_mode(victim.stat())) == (0, 0o600)
+    # A lock file root creates itself is handed to the directory's owner, so the daemon can lock it.
+    (site.state / updater.STATE_LOCK).unlink()
+    assert site.pre_start() == 0
+    assert (site.state / updater.STATE_LOCK).stat().st_uid == nobody.pw_uid
+
+
+def stat_mode(info: os.stat_result) -> int:
+    return info.st_mode & 0o7777
+
+
+# -- issue 10: rollback that always brings the logger back ---------------------------------------
+def test_a_release_that_breaks_its_own_pre_start_is_still_rolled_back(site, caplog):
+    """Release 2 ships an updater.py whose pre-start does nothing (it would never roll itself back).
+    The unit runs pre-start from `previous`, the known-good release, which rolls release 2 back."""
+    text = (PROJECT / "updater.py").read_text()
+    broken = text.replace("def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit: int | None)"
+                          " -> None:\n", "def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, "
+                          "limit: int | None) -> None:\n    return\n", 1)
+    assert broken != text
+    (site.work / "updater.py").write_text(broken)
+    sha2 = site.commit("release 2: pre-start disabled, crashes at start")
+    assert site.apply() == updater.EXIT_UPDATED
+    current_line = [str(site.root / "current/.venv/bin/python"), "-s", "-E", str(site.root / "current/updater.py"),
+                    "pre-start", "--config", str(site.config), "--root", str(site.root)]
+    for _ in range(5):  # what the old unit (pre-start from `current`) did: never a rollback
+        run_unit_pre_start(site, current_line, site.state)
+    assert site.current == sha2
+    (site.state / updater.STATE_FILE).unlink()
+
+    argv = unit_pre_start_argv(site)
+    for _ in range(4):  # 3 failed starts, then the 4th start rolls back
+        result = run_unit_pre_start(site, argv, site.state)
+        assert result.returncode == 0, result.stderr
+    assert site.current == site.sha1
+    assert "rolled back from" in result.stderr and sha2 in result.stderr
+
+
+def test_with_self_update_off_an_invalid_config_never_rolls_back(site):
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    site.config.write_text("[update]\nenabled = false\n[sampling]\ninterval_s = -1\n")  # invalid, update off
+    for _ in range(6):
+        assert site.pre_start() == 0
+    assert site.current == sha2 and site.previous == site.sha1
+    assert updater.rollback_notice(site.state) is None
+
+
+def test_a_switch_whose_restart_was_cut_off_is_restarted_by_the_next_run(site):
+    site.commit("release 2")
+    os.environ["SPB_RESTART_CMD"] = "false"  # the restart fails (or the run was killed before it)
+    try:
+        assert site.apply() == updater.EXIT_UPDATED
+    finally:
+        os.environ["SPB_RESTART_CMD"] = shlex.join(["touch", str(site.restarted)])
+    assert (site.root / updater.RESTART_PENDING).exists() and not site.restarted.exists()
+    assert site.apply() == updater.EXIT_OK  # nothing new to fetch, but the pending restart happens
+    assert site.restarted.exists() and not (site.root / updater.RESTART_PENDING).exists()
+    site.restarted.unlink()
+    assert site.apply() == updater.EXIT_OK
+    assert not site.restarted.exists(), "restarted again with nothing pending"
+
+
+def test_the_updater_waits_for_the_lock_install_sh_holds(site, caplog):
+    site.commit("release 2")
+    site.root.mkdir(exist_ok=True)
+    # What install.sh does: flock on the same file (util-linux flock, as install.sh uses).
+    holder = subprocess.Popen(["flock", str(site.root / updater.ROOT_LOCK), "sleep", "30"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(site.root / updater.ROOT_LOCK), "true"]).returncode == 0:
+            assert time.monotonic() < deadline, "flock never took the lock"
+            time.sleep(0.05)
+        assert site.apply() == updater.EXIT_FAILED
+        assert "another updater holds" in caplog.text
+        assert site.releases() == {site.sha1}
+    finally:
+        os.killpg(holder.pid, 9)  # flock and its sleep, which holds the lock too
+        holder.wait()
+    assert site.apply() == updater.EXIT_UPDATED
+
+
+def _mirror_bytes(site: Site) -> int:
+    return sum(p.stat().st_size for p in (site.root / "repo.git" / "objects").rglob("*") if p.is_file())
+
+
+def test_hostile_pushes_do_not_accumulate_in_the_mirror(site, keys):
+    """Rewritten (non-fast-forward) and unsigned pushes, each with 2 MB of random data: refused, and
+    the mirror keeps only accepted history."""
+    maintainer, trusted = keys["maintainer"], keys["trusted"][0]
+    site.write_config(signed=True)
+    sha2 = site.commit("release 2, signed", sign=maintainer)
+    assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_UPDATED
+    baseline = _mirror_bytes(site)
+    hostile = []
+    for i in range(4):
+        (site.work / f"junk{i}.bin").write_bytes(os.urandom(2_000_000))
+        # Alternately: an unsigned fast-forward, and a rewrite of history (amend, force-pushed).
+        hostile.append(site.commit(f"hostile {i}", amend=bool(i % 2)))
+        assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_FAILED
+        assert site.current == sha2
+        assert _mirror_bytes(site) < baseline + 200_000, f"the mirror grew after hostile push {i}"
+        (site.work / f"junk{i}.bin").unlink()
+    for sha in hostile:
+        assert subprocess.run(["git", "--git-dir", str(site.root / "repo.git"), "cat-file", "-e", sha]).returncode
+    # Accepted history is still there: a signed fix applies.
+    git("reset", "-q", "--hard", sha2, cwd=site.work)
+    sha3 = site.commit("release 3, signed", sign=maintainer)
+    assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_UPDATED
+    assert site.current == sha3
+
+
+def test_rollback_notice_until_acknowledged_or_a_day_of_good_running(site, capsys):
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    for _ in range(4):
+        site.pre_start()
+    assert site.current == site.sha1
+    notice = updater.rollback_notice(site.state)
+    assert notice and "rolled back" in notice
+    capsys.readouterr()
+    assert site.cli("status") == 0
+    assert json.loads(capsys.readouterr().out)["rollback_notice"] == notice
+    at = dt.datetime.fromisoformat(json.loads((site.state / updater.MARKER_FILE).read_text())["at"])
+    later = at + dt.timedelta(days=1, seconds=1)
+    # A day has passed but release 1 has not proven itself since the rollback: the notice stays.
+    assert updater.rollback_notice(site.state, now=later) == notice
+    assert updater.mark_good(site.state) is True
+    assert updater.rollback_notice(site.state, now=at + dt.timedelta(hours=23)) == notice
+    assert updater.rollback_notice(site.state, now=later) is None
+    # Or a technician acknowledges it.
+    assert site.cli("acknowledge") == 0
+    assert updater.rollback_notice(site.state) is None
+    assert sha2 in site.state_file()["bad"]
