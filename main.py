@@ -707,6 +707,12 @@ def cmd_status(args, config: Config) -> int:
         "dropped": stats.dropped,
         "size_mb": round(stats.size_bytes / 1_048_576, 3),
     }
+    if config.update.enabled:
+        import updater
+
+        # Where the service's pre-start keeps it: $STATE_DIRECTORY, which is the store dir install.sh writes.
+        report["update_rolled_back"] = updater.rollback_notice(updater.default_state_dir(
+            {"STATE_DIRECTORY": os.environ.get("STATE_DIRECTORY") or str(config.store.dir)}))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

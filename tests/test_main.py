@@ -283,6 +283,21 @@ def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
     hooks.stop()
 
 
+def test_status_says_an_update_was_rolled_back(tmp_path):
+    import updater
+
+    cfg = write_config(tmp_path, '[update]\nenabled = true\nremote = "/srv/solar.git"')
+    assert run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).returncode == 0
+    env = {"STATE_DIRECTORY": ""}
+    result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["update_rolled_back"] is None
+    (tmp_path / "store" / updater.MARKER_FILE).write_text(json.dumps(
+        {"message": "rolled back from abc to def after 3 failed starts", "at": "2026-06-21T06:00:00+00:00"}))
+    result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
+    assert "rolled back from abc to def" in json.loads(result.stdout)["update_rolled_back"]
+
+
 def test_a_release_is_good_only_after_cycles_and_a_delivery_attempt(tmp_path, clock):
     """One stored cycle is not "good" (a release that then crashes in delivery must be rolled back):
     GOOD_AFTER_CYCLES stored cycles and a finished delivery attempt, or that many cycles and GOOD_AFTER_S."""
