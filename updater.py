@@ -5,9 +5,11 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   apply        fetch [update] branch from [update] remote; if it is a fast-forward of the current
                release (and signed, when require_signed), build releases/<sha> with a fresh venv,
                self-test it with its own python, then switch `current` to it and restart the service
-  pre-start    before every daemon start: count the start; roll back a freshly updated release
-               that failed to reach mark_good() max_failed_starts times in a row
-  mark-good    what the daemon does after its first stored cycle (the daemon calls mark_good())
+  pre-start    before every daemon start (the unit runs it from `previous`, the known-good release):
+               count the start; roll back a freshly updated release that failed to reach
+               mark_good() max_failed_starts times in a row
+  mark-good    what the daemon does once the release has proven itself (main.GOOD_AFTER_CYCLES stored
+               cycles and a delivery attempt, or GOOD_AFTER_S of running; the daemon calls mark_good())
   status       the releases and the state as JSON
   acknowledge  clear the rollback notice
 
@@ -1073,7 +1075,7 @@ def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, 
 
 
 def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bool:
-    """The daemon reached its first stored cycle: reset the start counter, end the probation.
+    """The release proved itself (see main.ServiceHooks.mark_good_due): reset the start counter, end the probation.
 
     `sha` defaults to the release the last pre-start started. Fast (no git), never raises;
     returns False when there was nothing to mark or the state could not be written.
