@@ -50,10 +50,11 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS
     `db` must be in autocommit mode (isolation_level=None), as outbox.py opens it.
     """
     target = max([BASE_VERSION, *(m.version for m in migrations)])
-    db.execute("CREATE TABLE IF NOT EXISTS schema_migrations (version INTEGER PRIMARY KEY, down TEXT NOT NULL)")
     current = version(db)
     while current > target:
-        row = db.execute("SELECT down FROM schema_migrations WHERE version = ?", (current,)).fetchone()
+        has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        row = db.execute("SELECT down FROM schema_migrations WHERE version = ?", (current,)).fetchone() \
+            if has_table.fetchone() else None
         if row is None:
             raise SchemaError(f"the store is at schema version {current}, newer than this release's {target}, "
                               "and holds no step to undo it")
@@ -67,7 +68,11 @@ def migrate(db: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS
         if m.version != current + 1:
             raise SchemaError(f"store schema migration {m.version} does not follow version {current}")
         down = m.down.replace("'", "''")
-        _in_transaction(db, m.up + f"; INSERT OR REPLACE INTO schema_migrations (version, down) "
+        # The table exists only in stores that were ever migrated: a base store stays page for page
+        # what outbox.py makes (its size cap counts pages).
+        _in_transaction(db, m.up + "; CREATE TABLE IF NOT EXISTS schema_migrations "
+                                   "(version INTEGER PRIMARY KEY, down TEXT NOT NULL)"
+                                   f"; INSERT OR REPLACE INTO schema_migrations (version, down) "
                                    f"VALUES ({m.version:d}, '{down}'); PRAGMA user_version = {m.version:d}")
         log.info("store schema: migrated to version %d", m.version)
         current = m.version
