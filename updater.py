@@ -1046,7 +1046,7 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
         entry["last_start"] = _now()
         state["started"] = sha
     if failed and not entry["good"]:
-        log.warning("release %s: start %d; the last %d did not reach their first stored cycle",
+        log.warning("release %s: start %d; the last %d ended before it proved itself (cycles and a delivery attempt)",
                     _short(sha), failed + 1, failed)
 
 

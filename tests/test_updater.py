@@ -158,6 +158,12 @@ class Site:
         monkeypatch.setenv("SPB_TEST_VENV_ENV", str(self.venv_env))
         for name in ("SOLAR_CONFIG", "STATE_DIRECTORY", "GNUPGHOME"):
             monkeypatch.delenv(name, raising=False)
+        for name in ("HOME", "PYTHONNOUSERSITE", "PIP_CONFIG_FILE", "PYTHONPATH"):
+            # updater.main() isolates root's environment in place: give it back after the test.
+            if name in os.environ:
+                monkeypatch.setenv(name, os.environ[name])
+            else:
+                monkeypatch.delenv(name, raising=False)
         self.write_config()
 
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
@@ -732,10 +738,12 @@ def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
         "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
         f"    open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"
         "    d = 'spbsrc-1.0.dist-info'\n"
-        "    files = {'spbsrc/__init__.py': '', d + '/METADATA': 'Metadata-Version: 2.1\\nName: spbsrc\\nVersion: 1.0\\n',\n"
-        "             d + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\nTag: py3-none-any\\n'}\n"
-        "    rec = [p + ',sha256=' + base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()"
-        " + ',' + str(len(t)) for p, t in files.items()] + [d + '/RECORD,,']\n"
+        "    files = {'spbsrc/__init__.py': '',\n"
+        "             d + '/METADATA': 'Metadata-Version: 2.1\\nName: spbsrc\\nVersion: 1.0\\n',\n"
+        "             d + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\n'\n"
+        "                           'Tag: py3-none-any\\n'}\n"
+        "    b64 = lambda t: base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()\n"
+        "    rec = [p + ',sha256=' + b64(t) + ',' + str(len(t)) for p, t in files.items()] + [d + '/RECORD,,']\n"
         "    name = 'spbsrc-1.0-py3-none-any.whl'\n"
         "    with zipfile.ZipFile(os.path.join(wheel_directory, name), 'w') as z:\n"
         "        for p, t in files.items():\n            z.writestr(p, t)\n"
@@ -997,3 +1005,20 @@ def test_rollback_notice_until_acknowledged_or_a_day_of_good_running(site, capsy
     assert site.cli("acknowledge") == 0
     assert updater.rollback_notice(site.state) is None
     assert sha2 in site.state_file()["bad"]
+
+
+def test_hash_script_keeps_every_file_a_pi_or_a_pc_could_install():
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    try:
+        import hash_requirements as h
+    finally:
+        sys.path.remove(str(PROJECT / "scripts"))
+    fits = h.wheel_platforms
+    assert fits("psutil-7.2.2-cp36-abi3-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl") == {
+        "cp311-aarch64", "cp312-aarch64", "cp313-aarch64"}
+    assert fits("x-1.0-py3-none-any.whl") == {f"{py}-{m}" for py in h.PYTHONS for m in h.MACHINES}
+    assert fits("greenlet-3.5.6-cp311-cp311-linux_armv7l.whl") == {"cp311-armv7l"}  # piwheels-style tag
+    assert fits("psutil-7.2.2-cp313-cp313t-manylinux2014_aarch64.whl") == set()  # free-threaded: never picked
+    assert fits("psutil-7.2.2-cp37-abi3-win_amd64.whl") == set()
+    assert fits("psutil-7.2.2-cp36-abi3-macosx_11_0_arm64.whl") == set()
+    assert fits("x-1.0-cp310-cp310-manylinux_2_17_x86_64.whl") == set()
