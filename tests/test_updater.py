@@ -162,8 +162,9 @@ class Site:
             # updater.main() isolates root's environment in place: give it back after the test.
             if name in os.environ:
                 monkeypatch.setenv(name, os.environ[name])
-            else:
-                monkeypatch.delenv(name, raising=False)
+            else:  # recorded as absent (delenv alone records nothing for a missing name)
+                monkeypatch.setenv(name, "")
+                monkeypatch.delenv(name)
         self.write_config()
 
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
