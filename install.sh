@@ -136,7 +136,24 @@ do_uninstall() {
 
 # ---------------------------------------------------------------------------------------------- install
 SRC=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-git_src() { git -c safe.directory="$SRC" -C "$SRC" "$@"; }
+# As root on a checkout someone else may own: trust only this directory, and never run its hooks
+# or its fsmonitor command (both are programs the checkout's owner chooses).
+git_src() {
+  git -c safe.directory="$SRC" -c core.hooksPath=/dev/null -c core.fsmonitor=false -c core.untrackedCache=false \
+    -C "$SRC" "$@"
+}
+
+# The lock the self-updater (updater.py) takes too: neither removes a release the other is building.
+take_lock() {
+  local lock=$DESTDIR$OPT/.updater.lock wait_s=${SPB_LOCK_WAIT_S:-600}
+  mkdir -p "$DESTDIR$OPT"
+  if [ -L "$lock" ]; then die "$lock is a symlink: remove it"; fi
+  exec 9>>"$lock"
+  if ! flock -w "$wait_s" 9; then
+    die "the self-updater holds $OPT/.updater.lock (waited $wait_s s): try again when it has finished"
+  fi
+}
+release_lock() { exec 9>&-; }
 
 write_config() {
   # config.example.toml with [simulation] enabled = false (real sensors) and the store in the
@@ -166,7 +183,7 @@ write_config() {
 
 check_config() {
   # The generated config must parse and say what we meant.
-  "$1" - "$2" "$STATE" <<'PY'
+  "$1" -I - "$2" "$STATE" <<'PY'
 import sys, tomllib
 with open(sys.argv[1], "rb") as f:
     data = tomllib.load(f)
@@ -214,6 +231,7 @@ do_install() {
   rel_name=releases/$sha
   rel=$DESTDIR$OPT/$rel_name
   step "code in $OPT/$rel_name"
+  take_lock
   mkdir -p "$DESTDIR$OPT/releases"
   if [ -d "$rel" ]; then
     info "exists: reused"
@@ -259,14 +277,17 @@ do_install() {
   else
     local pip_extra=()
     read -r -a pip_extra <<<"${SPB_PIP_ARGS:-}"
-    info "pip install -r requirements.txt ${pip_extra[*]:-}"
-    "$venv/bin/python" -m pip install --disable-pip-version-check --no-input -r "$rel/requirements.txt" \
-      ${pip_extra[@]+"${pip_extra[@]}"}
+    # safepip: every file hash-checked (--require-hashes); as root wheels only, and what exists
+    # only as source is built by the unprivileged user nobody.
+    info "pip install -r requirements.txt (hash-checked) ${pip_extra[*]:-}"
+    "$venv/bin/python" -I "$rel/safepip.py" "$venv/bin/python" "$rel/requirements.txt" \
+      ${pip_extra[@]+"${pip_extra[@]}"} || die "installing requirements.txt failed (see above)"
     cp "$rel/requirements.txt" "$venv/.spb-installed-requirements.txt"
   fi
   # The service sees the code read-only (ProtectSystem=strict): compile it once, here.
-  "$venv/bin/python" -m compileall -q -l "$rel" >/dev/null || warn "compileall failed (the daemon still runs)"
-  if grep -qs 'Raspberry Pi' /proc/device-tree/model 2>/dev/null && ! "$venv/bin/python" -c 'import lgpio' 2>/dev/null; then
+  # -I: root's python never imports from a user site directory (nor PYTHON* variables).
+  "$venv/bin/python" -I -m compileall -q -l "$rel" >/dev/null || warn "compileall failed (the daemon still runs)"
+  if grep -qs 'Raspberry Pi' /proc/device-tree/model 2>/dev/null && ! "$venv/bin/python" -I -c 'import lgpio' 2>/dev/null; then
     warn "python3-lgpio is not installed: the status LED cannot work (sudo apt install python3-lgpio)"
   fi
 
@@ -305,6 +326,7 @@ do_install() {
       info "removed the old release $name"
     fi
   done
+  release_lock
 
   step "config $ETC"
   mkdir -p "$DESTDIR$ETC"

@@ -12,6 +12,7 @@ import dataclasses
 import datetime as dt
 import json
 import logging
+import math
 import os
 import signal
 import sys
@@ -462,12 +463,18 @@ def cmd_run(args, config: Config) -> int:
     return EXIT_OK
 
 
+# A self-updated release is "good" (no longer rolled back) only after this much healthy running.
+GOOD_AFTER_CYCLES = 5
+GOOD_AFTER_S = 900.0
+ROLLBACK_NOTICE_CHECK_S = 60.0
+
+
 class ServiceHooks:
     """What runs around each cycle for the outside world: systemd notifications, the self-updater's
     "this release works" mark, and the live page. Called in the measuring thread; each step is cheap."""
 
     def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path, *, console: bool = False,
-                 sender=None) -> None:
+                 sender=None, clock: Callable[[], float] = time.monotonic) -> None:
         from sdnotify import Notifier
 
         self.config = config
@@ -482,6 +489,12 @@ class ServiceHooks:
         self.daemon: Daemon | None = None
         self.page = None
         self._ready = False
+        # Probation of a new release (see mark_good_due): stored cycles and when the run began.
+        self._stored_cycles = 0
+        self._clock = clock
+        self._began = clock()
+        self._marked_good = False
+        self._notice_checked = -math.inf
 
     def start(self) -> None:
         half = self.notifier.watchdog_interval_s
@@ -491,12 +504,7 @@ class ServiceHooks:
             # WATCHDOG_USEC= at run time) rather than be killed between two healthy cycles.
             self.notifier.notify(f"WATCHDOG_USEC={int(interval * 3 * 1_000_000)}")
             log.info("watchdog widened to %d s for the %g s interval", interval * 3, interval)
-        if self.config.update.enabled:
-            import updater
-
-            notice = updater.rollback_notice(self.update_state_dir)
-            if notice:
-                self.handler.report(ShortError(notice, key="update:rollback"))
+        self._check_rollback_notice()
         if self.config.web.enabled:
             self._start_page()
 
@@ -527,14 +535,44 @@ class ServiceHooks:
         self.page = page  # FlowPage.start logged its URL
         self._make_snapshot = make_snapshot
 
+    def _check_rollback_notice(self) -> None:
+        """Show an update rollback on the LED until `updater.py acknowledge` (or a day of good running)
+        clears it; looked at once a minute (one small file read)."""
+        now = self._clock()
+        if not self.config.update.enabled or now - self._notice_checked < ROLLBACK_NOTICE_CHECK_S:
+            return
+        self._notice_checked = now
+        import updater
+
+        notice = updater.rollback_notice(self.update_state_dir)
+        if notice:
+            self.handler.report(ShortError(notice, key="update:rollback"))
+        else:
+            self.handler.clear("update:rollback")
+
+    def mark_good_due(self) -> bool:
+        """A new release has proven itself: GOOD_AFTER_CYCLES stored cycles and a finished delivery
+        attempt (none configured: the cycles alone), or GOOD_AFTER_CYCLES cycles and GOOD_AFTER_S running.
+        One stored cycle is not enough: the delivery path (which the self-test skips) must have run."""
+        if self._stored_cycles < GOOD_AFTER_CYCLES:
+            return False
+        sender = self.daemon.sender if self.daemon is not None else None
+        return sender is None or sender.total_requests > 0 or self._clock() - self._began >= GOOD_AFTER_S
+
     def after_cycle(self, cycle) -> None:
-        first_stored = self.daemon is not None and self.daemon.last_store_ok and not self._ready
+        stored = self.daemon is not None and self.daemon.last_store_ok
+        first_stored = stored and not self._ready
+        if stored:
+            self._stored_cycles += 1
         if first_stored:
             self._ready = True
-            if self.config.update.enabled:
+        if self.config.update.enabled:
+            if not self._marked_good and self.mark_good_due():
                 import updater
 
+                self._marked_good = True
                 updater.mark_good(self.update_state_dir)
+            self._check_rollback_notice()
         tier = self.handler.top_tier
         if self.notifier.enabled:  # off systemd, build nothing
             if first_stored:
@@ -760,6 +798,12 @@ def cmd_status(args, config: Config) -> int:
         "dropped": stats.dropped,
         "size_mb": round(stats.size_bytes / 1_048_576, 3),
     }
+    if config.update.enabled:
+        import updater
+
+        # Where the service's pre-start keeps it: $STATE_DIRECTORY, which is the store dir install.sh writes.
+        report["update_rolled_back"] = updater.rollback_notice(updater.default_state_dir(
+            {"STATE_DIRECTORY": os.environ.get("STATE_DIRECTORY") or str(config.store.dir)}))
     if args.json:
         print(json.dumps(report, indent=2))
     else:

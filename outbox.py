@@ -57,6 +57,16 @@ class StoreError(Exception):
     """The store cannot be opened or written (disk full, read-only, permissions)."""
 
 
+def _migrate_schema(db: sqlite3.Connection) -> None:
+    # Versioned migrations (store_schema.py): up for a newer release, down after a rollback.
+    import store_schema
+
+    try:
+        store_schema.migrate(db)
+    except store_schema.SchemaError as exc:
+        log.error("%s: %s", DB_NAME, exc)
+
+
 def _store_errors(method):
     """Report SQLite failures as StoreError naming the file."""
 
@@ -183,6 +193,7 @@ class Outbox:
                 "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
             )
         db.executescript(_SCHEMA)
+        _migrate_schema(db)
         # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
         # (every cycle) never has to count a long backlog. Seeded once from the rows themselves.
         db.execute("INSERT OR IGNORE INTO state (key, value) "

@@ -5,9 +5,11 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   apply        fetch [update] branch from [update] remote; if it is a fast-forward of the current
                release (and signed, when require_signed), build releases/<sha> with a fresh venv,
                self-test it with its own python, then switch `current` to it and restart the service
-  pre-start    before every daemon start: count the start; roll back a freshly updated release
-               that failed to reach mark_good() max_failed_starts times in a row
-  mark-good    what the daemon does after its first stored cycle (the daemon calls mark_good())
+  pre-start    before every daemon start (the unit runs it from `previous`, the known-good release):
+               count the start; roll back a freshly updated release that failed to reach
+               mark_good() max_failed_starts times in a row
+  mark-good    what the daemon does once the release has proven itself (main.GOOD_AFTER_CYCLES stored
+               cycles and a delivery attempt, or GOOD_AFTER_S of running; the daemon calls mark_good())
   status       the releases and the state as JSON
   acknowledge  clear the rollback notice
 
@@ -16,7 +18,7 @@ is untouched), 2 bad usage, 10 updated (the new release is current; the service 
 restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
 keep the logger from starting at all.
 
-Only the standard library and `config` are imported, so rollback works even when the
+Only the standard library, `config` and `safepip` are imported, so rollback works even when the
 release's venv is broken.
 """
 from __future__ import annotations
@@ -49,6 +51,7 @@ from pathlib import Path
 from typing import Any
 
 import config as config_mod
+import safepip
 from config import ConfigError, UpdateConfig
 
 log = logging.getLogger(__name__)
@@ -61,7 +64,9 @@ SERVICE_USER = "solarpower"
 STATE_FILE = "update-state.json"
 MARKER_FILE = "rolled-back.json"
 STATE_LOCK = ".update-state.lock"
-ROOT_LOCK = ".updater.lock"
+ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
+RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
+NOTICE_EXPIRES_S = 86400.0  # a day of good running on the old release clears a rollback notice
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -69,12 +74,6 @@ EXIT_USAGE = 2
 EXIT_UPDATED = 10
 EXIT_CONFIG = 78
 
-# `$1` (and $SPB_RELEASE_DIR) is the new release directory; the command runs there. The two
-# marker files are install.sh's: a later install.sh run then knows this venv is complete.
-DEFAULT_VENV_CMD = ('python3 -m venv --system-site-packages "$1/.venv" && '
-                    '"$1/.venv/bin/pip" install --no-input --disable-pip-version-check -r "$1/requirements.txt" && '
-                    'cp "$1/requirements.txt" "$1/.venv/.spb-installed-requirements.txt" && '
-                    ': > "$1/.venv/.spb-venv-complete"')
 ENV_VENV_CMD = "SPB_VENV_CMD"
 ENV_RESTART_CMD = "SPB_RESTART_CMD"
 
@@ -134,6 +133,32 @@ def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
     return Path(first) if first else DEFAULT_STATE_DIR
 
 
+def find_config(env: Mapping[str, str] | None = None) -> Path | None:
+    """The config when none was given: as root only $SOLAR_CONFIG or /etc/solarpowerbrampton/config.toml,
+    never ./config.toml (the service's working directory belongs to its user)."""
+    env = os.environ if env is None else env
+    if os.geteuid() != 0:
+        return config_mod.find_config(None, env)
+    if env.get(config_mod.ENV_CONFIG):
+        return Path(env[config_mod.ENV_CONFIG])
+    return config_mod.SYSTEM_CONFIG_PATH if config_mod.SYSTEM_CONFIG_PATH.is_file() else None
+
+
+def isolate_root_env(env: dict[str, str] | None = None) -> None:
+    """As root, drop what the service user could have set up for us: HOME (its state directory
+    under systemd: ~/.local site packages, ~/.gitconfig, pip.conf) and PYTHON* variables. Our
+    children (git, pip, python) then see root's home and no user site."""
+    env = os.environ if env is None else env
+    if os.geteuid() != 0:
+        return
+    for name in list(env):
+        if name.startswith("PYTHON") or name in ("PIP_CONFIG_FILE", "XDG_CONFIG_HOME", "GIT_DIR", "GIT_WORK_TREE"):
+            del env[name]
+    env["HOME"] = pwd.getpwuid(0).pw_dir or "/root"
+    env["PYTHONNOUSERSITE"] = "1"
+    env["PIP_CONFIG_FILE"] = os.devnull  # no pip.conf from a directory another user owns
+
+
 def release_sha(layout: Layout, link: Path) -> str | None:
     """The sha a `current`/`previous` link points at, or None if it is missing or not a release."""
     try:
@@ -186,13 +211,20 @@ def _flock(path: Path, wait_s: float) -> Iterator[bool]:
     # O_NOFOLLOW/O_NONBLOCK: the state dir belongs to the (unprivileged) daemon user, so a root
     # process must not follow a planted symlink or hang opening a planted FIFO.
     # Read-only: a lock file root created must still be lockable by the daemon's user.
-    flags = os.O_RDONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    fd = os.open(path, flags, 0o644)
+    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+    try:
+        # O_EXCL: only a file this call created is ever chowned - never one the daemon's user
+        # planted (a hard link to a root file, say), which root would otherwise hand to that user.
+        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
+        created = True
+    except FileExistsError:
+        fd = os.open(path, flags)
+        created = False
     try:
         info = os.fstat(fd)
         if not stat.S_ISREG(info.st_mode):
             raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        if os.geteuid() == 0 and info.st_uid == 0:
+        if created and os.geteuid() == 0:
             # The service's UMask=0077 applies to the privileged ExecStartPre too: without this the
             # lock file would be root-only and the daemon's mark_good() could never take the lock.
             owner = os.stat(path.parent)
@@ -497,10 +529,37 @@ def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
 
 
 # -- apply ----------------------------------------------------------------------------------------
-def _venv_cmd(venv_cmd: str | None) -> str:
+def _venv_cmd(venv_cmd: str | None) -> str | None:
+    """The shell command making the venv, or None for the default (`_make_venv`)."""
     if venv_cmd is not None:
         return venv_cmd
-    return os.environ.get(ENV_VENV_CMD) or DEFAULT_VENV_CMD
+    return os.environ.get(ENV_VENV_CMD) or None
+
+
+def _make_venv(release: Path, timeout: float) -> None:
+    """python3 -m venv + the hash-checked install of requirements.txt (safepip). Raises StepFailed.
+
+    --system-site-packages: Raspberry Pi OS's python3-lgpio (the LED) and, on 32-bit Pis,
+    python3-psutil / python3-sysv-ipc come from Debian. Every root step runs this venv's python
+    with -I or -s, so the service user's site directory is never imported as root.
+    """
+    venv = release / ".venv"
+    result = _run(["python3", "-I", "-m", "venv", "--system-site-packages", str(venv)], timeout=timeout,
+                  env=child_env(), cwd=release)
+    if result.returncode != 0:
+        raise StepFailed(f"python3 -m venv failed (exit {result.returncode}): {_tail(result.stdout)}")
+    try:
+        safepip.install(str(venv / "bin" / "python"), release / "requirements.txt", timeout=timeout,
+                        env=child_env())
+    except safepip.HashError as exc:
+        raise StepFailed(f"refusing the release: {exc}") from None
+    except subprocess.CalledProcessError as exc:
+        raise StepFailed(f"pip failed (exit {exc.returncode}): {exc.output}") from None
+    except (OSError, KeyError, subprocess.TimeoutExpired) as exc:
+        raise StepFailed(f"installing the requirements failed: {exc}") from None
+    # install.sh's markers: a later install.sh run then knows this venv is complete.
+    shutil.copyfile(release / "requirements.txt", venv / ".spb-installed-requirements.txt")
+    (venv / ".spb-venv-complete").touch()
 
 
 def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
@@ -667,7 +726,7 @@ def _ensure_repo(layout: Layout, git: _Git, remote: str) -> None:
     git.check("git config", "config", "remote.origin.url", remote)
 
 
-def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None, *, venv_cmd: str,
+def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None, *, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> Path:
     dest = layout.releases / new
     dest.mkdir(parents=True)
@@ -679,12 +738,20 @@ def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None
                   env={"GIT_INDEX_FILE": str(index_dir / "index")})
     finally:
         shutil.rmtree(index_dir, ignore_errors=True)
+    # Before anything is installed: pip must check every file against a hash the signed commit names.
+    try:
+        safepip.allowed_hashes(dest / "requirements.txt")
+    except (safepip.HashError, OSError, ValueError) as exc:
+        raise StepFailed(f"refusing {_short(new)}: its requirements are not hash-pinned: {exc}") from None
     log.info("checked out %s; creating its venv", _short(new))
     began = time.monotonic()
-    result = _run(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
-                  env=child_env({"SPB_RELEASE_DIR": str(dest)}))
-    if result.returncode != 0:
-        raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
+    if venv_cmd is None:
+        _make_venv(dest, install_timeout)
+    else:
+        result = _run(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
+                      env=child_env({"SPB_RELEASE_DIR": str(dest)}))
+        if result.returncode != 0:
+            raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
     log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, _short(new))
     self_test(dest, live_config, timeout=selftest_timeout, run_as=run_as)
     return dest
@@ -724,7 +791,7 @@ def _rollback_target(layout: Layout, state_dir: Path, old: str) -> str:
 
 
 def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_config: Path | None, *,
-                  gnupghome: Path, venv_cmd: str, install_timeout: float, selftest_timeout: float,
+                  gnupghome: Path, venv_cmd: str | None, install_timeout: float, selftest_timeout: float,
                   run_as: str | None) -> tuple[str, str] | None:
     old = release_sha(layout, layout.current)
     if old is None:
@@ -739,6 +806,39 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
     # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
     git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
               "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}", timeout=FETCH_TIMEOUT_S)
+    try:
+        return _apply_fetched(layout, git, state_dir, update, live_config, remote, ref, old, gnupghome=gnupghome,
+                              venv_cmd=venv_cmd, install_timeout=install_timeout,
+                              selftest_timeout=selftest_timeout, run_as=run_as)
+    finally:
+        # Whatever was fetched and not accepted (unsigned, rewritten, rolled back, failed) goes:
+        # repeated hostile pushes must not fill the SD card that also holds the store.
+        current = release_sha(layout, layout.current)
+        if current != _ref_sha(git, ref):
+            _discard_fetch(git, ref, current)
+
+
+def _ref_sha(git: _Git, ref: str) -> str | None:
+    result = git.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    return result.stdout.strip() if result.returncode == 0 else None
+
+
+def _discard_fetch(git: _Git, ref: str, accepted: str | None) -> None:
+    """Point `ref` back at the accepted commit and drop every object no ref reaches (the mirror
+    keeps only accepted history)."""
+    if accepted and git.has_commit(accepted):
+        git.run("update-ref", ref, accepted)
+    else:
+        git.run("update-ref", "-d", ref)
+    git.run("reflog", "expire", "--expire=now", "--all")
+    result = git.run("-c", "gc.auto=0", "gc", "--prune=now", "--quiet", timeout=FETCH_TIMEOUT_S)
+    if result.returncode != 0:
+        log.warning("could not prune the mirror %s: %s", git.layout.repo, _tail(result.stdout))
+
+
+def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateConfig, live_config: Path | None,
+                   remote: str, ref: str, old: str, *, gnupghome: Path, venv_cmd: str | None,
+                   install_timeout: float, selftest_timeout: float, run_as: str | None) -> tuple[str, str] | None:
     new = git.check("git rev-parse", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     if not _SHA.match(new):
         raise StepFailed(f"unexpected revision {new!r} for {update.branch}")
@@ -781,6 +881,9 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
         raise
     fallback = _rollback_target(layout, state_dir, old)
     _swap_link(layout.previous, f"releases/{fallback}")
+    # Marked before the switch, removed after the restart: a run cut off in between (power cut,
+    # SIGKILL) leaves it, and the next run restarts the service (as install.sh does).
+    _mark_restart_pending(layout)
     _swap_link(layout.current, f"releases/{new}")
     log.info("updated %s -> %s", old, new)
     keep = {old, new, fallback}  # `old` too: the running daemon still imports from it until restarted
@@ -816,7 +919,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
     # Absolute: the venv command and the self-test run in other working directories.
     layout = Layout(Path(root).absolute())
     state_dir = (Path(state_dir) if state_dir is not None else default_state_dir()).absolute()
-    path = Path(config_path) if config_path is not None else config_mod.find_config(None)
+    path = Path(config_path) if config_path is not None else find_config()
     try:
         cfg = config_mod.load_config(path)
     except ConfigError as exc:
@@ -827,6 +930,12 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
         log.info("self-update is off ([update] enabled = false in %s)", cfg.source)
         return EXIT_OK
     home = (Path(gnupghome) if gnupghome else Path(os.environ.get("GNUPGHOME") or DEFAULT_GNUPGHOME)).absolute()
+    if (layout.root / RESTART_PENDING).exists():
+        # An earlier switch (ours or install.sh's) whose restart was cut off: the service may still
+        # run the old code. Restart it now, before anything else.
+        log.warning("the last switch to %s was not followed by a restart: restarting %s now",
+                    _short(release_sha(layout, layout.current)), SERVICE)
+        _restart(_restart_cmd(restart_cmd), layout)
     try:
         with _root_lock(layout):
             switched = _apply_locked(layout, state_dir, cfg.update, path, gnupghome=home,
@@ -845,23 +954,35 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
         return EXIT_OK
     old, new = switched
     print(f"updated {old} -> {new}", flush=True)
-    _restart(_restart_cmd(restart_cmd))
+    _restart(_restart_cmd(restart_cmd), layout)
     return EXIT_UPDATED
 
 
-def _restart(cmd: list[str]) -> None:
+def _mark_restart_pending(layout: Layout) -> None:
+    fd = os.open(layout.root / RESTART_PENDING, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+    os.close(fd)
+    _fsync_dir(layout.root)
+
+
+def _restart(cmd: list[str], layout: Layout | None = None) -> bool:
+    """Run the restart command; on success clear layout's restart-pending mark. True if it ran and succeeded."""
     # After the lock is released: the restart runs pre-start, which takes the same lock.
     if not cmd:
         log.info("no restart command: the new release runs from the next start of %s", SERVICE)
-        return
+        return False
     try:
         result = _run(cmd, timeout=RESTART_TIMEOUT_S)
     except OSError as exc:
         log.warning("cannot run the restart command %s: %s", shlex.join(cmd), exc)
-        return
+        return False
     if result.returncode != 0:
         log.warning("the restart command %s failed (exit %d): %s; the new release runs from the next start",
                     shlex.join(cmd), result.returncode, _tail(result.stdout))
+        return False
+    if layout is not None:
+        with contextlib.suppress(FileNotFoundError):
+            (layout.root / RESTART_PENDING).unlink()
+    return True
 
 
 # -- pre-start, mark_good, the rollback notice -----------------------------------------------------
@@ -871,7 +992,16 @@ def _max_failed_starts(config_path: Path | None) -> int | None:
     try:
         update = config_mod.load_config(config_path).update
     except ConfigError as exc:
-        # The daemon will report the config itself; a rollback decision must still be possible.
+        # The daemon will report the config itself. A rollback decision must still be possible, but
+        # only when the file plainly asks for self-update: otherwise nothing is ever rolled back.
+        try:
+            raw = tomllib.loads(Path(config_path).read_text(encoding="utf-8")) if config_path else {}
+        except (OSError, ValueError):
+            raw = {}
+        section = raw.get("update") if isinstance(raw, dict) else None
+        if not (isinstance(section, dict) and section.get("enabled") is True):
+            log.warning("config invalid (%s) and it does not say [update] enabled = true: no rollback", exc.source)
+            return None
         log.warning("config invalid (%s); using max_failed_starts = %d", exc.source, UpdateConfig.max_failed_starts)
         return UpdateConfig.max_failed_starts
     return update.max_failed_starts if update.enabled else None
@@ -885,7 +1015,7 @@ def pre_start(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = No
     """
     try:
         _pre_start(Layout(Path(root).absolute()), Path(state_dir) if state_dir is not None else default_state_dir(),
-                   Path(config_path) if config_path is not None else config_mod.find_config(None), max_failed_starts)
+                   Path(config_path) if config_path is not None else find_config(), max_failed_starts)
     except Exception:
         log.exception("pre-start failed; starting the current release anyway")
     return EXIT_OK
@@ -916,7 +1046,7 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
         entry["last_start"] = _now()
         state["started"] = sha
     if failed and not entry["good"]:
-        log.warning("release %s: start %d; the last %d did not reach their first stored cycle",
+        log.warning("release %s: start %d; the last %d ended before it proved itself (cycles and a delivery attempt)",
                     _short(sha), failed + 1, failed)
 
 
@@ -945,7 +1075,7 @@ def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, 
 
 
 def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bool:
-    """The daemon reached its first stored cycle: reset the start counter, end the probation.
+    """The release proved itself (see main.ServiceHooks.mark_good_due): reset the start counter, end the probation.
 
     `sha` defaults to the release the last pre-start started. Fast (no git), never raises;
     returns False when there was nothing to mark or the state could not be written.
@@ -969,18 +1099,38 @@ def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bo
         return False
 
 
-def rollback_notice(state_dir: Path | str | None = None) -> str | None:
-    """A one-line notice if an update was rolled back (for the LED and the log), else None."""
-    path = (Path(state_dir) if state_dir is not None else default_state_dir()) / MARKER_FILE
+def rollback_notice(state_dir: Path | str | None = None, now: dt.datetime | None = None) -> str | None:
+    """A one-line notice if an update was rolled back (for the LED, `status` and the log), else None.
+
+    The notice lasts until `updater.py acknowledge`, or until the release it rolled back to has run
+    well (marked good after the rollback, no failed start since) for NOTICE_EXPIRES_S.
+    """
+    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
     try:
-        data = _read_json(path)
+        data = _read_json(state_dir / MARKER_FILE)
     except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
         return "an update was rolled back (details unreadable): see `journalctl -u solarpowerbrampton`"
     if data is None:
         return None
-    if isinstance(data, dict) and isinstance(data.get("message"), str):
-        return f"{data['message'][:300]} at {str(data.get('at', '?'))[:40]}"
-    return "an update was rolled back: see `journalctl -u solarpowerbrampton`"
+    if not (isinstance(data, dict) and isinstance(data.get("message"), str)):
+        return "an update was rolled back: see `journalctl -u solarpowerbrampton`"
+    if _healthy_since(state_dir, data, now or dt.datetime.now(dt.timezone.utc)):
+        return None
+    return f"{data['message'][:300]} at {str(data.get('at', '?'))[:40]}"
+
+
+def _healthy_since(state_dir: Path, marker: dict[str, Any], now: dt.datetime) -> bool:
+    """The rolled-back-to release was marked good after the rollback and has run NOTICE_EXPIRES_S since."""
+    try:
+        at = dt.datetime.fromisoformat(str(marker.get("at")))
+        entry = load_state(state_dir)["releases"].get(str(marker.get("to")), {})
+        good_at = dt.datetime.fromisoformat(entry["good_at"]) if entry.get("good_at") else None
+    except (ValueError, TypeError):
+        return False
+    if at.tzinfo is None or good_at is None or good_at.tzinfo is None:
+        return False
+    return entry.get("good") is True and entry.get("starts") == 0 and good_at >= at \
+        and (now - at).total_seconds() >= NOTICE_EXPIRES_S
 
 
 def acknowledge(state_dir: Path | str | None = None) -> bool:
@@ -1054,6 +1204,7 @@ def _terminate(signum: int, frame: Any) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    isolate_root_env()
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s")
     root = Path(args.root) if args.root else DEFAULT_ROOT
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()

@@ -11,6 +11,7 @@ if ! "$py" -c 'import sys; sys.exit(sys.version_info < (3, 11))' 2>/dev/null; th
   exit 1
 fi
 if [ ! -x .venv/bin/python ]; then
+  # Without --system-site-packages: the venv never imports from the user's site directory.
   if ! "$py" -m venv .venv 2>/dev/null; then
     # Debian and Raspberry Pi OS ship venv separately.
     rm -rf .venv
@@ -23,6 +24,8 @@ if [ ! -x .venv/bin/python ]; then
 fi
 stamp=".venv/.installed-$(basename "$req")"
 if [ ! -f "$stamp" ] || ! cmp -s <(cat requirements*.txt) "$stamp"; then
-  .venv/bin/python -m pip install -q --disable-pip-version-check -r "$req"
+  # --require-hashes: every file pip fetches must match a hash in the requirements files
+  # (regenerate them with: python scripts/hash_requirements.py). -I: no user site packages.
+  .venv/bin/python -I -m pip install -q --disable-pip-version-check --require-hashes -r "$req"
   cat requirements*.txt > "$stamp"
 fi

@@ -99,7 +99,7 @@ class Env:
         _git(self.repo, "commit", "-q", "-m", "next")
         return _git(self.repo, "rev-parse", "HEAD")
 
-    def run(self, *args: str, sudo_rc: int = 0) -> subprocess.CompletedProcess:
+    def run(self, *args: str, sudo_rc: int = 0, extra_env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         self.log.write_text("")
         env = {
             "PATH": f"{self.bin}:{os.environ['PATH']}",
@@ -112,6 +112,7 @@ class Env:
             "SPB_STUB_SUDO_RC": str(sudo_rc),
             "SPB_STUB_RESTART_RC": os.environ.get("SPB_STUB_RESTART_RC", ""),
             "SPB_REAL_PYTHON": sys.executable,
+            **(extra_env or {}),
         }
         return subprocess.run(["bash", str(self.repo / "install.sh"), *args], env=env, capture_output=True,
                               text=True, timeout=60)
@@ -340,3 +341,46 @@ def test_test_mode_touches_nothing_outside_destdir_even_when_the_check_really_ru
     cfg = tomllib.loads(env.path(f"{ETC}/config.toml").read_text())
     assert cfg["store"]["dir"] == "/var/lib/solarpowerbrampton"  # the installed config itself is untouched
     assert not list(env.path(ETC).glob(".config-check*"))
+
+
+def test_install_sh_takes_the_updaters_lock(env):
+    """install.sh and updater.py flock the same file: neither removes a release the other is building."""
+    lock = env.path(f"{OPT}/.updater.lock")
+    lock.parent.mkdir(parents=True)
+    holder = subprocess.Popen(["flock", str(lock), "sleep", "30"], start_new_session=True)  # the updater
+    try:
+        while subprocess.run(["flock", "-n", str(lock), "true"]).returncode == 0:
+            pass  # until the holder has it
+        result = env.run(extra_env={"SPB_LOCK_WAIT_S": "1"})
+        assert result.returncode != 0
+        assert "the self-updater holds /opt/solarpowerbrampton/.updater.lock" in result.stderr
+        assert not env.path(f"{OPT}/releases").exists() or not any(env.path(f"{OPT}/releases").iterdir())
+        assert not env.path(f"{OPT}/current").exists()
+    finally:
+        os.killpg(holder.pid, 9)
+        holder.wait()
+    _ok(env.run(extra_env={"SPB_LOCK_WAIT_S": "1"}))
+    assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{env.sha}"
+
+
+def test_install_sh_never_runs_the_checkouts_fsmonitor_or_hooks(env):
+    """The checkout belongs to someone else; its .git/config names programs (fsmonitor, hooks) that
+    git would run as root. install.sh runs none of them."""
+    mark = env.tmp / "ran-as-root"
+    script = env.tmp / "fsmonitor.sh"
+    script.write_text(f"#!/bin/sh\necho \"$0\" >> {mark}\nexit 1\n")
+    script.chmod(0o755)
+    hooks = env.repo / ".git" / "hooks"
+    hooks.mkdir(exist_ok=True)
+    for hook in ("post-checkout", "pre-commit", "post-index-change", "reference-transaction"):
+        (hooks / hook).write_text(f"#!/bin/sh\necho {hook} >> {mark}\n")
+        (hooks / hook).chmod(0o755)
+    _git(env.repo, "config", "core.fsmonitor", str(script))
+    _git(env.repo, "config", "core.hooksPath", str(hooks))
+    # The attack is real: an ordinary `git status` there runs the fsmonitor program.
+    subprocess.run(["git", "-c", f"safe.directory={env.repo}", "-C", str(env.repo), "status", "--porcelain"],
+                   capture_output=True)
+    assert mark.exists()
+    mark.unlink()
+    _ok(env.run())
+    assert not mark.exists(), f"install.sh ran the checkout's programs: {mark.read_text()}"

@@ -303,6 +303,70 @@ def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
     hooks.stop()
 
 
+def test_status_says_an_update_was_rolled_back(tmp_path):
+    import updater
+
+    cfg = write_config(tmp_path, '[update]\nenabled = true\nremote = "/srv/solar.git"')
+    assert run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).returncode == 0
+    env = {"STATE_DIRECTORY": ""}
+    result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout)["update_rolled_back"] is None
+    (tmp_path / "store" / updater.MARKER_FILE).write_text(json.dumps(
+        {"message": "rolled back from abc to def after 3 failed starts", "at": "2026-06-21T06:00:00+00:00"}))
+    result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
+    assert "rolled back from abc to def" in json.loads(result.stdout)["update_rolled_back"]
+
+
+def test_a_release_is_good_only_after_cycles_and_a_delivery_attempt(tmp_path, clock):
+    """One stored cycle is not "good" (a release that then crashes in delivery must be rolled back):
+    GOOD_AFTER_CYCLES stored cycles and a finished delivery attempt, or that many cycles and GOOD_AFTER_S."""
+    import main as main_mod
+    import updater
+    from main import ServiceHooks, make_sender
+
+    state = tmp_path / "state"
+    state.mkdir()
+    sha = "a" * 40
+    (state / updater.STATE_FILE).write_text(json.dumps(
+        {"started": sha, "releases": {sha: {"starts": 1, "good": False}}}))
+
+    def good() -> bool:
+        return json.loads((state / updater.STATE_FILE).read_text())["releases"][sha].get("good", False)
+
+    # Delivery to a closed port (an attempt that fails: the delivery code ran without crashing).
+    doc = {"influx": {"kind": "local", "api": "v1", "url": "http://127.0.0.1:9", "database": "d"},
+           "update": {"enabled": True, "remote": "/srv/solar.git"}}
+    daemon, _, outbox, _ = make_daemon(tmp_path, clock, doc)
+    daemon.sender = make_sender(daemon.config, main_mod.make_writer(daemon.config), daemon.handler)
+    hooks = ServiceHooks(daemon.config, daemon.handler, state, clock=clock)
+    hooks.daemon = daemon
+    daemon.on_cycle = hooks.after_cycle
+    for _ in range(main_mod.GOOD_AFTER_CYCLES):
+        daemon.run_cycle()
+        assert not good(), "marked good before any delivery attempt"
+    daemon.sender.flush()
+    assert daemon.sender.total_requests > 0
+    daemon.run_cycle()
+    assert good()
+
+    # No delivery attempt at all (the sender never got to run): good once GOOD_AFTER_S have passed.
+    (state / updater.STATE_FILE).write_text(json.dumps({"started": sha, "releases": {sha: {"starts": 1}}}))
+    daemon2, _, _, _ = make_daemon(tmp_path / "2", clock, doc)
+    daemon2.sender = make_sender(daemon2.config, main_mod.make_writer(daemon2.config), daemon2.handler)
+    hooks2 = ServiceHooks(daemon2.config, daemon2.handler, state, clock=clock)
+    hooks2.daemon = daemon2
+    daemon2.on_cycle = hooks2.after_cycle
+    daemon2.run_cycle()
+    assert not good()
+    while clock() - hooks2._began < main_mod.GOOD_AFTER_S:
+        daemon2.run_cycle()
+    assert hooks2._stored_cycles >= main_mod.GOOD_AFTER_CYCLES and daemon2.sender.total_requests == 0
+    assert good()
+    daemon.sender.outbox.close()
+    daemon2.sender.outbox.close()
+
+
 def test_optional_log_file_in_the_store_directory(tmp_path):
     cfg = write_config(tmp_path, '[log]\nfile = true\nfile_max_bytes = 2000\nfile_backups = 2')
     result = run_cli("run", "--config", str(cfg), "--cycles", "2", cwd=tmp_path,

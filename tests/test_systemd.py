@@ -82,6 +82,7 @@ def fake_root(tmp_path) -> Path:
     (release / "main.py").write_text("")
     (release / "updater.py").write_text("")
     (root / "opt/solarpowerbrampton/current").symlink_to(f"releases/{release.name}")
+    (root / "opt/solarpowerbrampton/previous").symlink_to(f"releases/{release.name}")
     (root / "etc/passwd").write_text(
         "root:x:0:0:root:/root:/bin/bash\n"
         "solarpower:x:998:998:SolarPowerBrampton:/var/lib/solarpowerbrampton:/usr/sbin/nologin\n")
@@ -184,7 +185,12 @@ def test_main_unit_contract():
     assert _values(MAIN, "CapabilityBoundingSet") == [""]
     assert _values(MAIN, "RestrictAddressFamilies") == ["AF_UNIX AF_INET AF_INET6"]
     assert "@system-service" in _values(MAIN, "SystemCallFilter")
-    assert _values(MAIN, "ExecStartPre") == [f"+-{PY} /opt/solarpowerbrampton/current/updater.py pre-start"]  # "-": a broken updater never blocks the start
+    # From `previous` (a new release cannot break its own rollback), isolated from the service user's
+    # site packages and environment, with the config named (never ./config.toml); "-": never blocks the start.
+    prev = "/opt/solarpowerbrampton/previous"
+    assert _values(MAIN, "ExecStartPre") == [
+        f"+-{prev}/.venv/bin/python -s -E {prev}/updater.py pre-start --config /etc/solarpowerbrampton/config.toml"]
+    assert _values(MAIN, "Environment").count("PYTHONNOUSERSITE=1") == 1
     assert _values(MAIN, "ExecStart") == [
         f"{PY} /opt/solarpowerbrampton/current/main.py run --config /etc/solarpowerbrampton/config.toml"]
     assert _values(MAIN, "StartLimitIntervalSec", "Unit") and _values(MAIN, "StartLimitBurst", "Unit")
@@ -205,7 +211,8 @@ def test_main_unit_keeps_i2c_and_gpio_working():
 
 def test_update_units():
     assert _values(UPDATE, "Type") == ["oneshot"]
-    assert _values(UPDATE, "ExecStart") == [f"{PY} /opt/solarpowerbrampton/current/updater.py apply"]
+    assert _values(UPDATE, "ExecStart") == [
+        f"{PY} -s -E -u /opt/solarpowerbrampton/current/updater.py apply --config /etc/solarpowerbrampton/config.toml"]
     assert not _values(UPDATE, "User"), "the updater runs as root"
     assert _values(UPDATE, "ProtectSystem") == ["strict"]
     assert "/opt/solarpowerbrampton" in " ".join(_values(UPDATE, "ReadWritePaths")).split()

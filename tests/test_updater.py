@@ -158,12 +158,20 @@ class Site:
         monkeypatch.setenv("SPB_TEST_VENV_ENV", str(self.venv_env))
         for name in ("SOLAR_CONFIG", "STATE_DIRECTORY", "GNUPGHOME"):
             monkeypatch.delenv(name, raising=False)
+        for name in ("HOME", "PYTHONNOUSERSITE", "PIP_CONFIG_FILE", "PYTHONPATH"):
+            # updater.main() isolates root's environment in place: give it back after the test.
+            if name in os.environ:
+                monkeypatch.setenv(name, os.environ[name])
+            else:  # recorded as absent (delenv alone records nothing for a missing name)
+                monkeypatch.setenv(name, "")
+                monkeypatch.delenv(name)
         self.write_config()
 
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
         git("init", "-q", "-b", "main", str(self.work), cwd=base)
         shutil.copy(PROJECT / "config.py", self.work / "config.py")
         shutil.copy(PROJECT / "updater.py", self.work / "updater.py")
+        shutil.copy(PROJECT / "safepip.py", self.work / "safepip.py")
         (self.work / "requirements.txt").write_text("")
         (self.work / ".gitignore").write_text("__pycache__/\n")
         self.sha1 = self.commit("release 1")
@@ -594,3 +602,424 @@ def test_a_release_that_rejects_the_live_config_is_refused(site, caplog):
     assert site.apply() == updater.EXIT_FAILED
     assert site.current == sha1
     assert "self-test `live config` failed" in caplog.text
+
+
+# -- issue 10: hashed dependencies (a loopback package index) ------------------------------------
+import base64  # noqa: E402
+import hashlib  # noqa: E402
+import zipfile  # noqa: E402
+
+import safepip  # noqa: E402
+
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+
+def _wheel(directory: Path, name: str, files: dict[str, str]) -> Path:
+    """A minimal valid wheel `name`-1.0 holding `files` (path -> text)."""
+    dist = f"{name}-1.0.dist-info"
+    files = {**files, f"{dist}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n",
+             f"{dist}/WHEEL": "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"}
+    record = []
+    for path, text in files.items():
+        digest = base64.urlsafe_b64encode(hashlib.sha256(text.encode()).digest()).rstrip(b"=").decode()
+        record.append(f"{path},sha256={digest},{len(text.encode())}")
+    record.append(f"{dist}/RECORD,,")
+    wheel = directory / f"{name}-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as z:
+        for path, text in files.items():
+            z.writestr(path, text)
+        z.writestr(f"{dist}/RECORD", "\n".join(record) + "\n")
+    return wheel
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+@pytest.fixture(scope="module")
+def pip_venv(tmp_path_factory):
+    """A real venv with pip, in a directory every user may traverse (the build user reads it)."""
+    if not os.access(SYSTEM_PYTHON, os.X_OK):
+        pytest.skip(f"{SYSTEM_PYTHON} is missing: the hashed-install tests need the system python")
+    base = Path(tempfile.mkdtemp(prefix="spb-venv-test-"))
+    base.chmod(0o755)
+    venv = base / "venv"
+    subprocess.run([SYSTEM_PYTHON, "-m", "venv", str(venv)], check=True, capture_output=True, timeout=300)
+    yield venv
+    shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def index(pip_venv):
+    """A loopback package index (a --find-links directory) and a place for requirements, readable by all."""
+    base = Path(tempfile.mkdtemp(prefix="spb-index-test-"))
+    base.chmod(0o755)
+    (base / "wheels").mkdir(mode=0o755)
+    (base / "marks").mkdir(mode=0o777)
+    (base / "marks").chmod(0o777)
+    yield base
+    subprocess.run([str(pip_venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "spbevil", "spbsrc"],
+                   capture_output=True)
+    shutil.rmtree(base, ignore_errors=True)
+
+
+def _isolated_pip_env() -> dict[str, str]:
+    # No pip.conf of this machine (its find-links and extra indexes): only the loopback index.
+    return {k: v for k, v in os.environ.items() if not k.startswith("PIP_")} | {"PIP_CONFIG_FILE": os.devnull}
+
+
+def test_a_substituted_wheel_with_a_pth_file_is_refused(pip_venv, index):
+    """The index serves a wheel with a .pth file (code run at every python start, as root in pre-start)
+    instead of the file the requirements pin: the install is refused and the .pth never runs."""
+    mark = index / "marks" / "pth-ran"
+    good_dir = index / "good"
+    good_dir.mkdir()
+    good = _wheel(good_dir, "spbevil", {"spbevil/__init__.py": ""})
+    evil = _wheel(index / "wheels", "spbevil", {
+        "spbevil/__init__.py": "",
+        "spbevil.pth": f"import os; open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"})
+    assert _sha(good) != _sha(evil)
+    req = index / "requirements.txt"
+    req.write_text(f"spbevil==1.0 \\\n    --hash=sha256:{_sha(good)}\n")
+    req.chmod(0o644)
+    args = ["--no-index", "--find-links", str(index / "wheels")]
+    python = str(pip_venv / "bin/python")
+    with pytest.raises(subprocess.CalledProcessError) as caught:
+        safepip.install(python, req, extra_args=args, env=_isolated_pip_env(), timeout=300)
+    assert "hash" in caught.value.output.lower(), caught.value.output
+    subprocess.run([python, "-c", "pass"], check=True)  # a start of the venv's python: would run a .pth
+    assert not mark.exists(), f".pth ran as uid {mark.read_text()}"
+    assert not list((pip_venv / "lib").glob("python3*/site-packages/spbevil*"))
+
+    # The attack is real: pinned to the substituted file's hash, the same .pth runs at the next start.
+    req.write_text(f"spbevil==1.0 --hash=sha256:{_sha(evil)}\n")
+    safepip.install(python, req, extra_args=args, env=_isolated_pip_env(), timeout=300)
+    subprocess.run([python, "-c", "pass"], check=True)
+    assert mark.exists()
+
+
+def test_unhashed_requirements_are_refused_before_pip_runs(tmp_path):
+    req = tmp_path / "requirements.txt"
+    req.write_text("# pinned, not hashed\npsutil==7.2.2\n")
+    with pytest.raises(safepip.HashError, match=r"requirements.txt:2: psutil==7.2.2 has no --hash"):
+        safepip.allowed_hashes(req)
+    # An index option would let the file pick where code comes from; -r must be hashed too.
+    req.write_text(f"--extra-index-url http://evil.example/simple\nx==1 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(safepip.HashError, match="option '--extra-index-url'"):
+        safepip.allowed_hashes(req)
+    (tmp_path / "base.txt").write_text("y==2\n")
+    req.write_text(f"-r base.txt\nx==1 --hash=sha256:{'0' * 64}\n")
+    with pytest.raises(safepip.HashError, match=r"base.txt:1"):
+        safepip.allowed_hashes(req)
+
+
+def test_the_projects_requirement_files_are_fully_hashed():
+    hashes = safepip.allowed_hashes(PROJECT / "requirements-dev.txt")  # includes requirements.txt
+    assert len(hashes) > 40
+    for line in (PROJECT / "requirements.txt").read_text().splitlines():
+        assert "==" not in line or line.lstrip().startswith("#") or line.rstrip().endswith("\\"), line
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the build-user switch happens only as root")
+def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
+    """An sdist's setup.py runs at build time: as root it must run as `nobody`, never uid 0."""
+    import tarfile
+
+    mark = index / "marks" / "setup-ran"
+    src = index / "src" / "spbsrc-1.0"
+    (src / "spbsrc").mkdir(parents=True)
+    (src / "spbsrc" / "__init__.py").write_text("")
+    # An in-tree PEP 517 backend (stdlib only: no setuptools or wheel needed offline) that records
+    # who runs the build, as a hostile setup.py would run its code.
+    (src / "pyproject.toml").write_text('[build-system]\nrequires = []\nbuild-backend = "backend"\n'
+                                        'backend-path = ["."]\n')
+    (src / "backend.py").write_text(
+        "import base64, hashlib, os, zipfile\n"
+        "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        f"    open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"
+        "    d = 'spbsrc-1.0.dist-info'\n"
+        "    files = {'spbsrc/__init__.py': '',\n"
+        "             d + '/METADATA': 'Metadata-Version: 2.1\\nName: spbsrc\\nVersion: 1.0\\n',\n"
+        "             d + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\n'\n"
+        "                           'Tag: py3-none-any\\n'}\n"
+        "    b64 = lambda t: base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()\n"
+        "    rec = [p + ',sha256=' + b64(t) + ',' + str(len(t)) for p, t in files.items()] + [d + '/RECORD,,']\n"
+        "    name = 'spbsrc-1.0-py3-none-any.whl'\n"
+        "    with zipfile.ZipFile(os.path.join(wheel_directory, name), 'w') as z:\n"
+        "        for p, t in files.items():\n            z.writestr(p, t)\n"
+        "        z.writestr(d + '/RECORD', chr(10).join(rec) + chr(10))\n"
+        "    return name\n")
+    sdist = index / "wheels" / "spbsrc-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="spbsrc-1.0")
+    req = index / "requirements.txt"
+    req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
+    req.chmod(0o644)
+    try:
+        safepip.install(str(pip_venv / "bin/python"), req, timeout=300, env=_isolated_pip_env(),
+                        extra_args=["--no-index", "--find-links", str(index / "wheels"), "--no-build-isolation"])
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"pip failed: {exc.output}")
+    uids = {int(u) for u in mark.read_text().split()}  # noqa
+    assert uids and 0 not in uids, uids
+    assert uids == {pwd.getpwnam(safepip.BUILD_USER).pw_uid}
+    done = subprocess.run([str(pip_venv / "bin/python"), "-c", "import spbsrc"], capture_output=True)
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_release_whose_requirements_lack_hashes_is_refused(site, caplog):
+    (site.work / "requirements.txt").write_text("psutil==7.2.2\n")
+    new = site.commit("release 2 with unhashed requirements")
+    assert site.apply() == updater.EXIT_FAILED
+    assert "not hash-pinned" in caplog.text and "psutil==7.2.2 has no --hash" in caplog.text
+    assert site.current == site.sha1
+    assert new not in site.releases()
+    assert not site.venv_env.exists(), "the venv command ran for an unhashed release"
+
+
+# -- issue 10: root steps isolated from what the service user can write -----------------------------
+UNIT = PROJECT / "systemd" / "solarpowerbrampton.service"
+
+
+def unit_pre_start_argv(site: Site) -> list[str]:
+    """The unit's ExecStartPre line as systemd runs it, with /opt/solarpowerbrampton and /etc mapped into
+    the site (and --root, which the unit leaves at its default)."""
+    lines = [ln.split("=", 1)[1] for ln in UNIT.read_text().splitlines() if ln.startswith("ExecStartPre=")]
+    assert len(lines) == 1
+    line = lines[0].lstrip("+-")
+    line = line.replace("/etc/solarpowerbrampton/config.toml", str(site.config))
+    line = line.replace("/opt/solarpowerbrampton", str(site.root))
+    return shlex.split(line) + ["--root", str(site.root)]
+
+
+def run_unit_pre_start(site: Site, argv: list[str], home: Path) -> subprocess.CompletedProcess:
+    # What systemd gives the '+' ExecStartPre: the service's User='s HOME, STATE_DIRECTORY, and the
+    # unit's Environment= lines; we add a PYTHONPATH a local user could have set, to be ignored too.
+    env = {"PATH": os.environ["PATH"], "HOME": str(home), "STATE_DIRECTORY": str(site.state),
+           "PYTHONUNBUFFERED": "1", "PYTHONDONTWRITEBYTECODE": "1", "PYTHONPATH": str(home / "pypath")}
+    return subprocess.run(argv, env=env, cwd=home, capture_output=True, text=True, timeout=60)
+
+
+def test_pre_start_never_imports_from_the_service_users_home(site):
+    """The service user plants a .pth in its user site (its HOME is the state directory), a PYTHONPATH
+    module and a ./config.toml: the root pre-start runs none of them and reads the real config."""
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    home = site.state  # useradd --home-dir /var/lib/solarpowerbrampton
+    mark = site.base / "planted-code-ran"
+    user_site = subprocess.run([site.python, "-c", "import site; print(site.getusersitepackages())"],
+                               env={"HOME": str(home), "PATH": os.environ["PATH"]}, capture_output=True,
+                               text=True, check=True).stdout.strip()
+    assert user_site.startswith(str(home))
+    Path(user_site).mkdir(parents=True)
+    Path(user_site, "evil.pth").write_text(f"import os; open({str(mark)!r}, 'a').write('pth ' + str(os.getuid()))\n")
+    (home / "pypath").mkdir()
+    (home / "pypath" / "tomllib.py").write_text(f"open({str(mark)!r}, 'a').write('pythonpath')\n")
+    (home / "config.toml").write_text("[update]\nenabled = true\nremote = '/x'\nmax_failed_starts = 1\n")
+
+    argv = unit_pre_start_argv(site)
+    assert argv[0] == str(site.root / "previous/.venv/bin/python")
+    for _ in range(3):
+        result = run_unit_pre_start(site, argv, home)
+        assert result.returncode == 0, result.stderr
+    assert not mark.exists(), f"planted code ran in the root pre-start: {mark.read_text()}"
+    # It counted with the real config (max_failed_starts = 3), not ./config.toml (1): still on probation.
+    assert site.current == sha2 and site.state_file()["releases"][sha2]["starts"] == 3
+
+    # The attack is real: the same command without -s -E runs the planted .pth and module.
+    bare = [a for a in argv if a not in ("-s", "-E")]
+    run_unit_pre_start(site, bare, home)
+    assert "pth" in mark.read_text() and "pythonpath" in mark.read_text()
+
+
+def test_root_never_reads_config_toml_from_the_working_directory(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "config.toml").write_text("[update]\nenabled = true\n")
+    monkeypatch.delenv("SOLAR_CONFIG", raising=False)
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    found = updater.find_config()
+    assert found is None or found == Path("/etc/solarpowerbrampton/config.toml")
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    assert updater.find_config() == Path("config.toml")  # a user running it by hand still may
+
+
+def test_root_env_is_isolated_from_the_service_user(monkeypatch):
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    env = {"HOME": "/var/lib/solarpowerbrampton", "PYTHONPATH": "/var/lib/solarpowerbrampton/x",
+           "PYTHONSTARTUP": "/tmp/s.py", "PIP_CONFIG_FILE": "/var/lib/solarpowerbrampton/pip.conf", "PATH": "/bin"}
+    updater.isolate_root_env(env)
+    assert env["HOME"] == pwd.getpwuid(0).pw_dir
+    assert "PYTHONPATH" not in env and "PYTHONSTARTUP" not in env
+    assert env["PIP_CONFIG_FILE"] == os.devnull and env["PYTHONNOUSERSITE"] == "1" and env["PATH"] == "/bin"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the attack is on a process running as root")
+def test_a_planted_lock_file_is_never_chowned_or_chmodded(site, tmp_path):
+    """The service user owns the state directory; it links the lock file to a root-owned file. The root
+    pre-start must not hand that file to the service user (nor follow a symlink)."""
+    nobody = pwd.getpwnam("nobody")
+    os.chown(site.state, nobody.pw_uid, nobody.pw_gid)
+    victim = tmp_path / "root-secret"
+    victim.write_text("secret")
+    victim.chmod(0o600)
+    os.link(victim, site.state / updater.STATE_LOCK)  # a hard link (same filesystem)
+    site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert site.pre_start() == 0
+    info = victim.stat()
+    assert (info.st_uid, stat_mode(info)) == (0, 0o600), "root chowned/chmodded a planted lock file"
+    (site.state / updater.STATE_LOCK).unlink()
+    (site.state / updater.STATE_LOCK).symlink_to(victim)
+    assert site.pre_start() == 0  # O_NOFOLLOW: refused, logged, the start goes on
+    assert (victim.stat().st_uid, stat_mode(victim.stat())) == (0, 0o600)
+    # A lock file root creates itself is handed to the directory's owner, so the daemon can lock it.
+    (site.state / updater.STATE_LOCK).unlink()
+    assert site.pre_start() == 0
+    assert (site.state / updater.STATE_LOCK).stat().st_uid == nobody.pw_uid
+
+
+def stat_mode(info: os.stat_result) -> int:
+    return info.st_mode & 0o7777
+
+
+# -- issue 10: rollback that always brings the logger back ---------------------------------------
+def test_a_release_that_breaks_its_own_pre_start_is_still_rolled_back(site, caplog):
+    """Release 2 ships an updater.py whose pre-start does nothing (it would never roll itself back).
+    The unit runs pre-start from `previous`, the known-good release, which rolls release 2 back."""
+    text = (PROJECT / "updater.py").read_text()
+    broken = text.replace("def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit: int | None)"
+                          " -> None:\n", "def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, "
+                          "limit: int | None) -> None:\n    return\n", 1)
+    assert broken != text
+    (site.work / "updater.py").write_text(broken)
+    sha2 = site.commit("release 2: pre-start disabled, crashes at start")
+    assert site.apply() == updater.EXIT_UPDATED
+    current_line = [str(site.root / "current/.venv/bin/python"), "-s", "-E", str(site.root / "current/updater.py"),
+                    "pre-start", "--config", str(site.config), "--root", str(site.root)]
+    for _ in range(5):  # what the old unit (pre-start from `current`) did: never a rollback
+        run_unit_pre_start(site, current_line, site.state)
+    assert site.current == sha2
+    (site.state / updater.STATE_FILE).unlink()
+
+    argv = unit_pre_start_argv(site)
+    for _ in range(4):  # 3 failed starts, then the 4th start rolls back
+        result = run_unit_pre_start(site, argv, site.state)
+        assert result.returncode == 0, result.stderr
+    assert site.current == site.sha1
+    assert "rolled back from" in result.stderr and sha2 in result.stderr
+
+
+def test_with_self_update_off_an_invalid_config_never_rolls_back(site):
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    site.config.write_text("[update]\nenabled = false\n[sampling]\ninterval_s = -1\n")  # invalid, update off
+    for _ in range(6):
+        assert site.pre_start() == 0
+    assert site.current == sha2 and site.previous == site.sha1
+    assert updater.rollback_notice(site.state) is None
+
+
+def test_a_switch_whose_restart_was_cut_off_is_restarted_by_the_next_run(site):
+    site.commit("release 2")
+    os.environ["SPB_RESTART_CMD"] = "false"  # the restart fails (or the run was killed before it)
+    try:
+        assert site.apply() == updater.EXIT_UPDATED
+    finally:
+        os.environ["SPB_RESTART_CMD"] = shlex.join(["touch", str(site.restarted)])
+    assert (site.root / updater.RESTART_PENDING).exists() and not site.restarted.exists()
+    assert site.apply() == updater.EXIT_OK  # nothing new to fetch, but the pending restart happens
+    assert site.restarted.exists() and not (site.root / updater.RESTART_PENDING).exists()
+    site.restarted.unlink()
+    assert site.apply() == updater.EXIT_OK
+    assert not site.restarted.exists(), "restarted again with nothing pending"
+
+
+def test_the_updater_waits_for_the_lock_install_sh_holds(site, caplog):
+    site.commit("release 2")
+    site.root.mkdir(exist_ok=True)
+    # What install.sh does: flock on the same file (util-linux flock, as install.sh uses).
+    holder = subprocess.Popen(["flock", str(site.root / updater.ROOT_LOCK), "sleep", "30"], start_new_session=True)
+    try:
+        deadline = time.monotonic() + 10
+        while subprocess.run(["flock", "-n", str(site.root / updater.ROOT_LOCK), "true"]).returncode == 0:
+            assert time.monotonic() < deadline, "flock never took the lock"
+            time.sleep(0.05)
+        assert site.apply() == updater.EXIT_FAILED
+        assert "another updater holds" in caplog.text
+        assert site.releases() == {site.sha1}
+    finally:
+        os.killpg(holder.pid, 9)  # flock and its sleep, which holds the lock too
+        holder.wait()
+    assert site.apply() == updater.EXIT_UPDATED
+
+
+def _mirror_bytes(site: Site) -> int:
+    return sum(p.stat().st_size for p in (site.root / "repo.git" / "objects").rglob("*") if p.is_file())
+
+
+def test_hostile_pushes_do_not_accumulate_in_the_mirror(site, keys):
+    """Rewritten (non-fast-forward) and unsigned pushes, each with 2 MB of random data: refused, and
+    the mirror keeps only accepted history."""
+    maintainer, trusted = keys["maintainer"], keys["trusted"][0]
+    site.write_config(signed=True)
+    sha2 = site.commit("release 2, signed", sign=maintainer)
+    assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_UPDATED
+    baseline = _mirror_bytes(site)
+    hostile = []
+    for i in range(4):
+        (site.work / f"junk{i}.bin").write_bytes(os.urandom(2_000_000))
+        # Alternately: an unsigned fast-forward, and a rewrite of history (amend, force-pushed).
+        hostile.append(site.commit(f"hostile {i}", amend=bool(i % 2)))
+        assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_FAILED
+        assert site.current == sha2
+        assert _mirror_bytes(site) < baseline + 200_000, f"the mirror grew after hostile push {i}"
+        (site.work / f"junk{i}.bin").unlink()
+    for sha in hostile:
+        assert subprocess.run(["git", "--git-dir", str(site.root / "repo.git"), "cat-file", "-e", sha]).returncode
+    # Accepted history is still there: a signed fix applies.
+    git("reset", "-q", "--hard", sha2, cwd=site.work)
+    sha3 = site.commit("release 3, signed", sign=maintainer)
+    assert site.apply("--gnupghome", str(trusted)) == updater.EXIT_UPDATED
+    assert site.current == sha3
+
+
+def test_rollback_notice_until_acknowledged_or_a_day_of_good_running(site, capsys):
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    for _ in range(4):
+        site.pre_start()
+    assert site.current == site.sha1
+    notice = updater.rollback_notice(site.state)
+    assert notice and "rolled back" in notice
+    capsys.readouterr()
+    assert site.cli("status") == 0
+    assert json.loads(capsys.readouterr().out)["rollback_notice"] == notice
+    at = dt.datetime.fromisoformat(json.loads((site.state / updater.MARKER_FILE).read_text())["at"])
+    later = at + dt.timedelta(days=1, seconds=1)
+    # A day has passed but release 1 has not proven itself since the rollback: the notice stays.
+    assert updater.rollback_notice(site.state, now=later) == notice
+    assert updater.mark_good(site.state) is True
+    assert updater.rollback_notice(site.state, now=at + dt.timedelta(hours=23)) == notice
+    assert updater.rollback_notice(site.state, now=later) is None
+    # Or a technician acknowledges it.
+    assert site.cli("acknowledge") == 0
+    assert updater.rollback_notice(site.state) is None
+    assert sha2 in site.state_file()["bad"]
+
+
+def test_hash_script_keeps_every_file_a_pi_or_a_pc_could_install():
+    sys.path.insert(0, str(PROJECT / "scripts"))
+    try:
+        import hash_requirements as h
+    finally:
+        sys.path.remove(str(PROJECT / "scripts"))
+    fits = h.wheel_platforms
+    assert fits("psutil-7.2.2-cp36-abi3-manylinux2014_aarch64.manylinux_2_17_aarch64.manylinux_2_28_aarch64.whl") == {
+        "cp311-aarch64", "cp312-aarch64", "cp313-aarch64"}
+    assert fits("x-1.0-py3-none-any.whl") == {f"{py}-{m}" for py in h.PYTHONS for m in h.MACHINES}
+    assert fits("greenlet-3.5.6-cp311-cp311-linux_armv7l.whl") == {"cp311-armv7l"}  # piwheels-style tag
+    assert fits("psutil-7.2.2-cp313-cp313t-manylinux2014_aarch64.whl") == set()  # free-threaded: never picked
+    assert fits("psutil-7.2.2-cp37-abi3-win_amd64.whl") == set()
+    assert fits("psutil-7.2.2-cp36-abi3-macosx_11_0_arm64.whl") == set()
+    assert fits("x-1.0-cp310-cp310-manylinux_2_17_x86_64.whl") == set()

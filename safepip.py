@@ -1,0 +1,174 @@
+"""Install a release's requirements without letting a package index run code as root.
+
+Standard library only, no project imports: updater.py imports it and install.sh runs it
+(`python -I safepip.py VENV_PYTHON REQUIREMENTS`).
+
+- Every requirement must carry `--hash=sha256:...` (checked before pip runs: a release
+  without hashes is refused) and pip runs with --require-hashes, so a file substituted by a
+  mirror or an index is refused.
+- As root, pip installs wheels only (--only-binary :all:): installing a wheel runs no code.
+  Pins that exist only as source (sdist) are built first by an unprivileged user (`pip wheel`,
+  the sdist's hash checked), and root installs the built wheels with --no-index --no-deps.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import pwd
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+
+BUILD_USER = "nobody"
+_HASH = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})\b")
+_MAX_REQ_BYTES = 1_000_000
+
+
+class HashError(Exception):
+    """The requirements are not fully hash-pinned; the message names the file and the line."""
+
+
+def _logical_lines(path: Path) -> list[tuple[int, str]]:
+    data = path.read_bytes()[:_MAX_REQ_BYTES + 1]
+    if len(data) > _MAX_REQ_BYTES:
+        raise HashError(f"{path}: larger than {_MAX_REQ_BYTES} bytes")
+    out, buf, start = [], "", 0
+    for number, raw in enumerate(data.decode("utf-8").splitlines(), 1):
+        line = raw.split(" #", 1)[0] if not raw.lstrip().startswith("#") else ""
+        if not buf:
+            start = number
+        if line.rstrip().endswith("\\"):
+            buf += line.rstrip()[:-1] + " "
+            continue
+        buf += line
+        if buf.strip():
+            out.append((start, buf.strip()))
+        buf = ""
+    if buf.strip():
+        out.append((start, buf.strip()))
+    return out
+
+
+def allowed_hashes(path: Path, _seen: frozenset[Path] = frozenset()) -> set[str]:
+    """Every sha256 in `path` (and the files it includes with -r). Raises HashError if any
+    requirement has none, or if an option could fetch unpinned code (-e, URLs, --index-url)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        return set()
+    hashes: set[str] = set()
+    for number, line in _logical_lines(path):
+        where = f"{path}:{number}"
+        if line.startswith(("-r ", "--requirement ", "-r")) and not line.startswith("--require"):
+            name = line.split(None, 1)[1] if " " in line else line[2:]
+            hashes |= allowed_hashes(path.parent / name.strip(), _seen | {path.resolve()})
+            continue
+        if line.startswith("-"):
+            # -e/--editable, --index-url, --extra-index-url, -f, -c ...: none belongs in a release's file.
+            raise HashError(f"{where}: option {line.split()[0]!r} is not allowed in a hashed requirements file")
+        found = _HASH.findall(line)
+        if not found:
+            raise HashError(f"{where}: {line.split()[0]} has no --hash=sha256:... "
+                            "(regenerate with: python scripts/hash_requirements.py)")
+        if "://" in line.split("--hash")[0] or " @ " in line:
+            raise HashError(f"{where}: a URL requirement is not allowed")
+        hashes.update(found)
+    return hashes
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _pip(python: str) -> list[str]:
+    # -I: no user site, no PYTHON* variables, no current directory on sys.path.
+    return [python, "-I", "-m", "pip", "--disable-pip-version-check", "--no-input"]
+
+
+def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: pwd.struct_passwd | None = None,
+         cwd: str | None = None) -> None:
+    kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
+    result = subprocess.run(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout, **kwargs)
+    if result.returncode != 0:
+        tail = " | ".join(result.stdout.strip().splitlines()[-12:])
+        raise subprocess.CalledProcessError(result.returncode, cmd, tail)
+
+
+def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), timeout: float = 3600.0,
+            build_user: str = BUILD_USER, env: dict[str, str] | None = None) -> None:
+    """pip install -r `requirements` into the venv of `python`, hash-checked.
+
+    Raises HashError (not hashed), subprocess.CalledProcessError (pip failed; its output tail in
+    .output), subprocess.TimeoutExpired, KeyError (no build user).
+    """
+    requirements = Path(requirements).absolute()
+    allowed = allowed_hashes(requirements)
+    base = dict(os.environ if env is None else env)
+    for name in list(base):
+        if name.startswith("PYTHON"):
+            del base[name]
+    if os.geteuid() != 0:
+        _run(_pip(python) + ["install", "--require-hashes", "-r", str(requirements), *extra_args], base, timeout)
+        return
+    user = pwd.getpwnam(build_user)
+    work = Path(tempfile.mkdtemp(prefix="spb-pip-"))
+    os.chmod(work, 0o711)  # the build user may pass through to build/, nothing more
+    try:
+        build = work / "build"
+        build.mkdir()
+        os.chown(build, user.pw_uid, user.pw_gid)
+        # 1. As the unprivileged user: fetch every pin (hash-checked) and build the source-only ones.
+        build_env = dict(base, HOME=str(build), TMPDIR=str(build), PIP_CACHE_DIR=str(build / "cache"))
+        _run(_pip(python) + ["wheel", "--require-hashes", "--no-deps", "-r", str(requirements),
+                             "-w", str(build / "wheels"), *extra_args], build_env, timeout, user=user, cwd=str(build))
+        # 2. Root copies what was built from source into a directory only root can write, then
+        #    installs those wheels (installing a wheel runs no code).
+        local = work / "local"
+        local.mkdir(mode=0o700)
+        for wheel in sorted((build / "wheels").glob("*.whl")):
+            if wheel.is_file() and not wheel.is_symlink():
+                copy = local / wheel.name
+                shutil.copyfile(wheel, copy)
+                if _sha256(copy) not in allowed:
+                    continue  # built here from a hash-checked sdist
+                copy.unlink()  # a file from the index: step 3 fetches and checks it again
+        built = sorted(str(p) for p in local.glob("*.whl"))
+        if built:
+            _run(_pip(python) + ["install", "--no-index", "--no-deps", "--only-binary", ":all:", *built],
+                 dict(base, HOME=str(work)), timeout, cwd=str(work))
+        # 3. Root: the rest, wheels only, every file's hash checked.
+        _run(_pip(python) + ["install", "--require-hashes", "--only-binary", ":all:", "-r", str(requirements),
+                             *extra_args], dict(base, HOME=str(work)), timeout, cwd=str(work))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) < 2:
+        print("usage: python -I safepip.py VENV_PYTHON REQUIREMENTS [PIP_ARGS...]", file=sys.stderr)
+        return 2
+    try:
+        install(args[0], Path(args[1]), extra_args=args[2:])
+    except HashError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except subprocess.CalledProcessError as exc:
+        print(f"error: pip failed (exit {exc.returncode}): {exc.output}", file=sys.stderr)
+        return 1
+    except (OSError, KeyError, subprocess.TimeoutExpired) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

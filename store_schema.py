@@ -1,0 +1,90 @@
+"""Versioned schema migrations for the store (outbox.db) that a rollback can undo.
+
+Standard library only; no project imports. The store's version is SQLite's `PRAGMA user_version`
+(0 or 1: the base schema outbox.py creates). A release that changes the schema adds a Migration
+to MIGRATIONS with its `up` SQL and the `down` SQL that undoes it without losing readings (drop an
+added column or table, never a row of `points`). Applying a migration stores its `down` SQL in the
+database itself (table schema_migrations), in the same transaction: an older release, started
+after a self-update was rolled back, finds the store newer than it knows and runs those stored
+`down` steps, newest first, so it can read and write the store again. Thread-safety: call while
+no other thread uses the connection (outbox.py calls it once, when it opens the file).
+"""
+from __future__ import annotations
+
+import logging
+import sqlite3
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+log = logging.getLogger(__name__)
+
+BASE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Migration:
+    """Schema `version` (2, 3, ...): `up` brings version-1 to version, `down` undoes it."""
+
+    version: int
+    up: str
+    down: str
+
+
+# This release's migrations, oldest first. None yet: the store is at BASE_VERSION.
+MIGRATIONS: tuple[Migration, ...] = ()
+
+
+class SchemaError(Exception):
+    """The store's schema is newer than this release and cannot be undone (no stored down step)."""
+
+
+def version(db: sqlite3.Connection) -> int:
+    """The store's schema version (an unversioned store is the base)."""
+    return max(BASE_VERSION, db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def migrate(db: sqlite3.Connection, migrations: Sequence[Migration] = MIGRATIONS) -> int:
+    """Bring the store to the newest version in `migrations`: up, or down through the stored steps.
+
+    Returns the version reached. Raises SchemaError (newer store with no way down), sqlite3.Error.
+    `db` must be in autocommit mode (isolation_level=None), as outbox.py opens it.
+    """
+    target = max([BASE_VERSION, *(m.version for m in migrations)])
+    current = version(db)
+    while current > target:
+        has_table = db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_migrations'")
+        row = db.execute("SELECT down FROM schema_migrations WHERE version = ?", (current,)).fetchone() \
+            if has_table.fetchone() else None
+        if row is None:
+            raise SchemaError(f"the store is at schema version {current}, newer than this release's {target}, "
+                              "and holds no step to undo it")
+        _in_transaction(db, row[0] + f"; DELETE FROM schema_migrations WHERE version = {current:d}"
+                                     f"; PRAGMA user_version = {current - 1:d}")
+        log.warning("store schema: undid version %d (a newer release's migration) for this release", current)
+        current -= 1
+    for m in sorted(migrations, key=lambda m: m.version):
+        if m.version <= current:
+            continue
+        if m.version != current + 1:
+            raise SchemaError(f"store schema migration {m.version} does not follow version {current}")
+        down = m.down.replace("'", "''")
+        # The table exists only in stores that were ever migrated: a base store stays page for page
+        # what outbox.py makes (its size cap counts pages).
+        _in_transaction(db, m.up + "; CREATE TABLE IF NOT EXISTS schema_migrations "
+                                   "(version INTEGER PRIMARY KEY, down TEXT NOT NULL)"
+                                   f"; INSERT OR REPLACE INTO schema_migrations (version, down) "
+                                   f"VALUES ({m.version:d}, '{down}'); PRAGMA user_version = {m.version:d}")
+        log.info("store schema: migrated to version %d", m.version)
+        current = m.version
+    return current
+
+
+def _in_transaction(db: sqlite3.Connection, script: str) -> None:
+    # executescript would COMMIT first; an explicit BEGIN..COMMIT makes the step and its
+    # bookkeeping one transaction (SQLite DDL and PRAGMA user_version are transactional).
+    try:
+        db.executescript(f"BEGIN IMMEDIATE; {script}; COMMIT;")
+    except BaseException:
+        if db.in_transaction:
+            db.execute("ROLLBACK")
+        raise
