@@ -134,7 +134,7 @@ def test_a_trickling_server_is_reported_within_a_few_timeouts(kind, server, make
     took = time.monotonic() - began
     assert isinstance(result.error, UnreachableError)
     assert "no answer within 1 s after the upload" in str(result.error)
-    assert took < 3.0, took  # a few timeout_s, not the 40+ s the trickle would last
+    assert took < 4.0, took  # a few timeout_s, not the 40+ s the trickle would last
     assert sender.handler.top_tier == Tier.CONNECTION  # the LED shows it
     assert "no answer within" in outbox.state()["last_error"]  # `status` shows it
     assert outbox.stats().queue_depth == 5  # nothing unacknowledged counts as delivered
