@@ -102,16 +102,24 @@ def report(findings: list[Finding], handler: ErrorHandler) -> bool:
 
 
 def probe_influx(url: str, timeout_s: float) -> str | None:
-    """GET {url}/ping (InfluxDB 1.x, 2.x and Cloud answer 204). None when reachable, else why not."""
-    import urllib3  # comes with influxdb-client
+    """GET {url}/ping (InfluxDB 1.x, 2.x and Cloud answer 204). None when reachable, else why not.
 
+    Through the writers' Transport: a server that trickles or sends an endless page cannot hold
+    the probe or fill memory."""
+    from influx_http import Transport
+    from rpi_errors import UnreachableError
+
+    transport = Transport(url, timeout_s)
     try:
-        response = urllib3.PoolManager(retries=False).request("GET", f"{url}/ping",
-                                                              timeout=urllib3.Timeout(total=timeout_s))
-    except (urllib3.exceptions.HTTPError, OSError) as exc:
-        return f"{url} is not reachable ({type(exc).__name__})"
-    if response.status >= 500:
-        return f"{url}/ping answered HTTP {response.status}"
+        answer = transport.request("GET", "/ping")
+    except UnreachableError as exc:
+        return f"{url} is not reachable ({exc})"
+    finally:
+        transport.close()
+    if answer.status >= 500:
+        return f"{url}/ping answered HTTP {answer.status}"
+    if 200 <= answer.status < 300 and (answer.status != 204 or answer.body):
+        return f"{url}/ping answered HTTP {answer.status} with a page, not InfluxDB's 204: a captive portal or proxy?"
     return None
 
 

@@ -7,11 +7,14 @@ resumes delivery without a restart.
 """
 from __future__ import annotations
 
+import base64
+import json
 import os
 import stat
 import threading
 from collections.abc import Mapping
 from pathlib import Path
+from urllib.parse import quote, quote_plus
 
 # Under systemd, LoadCredential= puts the token here: $CREDENTIALS_DIRECTORY/influx-token.
 CREDENTIAL_NAMES = {"INFLUXDB_TOKEN": "influx-token", "INFLUXDB_PASSWORD": "influx-password"}
@@ -91,9 +94,32 @@ def _is_systemd_credential(path: str) -> bool:
     return bool(cred_dir) and Path(path).parent == Path(cred_dir)
 
 
+def basic_auth(username: str, password: str) -> str:
+    """The Authorization header value for HTTP Basic auth. Scrub it with scrub(text, password,
+    basic_auth_pair(username, password))."""
+    return "Basic " + base64.b64encode(basic_auth_pair(username, password).encode("utf-8")).decode("ascii")
+
+
+def basic_auth_pair(username: str, password: str) -> str:
+    """The `user:password` that Basic auth encodes: a secret of its own (its base64 is what travels)."""
+    return f"{username}:{password}"
+
+
+def secret_forms(secret: str) -> list[str]:
+    """Every form in which `secret` may come back from a server or a library: as is, URL-encoded,
+    JSON-escaped, and base64 (standard and URL-safe, with and without padding), longest first."""
+    if not secret:
+        return []
+    raw = secret.encode("utf-8")
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
+    for encoded in (base64.b64encode(raw).decode("ascii"), base64.urlsafe_b64encode(raw).decode("ascii")):
+        forms.update((encoded, encoded.rstrip("="), encoded.replace("/", "\\/")))
+    return sorted((f for f in forms if f), key=len, reverse=True)
+
+
 def scrub(text: str, *secrets: str) -> str:
-    """`text` with every non-empty secret replaced by '***'."""
+    """`text` with every form (secret_forms) of every non-empty secret replaced by '***'."""
     for secret in secrets:
-        if secret:
-            text = text.replace(secret, "***")
+        for form in secret_forms(secret):
+            text = text.replace(form, "***")
     return text

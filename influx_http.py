@@ -1,18 +1,25 @@
-"""HTTP to InfluxDB: outcome -> typed error, and the v2 write client.
+"""HTTP to InfluxDB: the bounded transport, outcome -> typed error, and the v2 write client.
 
-Shared by local_solution.py and cloud_solution.py so that both writers map
-every HTTP outcome the same way. A writer only writes: `write(lines)` sends
+Shared by local_solution.py and cloud_solution.py so that both writers send
+through the same deadlines and bounds and map every HTTP outcome the same way. A writer only writes: `write(lines)` sends
 one batch and returns the request-body bytes it put on the wire, or raises one
 of rpi_errors' delivery errors. Retry policy lives in sender.py.
 """
 from __future__ import annotations
 
 import email.utils
+import errno
 import gzip
+import http.client
 import json
 import logging
+import select
+import socket
+import threading
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from urllib.parse import urlencode, urlsplit
 
 from credentials import Secret, SecretError, scrub
 from rpi_errors import (
@@ -68,29 +75,36 @@ _LINE_ERRORS = ("unable to parse", "partial write", "field type conflict", "inva
 
 
 def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str, str] | None,
-                     target: str, what: str, secrets: Sequence[str] = ()) -> SolarError | None:
+                     target: str, what: str, secrets: Sequence[str] = (), *, truncated: bool = False
+                     ) -> SolarError | None:
     """The typed error for an HTTP response, or None when the write was acknowledged.
 
-    Every InfluxDB (and VictoriaMetrics) acknowledges a write with 204; a 200 with a body is something
-    else answering (a captive portal's "top up your plan" page) and must not count as delivered.
+    Every InfluxDB (1.x, 2.x, 3.x, Cloud) and VictoriaMetrics acknowledges a write with 204 No Content
+    and an empty body: nothing else is a delivery. Any other 2xx (a captive portal's "top up your plan"
+    page, a proxy's login page, a 200 from something that is not InfluxDB) is a Connection problem.
     `target` names the server (URL without credentials), `what` the bucket or database, so the message
-    says what to fix.
+    says what to fix. The server's text is scrubbed of every form of `secrets` before it goes into the
+    message (an echoing server must not carry a credential into the log, `status` or the live page).
     """
-    text = _detail(body)
-    if status == 204 or (200 <= status < 300 and not text):
+    if status == 204 and not body:
         return None
-    detail = scrub(text, *secrets)
-    said = f"HTTP {status} from {target}" + (f": {detail}" if detail else "")
+    text = scrub(_detail(scrub(_text(body), *secrets)), *secrets)
+    said = f"HTTP {status} from {target}" + (f": {text}" if text else "")
+    if truncated:
+        said += f" (answer longer than {MAX_ANSWER_BYTES // 1024} KB: not read further)"
+    low = text.lower()
     if 200 <= status < 300:
-        return RefusedError(f"{said} (not an InfluxDB write acknowledgement: is the URL right?)", status=status)
-    if status == 422 or (status == 400 and any(marker in text.lower() for marker in _LINE_ERRORS)):
+        return UnreachableError(
+            f"{said} (not InfluxDB's write answer, 204 No Content: a captive portal or proxy answered; "
+            f"check the network, e.g. the SIM's data plan, and the URL)", status=status)
+    if status == 422 or (status == 400 and any(marker in low for marker in _LINE_ERRORS)):
         return RejectedError(f"{said} (lines refused)", status=status)
     if status == 400:
         return RefusedError(f"{said} (request refused: check the URL and settings)", status=status)
     if status in (401, 403):
         why = "the token or password was refused" if status == 401 else "no permission to write"
         return AuthError(f"{said} ({why} for {what})", status=status)
-    if status == 404 or (status == 500 and "retention policy not found" in text.lower()):
+    if status == 404 or (status == 500 and "retention policy not found" in low):
         # InfluxDB 1.x answers a misspelt retention policy with a 500: a setting, not an outage.
         return NotFoundError(f"{said} ({what} not found)", status=status)
     if status == 413:
@@ -104,39 +118,287 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
     return RefusedError(said, status=status)
 
 
-def error_for_exception(exc: BaseException, target: str, timeout_s: float) -> UnreachableError:
-    """A network-level failure (refused, DNS, timeout, reset, TLS) as UnreachableError."""
-    import urllib3.exceptions as ux  # urllib3 comes with influxdb-client
+def error_for_answer(answer: "Answer", target: str, what: str, secrets: Sequence[str] = ()) -> SolarError | None:
+    """error_for_status for a Transport's Answer."""
+    return error_for_status(answer.status, answer.body, answer.headers, target, what, secrets,
+                            truncated=answer.truncated)
 
-    reason = exc.reason if isinstance(exc, ux.MaxRetryError) and exc.reason else exc
-    # Order matters: in urllib3 2.x NewConnectionError subclasses ConnectTimeoutError.
-    if isinstance(reason, ux.NameResolutionError):
+
+# -- the transport: one POST, every phase under a deadline, every answer bounded --------------------------
+MAX_ANSWER_BYTES = 64 * 1024  # a write's answer is empty (204) or a short error: more is not InfluxDB
+# The slowest upload still accepted (bytes of request body per second): a 1 MB batch (about 150 KB gzip'd)
+# over a poor SIM link still goes through; an upload slower than this is treated as stalled.
+MIN_UPLOAD_BYTES_PER_S = 2048
+# A small send buffer keeps "handed to the kernel" close to "received by the server", so the answer's
+# deadline can start when the upload ends (what is still buffered gets time at the minimum rate).
+_SEND_BUFFER_BYTES = 32 * 1024
+
+
+@dataclass(frozen=True)
+class Answer:
+    """A server's answer to one request: status, headers (lower-case names) and at most
+    MAX_ANSWER_BYTES of body; `truncated` when the body was longer (or endless)."""
+
+    status: int
+    reason: str
+    headers: dict[str, str]
+    body: bytes
+    truncated: bool = False
+
+
+class Transport:
+    """POSTs to one server (http or https) over one keep-alive connection, with deadlines.
+
+    Connecting finishes within `timeout_s`; the upload may take `timeout_s` plus its size at
+    `min_upload_bytes_per_s`, and no chunk of it may stall for `timeout_s`; the whole answer
+    (status line, headers, body) then arrives within `timeout_s` (plus what was still in the send
+    buffer at the minimum rate), however slowly the server trickles it. A socket read timeout alone
+    cannot do this (it is per read): a watchdog timer cuts the socket when a phase's deadline
+    passes. At most `max_answer_bytes` of a body are read. DNS lookups are the resolver's (not
+    cut). post() raises UnreachableError for every network failure; it is for one thread at a
+    time, abort() may be called from any thread.
+    """
+
+    def __init__(self, url: str, timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
+                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+        parts = urlsplit(url)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            raise ValueError(f"not an http(s) URL: {url!r}")
+        self.url = url
+        self.timeout_s = float(timeout_s)
+        self.min_upload_bytes_per_s = float(min_upload_bytes_per_s)
+        self.max_answer_bytes = int(max_answer_bytes)
+        self._https = parts.scheme == "https"
+        self._host = parts.hostname
+        self._port = parts.port
+        self._prefix = parts.path.rstrip("/")
+        self._conn: http.client.HTTPConnection | None = None
+        self._lock = threading.Lock()
+        self._sock: socket.socket | None = None  # the socket of the request in flight, for the watchdog
+        self._cut: str | None = None  # why the watchdog or abort() cut it
+        self._timer: threading.Timer | None = None
+
+    def post(self, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
+        """POST `body` to `target` (path and query, below the URL's own path). Raises UnreachableError."""
+        return self.request("POST", target, body, headers)
+
+    def request(self, method: str, target: str, body: bytes = b"", headers: Mapping[str, str] | None = None
+                ) -> Answer:
+        """`method` `target` with `body`, under the deadlines above. Raises UnreachableError."""
+        headers = headers or {}
+        phase = "connect"
+        sent = 0
+        started = time.monotonic()
+        try:
+            conn = self._connection()
+            with self._lock:
+                if self._cut == "abort":
+                    raise _Cut("abort")
+                self._sock = conn.sock
+            phase = "upload"
+            upload_s = self.timeout_s + len(body) / self.min_upload_bytes_per_s
+            started = time.monotonic()
+            self._arm(upload_s)
+            conn.putrequest(method, self._prefix + target, skip_accept_encoding=True)
+            for name, value in headers.items():
+                conn.putheader(name, value)
+            if body or method in ("POST", "PUT"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders()
+            # sendall's timeout bounds a whole call, so send in chunks a link at the minimum rate can
+            # pass within timeout_s: no chunk may stall for longer than that.
+            step = int(min(max(self.min_upload_bytes_per_s * self.timeout_s / 2, 1024), 64 * 1024))
+            for at in range(0, len(body), step):
+                conn.send(body[at:at + step])
+                sent = min(at + step, len(body))
+            phase = "answer"
+            buffered = min(len(body), self._send_buffer(conn))
+            answer_s = self.timeout_s + buffered / self.min_upload_bytes_per_s
+            self._arm(answer_s)
+            conn.sock.settimeout(answer_s)
+            response = conn.getresponse()
+            data = response.read(self.max_answer_bytes + 1)
+            truncated = len(data) > self.max_answer_bytes
+            reusable = response.isclosed() and not response.will_close and not truncated
+            answer = Answer(response.status, str(response.reason)[:100],
+                            {k.lower(): v for k, v in response.getheaders()}, data[: self.max_answer_bytes],
+                            truncated)
+            self._disarm()
+            if not reusable:
+                self._drop()
+            with self._lock:
+                if self._cut is not None:  # the watchdog fired just as the answer completed
+                    raise _Cut(self._cut)
+            return answer
+        except (_Cut, OSError, http.client.HTTPException, ValueError) as exc:
+            self._disarm()
+            with self._lock:
+                cut = self._cut
+            self._drop()
+            raise self._error(phase, cut, exc, sent, len(body), time.monotonic() - started) from None
+        finally:
+            with self._lock:
+                self._sock = None
+                if self._cut != "abort":
+                    self._cut = None
+
+    def abort(self) -> None:
+        """Cut the request in flight, if any, and refuse new ones (shutdown). Thread-safe."""
+        with self._lock:
+            self._cut = "abort"
+            _shutdown(self._sock)
+
+    def close(self) -> None:
+        """Close the connection (idempotent); the next post() opens a new one."""
+        self._disarm()
+        self._drop()
+
+    # -- internals ------------------------------------------------------------------------------------------
+    def _connection(self) -> http.client.HTTPConnection:
+        conn = self._conn
+        if conn is not None and conn.sock is not None and _dropped(conn.sock):
+            self._drop()  # the server closed the idle keep-alive connection: start a fresh one
+            conn = None
+        if conn is None or conn.sock is None:
+            if self._https:
+                import ssl
+
+                context = ssl.create_default_context(cafile=_ca_file())
+                conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
+                                                   context=context)
+            else:
+                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
+            self._conn = conn
+            conn.connect()
+            try:
+                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+            except OSError:
+                pass
+        conn.sock.settimeout(self.timeout_s)
+        return conn
+
+    @staticmethod
+    def _send_buffer(conn: http.client.HTTPConnection) -> int:
+        try:
+            return conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
+        except (OSError, AttributeError):
+            return _SEND_BUFFER_BYTES * 2
+
+    def _arm(self, seconds: float) -> None:
+        self._disarm()
+        timer = threading.Timer(seconds, self._expire, (self._sock,))
+        timer.daemon = True
+        self._timer = timer
+        timer.start()
+
+    def _disarm(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _expire(self, sock) -> None:
+        with self._lock:
+            if sock is not None and self._sock is sock and self._cut is None:
+                self._cut = "deadline"
+                _shutdown(sock)
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            try:
+                conn.close()
+            except OSError:
+                pass
+
+    def _error(self, phase: str, cut: str | None, exc: BaseException, sent: int, size: int,
+               elapsed_s: float) -> UnreachableError:
+        target = self.url
+        if cut == "abort":
+            return UnreachableError(f"request to {target} cut short: the daemon is stopping")
+        timed_out = cut == "deadline" or isinstance(exc, TimeoutError)
+        if phase == "upload" and timed_out:
+            return UnreachableError(
+                f"upload to {target} stalled: {sent} of {size} bytes sent in {elapsed_s:.1f} s "
+                f"(slower than {self.min_upload_bytes_per_s:g} bytes/s, or no progress for {self.timeout_s:g} s)")
+        if phase == "answer" and timed_out:
+            return UnreachableError(f"no answer within {self.timeout_s:g} s after the upload from {target} "
+                                    f"(the server stalls or trickles its answer)")
+        if phase == "connect" and isinstance(exc, TimeoutError):
+            return UnreachableError(f"cannot reach {target}: no connection within {self.timeout_s:g} s")
+        return error_for_exception(exc, target, self.timeout_s, phase)
+
+
+class _Cut(Exception):
+    """The request was cut (deadline or abort) between two socket calls."""
+
+
+def _shutdown(sock) -> None:
+    # socket.socket.shutdown, not SSLSocket's (that one unwraps TLS and is not safe from another thread):
+    # the blocked reader or writer wakes with EOF or an error at once.
+    if sock is None:
+        return
+    try:
+        socket.socket.shutdown(sock, socket.SHUT_RDWR)
+    except OSError:
+        pass
+
+
+def _dropped(sock) -> bool:
+    """True when an idle connection is readable: the server closed it (or sent something unasked)."""
+    try:
+        readable, _, _ = select.select([sock], [], [], 0)
+    except (OSError, ValueError):
+        return True
+    return bool(readable)
+
+
+def _ca_file() -> str | None:
+    try:
+        import certifi  # what influxdb-client verified Cloud's certificate with
+
+        return certifi.where()
+    except ImportError:
+        return None
+
+
+def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase: str = "") -> UnreachableError:
+    """A network-level failure (refused, DNS, timeout, reset, TLS) as UnreachableError. The text never
+    quotes what the server sent."""
+    import ssl
+
+    during = {"upload": " during the upload", "answer": " while reading the answer"}.get(phase, "")
+    if isinstance(exc, socket.gaierror):
         text = "DNS lookup failed"
-    elif isinstance(reason, (ux.NewConnectionError, ConnectionRefusedError)):
+    elif isinstance(exc, (ConnectionRefusedError,)) or (isinstance(exc, OSError) and exc.errno in
+                                                        (errno.EHOSTUNREACH, errno.ENETUNREACH)):
         text = "connection refused or no route"
-    elif isinstance(reason, (ux.ConnectTimeoutError, ux.ReadTimeoutError, TimeoutError)):
+    elif isinstance(exc, TimeoutError):
         text = f"no answer within {timeout_s:g} s"
-    elif isinstance(reason, ux.SSLError):
+    elif isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
         text = "TLS error"
-    elif isinstance(reason, (ux.ProtocolError, ConnectionError)):
-        text = "connection broken"
+    elif isinstance(exc, (http.client.LineTooLong, http.client.HTTPException)) and not isinstance(
+            exc, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
+        text = f"not an HTTP answer ({type(exc).__name__}): a captive portal or proxy in the way?"
+    elif isinstance(exc, (ConnectionError, http.client.HTTPException, _Cut)):
+        text = "connection broken" + during
+    elif isinstance(exc, ValueError):
+        text = "a header cannot be sent (control character)"
     else:
-        text = type(reason).__name__
+        text = type(exc).__name__ + during
     return UnreachableError(f"cannot reach {target}: {text}")
 
 
-def network_errors() -> tuple[type[BaseException], ...]:
-    import urllib3.exceptions as ux
 
-    return (ux.HTTPError, OSError)
-
-
-def _detail(body: str | bytes | None) -> str:
+def _text(body: str | bytes | None) -> str:
     if not body:
         return ""
     if isinstance(body, bytes):
         body = body.decode("utf-8", "replace")
-    text = body.strip()
+    return body
+
+
+def _detail(text: str) -> str:
+    text = text.strip()
     try:
         data = json.loads(text)
         if isinstance(data, dict):
@@ -155,16 +417,56 @@ def secret_value(secret: Secret) -> str:
         raise AuthError(str(exc)) from None
 
 
+class _TransportRest:
+    """Stands in for influxdb-client's REST client (`ApiClient.rest_client`): influxdb-client composes
+    the request (URL, query, token header, user agent) and this sends it through a Transport, so
+    its deadlines and bounded reads hold for the v2 writer too. It never raises for a status: the
+    writer decides what an answer means."""
+
+    pool_manager = None  # ApiClient.__del__ looks for it
+
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
+
+    def POST(self, url, headers=None, query_params=None, post_params=None, body=None,  # noqa: N802
+             _preload_content=True, _request_timeout=None, **_urlopen_kw):
+        parts = urlsplit(url)
+        target = parts.path + ("?" + urlencode(query_params) if query_params else "")
+        return _RestAnswer(self.transport.post(target, body or b"", dict(headers or {})))
+
+    def request(self, method, url, **kwargs):
+        if method != "POST":
+            raise ValueError(f"only POST goes through the write transport, not {method}")
+        return self.POST(url, **kwargs)
+
+
+class _RestAnswer:
+    """What influxdb-client expects back from its REST client."""
+
+    def __init__(self, answer: Answer) -> None:
+        self.answer = answer
+        self.status = answer.status
+        self.reason = answer.reason
+        self.data = answer.body
+
+    def getheaders(self) -> dict[str, str]:
+        return self.answer.headers
+
+    def getheader(self, name: str, default=None):
+        return self.answer.headers.get(name.lower(), default)
+
+
 class V2Writer:
-    """Writes to the InfluxDB v2 API (/api/v2/write) through influxdb-client.
+    """Writes to the InfluxDB v2 API (/api/v2/write): influxdb-client composes the request, a
+    Transport sends it (deadlines, bounded answer).
 
     InfluxDB 2.x/3.x, 1.8+ and InfluxDB Cloud. The token is re-read from its
     source before every write, so a fixed token works without a restart. Not
-    thread-safe: one sender thread owns it.
+    thread-safe (one sender thread owns it), except abort().
     """
 
     def __init__(self, url: str, org: str, bucket: str, token: Secret, timeout_s: float, *,
-                 label: str) -> None:
+                 label: str, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S) -> None:
         self.url = url
         self.org = org
         self.bucket = bucket
@@ -172,6 +474,7 @@ class V2Writer:
         self.secret = token  # what main checks at start
         self.timeout_s = timeout_s
         self.label = label
+        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s)
         self._client = None
         self._service = None
         self._client_token: str | None = None
@@ -180,17 +483,16 @@ class V2Writer:
         from influxdb_client import InfluxDBClient  # ~0.2 s to import: only when a v2 writer is used
         from influxdb_client.service.write_service import WriteService
 
-        self.close()
+        self._forget_client()
         # enable_gzip stays off: we compress ourselves, so the body size we rate-limit is what goes on the wire.
         self._client = InfluxDBClient(url=self.url, token=token, org=self.org,
                                       timeout=int(self.timeout_s * 1000), enable_gzip=False)
+        self._client.api_client.rest_client = _TransportRest(self.transport)
         self._service = WriteService(self._client.api_client)
         self._client_token = token
 
     def write(self, lines: Sequence[str]) -> int:
         """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
-        from influxdb_client.rest import ApiException
-
         token = secret_value(self.token)
         if not token:
             raise AuthError(f"no InfluxDB token: set INFLUXDB_TOKEN or [influx] token_file ({self.label})")
@@ -198,28 +500,28 @@ class V2Writer:
             self._connect(token)
         body = gzip_lines(lines)
         what = f"bucket {self.bucket!r} in org {self.org!r}"
-        try:
-            self._service.post_write(org=self.org, bucket=self.bucket, body=body, precision="ms",
-                                     content_encoding="gzip", content_type="text/plain; charset=utf-8")
-        except ApiException as exc:
-            if not exc.status:  # raised for TLS failures before any response
-                raise UnreachableError(f"cannot reach {self.url}: TLS error") from None
-            error = error_for_status(exc.status, exc.body, exc.headers, self.url, what, (token,))
-            if error is None:
-                return len(body)
+        response = self._service.post_write_with_http_info(
+            org=self.org, bucket=self.bucket, body=body, precision="ms", content_encoding="gzip",
+            content_type="text/plain; charset=utf-8", _return_http_data_only=False, _preload_content=False)
+        answer = response[0].answer
+        error = error_for_answer(answer, self.url, what, (token,))
+        if error is not None:
             error.bytes_sent = len(body)
-            raise error from None
-        except network_errors() as exc:
-            raise error_for_exception(exc, self.url, self.timeout_s) from None
-        except ValueError:
-            # http.client refuses a header with a line break; its message would quote the token.
-            raise AuthError(f"the token for {self.label} contains a character that cannot be sent") from None
+            raise error
         return len(body)
 
-    def close(self) -> None:
-        """Release the HTTP connections (idempotent)."""
+    def abort(self) -> None:
+        """Cut the write in flight (shutdown). Thread-safe."""
+        self.transport.abort()
+
+    def _forget_client(self) -> None:
         if self._client is not None:
             self._client.close()
         self._client = None
         self._service = None
         self._client_token = None
+
+    def close(self) -> None:
+        """Release the connection (idempotent)."""
+        self._forget_client()
+        self.transport.close()

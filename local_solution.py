@@ -7,28 +7,26 @@ what Debian packages.
 """
 from __future__ import annotations
 
-import base64
 import logging
 from collections.abc import Mapping, Sequence
 from urllib.parse import urlencode
 
 from config import InfluxConfig
-from credentials import Secret
-from influx_http import V2Writer, error_for_exception, error_for_status, gzip_lines, network_errors, secret_value
+from credentials import Secret, basic_auth, basic_auth_pair
+from influx_http import MIN_UPLOAD_BYTES_PER_S, Transport, V2Writer, error_for_answer, gzip_lines, secret_value
 
 log = logging.getLogger(__name__)
 
 
 class V1Writer:
-    """POST /write?db=&rp=&precision=ms to InfluxDB 1.x, gzip'd, with basic auth when a username is set.
+    """POST /write?db=&rp=&precision=ms to InfluxDB 1.x, gzip'd, with basic auth when a username is set,
+    through a Transport (deadlines, bounded answer).
 
-    Not thread-safe: one sender thread owns it.
+    Not thread-safe: one sender thread owns it (abort() may come from any thread).
     """
 
     def __init__(self, url: str, database: str, retention_policy: str, username: str, password: Secret,
-                 timeout_s: float) -> None:
-        import urllib3  # comes with influxdb-client
-
+                 timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S) -> None:
         self.url = url
         self.database = database
         self.username = username
@@ -38,33 +36,32 @@ class V1Writer:
         params = {"db": database, "precision": "ms"}
         if retention_policy:
             params["rp"] = retention_policy
-        self._write_url = f"{url}/write?{urlencode(params)}"
+        self._target = f"/write?{urlencode(params)}"
         self.label = f"InfluxDB 1.x at {url}, database {database!r}"
-        # retries=False: retry policy belongs to the sender, not to urllib3.
-        self._pool = urllib3.PoolManager(timeout=urllib3.Timeout(total=timeout_s), retries=False)
+        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s)
 
     def write(self, lines: Sequence[str]) -> int:
         """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
         body = gzip_lines(lines)
         headers = {"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"}
-        password = ""
+        secrets: tuple[str, ...] = ()
         if self.username:
             password = secret_value(self.password)
-            pair = f"{self.username}:{password}".encode()
-            headers["Authorization"] = "Basic " + base64.b64encode(pair).decode()
-        try:
-            response = self._pool.request("POST", self._write_url, body=body, headers=headers)
-        except network_errors() as exc:
-            raise error_for_exception(exc, self.url, self.timeout_s) from None
-        error = error_for_status(response.status, response.data, response.headers, self.url,
-                                 f"database {self.database!r}", (password,))
+            headers["Authorization"] = basic_auth(self.username, password)
+            secrets = (password, basic_auth_pair(self.username, password))
+        answer = self.transport.post(self._target, body, headers)
+        error = error_for_answer(answer, self.url, f"database {self.database!r}", secrets)
         if error:
             error.bytes_sent = len(body)
             raise error
         return len(body)
 
+    def abort(self) -> None:
+        """Cut the write in flight (shutdown). Thread-safe."""
+        self.transport.abort()
+
     def close(self) -> None:
-        self._pool.clear()
+        self.transport.close()
 
 
 def make_writer(influx: InfluxConfig, environ: Mapping[str, str] | None = None):

@@ -452,8 +452,8 @@ def cmd_run(args, config: Config) -> int:
         daemon.run(args.cycles)
     finally:
         service.stop()
-        if sender:
-            sender.stop()
+        # Bounded (final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s.
+        if sender and sender.stop():
             sender.outbox.close()
             writer.close()
         outbox.close()

@@ -92,6 +92,7 @@ class Sender:
         self._next_attempt = 0.0
         self._next_send_allowed = 0.0
         self._last_progress = 0.0
+        self._stop_deadline: float | None = None  # set by stop(): no request starts after it
         self.total_delivered = 0
         self.total_requests = 0
         self.total_bytes = 0
@@ -109,14 +110,25 @@ class Sender:
         if full:
             self._wake.set()
 
-    def stop(self) -> None:
-        """Stop after one last delivery attempt bounded by `final_flush_s`; what is not sent stays stored."""
+    def stop(self) -> bool:
+        """Stop after one last delivery attempt; returns within `final_flush_s` + 2.5 s whatever the server
+        does (a request still in flight then is cut through the writer's abort()). What is not
+        acknowledged stays stored. Returns True when the thread ended (its store may be closed)."""
+        self._stop_deadline = self._clock() + self.policy.final_flush_s
         self._stop.set()
         self._wake.set()
-        if self._thread is not None:
-            self._thread.join(self.policy.final_flush_s + getattr(self.writer, "timeout_s", 10.0) + 1.0)
-            if self._thread.is_alive():
-                log.warning("delivery still busy at shutdown: unsent points stay in the store for the next start")
+        if self._thread is None:
+            return True
+        self._thread.join(self.policy.final_flush_s + 0.5)
+        if self._thread.is_alive():
+            abort = getattr(self.writer, "abort", None)
+            if abort is not None:
+                abort()
+            self._thread.join(2.0)
+        if self._thread.is_alive():
+            log.warning("delivery still busy at shutdown: unsent points stay in the store for the next start")
+            return False
+        return True
 
     def _run(self) -> None:
         last_flush = self._clock()
@@ -135,8 +147,10 @@ class Sender:
             self._wake.clear()
             last_flush = self._clock()
             self._flush_logged()
-        deadline = self._clock() + self.policy.final_flush_s
-        self._flush_logged(deadline)
+        deadline = self._stop_deadline if self._stop_deadline is not None else (
+            self._clock() + self.policy.final_flush_s)
+        if self._clock() < deadline:
+            self._flush_logged(deadline)
         log.info("sender stopped: %d points delivered in %d requests (%d bytes) this run",
                  self.total_delivered, self.total_requests, self.total_bytes)
 
@@ -156,7 +170,7 @@ class Sender:
             self._estimate = 0
         started = self._clock()
         try:
-            while deadline is None or self._clock() < deadline:
+            while not self._past(deadline):
                 batch = self.outbox.pending(self.policy.batch_lines, self.policy.batch_bytes)
                 if not batch:
                     break
@@ -180,10 +194,16 @@ class Sender:
         self.total_bytes += result.bytes_sent
         return result
 
+    def _past(self, deadline: float | None) -> bool:
+        now = self._clock()
+        if deadline is not None and now >= deadline:
+            return True
+        return self._stop_deadline is not None and self._stop.is_set() and now >= self._stop_deadline
+
     def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None) -> None:
         """Write `batch`; on refused lines or 413 split it in two and recurse. Every request, the
         halves' included, waits for the upload budget (raises _OutOfBudget when it cannot)."""
-        if not self._rate_wait(deadline):
+        if self._past(deadline) or not self._rate_wait(deadline):
             raise _OutOfBudget
         result.requests += 1
         try:

@@ -16,6 +16,7 @@ channel and unit names and roles is ever put on the page.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import logging
 import math
@@ -58,6 +59,7 @@ PI_FLAGS = ("undervoltage", "throttled", "undervoltage_since_boot", "throttled_s
 # Which channel of a unit the history chart shows, best first.
 _CHART_ROLES = ("battery", "exchange", "solar", "load")
 
+_WHOLE_HOURS = re.compile(r"[0-9]{1,4}")
 _STATIC_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,80}$")
 _CONTENT_TYPES = {
     ".html": "text/html; charset=utf-8",
@@ -470,36 +472,102 @@ def _parse_listen(listen: str) -> tuple[str, int]:
     return host, int(port)
 
 
-MAX_CONNECTIONS = 32
+MAX_CONNECTIONS = 32  # page loads and API calls at once; the event streams have their own MAX_EVENT_CLIENTS
+# A request's whole header (and the wait for it on a kept-alive connection) must arrive within this, however
+# slowly a client trickles it (slowloris): a per-read timeout alone never fires for a byte every few seconds.
+HEADER_DEADLINE_S = 10.0
 
 
 class _Server(ThreadingHTTPServer):
-    """One thread per connection, at most MAX_CONNECTIONS at once: a room full of phones (or a client
-    that trickles bytes) must not exhaust a Pi Zero's threads; the next one is closed at once."""
+    """One thread per connection, at most MAX_CONNECTIONS page/API connections at once (a room full of
+    phones must not exhaust a Pi Zero's threads). When they are all taken, the connection that has
+    waited longest for its request header is closed to make room: slow clients cannot hold the page.
+    An event stream gives its page slot back (the streams are capped by MAX_EVENT_CLIENTS)."""
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64  # socketserver's 5 makes a burst of connections wait for SYN retries
     page: FlowPage
 
-    def __init__(self, *args, **kwargs) -> None:
+    def __init__(self, *args, header_deadline_s: float = HEADER_DEADLINE_S, **kwargs) -> None:
         super().__init__(*args, **kwargs)
+        self.header_deadline_s = header_deadline_s
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
+        self._lock = threading.Lock()
+        self._holding: set = set()  # connections holding a page slot
+        self._waiting: dict = {}  # connection -> monotonic time it began waiting for a request header
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
-            self.shutdown_request(request)
-            return
+            self._evict_oldest_waiting()
+            if not self._slots.acquire(timeout=1.0):
+                self.shutdown_request(request)
+                return
+        with self._lock:
+            self._holding.add(request)
         try:
             super().process_request(request, client_address)
         except Exception:
-            self._slots.release()
+            self.release_slot(request)
             raise
 
     def process_request_thread(self, request, client_address) -> None:
         try:
             super().process_request_thread(request, client_address)
         finally:
-            self._slots.release()
+            self.waiting(request, False)
+            self.release_slot(request)
+
+    def release_slot(self, request) -> None:
+        """Give `request`'s page slot back (idempotent): it ended or became an event stream."""
+        with self._lock:
+            if request not in self._holding:
+                return
+            self._holding.discard(request)
+        self._slots.release()
+
+    def waiting(self, request, on: bool) -> None:
+        """Mark `request` as waiting for (or reading) a request header, or no longer."""
+        with self._lock:
+            if on:
+                self._waiting[request] = time.monotonic()
+            else:
+                self._waiting.pop(request, None)
+
+    def _evict_oldest_waiting(self) -> None:
+        with self._lock:
+            if not self._waiting:
+                return
+            oldest = min(self._waiting, key=self._waiting.__getitem__)
+            del self._waiting[oldest]
+        try:
+            oldest.shutdown(socket.SHUT_RDWR)  # its thread wakes with EOF and gives its slot back
+        except OSError:
+            pass
+
+
+class _DeadlineReader(io.RawIOBase):
+    """The request's socket, read with a deadline for the whole header: each read may wait only for
+    what is left of it. With no deadline set, reads wait `idle_s` (the handler's timeout)."""
+
+    def __init__(self, sock: socket.socket, idle_s: float) -> None:
+        super().__init__()
+        self._sock = sock
+        self._idle_s = idle_s
+        self.deadline: float | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        if self.deadline is None:
+            self._sock.settimeout(self._idle_s)
+        else:
+            left = self.deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError("request header deadline passed")
+            self._sock.settimeout(min(left, self._idle_s))
+        return self._sock.recv_into(buffer)
 
 
 class FlowPage:
@@ -515,13 +583,15 @@ class FlowPage:
     def __init__(self, listen: str = "127.0.0.1:8080", *, channels: Sequence[Any], site: str,
                  history: Callable[[int], Iterable[tuple[int, str, str]]] | None = None,
                  plant_unit: str = "power_plant", clock: Callable[[], float] = time.time,
-                 history_hours: int = 24) -> None:
+                 history_hours: int = 24, header_deadline_s: float = HEADER_DEADLINE_S) -> None:
         self._host, self._port = _parse_listen(listen)
         self.channels = tuple(channels)
         self.site = site
         self.plant_unit = plant_unit
         self.clock = clock
         self._history = _History(history, self.channels, clock, history_hours) if history else None
+        self.history_hours = history_hours
+        self.header_deadline_s = header_deadline_s
         self._cond = threading.Condition()
         self._snapshot: dict | None = None
         self._version = 0
@@ -549,7 +619,7 @@ class FlowPage:
         server_class = _Server
         if ":" in self._host:
             server_class = type("_Server6", (_Server,), {"address_family": socket.AF_INET6})
-        server = server_class((self._host, self._port), _Handler)
+        server = server_class((self._host, self._port), _Handler, header_deadline_s=self.header_deadline_s)
         server.page = self
         self._stopping = False
         self._server = server
@@ -670,12 +740,31 @@ class _Handler(BaseHTTPRequestHandler):
 
     do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_TRACE = do_CONNECT = _not_allowed  # noqa: N815
 
+    def setup(self) -> None:
+        super().setup()
+        self._reader = _DeadlineReader(self.connection, self.timeout)
+        self.rfile = io.BufferedReader(self._reader)
+
     def handle_one_request(self) -> None:
-        # Any other method (e.g. PROPFIND) also gets 405, not http.server's 501.
+        # The whole header, from the moment we wait for it, has HEADER_DEADLINE_S (slowloris).
+        self._reader.deadline = time.monotonic() + self.server.header_deadline_s
+        self.server.waiting(self.connection, True)
         try:
+            # Any other method (e.g. PROPFIND) also gets 405, not http.server's 501.
             super().handle_one_request()
-        except (ConnectionError, TimeoutError):
+        except (ConnectionError, TimeoutError, ValueError):
             self.close_connection = True
+        finally:
+            self._header_done()
+
+    def _header_done(self) -> None:
+        self._reader.deadline = None
+        self.server.waiting(self.connection, False)
+
+    def parse_request(self) -> bool:
+        ok = super().parse_request()
+        self._header_done()  # the header is in: from here on the request is served, not evictable
+        return ok
 
     def __getattr__(self, name: str):
         if name.startswith("do_"):
@@ -702,7 +791,7 @@ class _Handler(BaseHTTPRequestHandler):
             elif path == "/api/events":
                 self._events(head)
             elif path == "/api/history":
-                self._history(parse_qs(parts.query), head)
+                self._history(parse_qs(parts.query, keep_blank_values=True), head)
             else:
                 self._send(404, b"Not found.\n", "text/plain; charset=utf-8", head=head)
         except (ConnectionError, TimeoutError):
@@ -723,20 +812,24 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, data, content_type, head=head, cache=cache, extra={"ETag": etag})
 
     def _history(self, query: dict[str, list[str]], head: bool) -> None:
-        text = (query.get("hours") or ["24"])[0]
-        if not text.isdigit():
-            self._send(400, b'{"error":"hours must be a whole number"}', "application/json", head=head,
+        page = self.server.page
+        text = (query.get("hours") or [str(page.history_hours)])[0]
+        # ASCII digits only ("²".isdigit() is True, and int() takes "٣"), within the window the page keeps.
+        hours = int(text) if _WHOLE_HOURS.fullmatch(text) else 0
+        if not 1 <= hours <= page.history_hours:
+            message = f"hours must be a whole number from 1 to {page.history_hours}"
+            self._send(400, json.dumps({"error": message}).encode(), "application/json", head=head,
                        cache="no-store")
             return
         try:
-            body = self.server.page.history_json(int(text))
+            body = page.history_json(hours)
         except Exception as exc:  # noqa: BLE001 - the store may be busy, locked or broken
             log.warning("flow page: cannot read the history: %s", exc)
             self._send(503, b'{"error":"the history cannot be read right now"}', "application/json",
                        head=head, cache="no-store", extra={"Retry-After": "60"})
             return
         if body is None:  # no store behind this page: say so (a 404 would be a console error)
-            body = json.dumps({"available": False, "hours": int(text), "bucket_s": HISTORY_BUCKET_S,
+            body = json.dumps({"available": False, "hours": hours, "bucket_s": HISTORY_BUCKET_S,
                                "series": []}).encode()
         self._send(200, body, "application/json", head=head, cache=f"max-age={int(HISTORY_CACHE_S)}")
 
@@ -749,6 +842,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(503, b"Too many live viewers.\n", "text/plain; charset=utf-8", cache="no-store",
                        extra={"Retry-After": "30"})
             return
+        self.server.release_slot(self.connection)  # streams are capped apart: page loads keep their slots
         try:
             self.close_connection = True
             self.send_response(200)

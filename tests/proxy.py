@@ -93,6 +93,11 @@ class Rule:
     predicate: Callable[[str], bool] | None = None
     hits: int = 0
     on_request: bool = False  # predicate takes the LoggedRequest (headers too), not the body text
+    # How the answer goes out: "plain" (at once), "endless" (headers, then body bytes until the client
+    # hangs up), "trickle-headers" / "trickle-body" (that part one byte every 1/rate s), "echo" (the body
+    # is `body` with b"{authorization}" replaced by the request's Authorization header, as some servers do).
+    mode: str = "plain"
+    rate: float = 1.0
 
 
 class _CountingReader:
@@ -117,6 +122,24 @@ class _CountingReader:
 
     def __getattr__(self, name):
         return getattr(self._raw, name)
+
+
+class _Replay(_CountingReader):
+    """An rfile whose first bytes were already read (slowly): serves them again, then the connection."""
+
+    def __init__(self, data: bytes, raw: _CountingReader) -> None:
+        super().__init__(raw)
+        self._data = data
+        self.count = raw.count
+
+    def read(self, n: int = -1) -> bytes:
+        if self._data:
+            n = len(self._data) if n is None or n < 0 else n
+            out, self._data = self._data[:n], self._data[n:]
+            return out
+        data = self._raw.read(n)
+        self.count += len(data)
+        return data
 
 
 def _as_body(body: bytes | str | dict | list | None, headers: dict[str, str]) -> bytes:
@@ -197,6 +220,11 @@ class _Handler(http.server.BaseHTTPRequestHandler):
         if proxy._refusing:  # e.g. the next request on an idle keep-alive connection
             self._reset()
             return
+        if proxy._upload_stall_after is not None:
+            self._stall_upload(proxy._upload_stall_after)
+            return
+        if proxy._upload_rate:
+            self._read_slowly(proxy._upload_rate)
         body = self._read_body()
         entry = LoggedRequest(method=self.command, path=self.path, headers=dict(self.headers.items()),
                               body=body, bytes_in=self.rfile.count - self._start_count)
@@ -212,7 +240,13 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             return
         if rule is not None:
             entry.injected = True
-            self._respond(entry, rule.status, list(rule.headers.items()), rule.body)
+            if rule.mode == "plain":
+                self._respond(entry, rule.status, list(rule.headers.items()), rule.body)
+            elif rule.mode == "echo":
+                echoed = rule.body.replace(b"{authorization}", (entry.header("Authorization") or "").encode())
+                self._respond(entry, rule.status, list(rule.headers.items()), echoed)
+            else:
+                self._misbehave(entry, rule)
             return
         try:
             status, headers, rbody = proxy._forward(self.command, self.path, self.headers, body)
@@ -244,6 +278,72 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             entry.status = None
             self.close_connection = True
 
+    # -- misbehaving servers --------------------------------------------------------------------------------
+    def _misbehave(self, entry: LoggedRequest, rule: Rule) -> None:
+        """Answers no real server gives: endless, or trickled a byte at a time. Ends when the client
+        hangs up or the proxy stops."""
+        proxy = self.server.proxy
+        self.close_connection = True
+        entry.status = rule.status
+        head = [f"HTTP/1.1 {rule.status} {http.client.responses.get(rule.status, 'Status')}"]
+        head += [f"{k}: {v}" for k, v in rule.headers.items()]
+        if rule.mode != "endless":
+            head.append(f"Content-Length: {len(rule.body)}")
+        head.append("Connection: close")
+        head_bytes = ("\r\n".join(head) + "\r\n\r\n").encode("latin-1")
+        try:
+            if rule.mode == "endless":
+                self.wfile.write(head_bytes)
+                chunk = b"<html><body>" + b"Top up your data plan! " * 2800 + b"</body></html>\n"
+                while not proxy._stopping.is_set():
+                    self.wfile.write(chunk)
+                    with proxy._lock:
+                        proxy.bytes_out += len(chunk)
+                return
+            trickled = head_bytes + rule.body if rule.mode == "trickle-headers" else rule.body
+            if rule.mode == "trickle-body":
+                self.wfile.write(head_bytes)
+            self.wfile.flush()
+            for i in range(len(trickled)):
+                self.wfile.write(trickled[i:i + 1])
+                self.wfile.flush()
+                with proxy._lock:
+                    proxy.bytes_out += 1
+                if proxy._stopping.wait(1.0 / rule.rate):
+                    return
+        except OSError:
+            entry.status = None  # the client gave up: what a deadline is for
+
+    def _stall_upload(self, after_bytes: int) -> None:
+        """Read `after_bytes` of the request body, then read nothing more until the proxy stops or
+        `stall_hold_s` passes: the client's upload stalls with its buffers full."""
+        proxy = self.server.proxy
+        self.close_connection = True
+        got = self.rfile.read(min(after_bytes, int(self.headers.get("Content-Length") or 0)))
+        entry = LoggedRequest(method=self.command, path=self.path, headers=dict(self.headers.items()),
+                              body=got, bytes_in=self.rfile.count - self._start_count)
+        with proxy._lock:
+            proxy.requests += 1
+            proxy.log.append(entry)
+            proxy._cond.notify_all()
+        proxy._stopping.wait(proxy.stall_hold_s)
+
+    def _read_slowly(self, bytes_per_s: float) -> None:
+        """Read the request body at `bytes_per_s` (a slow link), then let it be handled as usual."""
+        length = int(self.headers.get("Content-Length") or 0)
+        step = max(int(bytes_per_s / 20), 1)
+        data = bytearray()
+        started = time.monotonic()
+        while len(data) < length:
+            piece = self.rfile.read(min(step, length - len(data)))
+            if not piece:
+                break
+            data += piece
+            ahead = started + len(data) / bytes_per_s - time.monotonic()
+            if ahead > 0 and self.server.proxy._stopping.wait(ahead):
+                break
+        self.rfile = _Replay(bytes(data), self.rfile)
+
     do_GET = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = do_HEAD = _proxy
 
 
@@ -251,6 +351,12 @@ class _Server(http.server.ThreadingHTTPServer):
     daemon_threads = True
     allow_reuse_address = True
     proxy: "FaultProxy"
+    rcvbuf: int = 0
+
+    def server_bind(self) -> None:
+        if self.rcvbuf:  # before listen(): accepted sockets inherit it, window scaling included
+            self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, self.rcvbuf)
+        super().server_bind()
 
 
 class FaultProxy:
@@ -263,7 +369,7 @@ class FaultProxy:
     and empties `log`.
     """
 
-    def __init__(self, upstream: str, *, port: int = 0, upstream_timeout: float = 30.0) -> None:
+    def __init__(self, upstream: str, *, port: int = 0, upstream_timeout: float = 30.0, rcvbuf: int = 0) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.scheme != "http" or not u.hostname:
             raise ValueError(f"upstream must be http://host:port, got {upstream!r}")
@@ -273,6 +379,11 @@ class FaultProxy:
         self._up_prefix = u.path.rstrip("/")
         self._up_netloc = u.netloc
         self.upstream_timeout = upstream_timeout
+        self.rcvbuf = rcvbuf  # SO_RCVBUF of accepted connections (0: the kernel's), small to make stalls visible
+        self.stall_hold_s = 60.0
+        self._upload_stall_after: int | None = None
+        self._upload_rate = 0.0
+        self.bytes_out = 0  # bytes written by the misbehaving modes
         self._port = port
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -303,7 +414,8 @@ class FaultProxy:
         if self._httpd is not None:
             return self
         self._stopping.clear()
-        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
+        server_class = type("_SizedServer", (_Server,), {"rcvbuf": self.rcvbuf})
+        self._httpd = server_class(("127.0.0.1", self._port), _Handler)
         self._httpd.proxy = self
         self._port = self._httpd.server_address[1]  # a restart keeps the port
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
@@ -387,6 +499,39 @@ class FaultProxy:
         return self._add(Rule(status, remaining=None, predicate=predicate, on_request=True,
                               **self._canned(body, headers)))
 
+    def portal(self, page: str = "<html><body><h1>Your data allowance is used up</h1><p>Top up now to keep "
+                                     "browsing.</p></body></html>", status: int = 200) -> Rule:
+        """Every request gets a captive portal's HTML page with a 2xx status, until clear()."""
+        return self.fail_always(status, body=page, headers={"Content-Type": "text/html; charset=utf-8"})
+
+    def endless_body(self, status: int = 200) -> Rule:
+        """Every request gets `status` and an HTML body that never ends (no Content-Length)."""
+        return self._add(Rule(status, remaining=None, headers={"Content-Type": "text/html"}, mode="endless"))
+
+    def trickle(self, part: str = "headers", status: int = 204, body: bytes | str = b"",
+                bytes_per_s: float = 1.0, headers: dict[str, str] | None = None) -> Rule:
+        """Every request gets its answer `part` ("headers": status line, headers and body; "body": the
+        body only) at `bytes_per_s`: a read timeout per socket read never fires."""
+        if part not in ("headers", "body"):
+            raise ValueError(part)
+        return self._add(Rule(status, remaining=None, mode=f"trickle-{part}", rate=bytes_per_s,
+                              **self._canned(body, headers)))
+
+    def echo_authorization(self, status: int = 401) -> Rule:
+        """Every request gets `status` with an HTML page quoting its Authorization header back."""
+        page = (b"<html><body><h1>Unauthorized</h1><p>Your request had<br>Authorization: {authorization}"
+                b"</p></body></html>")
+        return self._add(Rule(status, remaining=None, body=page, mode="echo",
+                              headers={"Content-Type": "text/html", "WWW-Authenticate": 'Basic realm="db"'}))
+
+    def stall_upload(self, after_bytes: int) -> None:
+        """Read only the first `after_bytes` of each request body, then stop reading (hold `stall_hold_s`)."""
+        self._upload_stall_after = int(after_bytes)
+
+    def slow_upload(self, bytes_per_s: float) -> None:
+        """Read request bodies at `bytes_per_s` (a slow link); 0 turns it off."""
+        self._upload_rate = float(bytes_per_s)
+
     def delay(self, seconds: float) -> None:
         """Hold every response (forwarded or injected) for `seconds`; 0 turns it off."""
         self._delay = max(0.0, float(seconds))
@@ -400,6 +545,8 @@ class FaultProxy:
             self._rules.clear()
         self._delay = 0.0
         self._refusing = False
+        self._upload_stall_after = None
+        self._upload_rate = 0.0
 
     # -- internals --------------------------------------------------------------------------------------
     @staticmethod

@@ -85,10 +85,17 @@ def test_only_line_errors_send_a_400_batch_to_quarantine(body, cls):
     assert type(error) is cls
 
 
-def test_a_200_page_is_not_an_acknowledged_write():
-    assert error_for_status(200, "", {}, "u", "x") is None
-    error = error_for_status(200, "<html>Your data allowance is used up. Top up now!</html>", {}, "u", "x")
-    assert type(error) is RefusedError and "not an InfluxDB write acknowledgement" in str(error)
+@pytest.mark.parametrize("status,body", [
+    (200, "<html>Your data allowance is used up. Top up now!</html>"),
+    (200, ""),          # 204 No Content is InfluxDB's only success answer: an empty 200 is something else
+    (201, '{"ok": true}'),
+    (204, "<html>login</html>"),  # a 204 cannot carry a body: whoever sends one is not InfluxDB
+])
+def test_only_204_with_no_body_is_an_acknowledged_write(status, body):
+    assert error_for_status(204, "", {}, "u", "x") is None
+    error = error_for_status(status, body, {}, "u", "x")
+    assert type(error) is UnreachableError and error.tier == Tier.CONNECTION
+    assert "captive portal or proxy answered" in str(error)
 
 
 def test_a_misspelt_retention_policy_is_not_found_not_an_outage():

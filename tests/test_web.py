@@ -6,8 +6,10 @@ import json
 import math
 import os
 import shutil
+import socket
 import threading
 import time
+import urllib.parse
 import urllib.request
 from pathlib import Path
 
@@ -427,8 +429,7 @@ def test_history_buckets_power_per_unit(start_page, tmp_path):
 
     short = json.loads(get(page, "/api/history?hours=1")[2])
     assert len(short["series"][0]["values"]) == 12
-    assert json.loads(get(page, "/api/history?hours=999")[2])["hours"] == 24
-    assert get(page, "/api/history?hours=abc")[0] == 400
+    assert json.loads(get(page, "/api/history?hours=24")[2])["hours"] == 24
 
     # Cached: new data shows only after a minute, read incrementally.
     box = Outbox(tmp_path, wall_ms=lambda: now_ms)
@@ -600,28 +601,83 @@ def test_browser_shows_live_flows(start_page, tmp_path):
     assert problems == []
 
 
-def test_connections_are_capped_so_idle_clients_cannot_exhaust_threads():
-    import socket as socket_mod
+def _address(page):
+    host, port = page.url.split("//")[1].rstrip("/").rsplit(":", 1)
+    return host, int(port)
 
-    import web as web_mod
 
-    page = web_mod.FlowPage("127.0.0.1:0", channels=[], site="cap")
-    page.start()
+def _page_loads(page, timeout_s=5):
+    with urllib.request.urlopen(page.url, timeout=timeout_s) as response:
+        return response.status == 200 and b"<html" in response.read().lower()
+
+
+@pytest.mark.parametrize("hours", ["abc", "", "-1", "0", "25", "1.5", "nan", "inf", "1e3", "0x10", " 3",
+                                   "99999999999999999999", "\u00b2", "\u0663"])
+def test_history_with_a_bad_hours_value_is_400(start_page, hours):
+    page = start_page(history=lambda since_ms: [])
+    status, headers, body = get(page, "/api/history?" + urllib.parse.urlencode({"hours": hours}))
+    assert status == 400 and headers["Content-Type"] == "application/json"
+    assert json.loads(body) == {"error": "hours must be a whole number from 1 to 24"}
+    assert get(page, "/api/history?hours=24")[0] == 200 and get(page, "/api/history?hours=1")[0] == 200
+
+
+def test_a_request_header_has_a_deadline_however_slowly_it_trickles(start_page):
+    page = start_page(header_deadline_s=1.0)
+    slow = socket.create_connection(_address(page))
     try:
-        host, port = page.url.split("//")[1].rstrip("/").rsplit(":", 1)
-        idle = [socket_mod.create_connection((host, int(port))) for _ in range(web_mod.MAX_CONNECTIONS)]
-        time.sleep(0.3)
-        extra = socket_mod.create_connection((host, int(port)))
-        extra.settimeout(5)
-        assert extra.recv(1) == b""  # closed at once, no thread spent on it
-        extra.close()
-        for s in idle:
-            s.close()
-        time.sleep(0.3)
-        with urllib.request.urlopen(page.url + "api/now", timeout=5) as response:
-            assert response.status == 200  # slots come back when clients leave
+        slow.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+        slow.settimeout(0.2)
+        began = time.monotonic()
+        closed = False
+        while time.monotonic() - began < 10:  # a header line every 0.2 s: no single read waits long
+            try:
+                slow.sendall(b"X-Slow: 1\r\n")
+            except OSError:
+                closed = True
+                break
+            try:
+                if slow.recv(1) == b"":
+                    closed = True
+                    break
+            except TimeoutError:
+                pass
+        assert closed and time.monotonic() - began < 3.0  # the 1 s deadline, not the 30 s idle timeout
     finally:
-        page.stop()
+        slow.close()
+    assert _page_loads(page)
+
+
+def test_slowloris_cannot_make_the_page_unreachable(start_page):
+    page = start_page()  # the default 10 s header deadline: the attack outlasts it only by numbers
+    slow = []
+    try:
+        for _ in range(3 * web.MAX_CONNECTIONS):  # more slow clients than there are slots
+            s = socket.create_connection(_address(page))
+            s.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            slow.append(s)
+        for _ in range(3):
+            assert _page_loads(page)  # each load takes the slot of the slowest client
+        assert threading.active_count() < 2 * web.MAX_CONNECTIONS + 20  # threads stay bounded
+    finally:
+        for s in slow:
+            s.close()
+
+
+def test_event_streams_are_capped_apart_from_page_loads(start_page):
+    page = start_page(header_deadline_s=2.0)
+    streams = [open_events(page) for _ in range(web.MAX_EVENT_CLIENTS)]
+    try:
+        assert get(page, "/api/events")[0] == 503  # one stream too many
+        idle = [socket.create_connection(_address(page)) for _ in range(web.MAX_CONNECTIONS - 1)]
+        try:
+            assert _page_loads(page)  # the streams hold none of the page's slots
+            assert get(page, "/api/now")[0] == 200
+        finally:
+            for s in idle:
+                s.close()
+    finally:
+        for conn, _ in streams:
+            conn.close()
 
 
 # -- the real model: one meter on each panel, nothing else measured -------------------------------------

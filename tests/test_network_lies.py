@@ -1,0 +1,345 @@
+"""The network lies: captive portals, endless and trickled answers, stalled uploads, echoed credentials,
+and SIGTERM while a server stalls. Every case runs against a real server (InfluxDB 1.6.7 or
+VictoriaMetrics) behind the fault proxy (tests/proxy.py), through the real writers."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from config import parse_config
+from local_solution import make_writer
+from outbox import Outbox
+from rpi_errors import ErrorHandler, Tier, UnreachableError
+from sender import Policy, Sender
+from servers import free_port
+
+ROOT = Path(__file__).resolve().parent.parent
+TOKEN = "tok-Lies-Secret-987"
+USER, PASSWORD = "logger", "pa55-Lies-Secret"
+
+
+def writer_for(kind, server, url, *, timeout_s=1.0):
+    """A real writer of `kind` ("v1": InfluxDB 1.x /write with Basic auth, "v2": /api/v2/write, which the
+    Cloud writer is too) pointed at `url` (the proxy)."""
+    if kind == "v1":
+        server.create_database("lies")
+        influx = {"api": "v1", "database": "lies", "username": USER}
+    else:
+        influx = {"api": "v2", "org": "coop", "bucket": "solar"}
+    cfg = parse_config({"influx": {"kind": "local", "url": url, "timeout_s": timeout_s, **influx}})
+    return make_writer(cfg.influx, environ={"INFLUXDB_TOKEN": TOKEN, "INFLUXDB_PASSWORD": PASSWORD})
+
+
+@pytest.fixture(params=["v1", "v2"])
+def kind(request):
+    return request.param
+
+
+@pytest.fixture
+def server(kind, request):
+    return request.getfixturevalue("influxdb1" if kind == "v1" else "victoria")
+
+
+@pytest.fixture
+def outbox(tmp_path):
+    box = Outbox(tmp_path / "store")
+    yield box
+    box.close()
+
+
+def fill(outbox, n, unit, *, noisy=False):
+    """`n` points; `noisy` makes them compress badly (random tag and values) so a batch is big on the wire."""
+    rng = random.Random(n)
+    start_ms = int(time.time() * 1000) - n * 10
+    rows = []
+    for i in range(n):
+        t = start_ms + i * 10
+        extra = f",noise={rng.getrandbits(64):016x}" if noisy else ""
+        rows.append((t, f"electricity,site=test,unit={unit}{extra} current_ma={rng.random() * 1000:.6f},"
+                        f"bus_voltage_v={rng.random() * 14:.6f},samples={i}i {t}"))
+    outbox.append(rows)
+    return rows
+
+
+def make_sender(writer, outbox, clock):
+    """A sender whose policy waits run on the fake clock; HTTP and its deadlines are real."""
+    return Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(), clock=clock, sleep=clock.sleep,
+                  rng=random.Random(3))
+
+
+def stored_count(kind, server, unit):
+    if kind == "v1":
+        series = server.query("lies", f"SELECT count(current_ma) FROM electricity WHERE unit='{unit}'")
+        return series[0]["values"][0][1] if series else 0
+    return sum(len(row["values"]) for row in server.export(match=f'{{__name__="electricity_current_ma",unit="{unit}"}}'))
+
+
+# -- success means the API's own success answer --------------------------------------------------------------
+@pytest.mark.parametrize("answer", ["portal", "empty-200", "json-201"])
+def test_a_2xx_that_is_not_influxdbs_204_is_not_a_delivery(kind, server, make_proxy, outbox, clock, answer):
+    proxy = make_proxy(server.url)
+    if answer == "portal":
+        proxy.portal()
+    elif answer == "empty-200":
+        proxy.fail_always(200)
+    else:
+        proxy.fail_always(201, body={"status": "ok"})
+    unit = f"portal-{kind}-{answer}"
+    fill(outbox, 20, unit)
+    sender = make_sender(writer_for(kind, server, proxy.url), outbox, clock)
+    result = sender.flush()
+    assert isinstance(result.error, UnreachableError)
+    assert "captive portal or proxy answered" in str(result.error)
+    assert sender.handler.top_tier == Tier.CONNECTION
+    assert outbox.stats().queue_depth == 20 and result.delivered == 0
+    assert "captive portal" in outbox.state()["last_error"]
+    proxy.clear()  # the SIM was topped up
+    assert sender.flush().delivered == 20
+    assert stored_count(kind, server, unit) == 20
+
+
+# -- bounded answers ----------------------------------------------------------------------------------------
+def test_an_endless_answer_is_read_only_up_to_64_kb(kind, server, make_proxy, outbox, clock):
+    proxy = make_proxy(server.url)
+    proxy.endless_body(200)
+    fill(outbox, 5, f"endless-{kind}")
+    result = make_sender(writer_for(kind, server, proxy.url, timeout_s=5), outbox, clock).flush()
+    assert isinstance(result.error, UnreachableError)
+    assert "answer longer than 64 KB" in str(result.error) and "captive portal" in str(result.error)
+    assert len(str(result.error)) < 600  # the page is not copied into the message
+    assert outbox.stats().queue_depth == 5
+
+
+# -- deadlines ----------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("part", ["headers", "body"])
+def test_a_trickling_server_is_reported_within_a_few_timeouts(kind, server, make_proxy, outbox, clock, part):
+    proxy = make_proxy(server.url)
+    # A byte every 0.2 s: far below any per-read timeout, so only a deadline on the whole answer ends it.
+    proxy.trickle(part, status=204 if part == "headers" else 400, body=b'{"error":"' + b"x" * 200 + b'"}',
+                  bytes_per_s=5)
+    fill(outbox, 5, f"trickle-{kind}-{part}")
+    sender = make_sender(writer_for(kind, server, proxy.url, timeout_s=1.0), outbox, clock)
+    began = time.monotonic()
+    result = sender.flush()
+    took = time.monotonic() - began
+    assert isinstance(result.error, UnreachableError)
+    assert "no answer within 1 s after the upload" in str(result.error)
+    assert took < 4.0, took  # a few timeout_s, not the 40+ s the trickle would last
+    assert sender.handler.top_tier == Tier.CONNECTION  # the LED shows it
+    assert "no answer within" in outbox.state()["last_error"]  # `status` shows it
+    assert outbox.stats().queue_depth == 5  # nothing unacknowledged counts as delivered
+
+
+def test_a_big_batch_over_a_slow_link_still_goes_through(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url, rcvbuf=16 * 1024)
+    proxy.slow_upload(40_000)  # bytes/s: far above the 2 KB/s minimum, yet the upload outlasts timeout_s
+    fill(outbox, 5000, "slow-link", noisy=True)
+    sender = make_sender(writer_for("v2", victoria, proxy.url, timeout_s=1.0), outbox, clock)
+    result = sender.flush()
+    assert result.error is None and result.delivered == 5000
+    assert len(proxy.log[0].body) > 100_000  # more than 2.5 s of upload at 40 KB/s: > timeout_s
+    assert stored_count("v2", victoria, "slow-link") == 5000
+
+
+def test_a_stalled_upload_is_an_error_and_nothing_is_lost(kind, server, make_proxy, outbox, clock):
+    proxy = make_proxy(server.url, rcvbuf=16 * 1024)
+    proxy.stall_upload(after_bytes=4096)
+    fill(outbox, 5000, f"stall-{kind}", noisy=True)
+    sender = make_sender(writer_for(kind, server, proxy.url, timeout_s=1.0), outbox, clock)
+    began = time.monotonic()
+    result = sender.flush()
+    assert isinstance(result.error, UnreachableError) and "stalled" in str(result.error)
+    assert time.monotonic() - began < 5.0
+    assert sender.handler.top_tier == Tier.CONNECTION
+    assert outbox.stats().queue_depth == 5000
+    proxy.clear()
+    assert sender.flush().delivered == 5000
+
+
+# -- the daemon as a process --------------------------------------------------------------------------------
+def daemon_config(tmp_path, influx: str, *, web_port: int | None = None, level: str = "INFO") -> Path:
+    path = tmp_path / "config.toml"
+    web = f'[web]\nenabled = true\nlisten = "127.0.0.1:{web_port}"\n' if web_port else ""
+    path.write_text(f"""
+[site]
+name = "lies"
+[sampling]
+interval_s = 0.2
+window_s = 0.05
+[store]
+dir = "{tmp_path / 'store'}"
+[simulation]
+enabled = true
+start = 2026-06-21T12:00:00Z
+[led]
+enabled = false
+[log]
+level = "{level}"
+{web}[influx]
+kind = "local"
+flush_interval_s = 0.5
+{influx}
+""")
+    path.chmod(0o600)
+    return path
+
+
+def start_daemon(config: Path, log_path: Path) -> subprocess.Popen:
+    env = {**os.environ, "INFLUXDB_TOKEN": TOKEN, "INFLUXDB_PASSWORD": PASSWORD}
+    with open(log_path, "w") as log_file:
+        return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(config)],
+                                stdout=subprocess.DEVNULL, stderr=log_file, env=env, cwd=ROOT)
+
+
+def stop_daemon(proc: subprocess.Popen, deadline_s: float = 30.0) -> float:
+    """SIGTERM, then wait (with a deadline) for the exit; returns the seconds it took."""
+    began = time.monotonic()
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(deadline_s)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+        pytest.fail(f"the daemon did not stop within {deadline_s} s of SIGTERM")
+    return time.monotonic() - began
+
+
+def wait_until(predicate, timeout_s: float, what: str):
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout_s} s waiting for {what}")
+
+
+def wait_for_write(proxy, tmp_path):
+    """The first write (POST) the daemon sent through `proxy` (its boot probe is a GET /ping)."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        posts = [r for r in list(proxy.log) if r.method == "POST"]
+        if posts:
+            return posts[0]
+        time.sleep(0.05)
+    pytest.fail("the daemon never tried to deliver:\n" + (tmp_path / "daemon.log").read_text())
+
+
+def status_json(config: Path) -> dict:
+    out = subprocess.run([sys.executable, str(ROOT / "main.py"), "status", "--json", "--config", str(config)],
+                         capture_output=True, text=True, timeout=60, cwd=ROOT)
+    assert out.returncode == 0, out.stderr
+    return json.loads(out.stdout)
+
+
+def peak_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) / 1024
+    raise AssertionError("no VmHWM")
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_sigterm_ends_the_daemon_within_10_s_while_the_server_stalls(influxdb1, victoria, make_proxy, tmp_path,
+                                                                      api):
+    proxy = make_proxy(influxdb1.url if api == "v1" else victoria.url)
+    proxy.delay(3600)  # takes the request, never answers
+    influx = ('api = "v1"\ndatabase = "lies"' if api == "v1" else 'api = "v2"\norg = "coop"\nbucket = "solar"')
+    config = daemon_config(tmp_path, f'{influx}\nurl = "{proxy.url}"\ntimeout_s = 600')  # the longest timeout_s allowed
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        wait_for_write(proxy, tmp_path)
+        took = stop_daemon(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "daemon.log").read_text()
+    assert proc.returncode == 0, log
+    assert took < 10.0, f"SIGTERM took {took:.1f} s"
+    assert "stopped after" in log
+    box = Outbox(tmp_path / "store", readonly=True)
+    try:
+        stats = box.stats()
+    finally:
+        box.close()
+    assert stats.stored_total > 0 and stats.queue_depth == stats.stored_total  # nothing counted as delivered
+
+
+def test_an_endless_answer_keeps_the_daemon_under_200_mb(victoria, make_proxy, tmp_path):
+    proxy = make_proxy(victoria.url)
+    proxy.endless_body(200)
+    config = daemon_config(tmp_path, f'api = "v2"\norg = "coop"\nbucket = "solar"\nurl = "{proxy.url}"\ntimeout_s = 30')
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        # The boot probe and two writes (backoff 2 s between them), each met with an endless page.
+        assert proxy.wait_for_requests(3, timeout=60), (tmp_path / "daemon.log").read_text()
+        peak = peak_rss_mb(proc.pid)
+        stop_daemon(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "answer longer than 64 KB" in log
+    assert peak < 200, f"peak RSS {peak:.0f} MB"
+    assert proxy.bytes_out > 64 * 1024  # the proxy really sent more than the bound
+
+
+# -- secrets in every form ----------------------------------------------------------------------------------
+def secret_forms_sent(api: str) -> list[str]:
+    if api == "v1":
+        pair = f"{USER}:{PASSWORD}"
+        return [PASSWORD, pair, base64.b64encode(pair.encode()).decode()]
+    return [TOKEN, f"Token {TOKEN}", base64.b64encode(TOKEN.encode()).decode()]
+
+
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_an_echoed_credential_never_reaches_the_log_status_or_the_live_page(influxdb1, victoria, make_proxy,
+                                                                             tmp_path, api):
+    proxy = make_proxy(influxdb1.url if api == "v1" else victoria.url)
+    proxy.echo_authorization(401)
+    if api == "v1":
+        influxdb1.create_database("lies")
+        influx = f'api = "v1"\ndatabase = "lies"\nusername = "{USER}"'
+    else:
+        influx = 'api = "v2"\norg = "coop"\nbucket = "solar"'
+    web_port = free_port()
+    config = daemon_config(tmp_path, f'{influx}\nurl = "{proxy.url}"\ntimeout_s = 5', web_port=web_port,
+                           level="DEBUG")
+    proc = start_daemon(config, tmp_path / "daemon.log")
+    try:
+        write = wait_for_write(proxy, tmp_path)
+        # The echo really carried the credential back (the test would prove nothing otherwise).
+        assert any(form in write.header("Authorization", "") for form in secret_forms_sent(api)[1:])
+        status = wait_until(lambda: (s := status_json(config))["last_error"] and s, 60, "last_error in status")
+
+        def live_now():
+            with urllib.request.urlopen(f"http://127.0.0.1:{web_port}/api/now", timeout=5) as response:
+                text = response.read().decode()
+            return text if "refused" in text else None
+
+        now = wait_until(live_now, 30, "the error on /api/now")
+        stop_daemon(proc)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    log = (tmp_path / "daemon.log").read_text()
+    assert "DEBUG" in log and "HTTP 401" in log and "***" in log  # the echo was logged, scrubbed
+    status_text = json.dumps(status)
+    assert "HTTP 401" in status_text
+    for form in secret_forms_sent(api):
+        assert form not in log, f"{form!r} in the log"
+        assert form not in status_text, f"{form!r} in status --json"
+        assert form not in now, f"{form!r} in /api/now"
