@@ -26,8 +26,8 @@ import config as config_mod
 from clock import NOT_SYNCED
 from config import Config, ConfigError
 from outbox import Outbox, StoreError, format_mb
-from rpi_errors import (BLINK_CODES, CriticalError, ErrorHandler, MeasuringError, ShortError, SilentError,
-                        SolarError, StatusLED, Tier, is_raspberry_pi, make_led)
+from rpi_errors import (BLINK_CODES, CriticalError, ErrorHandler, MeasuringError, RollbackNotice, ShortError,
+                        SilentError, SolarError, StatusLED, Tier, is_raspberry_pi, make_led)
 from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
 
 log = logging.getLogger(__name__)
@@ -546,7 +546,7 @@ class ServiceHooks:
 
         notice = updater.rollback_notice(self.update_state_dir)
         if notice:
-            self.handler.report(ShortError(notice, key="update:rollback"))
+            self.handler.report(RollbackNotice(notice, key="update:rollback"))
         else:
             self.handler.clear("update:rollback")
 

@@ -29,10 +29,11 @@ class Tier(enum.IntEnum):
 
     SILENT = 0      # logged only
     SHORT = 1       # minor, e.g. a cycle overran
-    MEASURING = 2   # a sensor read failed
-    SENDING = 3     # a write was refused
-    CONNECTION = 4  # network or database unreachable, data kept on the Pi
-    CRITICAL = 5    # cannot run until fixed
+    ROLLBACK = 2    # a self-update failed and was undone; shown until acknowledged
+    MEASURING = 3   # a sensor read failed
+    SENDING = 4     # a write was refused
+    CONNECTION = 5  # network or database unreachable, data kept on the Pi
+    CRITICAL = 6    # cannot run until fixed
 
 
 class SolarError(Exception):
@@ -80,6 +81,12 @@ class ShortError(SolarError):
     """A minor problem, e.g. a measuring cycle overran."""
 
     tier = Tier.SHORT
+
+
+class RollbackNotice(SolarError):
+    """A self-update was rolled back: the logger runs the previous release. Any real fault outranks it."""
+
+    tier = Tier.ROLLBACK
 
 
 class SilentError(SolarError):
@@ -193,7 +200,7 @@ BLINK_CODES: Mapping[Tier | None, BlinkPattern] = types.MappingProxyType({
     Tier.SHORT: BlinkPattern(
         1, 0.1, 0.4, 2.0,
         "A minor problem: a measuring cycle ran late, the clock is not set "
-        "yet, the disk is nearly full, a self-update was rolled back, or the "
+        "yet, the disk is nearly full, or the "
         "Pi's power supply is too weak (under-voltage).",
         "Usually clears by itself. Under-voltage: power the Pi from a 5 V "
         "supply of at least 2.5 A (or a better 12 V to 5 V converter) with a "
@@ -211,6 +218,13 @@ BLINK_CODES: Mapping[Tier | None, BlinkPattern] = types.MappingProxyType({
         "(e.g. the store cannot be written).",
         "Restart the Pi. If it still blinks 4, tell the maintainer: "
         "the log says what is wrong."),
+    Tier.ROLLBACK: _counted(
+        6, "An automatic update failed and was undone: the logger runs the "
+        "previous version and keeps measuring and sending.",
+        "Tell the maintainer. When they have looked, clear it with "
+        "`sudo /opt/solarpowerbrampton/current/.venv/bin/python "
+        "/opt/solarpowerbrampton/current/updater.py acknowledge` "
+        "(it also clears after a day of good running)."),
     Tier.CONNECTION: _counted(
         5, "The network or the database cannot be reached. "
         "The data is kept on the Pi and sent later.",

@@ -299,7 +299,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
     meaning = str(status.get("meaning") or "")[:300]
     if tier in (None, "SILENT"):
         level = "ok"
-    elif tier == "SHORT":
+    elif tier in ("SHORT", "ROLLBACK"):  # the logger works; a note, not a fault
         level = "note"
     elif tier == "CRITICAL":
         level = "critical"

@@ -17,7 +17,7 @@ import pytest
 from config import parse_config
 from main import Daemon, cycle_points, load_energy
 from outbox import Outbox
-from rpi_errors import ErrorHandler, Tier
+from rpi_errors import BLINK_CODES, ErrorHandler, MeasuringError, ShortError, Tier
 from schema import ELECTRICITY_FIELDS, parse_line
 from simulator import build_simulated_bus
 from tools import SystemMonitor, read_data
@@ -298,8 +298,15 @@ def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
     handler = ErrorHandler(None)
     hooks = ServiceHooks(cfg, handler, tmp_path)
     hooks.start()
-    assert handler.top_tier == Tier.SHORT
+    # Its own tier and code (6 blinks), outranking a minor problem but never a real fault.
+    assert handler.top_tier == Tier.ROLLBACK and BLINK_CODES[Tier.ROLLBACK].blinks == 6
     assert "rolled back from abc to def" in handler.active["update:rollback"].message
+    handler.report(ShortError("a cycle ran late", key="overrun"))
+    assert handler.top_tier == Tier.ROLLBACK
+    handler.report(MeasuringError("red_house at 0x40 did not answer", key="measure:red_house"))
+    assert handler.top_tier == Tier.MEASURING
+    handler.clear("measure:red_house")
+    assert handler.top_tier == Tier.ROLLBACK  # back to the notice until it is acknowledged
     hooks.stop()
 
 

@@ -119,7 +119,7 @@ def test_all_well_cannot_be_mistaken_for_any_error_code():
     dips = [s for on, s in pattern_steps(well) if not on]
     assert dips and max(dips) <= 0.3  # brief, yet visible
     for tier in (Tier.SHORT, Tier.SENDING, Tier.MEASURING, Tier.CRITICAL,
-                 Tier.CONNECTION):
+                 Tier.CONNECTION, Tier.ROLLBACK):
         code = BLINK_CODES[tier]
         assert lit_fraction(code) <= 0.5, tier
         assert max(s for on, s in pattern_steps(code) if not on) >= 2.0, tier
@@ -141,8 +141,8 @@ def test_blink_table_has_one_row_per_code_count_first():
     table = blink_table_markdown()
     rows = table.strip().splitlines()
     assert rows[0] == "| LED shows | Meaning | What to do |"
-    # all well, 1..5 blinks, off: SILENT looks like all well and has no row
-    assert len(rows) == 2 + 7
+    # all well, 1..6 blinks, off: SILENT looks like all well and has no row
+    assert len(rows) == 2 + 8
     for pattern in BLINK_CODES.values():
         assert pattern.meaning in table or pattern is BLINK_CODES[Tier.SILENT]
         assert pattern.action
@@ -150,13 +150,15 @@ def test_blink_table_has_one_row_per_code_count_first():
     assert shows == ["On, with a brief dip every 5 s",
                      "1 quick blink, then a pause", "2 blinks, then a pause",
                      "3 blinks, then a pause", "4 blinks, then a pause",
-                     "5 blinks, then a pause", "Off"]
+                     "5 blinks, then a pause", "6 blinks, then a pause", "Off"]
     by_count = dict(zip(shows, rows[2:]))
     assert "refused" in by_count["2 blinks, then a pause"]
     assert "sensor" in by_count["3 blinks, then a pause"]
     assert "cannot run" in by_count["4 blinks, then a pause"]
     assert "network or the database" in by_count["5 blinks, then a pause"]
     assert "under-voltage" in by_count["1 quick blink, then a pause"]
+    assert "update failed and was undone" in by_count["6 blinks, then a pause"]
+    assert "acknowledge" in by_count["6 blinks, then a pause"]
 
 
 # --- StatusLED ------------------------------------------------------------
