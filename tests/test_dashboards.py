@@ -371,6 +371,7 @@ dir = "{tmp / 'store'}"
 enabled = true
 scenario = "day"
 speed = 600
+start = 2026-06-21T11:00:00  # pinned: midsummer midday, so energy flows in at any hour CI runs
 [led]
 enabled = false
 [influx]

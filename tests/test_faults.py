@@ -19,7 +19,7 @@ from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier, UnreachableError
 from sender import Policy, Sender
 from simulator import build_simulated_bus
-from servers import free_port
+from servers import free_port, wait_stopped
 from tools import SystemMonitor, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -153,6 +153,7 @@ def test_power_loss_mid_transaction_keeps_every_committed_cycle(tmp_path):
                                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(rng.uniform(0.8, 1.6))
         proc.send_signal(signal.SIGSTOP)  # the instant the power goes
+        wait_stopped(proc.pid)  # really frozen before the copy: SIGSTOP lands asynchronously
         snapshot = tmp_path / f"snap{attempt}"
         snapshot.mkdir()
         for name in ("outbox.db", "outbox.db-wal", "outbox.db-shm"):
