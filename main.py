@@ -37,6 +37,7 @@ EXIT_USAGE = 2
 EXIT_CONFIG = 78  # EX_CONFIG from sysexits.h: systemd and shell scripts know it
 _MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
 _HOUSEKEEPING_CYCLES = 30  # retention and size cap are applied every this many cycles
+_REOPEN_EVERY_FAILURES = 6  # while the store fails, its connection is opened anew every this many cycles
 
 
 # -- the bus ------------------------------------------------------------------
@@ -144,6 +145,8 @@ class Daemon:
         self.last_system = None
         self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
         self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
+        self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
+        self._failed_attempts = 0  # consecutive cycles whose store attempt failed
         self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
         self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
 
@@ -215,6 +218,7 @@ class Daemon:
 
         try:
             self.outbox.enforce_limits()
+            self.outbox.checkpoint()  # pruned pages become free space in the file, and the WAL goes to 0
             disk = disk_finding(self.outbox.directory)
         except (StoreError, OSError) as exc:
             log.warning("store housekeeping failed: %s", exc)
@@ -228,23 +232,60 @@ class Daemon:
         """Commit this cycle (and any held back). False when the store cannot be written."""
         self._unstored.append((lines, when))
         try:
-            while self._unstored:
-                # Energy counters commit with the points they produced, so a crash
-                # can neither double-count nor lose a cycle's energy.
-                pending_lines, pending_when = self._unstored[0]
-                self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
-                                   **pending_when)
-                self._evicted_lines = 0
-                self._unstored.popleft()
+            self._store_held()
+            self._failed_attempts = 0
             self.handler.clear("store")
             return True
         except StoreError as exc:
+            self._failed_attempts += 1
             while len(self._unstored) > _MAX_UNSTORED_CYCLES:
                 # Memory is bounded: the oldest held cycle makes room, and is counted as dropped.
-                self._evicted_lines += len(self._unstored.popleft()[0])
+                evicted = self._unstored.popleft()[0]
+                self._evicted_lines += len(evicted)
+                self.lost_cycles += 1
+                log.error("store still failing after %d held cycles: lost the oldest held cycle (%d points, "
+                          "measured at %s); %d cycles lost so far", _MAX_UNSTORED_CYCLES, len(evicted),
+                          _iso(evicted[0][0]) if evicted else "?", self.lost_cycles)
             self.handler.report(CriticalError(
                 f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
             return False
+
+    def _store_held(self) -> None:
+        """Commit the held cycles oldest first, one transaction each. Raises StoreError (the cycle that
+        failed and those after it stay held)."""
+        backlog = len(self._unstored) > 1
+        if backlog and self._failed_attempts % _REOPEN_EVERY_FAILURES == 0:
+            # The store keeps failing: now and then a new connection, which sees a file system
+            # mounted again or a replaced card where the old one keeps its dead file handle.
+            self.outbox.reopen()
+        while self._unstored:
+            # Energy counters commit with the points they produced, so a crash
+            # can neither double-count nor lose a cycle's energy.
+            pending_lines, pending_when = self._unstored[0]
+            self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
+                               **pending_when)
+            self._evicted_lines = 0
+            self._unstored.popleft()
+        if backlog:
+            log.info("the store can be written again: every held cycle is stored")
+            self.outbox.checkpoint()  # give the space the backlog's WAL took back at once
+
+    def store_held_at_exit(self) -> int:
+        """At shutdown: one more try to store the cycles held in memory. Logs and returns how many
+        cycles could not be stored (they are lost with the process)."""
+        if not self._unstored:
+            return 0
+        held = len(self._unstored)
+        try:
+            self._store_held()
+        except StoreError as exc:
+            lost = len(self._unstored)
+            points = sum(len(lines) for lines, _ in self._unstored)
+            log.error("stopping with %d of %d held cycles (%d points) that could not be stored: %s",
+                      lost, held, points, exc)
+            return lost
+        log.info("stored the %d held cycles before stopping", held)
+        return 0
 
     def run(self, cycles: int | None = None) -> None:
         """Run until stopped or `cycles` cycles are done."""
@@ -437,6 +478,7 @@ def cmd_run(args, config: Config) -> int:
     try:
         daemon.run(args.cycles)
     finally:
+        daemon.store_held_at_exit()
         service.stop()
         if sender:
             sender.stop()
@@ -445,6 +487,8 @@ def cmd_run(args, config: Config) -> int:
         outbox.close()
         if handler_led:
             handler_led.close()
+    if daemon.lost_cycles:
+        log.error("%d cycles were lost while the store could not be written", daemon.lost_cycles)
     log.info("stopped after %d cycles", daemon.cycles_done)
     return EXIT_OK
 
@@ -496,6 +540,8 @@ class ServiceHooks:
                 return
             try:
                 yield from box.export(since_ms)
+            except StoreError as exc:
+                log.warning("live page history cut short: %s", exc)
             finally:
                 box.close()
 
@@ -566,6 +612,9 @@ def cmd_once(args, config: Config) -> int:
         print(json.dumps(cycle_json(cycle, system, choice.simulated), indent=2))
     else:
         print(cycle_table(cycle))
+    if not daemon.last_store_ok:
+        print(f"error: {daemon.handler.active['store'].message}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK if not cycle.errors else EXIT_FAILURE
 
 
@@ -651,9 +700,14 @@ def cmd_status(args, config: Config) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    stats = outbox.stats()
-    state = outbox.state()
-    outbox.close()
+    try:
+        stats = outbox.stats()
+        state = outbox.state()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        outbox.close()
     report = {
         "store": str(outbox.path),
         "writer": writer_label(config),
@@ -705,12 +759,18 @@ def cmd_export(args, config: Config) -> int:
     writer = csv.writer(out) if args.format == "csv" else None
     if writer:
         writer.writerow(["time", "status", "line"])
-    for time_ms, line, status in outbox.export(since_ms):
-        if writer:
-            writer.writerow([_iso(time_ms), status, line])
-        else:
-            out.write(line + "\n")
-    outbox.close()
+    try:
+        for time_ms, line, status in outbox.export(since_ms):
+            if writer:
+                writer.writerow([_iso(time_ms), status, line])
+            else:
+                out.write(line + "\n")
+    except StoreError as exc:
+        out.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        outbox.close()
     return EXIT_OK
 
 
