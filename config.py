@@ -441,12 +441,6 @@ def _channels(v: _Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ..
                     f"{channel.max_current_a} A through {channel.shunt_ohms} ohm is {full_scale_mv:.3g} mV, "
                     "below what the INA219 can measure (0.1 mV, ten steps of its 10 uV shunt register)",
                 )
-            elif abs(channel.constant.current_ma) > channel.max_current_a * 1000:
-                v.problem(
-                    f"{where}.constant.current_ma",
-                    f"{_fmt(channel.constant.current_ma)} mA is beyond max_current_a ({_fmt(channel.max_current_a)} A): "
-                    "every simulated sample would fail",
-                )
             channels.append(channel)
     return tuple(channels)
 

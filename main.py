@@ -76,6 +76,25 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
     )
 
 
+def bus_reopener(config: Config, choice: BusChoice) -> Callable[[object], object]:
+    """How the measuring loop re-opens a stuck bus: the Pi's /dev/i2c-N is closed and opened again;
+    the simulated bus is the same emulated wire (its devices and injected faults stay, as a real
+    bus's would), handed back as it is."""
+    if choice.simulated:
+        return lambda old: old
+
+    def reopen(old):
+        from adafruit_extended_bus import ExtendedI2C
+
+        try:
+            old.deinit()
+        except Exception:  # noqa: BLE001 - closing a broken handle may fail; a new one is opened anyway
+            log.debug("closing the stuck I2C bus failed", exc_info=True)
+        return ExtendedI2C(config.i2c.bus, frequency=None)
+
+    return reopen
+
+
 # -- points -------------------------------------------------------------------
 def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
     """The `electricity` and `system` points of one cycle (failed channels publish nothing)."""
@@ -156,6 +175,8 @@ class Daemon:
         for reading in cycle.channels:
             if reading.ok:
                 self.handler.clear(f"measure:{reading.name}")
+        if not cycle.bus_error:
+            self.handler.clear("measure:bus")
         for error in cycle.errors:
             self.handler.report(error)
         cycle, when, clock_state = self._clock_check(cycle)
@@ -368,14 +389,15 @@ def make_clock_guard(config: Config):
     return ClockGuard(config.clock.trust, is_pi=is_raspberry_pi(), jump_threshold_s=config.clock.jump_threshold_s)
 
 
-def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None):
+def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None,
+                reopen_bus: Callable[[object], object] | None = None):
     from tools import read_data
 
     sampling = config.sampling
     if window_s is not None:
         sampling = dataclasses.replace(sampling, window_s=window_s)
     energy = load_energy(outbox) if outbox else None
-    return read_data(bus, config.channels, sampling, energy=energy)
+    return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus)
 
 
 def build_writer(config: Config):
@@ -454,7 +476,7 @@ def cmd_run(args, config: Config) -> int:
     autostart.report(findings, handler)  # nothing Critical can be left here: bus and store opened above
     if config.influx.kind != "none":
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
-    reader = make_reader(config, choice.bus, outbox)
+    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
     try:
         stale = outbox.quarantine_stale_held(guard.boot_id)
