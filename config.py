@@ -514,8 +514,15 @@ class _Validator:
         return value
 
     def path_text(self, value, path):
-        """A file or directory path: no NUL (the OS cannot take it) and no other control character."""
-        return self.name_text(value, path)
+        """A file or directory path (up to 4096 characters, Linux's PATH_MAX): no NUL (the OS cannot
+        take it) and no other control character."""
+        value = self.text(value, path)
+        if value is _INVALID:
+            return value
+        bad = _control_character(value)
+        if bad is not None:
+            return self.problem(path, f"{value!r} contains the control character {bad!r}")
+        return value
 
     def identifier(self, value, path):
         if not isinstance(value, str):
