@@ -11,6 +11,8 @@ import math
 import os
 import re
 import tomllib
+import unicodedata
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -263,20 +265,23 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     v = _Validator()
     known = {"site", "sampling", "i2c", "channel", "led", "store", "simulation", "influx", "log", "update", "clock", "web"}
     v.unknown(data, known, "")
-    site = v.section(data, "site", SiteConfig, {"name": v.text})
+    # Every number has a finite range (README, "Configuration reference"): beyond it a value would
+    # overflow a timer, SQLite or the chip, or start a daemon that then fails every cycle.
+    site = v.section(data, "site", SiteConfig, {"name": v.name_text})
     sampling = v.section(
         data,
         "sampling",
         SamplingConfig,
-        {"interval_s": v.at_most(v.positive, 86_400), "window_s": v.at_most(v.positive, 3600), "samples": v.count, "adc_samples": v.count},
+        {"interval_s": v.between(0.01, 86_400), "window_s": v.between(0.001, 3600),
+         "samples": v.whole_between(1, 1000), "adc_samples": v.count},
     )
-    i2c = v.section(data, "i2c", I2CConfig, {"bus": v.non_negative_int})
+    i2c = v.section(data, "i2c", I2CConfig, {"bus": v.whole_between(0, 255)})
     led = v.section(data, "led", LedConfig, {"pin": v.gpio_pin, "enabled": v.boolean})
     store = v.section(
         data,
         "store",
         StoreConfig,
-        {"dir": v.text, "max_mb": v.at_most(v.positive, 1_000_000), "retention_days": v.at_most(v.non_negative, 3650)},
+        {"dir": v.path_text, "max_mb": v.between(0.01, 1_000_000), "retention_days": v.between(0, 3650)},
         defaults={"dir": _default_store_dir()},
     )
     simulation = v.section(
@@ -286,10 +291,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         {
             "enabled": v.boolean,
             "scenario": v.choice(SCENARIOS),
-            "speed": v.at_most(v.positive, 100_000),
-            "seed": v.integer,
+            "speed": v.between(0.001, 100_000),
+            "seed": v.whole_between(0, 2**63 - 1),
             "start": v.datetime,
-            "plant": v.text,
+            "plant": v.identifier,
         },
     )
     influx = v.section(
@@ -300,17 +305,17 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             "kind": v.choice(INFLUX_KINDS),
             "api": v.choice(INFLUX_APIS),
             "url": v.url,
-            "org": v.text,
-            "bucket": v.text,
-            "database": v.text,
-            "retention_policy": v.text,
-            "username": v.text,
-            "token_file": v.text,
-            "password_file": v.text,
-            "timeout_s": v.at_most(v.positive, 600),
-            "flush_interval_s": v.at_most(v.positive, 86_400),
-            "batch_lines": v.count,
-            "batch_bytes": v.count,
+            "org": v.name_text,
+            "bucket": v.name_text,
+            "database": v.name_text,
+            "retention_policy": v.name_text,
+            "username": v.name_text,
+            "token_file": v.path_text,
+            "password_file": v.path_text,
+            "timeout_s": v.between(0.1, 600),
+            "flush_interval_s": v.between(0.01, 86_400),
+            "batch_lines": v.whole_between(1, 1_000_000),
+            "batch_bytes": v.whole_between(1, 50_000_000),
             "max_upload_bytes_per_s": v.upload_rate,
         },
     )
@@ -321,28 +326,26 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         {
             "level": v.choice(("DEBUG", "INFO", "WARNING", "ERROR")),
             "file": v.boolean,
-            "file_max_bytes": v.count,
-            "file_backups": v.non_negative_int,
+            "file_max_bytes": v.whole_between(1000, 1_000_000_000),
+            "file_backups": v.whole_between(0, 100),
         },
     )
     update = v.section(
         data,
         "update",
         UpdateConfig,
-        {"enabled": v.boolean, "remote": v.text, "branch": v.text, "require_signed": v.boolean,
+        {"enabled": v.boolean, "remote": v.name_text, "branch": v.name_text, "require_signed": v.boolean,
          "max_failed_starts": v.at_most(v.count, 4, " (systemd stops restarting after 5 starts)")},
     )
     clock = v.section(
         data, "clock", ClockConfig,
-        {"trust": v.choice(("auto", "sync", "always")), "jump_threshold_s": v.positive},
+        {"trust": v.choice(("auto", "sync", "always")), "jump_threshold_s": v.between(0.001, 86_399)},
     )
     web = v.section(data, "web", WebConfig, {"enabled": v.boolean, "listen": v.listen})
     channels = _channels(v, data)
     if update.enabled and not update.remote:
         v.problem("update.remote", "required when [update] enabled = true")
 
-    if sampling.samples > 1000:
-        v.problem("sampling.samples", f"{sampling.samples} is more than 1000 samples per cycle")
     if sampling.window_s >= sampling.interval_s:
         v.problem(
             "sampling.window_s",
@@ -406,8 +409,8 @@ def _channels(v: _Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ..
         address = v.required(item, "address", where, v.i2c_address)
         values: dict[str, Any] = {}
         for key, check in (
-            ("shunt_ohms", v.positive),
-            ("max_current_a", v.positive),
+            ("shunt_ohms", v.between(0.0001, 100)),
+            ("max_current_a", v.between(0.0001, 1000)),
             ("tags", v.tags),
             ("role", v.choice(ROLES)),
             ("unit", v.identifier),
@@ -420,7 +423,7 @@ def _channels(v: _Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ..
                     values[key] = value
         if "constant" in item:
             constant = v.table(item["constant"], f"{where}.constant", ConstantTruth,
-                               {"bus_voltage_v": v.non_negative, "current_ma": v.number})
+                               {"bus_voltage_v": v.between(0, 32), "current_ma": v.between(-1e6, 1e6)})
             if constant is _INVALID:
                 ok = False
             else:
@@ -442,6 +445,12 @@ def _channels(v: _Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ..
                     f"{channel.max_current_a} A through {channel.shunt_ohms} ohm is {full_scale_mv:.0f} mV, "
                     "beyond the INA219's 320 mV shunt range",
                 )
+            elif full_scale_mv < 0.1:
+                v.problem(
+                    f"{where}.max_current_a",
+                    f"{channel.max_current_a} A through {channel.shunt_ohms} ohm is {full_scale_mv:.3g} mV, "
+                    "below what the INA219 can measure (0.1 mV, ten steps of its 10 uV shunt register)",
+                )
             channels.append(channel)
     return tuple(channels)
 
@@ -458,7 +467,8 @@ class _Validator:
         self.warnings: list[str] = []
 
     def problem(self, path: str, message: str) -> object:
-        self.problems.append(f"at '{path}': {message}")
+        # Keys come from the file too: control characters shown escaped keep one problem on one line.
+        self.problems.append(f"at '{_escape(path)}': {_escape(message)}")
         return _INVALID
 
     def unknown(self, table: Mapping[str, Any], known: set[str], where: str) -> None:
@@ -498,6 +508,31 @@ class _Validator:
     def text(self, value, path):
         if not isinstance(value, str):
             return self.problem(path, f"must be a string, not {_kind(value)}")
+        if len(value) > 4096:
+            return self.problem(path, f"is {len(value)} characters long, more than 4096")
+        return value
+
+    def name_text(self, value, path):
+        """A string that ends up in a tag, a URL or a log line: no control characters (NUL, newline...)."""
+        value = self.text(value, path)
+        if value is _INVALID:
+            return value
+        bad = _control_character(value)
+        if bad is not None:
+            return self.problem(path, f"{value!r} contains the control character {bad!r}")
+        if len(value) > 256:
+            return self.problem(path, f"is {len(value)} characters long, more than 256")
+        return value
+
+    def path_text(self, value, path):
+        """A file or directory path (up to 4096 characters, Linux's PATH_MAX): no NUL (the OS cannot
+        take it) and no other control character."""
+        value = self.text(value, path)
+        if value is _INVALID:
+            return value
+        bad = _control_character(value)
+        if bad is not None:
+            return self.problem(path, f"{value!r} contains the control character {bad!r}")
         return value
 
     def identifier(self, value, path):
@@ -536,6 +571,24 @@ class _Validator:
             return self.problem(path, f"must not be negative, not {_fmt(value)}")
         return value
 
+    def between(self, low: float, high: float):
+        """A finite number from `low` to `high` inclusive."""
+        def bounded(value, path):
+            value = self.number(value, path)
+            if value is not _INVALID and not low <= value <= high:
+                return self.problem(path, f"{_fmt(value)} is outside {_fmt(low)} to {_fmt(high)}")
+            return value
+        return bounded
+
+    def whole_between(self, low: int, high: int):
+        """A whole number from `low` to `high` inclusive."""
+        def bounded(value, path):
+            value = self.integer(value, path)
+            if value is not _INVALID and not low <= value <= high:
+                return self.problem(path, f"{value} is outside {low} to {high}")
+            return value
+        return bounded
+
     def at_most(self, check, limit: float, why: str = ""):
         """`check`, then at most `limit`: beyond it a value would overflow a timer or SQLite later."""
         def bounded(value, path):
@@ -549,6 +602,8 @@ class _Validator:
         value = self.non_negative(value, path)
         if value is not _INVALID and 0 < value < 100:
             return self.problem(path, f"{_fmt(value)} bytes/s would stall delivery: use 0 (no limit) or 100 or more")
+        if value is not _INVALID and value > 1e9:
+            return self.problem(path, f"{_fmt(value)} is more than 1000000000 bytes/s (use 0 for no limit)")
         return value
 
     def count(self, value, path):
@@ -585,8 +640,13 @@ class _Validator:
             return self.problem(path, f"must be a table of strings, not {_kind(value)}")
         bad = False
         for key, tag in value.items():
-            if not isinstance(tag, str) or not tag:
+            if not key or _control_character(key) is not None or len(key) > 256:
+                self.problem(f"{path}.{key}", "a tag key must be 1-256 characters without control characters")
+                bad = True
+            elif not isinstance(tag, str) or not tag:
                 self.problem(f"{path}.{key}", f"a tag value must be a non-empty string, not {_kind(tag)}")
+                bad = True
+            elif self.name_text(tag, f"{path}.{key}") is _INVALID:
                 bad = True
             elif key in ("site", "unit"):
                 self.problem(f"{path}.{key}", "is set by the daemon and cannot be overridden")
@@ -608,6 +668,21 @@ class _Validator:
         if "@" in value.split("/", 3)[2]:
             # user:password@ would end up in logs and messages: credentials have their own keys.
             return self.problem(path, "must not contain a user or password (use username / password_file)")
+        if _control_character(value) is not None or not value.isascii() or " " in value:
+            return self.problem(path, f"{value!r} has characters a URL cannot hold (spaces, control "
+                                      "characters, non-ASCII: write a host name in its xn-- form)")
+        netloc = value.split("/", 3)[2]
+        host, sep, port = netloc.rpartition(":") if not netloc.endswith("]") else (netloc, "", "")
+        if not sep:
+            host = netloc
+        if not host or host == "[]":
+            return self.problem(path, f"{value!r} has no host")
+        if sep and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return self.problem(path, f"{value!r}: the port must be a number from 1 to 65535")
+        try:
+            urllib.parse.urlsplit(value).port  # noqa: B018 - what the HTTP libraries will do with it
+        except ValueError as exc:
+            return self.problem(path, f"{value!r} is not a usable URL ({exc})")
         return value.rstrip("/")
 
     def listen(self, value, path):
@@ -615,16 +690,22 @@ class _Validator:
         if value is _INVALID:
             return value
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 <= int(port) < 65536:
+        if (not sep or not host or not port.isascii() or not port.isdigit() or not 0 <= int(port) < 65536
+                or not host.isascii() or _control_character(host) is not None or " " in host):
             return self.problem(path, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080; port 0 picks a free one)")
         return value
 
     def datetime(self, value, path):
-        if isinstance(value, dt.datetime):
-            return value
-        if isinstance(value, dt.date):
-            return dt.datetime(value.year, value.month, value.day, 12, 0)
-        return self.problem(path, f"must be a TOML date-time such as 2026-06-21T12:00:00, not {_kind(value)}")
+        if isinstance(value, dt.date) and not isinstance(value, dt.datetime):
+            value = dt.datetime(value.year, value.month, value.day, 12, 0)
+        if not isinstance(value, dt.datetime):
+            return self.problem(path, f"must be a TOML date-time such as 2026-06-21T12:00:00, not {_kind(value)}")
+        if value.tzinfo is not None:
+            return self.problem(path, f"{value.isoformat()} has a UTC offset: write the UK local time "
+                                      "without one, e.g. 2026-06-21T12:00:00")
+        if not dt.datetime(1970, 1, 1) <= value <= dt.datetime(2100, 12, 31, 23, 59, 59):
+            return self.problem(path, f"{value.isoformat()} is outside 1970-01-01 to 2100-12-31")
+        return value
 
     def choice(self, options):
         def check(value, path):
@@ -633,6 +714,21 @@ class _Validator:
             return value
 
         return check
+
+
+def _control_character(text: str) -> str | None:
+    """The first control character (NUL, newline, DEL, C1...) in `text`, or None."""
+    for char in text:
+        if unicodedata.category(char) == "Cc":
+            return char
+    return None
+
+
+def _escape(text: str) -> str:
+    """`text` with control characters (and line/paragraph separators) as Python escapes."""
+    if all(char.isprintable() or char == " " for char in text):
+        return text
+    return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text)
 
 
 def _kind(value: Any) -> str:
@@ -650,5 +746,7 @@ def _kind(value: Any) -> str:
 
 
 def _fmt(value: float) -> str:
-    return str(int(value)) if float(value).is_integer() else str(value)
+    if float(value).is_integer() and abs(value) < 1e16:
+        return str(int(value))
+    return repr(float(value)) if isinstance(value, float) else str(value)
 

@@ -40,6 +40,7 @@ UNDERVOLTAGE = ("the Pi's own supply is too weak (the firmware reports under-vol
                 "use a 5 V supply of at least 2.5 A or a better converter, with a short, thick cable")
 _MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
 _HOUSEKEEPING_CYCLES = 30  # retention and size cap are applied every this many cycles
+_REOPEN_EVERY_FAILURES = 6  # while the store fails, its connection is opened anew every this many cycles
 
 
 # -- the bus ------------------------------------------------------------------
@@ -76,6 +77,25 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
         f"I2C bus {device} is missing: enable I2C (sudo raspi-config nonint do_i2c 0) and reboot",
         key="i2c",
     )
+
+
+def bus_reopener(config: Config, choice: BusChoice) -> Callable[[object], object]:
+    """How the measuring loop re-opens a stuck bus: the Pi's /dev/i2c-N is closed and opened again;
+    the simulated bus is the same emulated wire (its devices and injected faults stay, as a real
+    bus's would), handed back as it is."""
+    if choice.simulated:
+        return lambda old: old
+
+    def reopen(old):
+        from adafruit_extended_bus import ExtendedI2C
+
+        try:
+            old.deinit()
+        except Exception:  # noqa: BLE001 - closing a broken handle may fail; a new one is opened anyway
+            log.debug("closing the stuck I2C bus failed", exc_info=True)
+        return ExtendedI2C(config.i2c.bus, frequency=None)
+
+    return reopen
 
 
 # -- points -------------------------------------------------------------------
@@ -148,6 +168,8 @@ class Daemon:
         self.last_system = None
         self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
         self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
+        self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
+        self._failed_attempts = 0  # consecutive cycles whose store attempt failed
         self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
         self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
 
@@ -157,6 +179,8 @@ class Daemon:
         for reading in cycle.channels:
             if reading.ok:
                 self.handler.clear(f"measure:{reading.name}")
+        if not cycle.bus_error:
+            self.handler.clear("measure:bus")
         for error in cycle.errors:
             self.handler.report(error)
         cycle, when, clock_state = self._clock_check(cycle)
@@ -229,6 +253,7 @@ class Daemon:
 
         try:
             self.outbox.enforce_limits()
+            self.outbox.checkpoint()  # pruned pages become free space in the file, and the WAL goes to 0
             disk = disk_finding(self.outbox.directory)
         except (StoreError, OSError) as exc:
             log.warning("store housekeeping failed: %s", exc)
@@ -242,23 +267,60 @@ class Daemon:
         """Commit this cycle (and any held back). False when the store cannot be written."""
         self._unstored.append((lines, when))
         try:
-            while self._unstored:
-                # Energy counters commit with the points they produced, so a crash
-                # can neither double-count nor lose a cycle's energy.
-                pending_lines, pending_when = self._unstored[0]
-                self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
-                                   **pending_when)
-                self._evicted_lines = 0
-                self._unstored.popleft()
+            self._store_held()
+            self._failed_attempts = 0
             self.handler.clear("store")
             return True
         except StoreError as exc:
+            self._failed_attempts += 1
             while len(self._unstored) > _MAX_UNSTORED_CYCLES:
                 # Memory is bounded: the oldest held cycle makes room, and is counted as dropped.
-                self._evicted_lines += len(self._unstored.popleft()[0])
+                evicted = self._unstored.popleft()[0]
+                self._evicted_lines += len(evicted)
+                self.lost_cycles += 1
+                log.error("store still failing after %d held cycles: lost the oldest held cycle (%d points, "
+                          "measured at %s); %d cycles lost so far", _MAX_UNSTORED_CYCLES, len(evicted),
+                          _iso(evicted[0][0]) if evicted else "?", self.lost_cycles)
             self.handler.report(CriticalError(
                 f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
             return False
+
+    def _store_held(self) -> None:
+        """Commit the held cycles oldest first, one transaction each. Raises StoreError (the cycle that
+        failed and those after it stay held)."""
+        backlog = len(self._unstored) > 1
+        if backlog and self._failed_attempts % _REOPEN_EVERY_FAILURES == 0:
+            # The store keeps failing: now and then a new connection, which sees a file system
+            # mounted again or a replaced card where the old one keeps its dead file handle.
+            self.outbox.reopen()
+        while self._unstored:
+            # Energy counters commit with the points they produced, so a crash
+            # can neither double-count nor lose a cycle's energy.
+            pending_lines, pending_when = self._unstored[0]
+            self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
+                               **pending_when)
+            self._evicted_lines = 0
+            self._unstored.popleft()
+        if backlog:
+            log.info("the store can be written again: every held cycle is stored")
+            self.outbox.checkpoint()  # give the space the backlog's WAL took back at once
+
+    def store_held_at_exit(self) -> int:
+        """At shutdown: one more try to store the cycles held in memory. Logs and returns how many
+        cycles could not be stored (they are lost with the process)."""
+        if not self._unstored:
+            return 0
+        held = len(self._unstored)
+        try:
+            self._store_held()
+        except StoreError as exc:
+            lost = len(self._unstored)
+            points = sum(len(lines) for lines, _ in self._unstored)
+            log.error("stopping with %d of %d held cycles (%d points) that could not be stored: %s",
+                      lost, held, points, exc)
+            return lost
+        log.info("stored the %d held cycles before stopping", held)
+        return 0
 
     def run(self, cycles: int | None = None) -> None:
         """Run until stopped or `cycles` cycles are done."""
@@ -341,14 +403,15 @@ def make_clock_guard(config: Config):
     return ClockGuard(config.clock.trust, is_pi=is_raspberry_pi(), jump_threshold_s=config.clock.jump_threshold_s)
 
 
-def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None):
+def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None,
+                reopen_bus: Callable[[object], object] | None = None):
     from tools import read_data
 
     sampling = config.sampling
     if window_s is not None:
         sampling = dataclasses.replace(sampling, window_s=window_s)
     energy = load_energy(outbox) if outbox else None
-    return read_data(bus, config.channels, sampling, energy=energy)
+    return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus)
 
 
 def build_writer(config: Config):
@@ -427,7 +490,7 @@ def cmd_run(args, config: Config) -> int:
     autostart.report(findings, handler)  # nothing Critical can be left here: bus and store opened above
     if config.influx.kind != "none":
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
-    reader = make_reader(config, choice.bus, outbox)
+    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
     try:
         stale = outbox.quarantine_stale_held(guard.boot_id)
@@ -451,6 +514,7 @@ def cmd_run(args, config: Config) -> int:
     try:
         daemon.run(args.cycles)
     finally:
+        daemon.store_held_at_exit()
         service.stop()
         # Bounded (final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s.
         if sender and sender.stop():
@@ -459,6 +523,9 @@ def cmd_run(args, config: Config) -> int:
         outbox.close()
         if handler_led:
             handler_led.close()
+    if daemon.lost_cycles:
+        log.error("%d cycle%s lost while the store could not be written", daemon.lost_cycles,
+                  " was" if daemon.lost_cycles == 1 else "s were")
     log.info("stopped after %d cycle%s", daemon.cycles_done, "" if daemon.cycles_done == 1 else "s")
     return EXIT_OK
 
@@ -520,6 +587,8 @@ class ServiceHooks:
                 return
             try:
                 yield from box.export(since_ms)
+            except StoreError as exc:
+                log.warning("live page history cut short: %s", exc)
             finally:
                 box.close()
 
@@ -661,6 +730,9 @@ def cmd_once(args, config: Config) -> int:
         print(json.dumps(cycle_json(cycle, system, choice.simulated, config.channels), indent=2))
     else:
         print(cycle_table(cycle, config.channels, system))
+    if not daemon.last_store_ok:
+        print(f"error: {daemon.handler.active['store'].message}", file=sys.stderr)
+        return EXIT_FAILURE
     return EXIT_OK if not cycle.errors else EXIT_FAILURE
 
 
@@ -781,9 +853,14 @@ def cmd_status(args, config: Config) -> int:
     except StoreError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    stats = outbox.stats()
-    state = outbox.state()
-    outbox.close()
+    try:
+        stats = outbox.stats()
+        state = outbox.state()
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    finally:
+        outbox.close()
     report = {
         "store": str(outbox.path),
         "writer": writer_label(config),
@@ -845,6 +922,10 @@ def cmd_export(args, config: Config) -> int:
         else:
             for _, line, _ in outbox.export(since_ms):
                 sys.stdout.write(line + "\n")
+    except StoreError as exc:
+        sys.stdout.flush()
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     finally:
         outbox.close()
     return EXIT_OK

@@ -53,8 +53,31 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
+# The WAL is checkpointed into the database every this many pages (SQLite's default, 1000 pages, lets
+# it reach about 4 MB between checkpoints: on a small or nearly full card that eats the space freed
+# for held cycles before they land), and cut back to this size after each checkpoint.
+_WAL_AUTOCHECKPOINT_PAGES = 32
+_WAL_SIZE_LIMIT_BYTES = 128 * 1024
+
+
 class StoreError(Exception):
-    """The store cannot be opened or written (disk full, read-only, permissions)."""
+    """The store cannot be opened or written (disk full, read-only, permissions, damage).
+
+    `corrupt` is True when the file itself is damaged (it is then moved aside and a fresh one started).
+    """
+
+    def __init__(self, message: str, *, corrupt: bool = False) -> None:
+        super().__init__(message)
+        self.corrupt = corrupt
+
+
+def _sqlite_text_error(exc: UnicodeDecodeError) -> sqlite3.DatabaseError:
+    """SQLite's own error text is not UTF-8: it quotes bytes of a damaged file (a schema entry, say).
+
+    Python's sqlite3 then raises UnicodeDecodeError instead of an sqlite3.Error; this is the
+    corruption it stands for, its text shown with the bad bytes escaped."""
+    raw = exc.object if isinstance(exc.object, bytes) else bytes(exc.object)
+    return sqlite3.DatabaseError(f"database disk image is malformed: {raw.decode('utf-8', 'backslashreplace')}")
 
 
 def _migrate_schema(db: sqlite3.Connection) -> None:
@@ -68,14 +91,17 @@ def _migrate_schema(db: sqlite3.Connection) -> None:
 
 
 def _store_errors(method):
-    """Report SQLite failures as StoreError naming the file."""
+    """Report SQLite failures as StoreError naming the file; damage also starts a fresh store."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         try:
             return method(self, *args, **kwargs)
+        except UnicodeDecodeError as exc:
+            error: sqlite3.Error = _sqlite_text_error(exc)
         except sqlite3.Error as exc:
-            raise StoreError(f"store {self.path}: {exc}") from None
+            error = exc
+        raise self._failed(error) from None
 
     return wrapper
 
@@ -141,15 +167,21 @@ class Outbox:
         if readonly:
             # Readers (`status`, `export`, the live page) never write, never move a file aside and
             # never hold a write lock against the daemon.
+            self._readonly = True
             if not self.path.exists():
                 raise StoreError(f"no store at {self.path} yet (the daemon has not stored a reading)")
             try:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
                                            isolation_level=None, check_same_thread=False)
                 self._db.execute("SELECT 1 FROM points LIMIT 1")
-            except sqlite3.Error as exc:
-                raise StoreError(f"cannot read {self.path}: {exc}") from None
+            except (sqlite3.Error, UnicodeDecodeError) as exc:
+                error = _sqlite_text_error(exc) if isinstance(exc, UnicodeDecodeError) else exc
+                if isinstance(error, sqlite3.DatabaseError) and _is_corruption(error):
+                    raise StoreError(f"the store {self.path} is damaged ({error}): the daemon moves it aside "
+                                     "and starts a fresh one at its next start", corrupt=True) from None
+                raise StoreError(f"cannot read {self.path}: {error}") from None
             return
+        self._readonly = False
         try:
             self.directory.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -158,29 +190,39 @@ class Outbox:
 
     # -- opening ---------------------------------------------------------
     def _connect(self, check_integrity: bool) -> sqlite3.Connection:
+        db = None
         try:
             db = self._open()
             if check_integrity:
                 result = db.execute("PRAGMA quick_check").fetchone()[0]
                 if result != "ok":
-                    db.close()
                     raise sqlite3.DatabaseError(f"database disk image is malformed: {result}")
+            self._inode = _inode(self.path)
             return db
-        except sqlite3.DatabaseError as exc:
-            if not _is_corruption(exc):
+        except (sqlite3.Error, UnicodeDecodeError) as exc:
+            if db is not None:
+                db.close()
+            error = _sqlite_text_error(exc) if isinstance(exc, UnicodeDecodeError) else exc
+            if not (isinstance(error, sqlite3.DatabaseError) and _is_corruption(error)):
                 # Locked, busy, read-only, no space: the file itself is fine. Never move it aside.
-                raise StoreError(f"cannot open {self.path}: {exc}") from None
+                raise StoreError(f"cannot open {self.path}: {error}") from None
             moved = self._move_aside()
             log.error("store %s failed its integrity check (%s): moved to %s, starting a fresh one",
-                      self.path, exc, moved)
+                      self.path, error, moved)
             try:
-                return self._open()
-            except sqlite3.Error as again:
+                db = self._open()
+            except (sqlite3.Error, UnicodeDecodeError) as again:
                 raise StoreError(f"cannot open {self.path}: {again}") from None
+            self._inode = _inode(self.path)
+            return db
 
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
+        # A small WAL: checkpointed often and cut back after each checkpoint, so the store's working
+        # set stays small (a store on a 1 MB file system runs for hours with a matching max_mb).
+        db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
+        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT_BYTES}")
         # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a
         # power cut could lose the last cycles even though they were committed.
         # One fsync per cycle (every few seconds) costs nothing on an SD card.
@@ -204,6 +246,10 @@ class Outbox:
     def _move_aside(self) -> Path:
         stamp = time.strftime("%Y%m%dT%H%M%S")
         target = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}")
+        n = 1
+        while target.exists():  # a second damage within the same second: never overwrite the first
+            n += 1
+            target = self.path.with_name(f"{DB_NAME}.corrupt-{stamp}-{n}")
         for suffix in ("", "-wal", "-shm"):
             src = Path(f"{self.path}{suffix}")
             if src.exists():
@@ -213,6 +259,57 @@ class Outbox:
     def close(self) -> None:
         """Close the connection (idempotent)."""
         self._db.close()
+
+    def _failed(self, error: sqlite3.Error) -> StoreError:
+        """The StoreError for `error`; a damaged file is moved aside and a fresh one opened first, so
+        the next call works again (the failed call's data was not stored: the caller keeps it)."""
+        corrupt = isinstance(error, sqlite3.DatabaseError) and _is_corruption(error)
+        if not corrupt or self._readonly:
+            return StoreError(f"store {self.path}: {error}", corrupt=corrupt)
+        log.error("store %s is damaged (%s)", self.path, error)
+        try:
+            self._reopen()
+        except StoreError as exc:
+            return StoreError(f"store {self.path}: {error}; {exc}", corrupt=True)
+        return StoreError(f"store {self.path} was damaged ({error}): a fresh store was started", corrupt=True)
+
+    def _reopen(self, check_integrity: bool | None = None) -> None:
+        """A new connection; by default the file is checked (and moved aside if damaged) unless
+        another connection already replaced it. Raises StoreError."""
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass
+        if check_integrity is None:
+            check_integrity = _inode(self.path) == self._inode
+        self._db = self._connect(check_integrity)
+
+    def reopen(self) -> None:
+        """A fresh connection to the file now at the path (after the store failed: a file system that
+        went read-only and was mounted again, a card swapped). Raises StoreError; the store then stays
+        closed until a later reopen succeeds (every call raises StoreError meanwhile)."""
+        if self._readonly:
+            return
+        self._reopen(check_integrity=False)
+
+    def _follow_replacement(self) -> None:
+        """Reconnect when another connection (the other thread's) moved a damaged file aside."""
+        if not self._readonly and _inode(self.path) not in (self._inode, None):
+            log.info("store %s was replaced by a fresh one: reconnecting", self.path)
+            self._reopen()
+
+    @_store_errors
+    def checkpoint(self) -> bool:
+        """Copy the WAL into the database and truncate it to 0 bytes (frees its space at once).
+
+        Gives up after 0.1 s when another connection is mid-transaction (the WAL is then cut back at
+        a later checkpoint). Returns True when the whole WAL was checkpointed."""
+        self._db.execute("PRAGMA busy_timeout=100")
+        try:
+            busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
+        finally:
+            self._db.execute("PRAGMA busy_timeout=30000")
+        return not busy
 
     # -- writing ---------------------------------------------------------
     @_store_errors
@@ -227,6 +324,7 @@ class Outbox:
         be stored to the dropped counter. Raises StoreError if it could not be
         committed (nothing is half-written).
         """
+        self._follow_replacement()
         with self._transaction() as db:
             db.executemany(
                 "INSERT INTO points (time_ms, line, boot_id, boot_ms, held) VALUES (?, ?, ?, ?, ?)",
@@ -256,6 +354,7 @@ class Outbox:
     @_store_errors
     def pending(self, max_lines: int, max_bytes: int) -> list[Pending]:
         """The oldest unsent lines, at most `max_lines` and about `max_bytes` of text."""
+        self._follow_replacement()
         rows = self._db.execute(
             "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT ?",
             (max_lines,),
@@ -404,16 +503,24 @@ class Outbox:
                            queue.dropped, self.used_bytes(), queue.held)
 
     def export(self, since_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
-        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "held" | "quarantined")."""
+        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "held" | "quarantined").
+
+        Raises StoreError (also part-way through, for a damaged file)."""
         since = since_ms if since_ms is not None else -(2**62)
-        cursor = self._db.execute(
-            "SELECT time_ms, line, CASE WHEN held = 1 THEN 'held' WHEN sent_ms IS NULL THEN 'unsent' ELSE 'sent' END "
-            "FROM points "
-            "WHERE time_ms >= ? UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? "
-            "ORDER BY 1",
-            (since, since),
-        )
-        yield from cursor
+        try:
+            cursor = self._db.execute(
+                "SELECT time_ms, line, CASE WHEN held = 1 THEN 'held' WHEN sent_ms IS NULL THEN 'unsent' "
+                "ELSE 'sent' END FROM points "
+                "WHERE time_ms >= ? UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? "
+                "ORDER BY 1",
+                (since, since),
+            )
+            yield from cursor
+        except UnicodeDecodeError as exc:
+            raise StoreError(f"store {self.path}: {_sqlite_text_error(exc)}", corrupt=True) from None
+        except sqlite3.Error as exc:
+            raise StoreError(f"store {self.path}: {exc}",
+                             corrupt=isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc)) from None
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -464,6 +571,17 @@ def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
     )
 
 
+def _inode(path: Path) -> tuple[int, int] | None:
+    """(device, inode) of `path`, None when it is missing."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _is_corruption(exc: sqlite3.DatabaseError) -> bool:
+    if getattr(exc, "sqlite_errorcode", 0) & 0xFF in (sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB):
+        return True
     text = str(exc).lower()
     return "malformed" in text or "not a database" in text or "file is encrypted" in text

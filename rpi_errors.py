@@ -277,11 +277,15 @@ class StatusLED:
     all methods are thread-safe.
     """
 
-    def __init__(self, led, *, time_scale: float = 1.0) -> None:
+    def __init__(self, led, *, time_scale: float = 1.0,
+                 wait: Callable[[threading.Event, float], bool] | None = None) -> None:
         self._led = led
         self._scale = time_scale
         self._lock = threading.Lock()
         self._changed = threading.Event()
+        # wait(event, seconds) -> True when `event` was set: holds each step (event.wait by default;
+        # tests pass one that also records the steps, so they never infer a pause from timing).
+        self._wait = wait or (lambda event, seconds: event.wait(seconds))
         self._tier: Tier | None = None
         self._closed = False
         self._thread = threading.Thread(
@@ -331,7 +335,7 @@ class StatusLED:
                         self._led.on()
                     else:
                         self._led.off()
-                    if self._changed.wait(seconds * self._scale):
+                    if self._wait(self._changed, seconds * self._scale):
                         break  # restart with the new pattern at once
         except Exception:  # noqa: BLE001 - e.g. gpiozero closed it at exit
             log.warning("status LED stopped", exc_info=True)

@@ -217,7 +217,8 @@ class EmulatedINA219:
 
 # --- The I2C bus ---------------------------------------------------------------
 _ERROR_FAULTS = {"nack": errno.EREMOTEIO, "timeout": errno.ETIMEDOUT, "eio": errno.EIO}
-FAULTS = (*_ERROR_FAULTS, "brownout", "overflow")
+FAULTS = (*_ERROR_FAULTS, "brownout", "overflow", "stuck")
+_BUS = None  # the address under which faults of the whole bus ("stuck") are kept
 
 
 def _os_error(code: int) -> OSError:
@@ -280,6 +281,8 @@ class SimulatedBus:
     def scan(self) -> list[int]:
         """Addresses that acknowledge (not counted as transactions)."""
         with self._guard:
+            if _BUS in self._faults:
+                return []
             return sorted(a for a in self._devices if not self._faults.get(a, {}).keys() & _ERROR_FAULTS)
 
     def writeto(self, address: int, buffer, *, start: int = 0, end: int | None = None) -> None:
@@ -314,15 +317,21 @@ class SimulatedBus:
         """Make the next `count` transactions to `address` suffer `fault` (None = until cleared).
 
         fault: nack/timeout/eio (OSError 121/110/5), brownout (power-on reset once
-        before the next transaction) or overflow (OVF bit set). Raises ValueError.
+        before the next transaction), overflow (OVF bit set), or stuck: the whole
+        bus hangs (SDA held low), every transaction to any address times out
+        (OSError 110); `address` must then be None. Raises ValueError.
         """
         if fault not in FAULTS:
             raise ValueError(f"unknown fault {fault!r} (expected one of: {', '.join(FAULTS)})")
+        if (fault == "stuck") != (address is _BUS):
+            raise ValueError("a stuck bus is a fault of the whole bus: inject(None, 'stuck'); "
+                             "every other fault needs an address")
         if count is not None and count < 1:
             raise ValueError(f"count must be 1 or more, or None, not {count!r}")
         with self._guard:
             self._faults.setdefault(address, {})[fault] = 1 if fault == "brownout" else count
-        log.debug("fault %s injected at 0x%02X for %s transactions", fault, address, count)
+        log.debug("fault %s injected at %s for %s transactions", fault,
+                  "the whole bus" if address is _BUS else f"0x{address:02X}", count)
 
     def clear_faults(self, address: int | None = None) -> None:
         """Remove injected faults at `address` (None = everywhere)."""
@@ -335,6 +344,10 @@ class SimulatedBus:
     def _transaction(self, address: int, action: Callable[[EmulatedINA219], None]) -> None:
         with self._guard:
             self.transactions += 1
+            stuck = self._faults.get(_BUS)
+            if stuck:
+                self._expire(_BUS, None, stuck)
+                raise _os_error(errno.ETIMEDOUT)  # what the Pi's driver reports when SDA stays low
             device = self._devices.get(address)
             if device is None:
                 raise _os_error(errno.EREMOTEIO)
@@ -355,7 +368,7 @@ class SimulatedBus:
             finally:
                 self._expire(address, device, faults)
 
-    def _expire(self, address: int, device: EmulatedINA219, faults: dict[str, int | None]) -> None:
+    def _expire(self, address: int | None, device: EmulatedINA219 | None, faults: dict[str, int | None]) -> None:
         for fault, left in list(faults.items()):
             if left is None:
                 continue

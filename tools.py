@@ -32,6 +32,10 @@ _BUS_RANGE_32V = 1
 _MODE_SHUNT_AND_BUS_CONTINUOUS = 7
 _REG_CONFIG = 0x00
 _REG_CALIBRATION = 0x05
+# A bus on which no sensor answered for this many cycles in a row is stuck (e.g. SDA held low):
+# it is re-opened then, and again every _BUS_REOPEN_EVERY_CYCLES cycles while it stays stuck.
+_BUS_STUCK_CYCLES = 3
+_BUS_REOPEN_EVERY_CYCLES = 6
 
 
 @dataclass(frozen=True)
@@ -63,11 +67,16 @@ class Cycle:
     time_ms: int
     monotonic_s: float
     channels: tuple[ChannelReading, ...]
+    bus_error: str | None = None  # set while the whole bus is stuck (no sensor answers at all)
 
     @property
     def errors(self) -> tuple[MeasuringError, ...]:
-        """One MeasuringError per channel with no good sample (keyed `measure:<name>`)."""
-        return tuple(MeasuringError(r.error, key=f"measure:{r.name}") for r in self.channels if not r.ok)
+        """One MeasuringError per channel with no good sample (keyed `measure:<name>`), and one for a
+        stuck bus (`measure:bus`)."""
+        errors = tuple(MeasuringError(r.error, key=f"measure:{r.name}") for r in self.channels if not r.ok)
+        if self.bus_error:
+            errors += (MeasuringError(self.bus_error, key="measure:bus"),)
+        return errors
 
 
 @dataclass
@@ -144,8 +153,11 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
     """Averages `samples` INA219 readings per channel over the sampling window.
 
     `bus` is any object with busio.I2C's methods; `clock` returns monotonic
-    seconds, `sleep(s)` waits, `wall_ms()` returns Unix ms. Not thread-safe:
-    one measuring thread owns it.
+    seconds, `sleep(s)` waits, `wall_ms()` returns Unix ms. `reopen_bus(old)`
+    returns a freshly opened bus: called when no sensor has answered for
+    _BUS_STUCK_CYCLES cycles, then every _BUS_REOPEN_EVERY_CYCLES cycles while
+    the bus stays stuck (None: never). Not thread-safe: one measuring thread
+    owns it.
     """
 
     def __init__(
@@ -159,8 +171,12 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         sleep: Callable[[float], None] = time.sleep,
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         driver_factory: Callable = default_driver_factory,
+        reopen_bus: Callable[[object], object] | None = None,
     ) -> None:
         self.bus = bus
+        self._reopen_bus = reopen_bus
+        self.stuck_cycles = 0  # consecutive cycles in which no sensor answered at all
+        self.bus_reopens = 0
         self.sampling = sampling
         self._clock = clock
         self._sleep = sleep
@@ -205,7 +221,35 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 self._sample(sensor)
         mid_s = start_s + self.sampling.window_s / 2
         readings = tuple(self._average(sensor, mid_s) for sensor in self._sensors)
-        return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings)
+        return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings, self._check_bus(readings))
+
+    def _check_bus(self, readings: Sequence[ChannelReading]) -> str | None:
+        """Notice a stuck bus (no sensor answered, cycle after cycle), re-open it on a schedule.
+        Returns the bus error for this cycle, or None."""
+        if any(r.ok for r in readings) or not readings:
+            if self.stuck_cycles >= _BUS_STUCK_CYCLES:
+                log.info("I2C bus answers again after %d cycles without any sensor", self.stuck_cycles)
+            self.stuck_cycles = 0
+            return None
+        self.stuck_cycles += 1
+        if self.stuck_cycles < _BUS_STUCK_CYCLES:
+            return None  # every sensor missing once or twice: the channels' own errors say enough
+        if (self.stuck_cycles - _BUS_STUCK_CYCLES) % _BUS_REOPEN_EVERY_CYCLES == 0 and self._reopen_bus:
+            self._reopen()
+        return (f"I2C bus stuck: no sensor has answered for {self.stuck_cycles} cycles (every transaction "
+                f"fails, e.g. SDA held low); re-opened {self.bus_reopens} time(s), next try within "
+                f"{_BUS_REOPEN_EVERY_CYCLES} cycles")
+
+    def _reopen(self) -> None:
+        self.bus_reopens += 1
+        log.warning("I2C bus stuck for %d cycles: re-opening it (attempt %d)", self.stuck_cycles, self.bus_reopens)
+        try:
+            self.bus = self._reopen_bus(self.bus)
+        except Exception as exc:  # noqa: BLE001 - Blinka and the kernel raise many kinds; try again later
+            log.warning("cannot re-open the I2C bus: %s: %s", type(exc).__name__, exc)
+            return
+        for sensor in self._sensors:
+            sensor.driver = None  # attached again (and set up) on the new bus at the next cycle
 
     def _prepare(self, sensor: _Sensor) -> None:
         """Attach the driver if needed and make sure the chip holds our settings."""

@@ -31,7 +31,7 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "binaries_available", "require_binaries", "InfluxDB1", "VictoriaMetrics", "ServerError"]
+__all__ = ["free_port", "wait_stopped", "binaries_available", "require_binaries", "InfluxDB1", "VictoriaMetrics", "ServerError"]
 
 INFLUXD = "influxd"
 VICTORIA = "victoria-metrics"
@@ -47,6 +47,39 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _task_states(pid: int) -> list[str]:
+    """The scheduler state letter of every thread of `pid` ('T' = stopped by a signal); [] once it is gone."""
+    states = []
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return states
+    for tid in tasks:
+        try:
+            with open(f"/proc/{pid}/task/{tid}/stat", "rb") as f:
+                # "pid (comm) S ...": comm may hold spaces and parentheses, so split after the last ')'.
+                states.append(f.read().rsplit(b")", 1)[1].split()[0].decode())
+        except (OSError, IndexError):
+            continue  # a thread that just ended
+    return states
+
+
+def wait_stopped(pid: int, stopped: bool = True, timeout: float = 30.0) -> None:
+    """Wait until every thread of `pid` is stopped by SIGSTOP (or, stopped=False, none is any more).
+
+    SIGSTOP and SIGCONT are delivered asynchronously: on a busy machine a process may run on for a
+    while after kill() returned. Raises ServerError after `timeout` seconds.
+    """
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        states = _task_states(pid)
+        if states and all((s in "Tt") == stopped for s in states):
+            return
+        time.sleep(0.005)
+    raise ServerError(f"process {pid} is not {'stopped' if stopped else 'running'} after {timeout:g} s: "
+                      f"thread states {_task_states(pid)}")
 
 
 def _which(name: str) -> str | None:
@@ -241,11 +274,13 @@ class _Server:
             raise ServerError(f"{self.name} is not running")
         self.proc.send_signal(signal.SIGSTOP)
         self.paused = True
+        wait_stopped(self.proc.pid)  # returns only once nothing in it can answer any more
 
     def resume(self) -> None:
         """SIGCONT after pause()."""
         if self.running:
             self.proc.send_signal(signal.SIGCONT)
+            wait_stopped(self.proc.pid, stopped=False)
         self.paused = False
 
     def close(self) -> None:

@@ -35,6 +35,7 @@ dir = "{tmp_path / 'store'}"
 enabled = true
 scenario = "{scenario}"
 speed = {speed}
+start = 2026-06-21T11:00:00  # pinned: the same sun whatever the hour CI runs
 [led]
 enabled = false
 [influx]

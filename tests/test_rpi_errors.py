@@ -42,15 +42,33 @@ def led_pin(mock_factory):
     led.close()
 
 
+class StepRecorder:
+    """The LED thread's wait: records each step as (pin lit, seconds) before holding it.
+
+    Repetitions are then found from the steps the LED really played, not guessed from how long a
+    state lasted, which a busy machine stretches at will."""
+
+    def __init__(self, pin):
+        self.pin = pin
+        self.steps: list[tuple[bool, float]] = []
+
+    def __call__(self, event, seconds):
+        self.steps.append((bool(self.pin.state), seconds))
+        return event.wait(seconds)
+
+
 @pytest.fixture
 def status(led_pin):
     led, pin = led_pin
-    sl = StatusLED(led, time_scale=SCALE)
+    recorder = StepRecorder(pin)
+    sl = StatusLED(led, time_scale=SCALE, wait=recorder)
+    sl.recorder = recorder
     yield sl, pin
     sl.close()
 
 
-def wait_for(predicate, timeout=1.0):
+def wait_for(predicate, timeout=10.0):
+    """Poll until `predicate()` holds; False after `timeout` s (generous: a deadline, not a timing)."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         if predicate():
@@ -59,22 +77,14 @@ def wait_for(predicate, timeout=1.0):
     return False
 
 
-def repetition_starts(states, pattern):
-    """Indexes of off->on transitions that follow a pause, not a plain off."""
-    threshold = (pattern.off_s + pattern.pause_s / 2) * SCALE
-    # PinState.timestamp is how long the previous state lasted.
-    return [i for i, s in enumerate(states)
-            if i > 0 and s.state and s.timestamp > threshold]
-
-
-def one_full_repetition(pin, pattern):
-    """States of the first complete repetition after clear_states()."""
-    pin.clear_states()
-    assert wait_for(
-        lambda: len(repetition_starts(list(pin.states), pattern)) >= 2)
-    states = list(pin.states)
-    first, second = repetition_starts(states, pattern)[:2]
-    return states[first:second]
+def one_full_repetition(sl, pattern):
+    """The (lit, seconds) steps of the first complete repetition played after this call."""
+    pause = (False, pattern_steps(pattern)[-1][1] * SCALE)
+    sl.recorder.steps.clear()
+    assert wait_for(lambda: sl.recorder.steps.count(pause) >= 2)
+    steps = list(sl.recorder.steps)
+    first, second = [i for i, step in enumerate(steps) if step == pause][:2]
+    return steps[first + 1:second + 1]
 
 
 # --- exceptions and patterns ----------------------------------------------
@@ -164,28 +174,23 @@ def test_blink_table_has_one_row_per_code_count_first():
 # --- StatusLED ------------------------------------------------------------
 
 @pytest.mark.parametrize("tier", [Tier.SHORT, Tier.SENDING, Tier.MEASURING,
-                                  Tier.CRITICAL, Tier.CONNECTION])
+                                  Tier.CRITICAL, Tier.CONNECTION, Tier.ROLLBACK])
 def test_led_plays_exact_blink_count(status, tier):
     sl, pin = status
     sl.show(tier)
     assert sl.showing is tier
-    rep = one_full_repetition(pin, BLINK_CODES[tier])
+    rep = one_full_repetition(sl, BLINK_CODES[tier])
     n = BLINK_CODES[tier].blinks
-    assert len(rep) == 2 * n  # n on and n off transitions, nothing else
-    assert [s.state for s in rep] == [True, False] * n
+    assert len(rep) == 2 * n  # n on and n off steps, nothing else
+    assert [lit for lit, _ in rep] == [True, False] * n  # what the (mock) pin really showed
+    assert rep == [(lit, seconds * SCALE) for lit, seconds in pattern_steps(BLINK_CODES[tier])]
 
 
 def test_all_well_is_mostly_on_with_a_brief_dip(status):
     sl, pin = status
     assert sl.showing is None
-    pin.clear_states()
-    # PinState.timestamp is how long the previous state lasted.
-    assert wait_for(lambda: len(pin.states) >= 4)
-    states = list(pin.states)[1:4]
-    on_spells = [s.timestamp for s in states if not s.state]  # the on state just ended
-    off_spells = [s.timestamp for s in states if s.state]
-    assert on_spells and off_spells
-    assert min(on_spells) > 2 * max(off_spells)  # 4.8 s vs 0.2 s, with slack for a busy machine
+    rep = one_full_repetition(sl, BLINK_CODES[None])
+    assert rep == [(True, 4.8 * SCALE), (False, 0.2 * SCALE)]  # on for 4.8 s, a 0.2 s dip
 
 
 def test_show_never_blocks_and_close_is_prompt(led_pin):
@@ -195,12 +200,13 @@ def test_show_never_blocks_and_close_is_prompt(led_pin):
     sl.show(Tier.CONNECTION)
     sl.show(Tier.CONNECTION)  # no-op
     sl.show(Tier.CRITICAL)
-    assert time.perf_counter() - t0 < 0.05
+    assert time.perf_counter() - t0 < 1.0  # far below the 6 s a blocking show() would take
     assert wait_for(lambda: sl.showing is Tier.CRITICAL)
     t0 = time.perf_counter()
     sl.close()
     sl.close()  # idempotent
-    assert time.perf_counter() - t0 < 0.5
+    assert not sl._thread.is_alive()  # ended, not left behind by close()'s 2 s join deadline
+    assert time.perf_counter() - t0 < 1.5  # woken at once, not at the end of its 6 s step
     assert not led.is_lit
 
 
@@ -209,8 +215,8 @@ def test_show_interrupts_current_repetition(status):
     sl.show(Tier.CONNECTION)
     pin.clear_states()
     sl.show(Tier.SENDING)
-    rep = one_full_repetition(pin, BLINK_CODES[Tier.SENDING])
-    assert [s.state for s in rep] == [True, False] * 2
+    rep = one_full_repetition(sl, BLINK_CODES[Tier.SENDING])
+    assert [lit for lit, _ in rep] == [True, False] * 2
 
 
 # --- ErrorHandler ---------------------------------------------------------

@@ -1,0 +1,77 @@
+"""The bus lies: a bus that stays stuck (every transaction fails, as with SDA held low).
+
+The real adafruit driver over the emulated bus, with the simulator's `stuck` fault."""
+from __future__ import annotations
+
+import errno
+
+import pytest
+
+import main as main_mod
+from config import parse_config
+from main import Daemon, load_energy
+from outbox import Outbox
+from rpi_errors import ErrorHandler, Tier
+from simulator import build_simulated_bus
+from tools import SystemMonitor, read_data
+
+CFG = {"simulation": {"enabled": True, "scenario": "constant"}}
+
+
+def test_the_simulator_can_hold_the_whole_bus_stuck(clock):
+    bus = build_simulated_bus(parse_config(CFG), clock)
+    assert bus.scan() == [0x40, 0x41, 0x44, 0x45]
+    bus.inject(None, "stuck", count=None)  # until cleared
+    assert bus.scan() == []
+    for address in (0x40, 0x45, 0x10):  # present, present, absent: all the same on a stuck bus
+        with pytest.raises(OSError) as err:
+            bus.writeto(address, b"\x00")
+        assert err.value.errno == errno.ETIMEDOUT
+    bus.clear_faults()
+    assert bus.scan() == [0x40, 0x41, 0x44, 0x45]
+    bus.writeto(0x40, b"\x00")
+    bus.inject(None, "stuck", count=2)  # or for a number of transactions
+    for _ in range(2):
+        with pytest.raises(OSError):
+            bus.writeto(0x41, b"\x00")
+    bus.writeto(0x41, b"\x00")
+    with pytest.raises(ValueError, match="whole bus"):
+        bus.inject(0x40, "stuck")
+    with pytest.raises(ValueError, match="needs an address"):
+        bus.inject(None, "nack")
+
+
+def test_a_stuck_bus_keeps_the_daemon_measuring_reopens_on_a_schedule_and_recovers_by_itself(tmp_path, clock, caplog):
+    cfg = parse_config({**CFG, "store": {"dir": str(tmp_path / "store")}})
+    bus = build_simulated_bus(cfg, clock)
+    reopened = []
+    reopen = main_mod.bus_reopener(cfg, main_mod.BusChoice(bus, True, "simulated"))
+
+    def counting_reopen(old):
+        reopened.append(clock())
+        return reopen(old)
+
+    outbox = Outbox(cfg.store.dir, wall_ms=clock.wall_ms)
+    reader = read_data(bus, cfg.channels, cfg.sampling, energy=load_energy(outbox), clock=clock, sleep=clock.sleep,
+                       wall_ms=clock.wall_ms, reopen_bus=counting_reopen)
+    handler = ErrorHandler(None, clock=clock)
+    daemon = Daemon(cfg, reader, outbox, handler, monitor=SystemMonitor(str(tmp_path)), clock=clock,
+                    wait=clock.wait)
+    daemon.run(cycles=2)
+    assert handler.top_tier is None
+    bus.inject(None, "stuck", count=None)  # SDA held low from now on
+    daemon.run(cycles=2 + 20)
+    assert daemon.cycles_done == 22  # never stopped measuring
+    assert handler.top_tier == Tier.MEASURING
+    assert "I2C bus stuck" in handler.active["measure:bus"].message
+    assert all(f"measure:{c.name}" in handler.active for c in cfg.channels)
+    assert len(reopened) == 3  # after 3 stuck cycles, then every 6: cycles 3, 9 and 15
+    assert reader.bus_reopens == 3 and caplog.text.count("re-opening it") == 3
+    stored = outbox.stats().stored_total
+    assert stored == 2 * 5 + 20  # only the system point of each stuck cycle (channels_failed=4): never a zero
+    bus.clear_faults()  # the bus comes back
+    daemon.run(cycles=23)
+    assert handler.top_tier is None and "measure:bus" not in handler.active
+    assert outbox.stats().stored_total == stored + 5
+    assert len(reopened) == 3
+    outbox.close()
