@@ -263,6 +263,10 @@ class FaultProxy:
     and empties `log`.
     """
 
+    # What start() builds; tests/tls.py's TLSProxy swaps in a TLS-terminating server and handler.
+    server_class: type = _Server
+    handler_class: type = _Handler
+
     def __init__(self, upstream: str, *, port: int = 0, upstream_timeout: float = 30.0) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.scheme != "http" or not u.hostname:
@@ -303,7 +307,7 @@ class FaultProxy:
         if self._httpd is not None:
             return self
         self._stopping.clear()
-        self._httpd = _Server(("127.0.0.1", self._port), _Handler)
+        self._httpd = self.server_class(("127.0.0.1", self._port), self.handler_class)
         self._httpd.proxy = self
         self._port = self._httpd.server_address[1]  # a restart keeps the port
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},
