@@ -94,9 +94,9 @@ def measure(setup: Setup, vm_url: str, pki: tls.Pki, workdir: Path) -> dict:
                                       stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env)
         # A quiet moment: after a write was answered, before the server's idle close and the next flush.
         settle_s = min(setup.scaled("idle_s"), setup.scaled("flush_s")) / 2
-        patience_s = 60 + 3 * setup.scaled("flush_s")
 
         def after_write(n: int) -> tuple[list[int], list[int], float]:
+            patience_s = 60 + (n + 2) * setup.scaled("flush_s")  # start-up, then one flush per write
             deadline = time.monotonic() + patience_s
             while proxy.snapshot()[tls.WRITES] < n:
                 if not (proxy.process.is_alive() and relay.process.is_alive()):
