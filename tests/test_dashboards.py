@@ -371,6 +371,7 @@ dir = "{tmp / 'store'}"
 enabled = true
 scenario = "day"
 speed = 600
+start = 2026-06-21T12:00:00  # the model's time only (points carry the real clock): sun at any hour of the run
 [led]
 enabled = false
 [influx]
