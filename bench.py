@@ -26,6 +26,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import bench_wire  # noqa: E402 - on-the-wire bytes over https, TLS included (issue 14)
 import config as config_mod  # noqa: E402
 from main import Daemon, load_energy  # noqa: E402
 from outbox import Outbox  # noqa: E402
@@ -40,6 +41,7 @@ TARGETS = {  # figure: (comparison, target)
     "drain_peak_rss_mb": ("<=", 100), "steady_rss_mb": ("<=", 60), "rss_growth_mb": ("<=", 2),
     "schedule_p99_error_ms": ("<=", 5), "schedule_drift_ms": ("<=", 1),
 }
+TARGETS.update(bench_wire.TARGETS)
 
 
 class FakeClock:
@@ -393,6 +395,7 @@ def run(quick: bool) -> dict:
         figures.update(schedule(n["schedule"], tmp))
         figures.update(web_cost(n["web"], tmp))
         figures.update(startup(tmp))
+        figures.update(bench_wire.wire_figures(vm.url, tmp, quick))  # issue 14: keys wire_*
     return figures
 
 

@@ -263,7 +263,7 @@ class Transport:
             if self._https:
                 import ssl
 
-                context = ssl.create_default_context(cafile=_ca_file())
+                context = _tls_context()
                 conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
                                                    context=context)
             else:
@@ -352,13 +352,19 @@ def _dropped(sock) -> bool:
     return bool(readable)
 
 
-def _ca_file() -> str | None:
-    try:
-        import certifi  # what influxdb-client verified Cloud's certificate with
+def _tls_context():
+    """The system's CAs (OpenSSL's default paths, which honour SSL_CERT_FILE) plus certifi's bundle,
+    which influxdb-client verified Cloud's certificate with. Verification is always on."""
+    import ssl
 
-        return certifi.where()
-    except ImportError:
-        return None
+    context = ssl.create_default_context()
+    try:
+        import certifi
+
+        context.load_verify_locations(cafile=certifi.where())
+    except (ImportError, OSError, ssl.SSLError):
+        pass  # the system's CAs alone
+    return context
 
 
 def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase: str = "") -> UnreachableError:

@@ -45,6 +45,12 @@ SYSTEM_FIELDS: Mapping[str, type] = {
     "quarantined_points": int,
 }
 FIELD_TYPES: Mapping[str, Mapping[str, type]] = {ELECTRICITY: ELECTRICITY_FIELDS, SYSTEM: SYSTEM_FIELDS}
+# Decimals a health reading resolves (psutil gives memory and disk in bytes and uptime in ns, so their MB
+# and seconds come with noise digits that cost bytes on every line). The electricity fields are rounded
+# where they are measured (tools.read_data), to the chip's resolution.
+SYSTEM_DECIMALS: Mapping[str, int] = {"cpu_percent": 1, "cpu_temp_c": 1, "memory_used_mb": 1, "disk_free_mb": 1,
+                                      "uptime_s": 0}
+_DECIMALS: Mapping[str, Mapping[str, int]] = {SYSTEM: SYSTEM_DECIMALS}
 
 _MEASUREMENT_ESCAPES = str.maketrans({"\\": "\\\\", ",": "\\,", " ": "\\ ", "\n": "\\n", "\r": "\\r", "\t": "\\t"})
 _KEY_ESCAPES = str.maketrans(
@@ -78,15 +84,20 @@ class Point:
 
 
 def typed_fields(measurement: str, values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
-    """Coerce `values` to the schema's field types (so 12 becomes 12.0 for a float field).
+    """Coerce `values` to the schema's field types (so 12 becomes 12.0 for a float field), rounded to the
+    decimals the schema gives (a float stays a float: round(x, 0) is 12.0).
 
     Raises KeyError for a field the schema does not have.
     """
     types = FIELD_TYPES[measurement]
+    decimals = _DECIMALS.get(measurement, {})
     out: dict[str, float | int | None] = {}
     for name, value in values.items():
         kind = types[name]
-        out[name] = None if value is None else kind(value)
+        value = None if value is None else kind(value)
+        if isinstance(value, float) and name in decimals and math.isfinite(value):
+            value = round(value, decimals[name])
+        out[name] = value
     return out
 
 

@@ -28,6 +28,7 @@ log = logging.getLogger(__name__)
 # INA219 ADC codes for hardware averaging: 1 conversion = 12-bit, then 2..128 samples.
 _ADC_CODES = {1: 0x3, 2: 0x9, 4: 0xA, 8: 0xB, 16: 0xC, 32: 0xD, 64: 0xE, 128: 0xF}
 _SHUNT_LSB_MV = 0.01
+_BUS_LSB_V = 0.004
 _BUS_RANGE_32V = 1
 _MODE_SHUNT_AND_BUS_CONTINUOUS = 7
 _REG_CONFIG = 0x00
@@ -314,23 +315,42 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                       f"{self.sampling.samples}: {why}",
             )
         n = sensor.good
+        bus_v = sensor.sum_bus_v / n
         shunt_mv = sensor.sum_shunt_mv / n
+        current_ma = shunt_mv / channel.shunt_ohms
         power_w = sensor.sum_power_w / n
         sensor.energy.add(power_w, mid_s, max_gap_s=2 * self.sampling.interval_s)
-        # Rounded well below the chip's resolution (4 mV, 10 uV, averaged): the
-        # digits beyond carry no information and cost bytes on a SIM data plan.
+        # Each value keeps the digits the chip resolves and no more: digits beyond carry no
+        # information and cost bytes on every line sent over a SIM data plan.
+        current_step_ma = _SHUNT_LSB_MV / channel.shunt_ohms  # current comes from the shunt register
+        power_step_w = (abs(bus_v) * current_step_ma + abs(current_ma) * _BUS_LSB_V) / 1000
+        # Energy: what one cycle adds at the power's single-sample step; finer digits would only
+        # show the rounding of averages accumulating.
+        energy_step_wh = power_step_w * self.sampling.interval_s / 3600
+        energy_digits = resolved_digits(energy_step_wh, 1)
         return ChannelReading(
             channel.name,
             channel.address,
-            bus_voltage_v=round(sensor.sum_bus_v / n, 5),
-            shunt_voltage_mv=round(shunt_mv, 5),
-            current_ma=round(shunt_mv / channel.shunt_ohms, 4),
-            power_w=round(power_w, 6),
+            bus_voltage_v=round(bus_v, resolved_digits(_BUS_LSB_V, n)),
+            shunt_voltage_mv=round(shunt_mv, resolved_digits(_SHUNT_LSB_MV, n)),
+            current_ma=round(current_ma, resolved_digits(current_step_ma, n)),
+            power_w=round(power_w, resolved_digits(power_step_w, n)),
             samples=n,
             failed_samples=sensor.failed,
-            energy_in_wh=round(sensor.energy.in_wh, 6),
-            energy_out_wh=round(sensor.energy.out_wh, 6),
+            energy_in_wh=round(sensor.energy.in_wh, energy_digits),
+            energy_out_wh=round(sensor.energy.out_wh, energy_digits),
         )
+
+
+def resolved_digits(step: float, samples: int) -> int:
+    """Decimal places that carry information for a value quantised in `step` units, averaged over `samples`.
+
+    The step's own digit (4 mV -> 3 decimals of a volt), plus one per factor of ten in the samples
+    averaged: an average of ten earns one extra digit, of a hundred two. At least 0; a step of 0 (nothing to
+    resolve, e.g. the power of a channel at 0 V and 0 A) counts as 1e-9.
+    """
+    exponent = math.floor(math.log10(max(step, 1e-9)) + 1e-9)  # + 1e-9: 0.1 is 0.09999... in binary
+    return max(-exponent, 0) + (math.floor(math.log10(samples) + 1e-9) if samples > 0 else 0)
 
 
 def scan(bus, addresses=range(0x40, 0x50)) -> list[int]:

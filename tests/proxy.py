@@ -369,6 +369,10 @@ class FaultProxy:
     and empties `log`.
     """
 
+    # What start() builds; tests/tls.py's TLSProxy swaps in a TLS-terminating server and handler.
+    server_class: type = _Server
+    handler_class: type = _Handler
+
     def __init__(self, upstream: str, *, port: int = 0, upstream_timeout: float = 30.0, rcvbuf: int = 0) -> None:
         u = urllib.parse.urlsplit(upstream)
         if u.scheme != "http" or not u.hostname:
@@ -414,8 +418,8 @@ class FaultProxy:
         if self._httpd is not None:
             return self
         self._stopping.clear()
-        server_class = type("_SizedServer", (_Server,), {"rcvbuf": self.rcvbuf})
-        self._httpd = server_class(("127.0.0.1", self._port), _Handler)
+        server_class = type("_SizedServer", (self.server_class,), {"rcvbuf": self.rcvbuf})
+        self._httpd = server_class(("127.0.0.1", self._port), self.handler_class)
         self._httpd.proxy = self
         self._port = self._httpd.server_address[1]  # a restart keeps the port
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05},

@@ -85,3 +85,16 @@ def test_parse_line_reads_back_what_to_line_wrote(tag, measurement, value, count
     back = parse_line(point.to_line())
     assert back.measurement == measurement and dict(back.tags) == {"site": tag, "unit": "u"}
     assert back.fields == {"v": value, "n": count, "s": note} and back.time_ms == 12345
+
+
+def test_health_readings_are_rounded_to_what_they_resolve_and_stay_floats():
+    from schema import SYSTEM, typed_fields
+
+    fields = typed_fields(SYSTEM, {"memory_used_mb": 1250.8984375, "disk_free_mb": 78972.80859375,
+                                   "uptime_s": 1061.192080728, "cpu_temp_c": 47.234, "cpu_percent": 3,
+                                   "net_sent_bytes": 1234, "channels_ok": 4})
+    assert fields == {"memory_used_mb": 1250.9, "disk_free_mb": 78972.8, "uptime_s": 1061.0, "cpu_temp_c": 47.2,
+                      "cpu_percent": 3.0, "net_sent_bytes": 1234, "channels_ok": 4}
+    assert type(fields["uptime_s"]) is float and type(fields["net_sent_bytes"]) is int
+    line = Point(SYSTEM, {"site": "s"}, fields, 1).to_line()
+    assert "uptime_s=1061.0," in line and "memory_used_mb=1250.9," in line

@@ -45,7 +45,8 @@ def test_constant_scenario_matches_truth_within_resolution_and_power_is_v_times_
         assert reading.bus_voltage_v == pytest.approx(volts, abs=BUS_LSB_V / 2 + 1e-9)
         assert reading.shunt_voltage_mv == pytest.approx(milliamps * 0.1, abs=SHUNT_LSB_MV / 2 + 1e-9)
         assert reading.current_ma == pytest.approx(milliamps, abs=SHUNT_LSB_MV / 2 / 0.1 + 1e-9)
-        assert reading.power_w == pytest.approx(reading.bus_voltage_v * reading.current_ma / 1000, rel=1e-9)
+        # V x I, rounded to the digits the product resolves (0.1 mW here: 4 mV x I + V x 0.1 mA, averaged).
+        assert reading.power_w == pytest.approx(reading.bus_voltage_v * reading.current_ma / 1000, abs=5e-5 + 1e-12)
         assert reading.power_w != pytest.approx(0.1 * reading.bus_voltage_v ** 2)  # the 2023 formula
 
 
@@ -234,3 +235,62 @@ def test_system_monitor_reads_the_power_flags(tmp_path):
     assert (reading.undervoltage, reading.throttled, reading.undervoltage_since_boot) == (True, False, False)
     off = SystemMonitor(str(tmp_path), power=PowerFlagReader(str(tmp_path / "x"), str(tmp_path / "y"))).read()
     assert off.undervoltage is None and off.throttled is None
+
+
+# -- values carry the digits the chip resolves, no more (issue 14) ----------------------------------------
+def test_resolved_digits_keep_the_steps_digit_and_one_more_per_ten_samples():
+    from tools import resolved_digits
+
+    assert resolved_digits(0.004, 1) == 3    # bus voltage, one sample: the 4 mV step is in the third decimal
+    assert resolved_digits(0.004, 10) == 4   # an average of ten earns one extra digit, not ten
+    assert resolved_digits(0.004, 9) == 3
+    assert resolved_digits(0.004, 100) == 5
+    assert resolved_digits(0.01, 10) == 3    # shunt voltage in mV (10 uV step)
+    assert resolved_digits(0.01 / 0.1, 10) == 2  # current in mA through 0.1 ohm (0.0999... in binary)
+    assert resolved_digits(0.0025, 1) == 3
+    assert resolved_digits(20.0, 1) == 0
+    assert resolved_digits(0.0, 10) == 10    # nothing to resolve: a bounded number of digits all the same
+
+
+def _decimals(value: float) -> int:
+    import decimal
+
+    return max(-decimal.Decimal(repr(value)).as_tuple().exponent, 0)
+
+
+def test_values_carry_no_digits_beyond_what_the_chip_resolves(clock):
+    import datetime as dt
+
+    from tools import resolved_digits
+
+    # The day carries ADC noise: the samples of one window differ, so their averages have digits to cut
+    # (at real speed, so V and I hardly move within a window and their averages' product is the power).
+    cfg = parse_config({"simulation": {"enabled": True, "scenario": "day", "speed": 1,
+                                       "start": dt.datetime(2026, 6, 21, 12)}})
+    reader, _ = make_reader(cfg, clock)
+    used = {"bus_voltage_v": set(), "shunt_voltage_mv": set(), "current_ma": set()}
+    by_name = {c.name: c for c in cfg.channels}
+    for _ in range(30):
+        cycle = reader.measure()
+        clock.advance(cfg.sampling.interval_s - cfg.sampling.window_s)
+        for r in cycle.channels:
+            n, ohms = r.samples, by_name[r.name].shunt_ohms
+            assert n == 10
+            for name in ("bus_voltage_v", "shunt_voltage_mv", "current_ma", "power_w", "energy_in_wh",
+                         "energy_out_wh"):
+                assert type(getattr(r, name)) is float, name  # field types stay stable
+            allowed = {"bus_voltage_v": resolved_digits(BUS_LSB_V, n),
+                       "shunt_voltage_mv": resolved_digits(SHUNT_LSB_MV, n),
+                       "current_ma": resolved_digits(SHUNT_LSB_MV / ohms, n)}
+            assert allowed == {"bus_voltage_v": 4, "shunt_voltage_mv": 3, "current_ma": 2}  # default 0.1 ohm
+            for name, digits in allowed.items():
+                assert _decimals(getattr(r, name)) <= digits, (name, getattr(r, name))
+                used[name].add(_decimals(getattr(r, name)) == digits)
+            # Power: 4 mV x I + V x the current step, averaged; the product of the rounded V and I within it.
+            step_w = (abs(r.bus_voltage_v) * SHUNT_LSB_MV / ohms + abs(r.current_ma) * BUS_LSB_V) / 1000
+            assert _decimals(r.power_w) <= resolved_digits(step_w * 0.99, n), r
+            assert r.power_w == pytest.approx(r.bus_voltage_v * r.current_ma / 1000, abs=step_w)
+            energy_digits = resolved_digits(step_w * 0.99 * cfg.sampling.interval_s / 3600, 1)
+            assert _decimals(r.energy_in_wh) <= energy_digits and _decimals(r.energy_out_wh) <= energy_digits, r
+    # ... and no fewer: averages that need the extra digit keep it.
+    assert all(True in seen for seen in used.values()), used
