@@ -383,7 +383,7 @@ def drains(vm_url: str, influx, hours: float, tmp: Path) -> dict:
             "drain_peak_rss_mb": max(v1["peak_rss_mb"], v2["peak_rss_mb"])}
 
 
-def schedule(cycles: int, tmp: Path, interval_s: float = 0.1) -> dict:
+def schedule(cycles: int, tmp: Path, interval_s: float = 0.2) -> dict:
     """Cycle starts of `run --simulate` (constant scenario, traced in the process) on the real clock while
     a busy-loop process keeps one core at 100 %: p50/p99 error against the grid, drift, overruns."""
     store = tmp / "schedule"
@@ -518,7 +518,7 @@ def run(quick: bool) -> dict:
 
     n = {"cycles": 300 if quick else 1500, "naive": 60 if quick else 300, "rss": 2000 if quick else 10_000,
          "web": 200 if quick else 1000, "process": 60 if quick else 480, "seed": 30 if quick else 200,
-         "backlog_h": 6 if quick else 24, "schedule": 300 if quick else 1200}
+         "backlog_h": 6 if quick else 24, "schedule": 200 if quick else 1500}
     figures: dict = {"quick": quick, "machine": _machine(), "load": _load()}
     with tempfile.TemporaryDirectory() as tmp_name, VictoriaMetrics() as vm, InfluxDB1() as influx, \
             bench_proc.ProxyProcess() as proxies:
