@@ -1,6 +1,6 @@
 """Benchmarks: how light the daemon is on a Pi and on a SIM data plan, measured, not claimed.
 
-    python bench.py                 # full run (about 10 minutes), prints a table
+    python bench.py                 # full run (10-15 minutes), prints a table
     python bench.py --quick         # smaller counts, within 4 minutes
     python bench.py --json          # print the figures as one JSON object instead of the table
     python bench.py --json FILE     # the table, and the figures as JSON in FILE
@@ -563,6 +563,83 @@ def _machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores, Python {platform.python_version()}, {platform.system()}"
 
 
+# README rows: (label, [(key, unit)]). Labels say how each figure was taken.
+_AS_THE_PI = [
+    ("whole `run --simulate` process, CPU per cycle (emulated chip included)", [("process_cpu_ms_per_cycle", "ms")]),
+    ("the daemon alone, CPU per cycle (same process on a register-replay bus: simulator subtracted)",
+     [("daemon_cpu_ms_per_cycle", "ms")]),
+    ("the emulated chip's own cost per cycle (the difference; a Pi does not pay it)",
+     [("simulator_cpu_ms_per_cycle", "ms")]),
+    ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
+     [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
+    ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",
+     [("process_requests_per_cycle", ""), ("seed2023_requests_per_cycle", "")]),
+    ("bytes on the wire per cycle (request lines, headers, bodies; counted by a proxy process): daemon / 2023 "
+     "path", [("process_bytes_per_cycle", "B"), ("seed2023_bytes_per_cycle", "B")]),
+    ("peak RSS of the `run --simulate` process", [("process_peak_rss_mb", "MB")]),
+    ("written to the SD card per day at the default interval (/proc write_bytes per cycle × cycles a day)",
+     [("disk_bytes_per_day", "MB/day")]),
+    ("realistic backlog drained by the daemon process while it measures, into VictoriaMetrics (v2)",
+     [("drain_points_per_s_v2", "points/s")]),
+    ("the same into InfluxDB 1.6.7 (v1) / that server's ceiling (same gzip batches, bare HTTP client)",
+     [("drain_points_per_s_v1", "points/s"), ("drain_ceiling_points_per_s_v1", "points/s")]),
+    ("v1 drain as a share of the ceiling", [("drain_v1_of_ceiling", "")]),
+    ("peak RSS of the draining daemon", [("drain_peak_rss_mb", "MB")]),
+    ("cycle start vs the grid under load, p50 / p99",
+     [("schedule_p50_error_ms", "ms"), ("schedule_p99_error_ms", "ms")]),
+    ("drift of the grid under load / overruns (cycles that ran into the next slot)",
+     [("schedule_drift_ms", "ms"), ("overruns", "")]),
+]
+_MICRO = [
+    ("pipeline in a tight loop on a fake clock, CPU per cycle (sending amortised) / of which measuring / "
+     "storing and points", [("cpu_ms_per_cycle", "ms"), ("measure_cpu_ms_per_cycle", "ms"),
+                            ("pipeline_cpu_ms_per_cycle", "ms")]),
+    ("the 40-field naive writer (one influxdb-client request per field, proxy threads in the timed process), "
+     "CPU per cycle / how many times the tight loop's", [("naive_cpu_ms_per_cycle", "ms"), ("cpu_ratio", "×")]),
+    ("bytes per cycle, tight loop / naive / ratio",
+     [("bytes_per_cycle", "B"), ("naive_bytes_per_cycle", "B"), ("bytes_ratio", "×")]),
+    ("requests per cycle, tight loop / naive / ratio",
+     [("requests_per_cycle", ""), ("naive_requests_per_cycle", ""), ("requests_ratio", "×")]),
+    ("RSS after the loop's cycles / growth from 10 % of them to the end",
+     [("steady_rss_mb", "MB"), ("rss_growth_mb", "MB")]),
+    ("the live page: measuring-thread CPU per cycle without / with the page and a browser connected",
+     [("cycle_cpu_ms_without_page", "ms"), ("cycle_cpu_ms_with_page", "ms")]),
+    ("process start to the first stored reading (includes the 1 s sampling window)", [("startup_s", "s")]),
+]
+
+
+def _fmt(value, unit: str) -> str:
+    if unit == "MB/day":
+        return f"{value / 1e6:,.0f} MB/day"
+    if isinstance(value, int) or unit in ("B", "points/s"):
+        text = f"{value:,.0f}"
+    else:
+        text = f"{value:,.2f}" if abs(value) < 100 else f"{value:,.0f}"
+    return f"{text}×" if unit == "×" else f"{text} {unit}".rstrip()
+
+
+def _verdict(key: str, value) -> str:
+    op, limit = TARGETS[key]
+    return "met" if (value >= limit if op == ">=" else value <= limit) else "**not met**"
+
+
+def markdown(figures: dict) -> str:
+    """The README's Performance table from a figures dict: label, keys, values, target, met / not met."""
+    lines = ["| figure | key(s) | value | target | |", "|---|---|---|---|---|"]
+    for title, rows in (("As the Pi runs it", _AS_THE_PI), ("Micro-benchmarks (in-process)", _MICRO)):
+        lines.append(f"| **{title}** | | | | |")
+        for label, cells in rows:
+            cells = [(k, unit) for k, unit in cells if k in figures]
+            if not cells:
+                continue
+            targets = [k for k, _ in cells if k in TARGETS]
+            lines.append(" | ".join([
+                f"| {label}", ", ".join(f"`{k}`" for k, _ in cells), " / ".join(_fmt(figures[k], u) for k, u in cells),
+                ", ".join(f"{TARGETS[k][0].replace('>=', '≥').replace('<=', '≤')} {TARGETS[k][1]:,}" for k in targets),
+                ", ".join(_verdict(k, figures[k]) for k in targets)]) + " |")
+    return "\n".join(lines)
+
+
 def table(figures: dict) -> str:
     rows = [("figure", "value", "target", "")]
     for key, value in figures.items():
@@ -591,8 +668,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="FILE", nargs="?", const="-",
                         help="print the figures as one JSON object instead of the table, or with FILE write "
                              "them there as well as printing the table")
+    parser.add_argument("--markdown", metavar="FILE", help="print the README's Performance table from a --json FILE")
     parser.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.markdown:
+        print(markdown(json.loads(Path(args.markdown).read_text())))
+        return 0
     if args.rss_worker:
         rss_worker(int(args.rss_worker[0]), args.rss_worker[1], args.rss_worker[2])
         return 0

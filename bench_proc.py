@@ -274,11 +274,15 @@ def measure_together(daemons: dict[str, tuple[DaemonProcess, Callable[[], dict] 
 
 
 def schedule_errors(starts: list[float], interval_s: float) -> dict:
-    """Start error of every cycle against the grid the first one set, in ms, and the skipped slots."""
+    """How late each cycle started against the grid, in ms (p50, p99, drift), and the skipped slots.
+
+    The grid is the one the cycles' slots imply, placed at the least late cycle (a start is never early),
+    so errors are lateness, >= 0. Raises ValueError for fewer than 3 starts.
+    """
     if len(starts) < 3:
         raise ValueError(f"{len(starts)} cycle starts are too few to judge the schedule")
-    t0 = starts[0]
-    slots = [round((s - t0) / interval_s) for s in starts]
+    slots = [round((s - starts[0]) / interval_s) for s in starts]
+    t0 = min(s - k * interval_s for s, k in zip(starts, slots))
     errors_ms = [(s - (t0 + k * interval_s)) * 1000 for s, k in zip(starts, slots)]
     overruns = sum(1 for a, b in zip(slots, slots[1:]) if b - a > 1)
     tail = max(len(errors_ms) // 10, 1)

@@ -86,11 +86,13 @@ def test_ceiling_batches_are_the_senders_batches(tmp_path):
     assert gzip.decompress(batches[0][1]).decode().splitlines() == lines[:cuts[0]]
 
 
-def test_schedule_errors_measure_against_the_first_start_and_count_skipped_slots():
+def test_schedule_errors_are_lateness_against_the_grid_and_count_skipped_slots():
     interval = 0.1
     starts = [100 + k * interval + 0.001 * (k % 3) for k in range(10)] + [100 + 11 * interval + 0.004]
     result = bench_proc.schedule_errors(starts, interval)
     assert result["overruns"] == 1  # slot 10 was skipped
+    late_origin = bench_proc.schedule_errors([starts[0] + 0.002, *starts[1:]], interval)
+    assert late_origin["p50_ms"] == pytest.approx(1.0)  # the grid sits at the least late start: no negative errors
     assert result["p50_ms"] == pytest.approx(1.0)
     assert result["p99_ms"] == pytest.approx(4.0)
     assert result["cycles"] == 11
@@ -124,3 +126,28 @@ def test_proc_readings_of_a_running_process():
     assert bench_proc.proc_cpu_ms(pid) >= spent + 30
     assert bench_proc.proc_peak_rss_mb(pid) > 10
     assert bench_proc.proc_write_bytes(pid) >= 0
+
+
+HEADLINE_KEYS = ("daemon_cpu_ms_per_cycle", "simulator_cpu_ms_per_cycle", "seed2023_cpu_ms_per_cycle",
+                 "seed2023_requests_per_cycle", "seed2023_bytes_per_cycle", "drain_points_per_s_v2",
+                 "drain_points_per_s_v1", "drain_ceiling_points_per_s_v1", "disk_bytes_per_day",
+                 "schedule_p99_error_ms", "overruns")
+
+
+def test_the_readme_performance_table_shows_every_headline_key():
+    readme = (bench.ROOT / "README.md").read_text()
+    start = readme.index("## Performance")
+    section = readme[start:readme.index("\n## ", start + 3)]
+    for key in HEADLINE_KEYS:
+        assert f"`{key}`" in section, f"{key} is not in the README's Performance section"
+    table = bench.markdown(dict.fromkeys(HEADLINE_KEYS, 1.0))
+    for key in HEADLINE_KEYS:
+        assert f"`{key}`" in table, f"bench.markdown() has no row for {key}"
+
+
+def test_the_table_says_met_or_not_met_against_the_targets():
+    rows = bench.markdown({"daemon_cpu_ms_per_cycle": 3.1, "drain_points_per_s_v2": 120_000.0}).splitlines()
+    daemon = next(r for r in rows if "`daemon_cpu_ms_per_cycle`" in r)
+    drain = next(r for r in rows if "`drain_points_per_s_v2`" in r)
+    assert "≤ 2.5" in daemon and daemon.rstrip(" |").endswith("**not met**")
+    assert "≥ 100,000" in drain and drain.rstrip(" |").endswith("met") and "not met" not in drain
