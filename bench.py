@@ -400,7 +400,7 @@ def schedule(cycles: int, tmp: Path, interval_s: float = 0.2) -> dict:
             daemon.stop()
     finally:
         bench_proc.stop_busy(busy)
-    result = bench_proc.schedule_errors(daemon.trace_starts()[warmup:warmup + cycles], interval_s)
+    result = bench_proc.schedule_errors(daemon.trace_starts()[:warmup + cycles], interval_s, skip=warmup)
     return {"schedule_p50_error_ms": result["p50_ms"], "schedule_p99_error_ms": result["p99_ms"],
             "schedule_drift_ms": result["drift_ms"], "overruns": result["overruns"],
             "schedule_overruns": result["overruns"], "schedule_cycles": result["cycles"],

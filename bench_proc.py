@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import signal
 import sqlite3
@@ -273,22 +274,23 @@ def measure_together(daemons: dict[str, tuple[DaemonProcess, Callable[[], dict] 
     return results
 
 
-def schedule_errors(starts: list[float], interval_s: float) -> dict:
-    """How late each cycle started against the grid, in ms (p50, p99, drift), and the skipped slots.
+def schedule_errors(starts: list[float], interval_s: float, skip: int = 0) -> dict:
+    """How late cycles started against the daemon's grid, in ms (p50, p99, drift), and the slots skipped.
 
-    The grid is the one the cycles' slots imply, placed at the least late cycle (a start is never early),
-    so errors are lateness, >= 0. Raises ValueError for fewer than 3 starts.
+    `starts` is every cycle's start from the first on: the first cycle starts the grid (the loop runs it
+    at once), and a start is never early, so each error is the lateness after the last grid slot. The
+    first `skip` cycles (warm-up) are left out of the figures. Raises ValueError for fewer than 3 starts.
     """
-    if len(starts) < 3:
-        raise ValueError(f"{len(starts)} cycle starts are too few to judge the schedule")
-    slots = [round((s - starts[0]) / interval_s) for s in starts]
-    t0 = min(s - k * interval_s for s, k in zip(starts, slots))
-    errors_ms = [(s - (t0 + k * interval_s)) * 1000 for s, k in zip(starts, slots)]
+    if len(starts) - skip < 3:
+        raise ValueError(f"{len(starts) - skip} cycle starts are too few to judge the schedule")
+    t0 = starts[0]
+    slots = [math.floor((s - t0) / interval_s + 1e-9) for s in starts[skip:]]
+    errors_ms = [(s - (t0 + k * interval_s)) * 1000 for s, k in zip(starts[skip:], slots)]
     overruns = sum(1 for a, b in zip(slots, slots[1:]) if b - a > 1)
     tail = max(len(errors_ms) // 10, 1)
     drift_ms = abs(sum(errors_ms[-tail:]) / tail - sum(errors_ms[:tail]) / tail)
     return {"p50_ms": percentile(errors_ms, 50), "p99_ms": percentile(errors_ms, 99), "drift_ms": drift_ms,
-            "overruns": overruns, "cycles": len(starts)}
+            "overruns": overruns, "cycles": len(errors_ms)}
 
 
 # -- helper processes -------------------------------------------------------------------------------

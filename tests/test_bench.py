@@ -86,16 +86,17 @@ def test_ceiling_batches_are_the_senders_batches(tmp_path):
     assert gzip.decompress(batches[0][1]).decode().splitlines() == lines[:cuts[0]]
 
 
-def test_schedule_errors_are_lateness_against_the_grid_and_count_skipped_slots():
+def test_schedule_errors_are_lateness_after_the_grid_the_first_cycle_starts_and_count_skipped_slots():
     interval = 0.1
-    starts = [100 + k * interval + 0.001 * (k % 3) for k in range(10)] + [100 + 11 * interval + 0.004]
+    late_ms = [0, 1, 2, 0, 1, 2, 60, 1, 2, 0]  # 60 ms: more than half a slot late, still the same slot
+    starts = [100 + k * interval + ms / 1000 for k, ms in enumerate(late_ms)] + [100 + 11 * interval + 0.004]
     result = bench_proc.schedule_errors(starts, interval)
     assert result["overruns"] == 1  # slot 10 was skipped
-    late_origin = bench_proc.schedule_errors([starts[0] + 0.002, *starts[1:]], interval)
-    assert late_origin["p50_ms"] == pytest.approx(1.0)  # the grid sits at the least late start: no negative errors
     assert result["p50_ms"] == pytest.approx(1.0)
-    assert result["p99_ms"] == pytest.approx(4.0)
+    assert result["p99_ms"] == pytest.approx(60.0)
     assert result["cycles"] == 11
+    warm = bench_proc.schedule_errors(starts, interval, skip=7)
+    assert warm["cycles"] == 4 and warm["p99_ms"] == pytest.approx(4.0) and warm["overruns"] == 1
     with pytest.raises(ValueError, match="too few"):
         bench_proc.schedule_errors(starts[:2], interval)
 
