@@ -1,0 +1,154 @@
+"""The benchmark's own parts: what its figures rest on (the 2023 baseline's requests, the replay bus,
+the ceiling's batches, the schedule arithmetic, the backlog). No timing is asserted here."""
+from __future__ import annotations
+
+import socket
+import time
+
+import adafruit_ina219
+import pytest
+
+import bench
+import bench_proc
+import config as config_mod
+import lp
+from outbox import Outbox
+from simulator import build_simulated_bus
+
+
+def constant_bus(clock):
+    cfg = config_mod.parse_config({"simulation": {"enabled": True, "scenario": "constant"}}, "test")
+    return build_simulated_bus(cfg, clock)
+
+
+def test_seed2023_cycle_is_18_synchronous_single_field_requests_in_the_2023_layout(victoria, make_proxy, clock):
+    from influxdb_client import InfluxDBClient
+    from influxdb_client.client.write_api import SYNCHRONOUS
+
+    from bench_seed2023 import Seed2023, requests_per_cycle
+
+    proxy = make_proxy(victoria.url)
+    client = InfluxDBClient(url=proxy.url, token="bench", org="B2Z")
+    seed = Seed2023(bench_proc.ReplayBus(constant_bus(clock)), client.write_api(write_options=SYNCHRONOUS),
+                    sample_sleep_s=0, cpu_interval_s=0)
+    seed.cycle()
+    client.close()
+    assert proxy.requests == 18
+    host = socket.gethostname()
+    sent = []
+    for request in proxy.log:
+        assert request.method == "POST" and request.query == {"org": "B2Z", "bucket": "Solar Power",
+                                                              "precision": "ns"}
+        with pytest.raises(ValueError):
+            lp.parse(request.text)  # no timestamp: the server stamps each point
+        measurement, tags, fields, _ = lp.parse(request.text.strip() + " 0")
+        assert len(fields) == 1  # one field per request
+        (tag_key, tag_value), = tags.items()
+        sent.append((measurement, tag_value, next(iter(fields))))
+        assert tag_key == ("Machine" if measurement != "Electricity Gen" else "House")
+    assert sent == requests_per_cycle()
+    assert sent[:4] == [("network", host, "upload"), ("network", host, "download"), ("cpu_usage", host, "CPU"),
+                        ("ram_usage", host, "RAM")]
+    assert 4_000 < proxy.bytes_in < 7_000  # FIELD-NOTES: ~5.2 kB of request headers and bodies per cycle
+
+
+def test_replay_bus_answers_like_the_chip_without_asking_it_again(clock):
+    bus = constant_bus(clock)
+    replay = bench_proc.ReplayBus(bus)
+    direct = adafruit_ina219.INA219(bus, 0x40)
+    replayed = adafruit_ina219.INA219(replay, 0x40)
+    assert replayed.bus_voltage == pytest.approx(direct.bus_voltage)
+    assert replayed.shunt_voltage == pytest.approx(direct.shunt_voltage)
+    expected = direct.bus_voltage
+    before = bus.transactions
+    for _ in range(10):
+        assert replayed.bus_voltage == pytest.approx(expected)
+        replayed.shunt_voltage
+    direct.bus_voltage
+    assert bus.transactions == before + 1  # only the direct read reached the emulated chip
+    replayed.calibration = 1234  # settings still go to the chip
+    assert bus.device(0x40).calibration == 1234
+
+
+def test_ceiling_batches_are_the_senders_batches(tmp_path):
+    box = Outbox(tmp_path)
+    lines = [f"m,k=v f={i}i,pad=\"{'x' * (i % 300)}\" {1_000 + i}" for i in range(12_345)]
+    box.append([(1_000 + i, line) for i, line in enumerate(lines)])
+    cuts = []
+    while batch := box.pending(5000, 400_000):
+        cuts.append(len(batch))
+        box.mark_sent(p.id for p in batch)
+    box.close()
+    batches = bench_proc.ceiling_batches(tmp_path, 5000, 400_000)
+    assert [n for n, _ in batches] == cuts and len(cuts) > 3
+    import gzip
+
+    assert gzip.decompress(batches[0][1]).decode().splitlines() == lines[:cuts[0]]
+
+
+def test_schedule_errors_are_lateness_after_the_grid_the_first_cycle_starts_and_count_skipped_slots():
+    interval = 0.1
+    late_ms = [0, 1, 2, 0, 1, 2, 60, 1, 2, 0]  # 60 ms: more than half a slot late, still the same slot
+    starts = [100 + k * interval + ms / 1000 for k, ms in enumerate(late_ms)] + [100 + 11 * interval + 0.004]
+    result = bench_proc.schedule_errors(starts, interval)
+    assert result["overruns"] == 1  # slot 10 was skipped
+    assert result["p50_ms"] == pytest.approx(1.0)
+    assert result["p99_ms"] == pytest.approx(60.0)
+    assert result["cycles"] == 11
+    warm = bench_proc.schedule_errors(starts, interval, skip=7)
+    assert warm["cycles"] == 4 and warm["p99_ms"] == pytest.approx(4.0) and warm["overruns"] == 1
+    with pytest.raises(ValueError, match="too few"):
+        bench_proc.schedule_errors(starts[:2], interval)
+
+
+def test_backlog_is_a_simulated_day_not_one_cycle_repeated(tmp_path):
+    points = bench.fill_backlog(tmp_path, hours=0.5, interval_s=1.0)
+    assert points == 1800 * 5
+    box = Outbox(tmp_path, check_integrity=False)
+    rows = [(t, line) for t, line, _ in box.export()]
+    box.close()
+    parsed = [lp.parse(line) for _, line in rows]
+    assert {m for m, *_ in parsed} == {"electricity", "system"}
+    powers = [fields["power_w"] for m, tags, fields, _ in parsed if m == "electricity" and tags["unit"] == "red_house"]
+    assert len(set(powers)) > 100  # the values change from cycle to cycle
+    times = sorted({t for t, _ in rows})
+    assert len(times) == 1800 and times[1] - times[0] == 1000
+    assert abs(times[-1] - time.time() * 1000) < 60_000  # recent: every server keeps it
+
+
+def test_proc_readings_of_a_running_process():
+    import os
+
+    pid = os.getpid()
+    spent = bench_proc.proc_cpu_ms(pid)
+    deadline = time.process_time() + 0.05
+    while time.process_time() < deadline:
+        pass
+    assert bench_proc.proc_cpu_ms(pid) >= spent + 30
+    assert bench_proc.proc_peak_rss_mb(pid) > 10
+    assert bench_proc.proc_write_bytes(pid) >= 0
+
+
+HEADLINE_KEYS = ("daemon_cpu_ms_per_cycle", "simulator_cpu_ms_per_cycle", "seed2023_cpu_ms_per_cycle",
+                 "seed2023_requests_per_cycle", "seed2023_bytes_per_cycle", "drain_points_per_s_v2",
+                 "drain_points_per_s_v1", "drain_ceiling_points_per_s_v1", "disk_bytes_per_day",
+                 "schedule_p99_error_ms", "overruns")
+
+
+def test_the_readme_performance_table_shows_every_headline_key():
+    readme = (bench.ROOT / "README.md").read_text()
+    start = readme.index("## Performance")
+    section = readme[start:readme.index("\n## ", start + 3)]
+    for key in HEADLINE_KEYS:
+        assert f"`{key}`" in section, f"{key} is not in the README's Performance section"
+    table = bench.markdown(dict.fromkeys(HEADLINE_KEYS, 1.0))
+    for key in HEADLINE_KEYS:
+        assert f"`{key}`" in table, f"bench.markdown() has no row for {key}"
+
+
+def test_the_table_says_met_or_not_met_against_the_targets():
+    rows = bench.markdown({"daemon_cpu_ms_per_cycle": 3.1, "drain_points_per_s_v2": 120_000.0}).splitlines()
+    daemon = next(r for r in rows if "`daemon_cpu_ms_per_cycle`" in r)
+    drain = next(r for r in rows if "`drain_points_per_s_v2`" in r)
+    assert "≤ 2.5" in daemon and daemon.rstrip(" |").endswith("**not met**")
+    assert "≥ 100,000" in drain and drain.rstrip(" |").endswith("met") and "not met" not in drain
