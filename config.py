@@ -205,7 +205,10 @@ def embedded_default() -> Config:
 
 def _default_store_dir() -> str:
     # systemd's StateDirectory= hands us the place; elsewhere the working directory.
-    return os.environ.get("STATE_DIRECTORY", "").split(":")[0] or StoreConfig.dir
+    from release import state_dir_from_env
+
+    state_dir = state_dir_from_env()
+    return str(state_dir) if state_dir else StoreConfig.dir
 
 
 def find_config(explicit: str | None, env: Mapping[str, str] | None = None) -> Path | None:

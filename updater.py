@@ -8,7 +8,7 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   pre-start    before every daemon start (the unit runs it from `previous`, the known-good release):
                count the start; roll back a freshly updated release that failed to reach
                mark_good() max_failed_starts times in a row
-  mark-good    what the daemon does once the release has proven itself (main.GOOD_AFTER_CYCLES stored
+  mark-good    what the daemon does once the release has proven itself (service.GOOD_AFTER_CYCLES stored
                cycles and a delivery attempt, or GOOD_AFTER_S of running; the daemon calls mark_good())
   status       the releases and the state as JSON
   acknowledge  clear the rollback notice
@@ -18,8 +18,8 @@ is untouched), 2 bad usage, 10 updated (the new release is current; the service 
 restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
 keep the logger from starting at all.
 
-Only the standard library, `config` and `safepip` are imported, so rollback works even when the
-release's venv is broken.
+Only the standard library, `config`, `clock`, `release` (the release state this process shares with
+the daemon) and `safepip` are imported, so rollback works even when the release's venv is broken.
 """
 from __future__ import annotations
 
@@ -27,8 +27,6 @@ import argparse
 import contextlib
 import copy
 import datetime as dt
-import errno
-import fcntl
 import json
 import logging
 import math
@@ -38,7 +36,6 @@ import re
 import shlex
 import shutil
 import signal
-import stat
 import subprocess
 import sys
 import tempfile
@@ -52,21 +49,20 @@ from typing import Any
 
 import config as config_mod
 import safepip
+from clock import now_iso
 from config import ConfigError, UpdateConfig
+from release import (DEFAULT_STATE_DIR, MARKER_FILE, SHA, STATE_FILE, STATE_LOCK, acknowledge,  # noqa: F401 - re-exported
+                     default_state_dir, flock, fsync_dir, load_state, locked_state, mark_good, rollback_notice,
+                     short_sha, should_roll_back, write_json)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/opt/solarpowerbrampton")
-DEFAULT_STATE_DIR = Path("/var/lib/solarpowerbrampton")
 DEFAULT_GNUPGHOME = Path("/etc/solarpowerbrampton/gnupg")
 SERVICE = "solarpowerbrampton.service"
 SERVICE_USER = "solarpower"
-STATE_FILE = "update-state.json"
-MARKER_FILE = "rolled-back.json"
-STATE_LOCK = ".update-state.lock"
 ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
 RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
-NOTICE_EXPIRES_S = 86400.0  # a day of good running on the old release clears a rollback notice
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -84,9 +80,7 @@ INSTALL_TIMEOUT_S = 3600.0  # a Pi Zero may build wheels
 SELFTEST_TIMEOUT_S = 300.0
 RESTART_TIMEOUT_S = 120.0
 
-_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-_MAX_STATE_BYTES = 1_000_000
 _AUTO = "auto"
 
 
@@ -126,13 +120,6 @@ class Layout:
         return self.root / ROOT_LOCK
 
 
-def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
-    """$STATE_DIRECTORY (its first entry), else /var/lib/solarpowerbrampton."""
-    env = os.environ if env is None else env
-    first = env.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(first) if first else DEFAULT_STATE_DIR
-
-
 def find_config(env: Mapping[str, str] | None = None) -> Path | None:
     """The config when none was given: as root only $SOLAR_CONFIG or /etc/solarpowerbrampton/config.toml,
     never ./config.toml (the service's working directory belongs to its user)."""
@@ -166,7 +153,7 @@ def release_sha(layout: Layout, link: Path) -> str | None:
     except OSError:
         return None
     sha = Path(target).name
-    if not _SHA.match(sha) or not (layout.releases / sha).is_dir():
+    if not SHA.match(sha) or not (layout.releases / sha).is_dir():
         return None
     return sha
 
@@ -179,180 +166,18 @@ def _swap_link(link: Path, target: str) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Power cuts are routine on the Pi: make renames durable.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _short(sha: str | None) -> str:
-    return sha[:12] if sha else "-"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    fsync_dir(link.parent)
 
 
 # -- locks ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _flock(path: Path, wait_s: float) -> Iterator[bool]:
-    """Hold an exclusive lock on `path` for the block; yields False if it stayed busy for `wait_s`."""
-    # O_NOFOLLOW/O_NONBLOCK: the state dir belongs to the (unprivileged) daemon user, so a root
-    # process must not follow a planted symlink or hang opening a planted FIFO.
-    # Read-only: a lock file root created must still be lockable by the daemon's user.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        # O_EXCL: only a file this call created is ever chowned - never one the daemon's user
-        # planted (a hard link to a root file, say), which root would otherwise hand to that user.
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-        created = True
-    except FileExistsError:
-        fd = os.open(path, flags)
-        created = False
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        if created and os.geteuid() == 0:
-            # The service's UMask=0077 applies to the privileged ExecStartPre too: without this the
-            # lock file would be root-only and the daemon's mark_good() could never take the lock.
-            owner = os.stat(path.parent)
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-            os.fchmod(fd, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        yield True
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def _root_lock(layout: Layout, wait_s: float = 0.0) -> Iterator[None]:
     """Serialise everything that touches releases/ and the links. Raises Busy."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    with _flock(layout.lock, wait_s) as held:
+    with flock(layout.lock, wait_s) as held:
         if not held:
             raise Busy(f"another updater holds {layout.lock}")
         yield
-
-
-# -- state (update-state.json) -------------------------------------------------------------------
-def _empty_state() -> dict[str, Any]:
-    return {"version": 1, "started": None, "releases": {}, "bad": {}}
-
-
-def _clean_state(raw: Any) -> dict[str, Any]:
-    # The file lives in the daemon's directory, so a root process treats it as untrusted input.
-    state = _empty_state()
-    if not isinstance(raw, dict):
-        return state
-    if isinstance(raw.get("started"), str) and _SHA.match(raw["started"]):
-        state["started"] = raw["started"]
-    releases = raw.get("releases")
-    if isinstance(releases, dict):
-        for sha, entry in releases.items():
-            if not (isinstance(sha, str) and _SHA.match(sha) and isinstance(entry, dict)):
-                continue
-            starts = entry.get("starts", 0)
-            clean: dict[str, Any] = {
-                "starts": starts if isinstance(starts, int) and not isinstance(starts, bool) and starts >= 0 else 0,
-                "good": entry.get("good") is True,
-            }
-            for key in ("installed_at", "installed_from", "good_at", "last_start"):
-                if isinstance(entry.get(key), str):
-                    clean[key] = entry[key][:100]
-            state["releases"][sha] = clean
-    bad = raw.get("bad")
-    if isinstance(bad, dict):
-        for sha, entry in bad.items():
-            if isinstance(sha, str) and _SHA.match(sha):
-                entry = entry if isinstance(entry, dict) else {}
-                state["bad"][sha] = {k: v[:300] for k, v in entry.items() if isinstance(k, str) and isinstance(v, str)}
-    return state
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON document at `path`; None if missing. Raises OSError/ValueError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        data = f.read(_MAX_STATE_BYTES + 1)
-    if len(data) > _MAX_STATE_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_STATE_BYTES} bytes")
-    return json.loads(data.decode("utf-8"))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically replace `path` (temp file + fsync + os.replace)."""
-    # mkstemp uses O_EXCL: never writes through a planted symlink.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            if os.geteuid() == 0:
-                # Written by root (pre-start, apply) but read and rewritten by the daemon's user.
-                owner = os.stat(path.parent)
-                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def load_state(state_dir: Path) -> dict[str, Any]:
-    """update-state.json, cleaned; an empty state if it is missing or unreadable."""
-    path = Path(state_dir) / STATE_FILE
-    try:
-        raw = _read_json(path)
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return _empty_state()
-    return _clean_state(raw)
-
-
-@contextlib.contextmanager
-def _state(state_dir: Path, wait_s: float = 5.0) -> Iterator[dict[str, Any]]:
-    """Read-modify-write update-state.json under a lock; written back when the block ends cleanly."""
-    state_dir = Path(state_dir)
-    with _flock(state_dir / STATE_LOCK, wait_s) as held:
-        if not held:
-            # The writers (pre-start, the daemon, apply) do tiny updates; a lock held this long
-            # is a stuck process, and losing one counter update beats blocking the daemon.
-            log.warning("%s stayed locked; updating the state without the lock", state_dir / STATE_LOCK)
-        state = load_state(state_dir)
-        before = json.dumps(state, sort_keys=True)
-        yield state
-        if json.dumps(state, sort_keys=True) != before:
-            _write_json(state_dir / STATE_FILE, state)
 
 
 # -- child processes ------------------------------------------------------------------------------
@@ -696,7 +521,7 @@ def _verify_signature(git: _Git, sha: str, gnupghome: Path) -> None:
         if result.returncode != 0:
             raise StepFailed(f"{sha} has no good signature from a key in {gnupghome}: "
                              f"{_tail(chr(10).join(said), 4) if said else 'the commit is not signed'}")
-        log.info("signature of %s: %s", _short(sha), signer[0].strip() if signer else "good")
+        log.info("signature of %s: %s", short_sha(sha), signer[0].strip() if signer else "good")
     finally:
         if shutil.which("gpgconf"):
             _run(["gpgconf", "--kill", "all"], timeout=10, env=child_env({"GNUPGHOME": str(home)}))
@@ -742,8 +567,8 @@ def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None
     try:
         safepip.allowed_hashes(dest / "requirements.txt")
     except (safepip.HashError, OSError, ValueError) as exc:
-        raise StepFailed(f"refusing {_short(new)}: its requirements are not hash-pinned: {exc}") from None
-    log.info("checked out %s; creating its venv", _short(new))
+        raise StepFailed(f"refusing {short_sha(new)}: its requirements are not hash-pinned: {exc}") from None
+    log.info("checked out %s; creating its venv", short_sha(new))
     began = time.monotonic()
     if venv_cmd is None:
         _make_venv(dest, install_timeout)
@@ -752,7 +577,7 @@ def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None
                       env=child_env({"SPB_RELEASE_DIR": str(dest)}))
         if result.returncode != 0:
             raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
-    log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, _short(new))
+    log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, short_sha(new))
     self_test(dest, live_config, timeout=selftest_timeout, run_as=run_as)
     return dest
 
@@ -771,8 +596,8 @@ def _prune(layout: Layout, keep: set[str]) -> None:
     except OSError:
         return
     for entry in entries:
-        if _SHA.match(entry.name) and entry.name not in keep and entry.is_dir() and not entry.is_symlink():
-            log.info("removing the old release %s", _short(entry.name))
+        if SHA.match(entry.name) and entry.name not in keep and entry.is_dir() and not entry.is_symlink():
+            log.info("removing the old release %s", short_sha(entry.name))
             _remove_release(layout, entry.name)
 
 
@@ -786,7 +611,7 @@ def _rollback_target(layout: Layout, state_dir: Path, old: str) -> str:
     if releases.get(old, {}).get("good") or not releases.get(previous, {}).get("good"):
         return old
     log.warning("the current release %s never reached a stored cycle: keeping previous -> %s (proven good)",
-                _short(old), _short(previous))
+                short_sha(old), short_sha(previous))
     return previous
 
 
@@ -840,15 +665,15 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
                    remote: str, ref: str, old: str, *, gnupghome: Path, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> tuple[str, str] | None:
     new = git.check("git rev-parse", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-    if not _SHA.match(new):
+    if not SHA.match(new):
         raise StepFailed(f"unexpected revision {new!r} for {update.branch}")
     if new == old:
-        log.info("up to date at %s", _short(old))
+        log.info("up to date at %s", short_sha(old))
         return None
     bad = load_state(state_dir)["bad"] if state_dir.is_dir() else {}
     if new in bad:
         log.warning("%s %s is %s, which was rolled back on %s: not applying it again (push a fix)",
-                    _redact(remote), update.branch, _short(new), bad[new].get("at", "an earlier start"))
+                    _redact(remote), update.branch, short_sha(new), bad[new].get("at", "an earlier start"))
         return None
     if not git.has_commit(old):
         # A repo.git made after the install may lack the installed commit: take it from the checkout.
@@ -859,18 +684,18 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
             raise StepFailed(f"the current release {old} is not in the history of {_redact(remote)} {update.branch}")
     is_ff = git.run("merge-base", "--is-ancestor", old, new)
     if is_ff.returncode == 1:
-        raise StepFailed(f"{_short(new)} is not a fast-forward of the current {_short(old)} "
+        raise StepFailed(f"{short_sha(new)} is not a fast-forward of the current {short_sha(old)} "
                          "(rewritten history?): refusing")
     if is_ff.returncode != 0:
         raise StepFailed(f"git merge-base failed: {_tail(is_ff.stdout)}")
     if update.require_signed:
         _verify_signature(git, new, gnupghome)
     else:
-        log.warning("[update] require_signed = false: %s is not signature-checked", _short(new))
+        log.warning("[update] require_signed = false: %s is not signature-checked", short_sha(new))
     dest = layout.releases / new
     if dest.exists() or dest.is_symlink():
         if new == release_sha(layout, layout.previous):
-            raise StepFailed(f"{_short(new)} is the `previous` release; refusing to rebuild it")
+            raise StepFailed(f"{short_sha(new)} is the `previous` release; refusing to rebuild it")
         log.warning("removing a leftover %s (an interrupted update?)", dest)
         _remove_release(layout, new)
     try:
@@ -889,8 +714,8 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
     keep = {old, new, fallback}  # `old` too: the running daemon still imports from it until restarted
     try:
         if state_dir.is_dir():
-            with _state(state_dir) as state:
-                state["releases"][new] = {"starts": 0, "good": False, "installed_at": _now(), "installed_from": old}
+            with locked_state(state_dir) as state:
+                state["releases"][new] = {"starts": 0, "good": False, "installed_at": now_iso(zulu=False), "installed_from": old}
                 for sha in list(state["releases"]):
                     if sha not in keep:
                         del state["releases"][sha]
@@ -934,7 +759,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
         # An earlier switch (ours or install.sh's) whose restart was cut off: the service may still
         # run the old code. Restart it now, before anything else.
         log.warning("the last switch to %s was not followed by a restart: restarting %s now",
-                    _short(release_sha(layout, layout.current)), SERVICE)
+                    short_sha(release_sha(layout, layout.current)), SERVICE)
         _restart(_restart_cmd(restart_cmd), layout)
     try:
         with _root_lock(layout):
@@ -961,7 +786,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
 def _mark_restart_pending(layout: Layout) -> None:
     fd = os.open(layout.root / RESTART_PENDING, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     os.close(fd)
-    _fsync_dir(layout.root)
+    fsync_dir(layout.root)
 
 
 def _restart(cmd: list[str], layout: Layout | None = None) -> bool:
@@ -1033,21 +858,21 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
             return
     state_dir.mkdir(parents=True, exist_ok=True)
     previous = release_sha(layout, layout.previous)
-    with _state(state_dir) as state:
+    with locked_state(state_dir) as state:
         entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
         failed = entry["starts"]  # starts since the last mark_good: each one died before it
         # Only a release still on probation (never marked good) after an update is rolled back:
         # a proven release that stops starting has a config or hardware problem, which old code
         # would not fix either.
-        if previous and previous != sha and not entry["good"] and failed >= limit:
+        if should_roll_back(entry, sha, previous, limit):
             if _rollback(layout, state_dir, state, sha, previous, failed):
                 return
         entry["starts"] = failed + 1
-        entry["last_start"] = _now()
+        entry["last_start"] = now_iso(zulu=False)
         state["started"] = sha
     if failed and not entry["good"]:
         log.warning("release %s: start %d; the last %d ended before it proved itself (cycles and a delivery attempt)",
-                    _short(sha), failed + 1, failed)
+                    short_sha(sha), failed + 1, failed)
 
 
 def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int) -> bool:
@@ -1057,89 +882,20 @@ def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, 
             # No way back to the bad release: `previous` would point at it.
             with contextlib.suppress(FileNotFoundError):
                 layout.previous.unlink()
-            _fsync_dir(layout.root)
+            fsync_dir(layout.root)
     except Busy:
-        log.warning("an update is running; not rolling back %s now", _short(bad))
+        log.warning("an update is running; not rolling back %s now", short_sha(bad))
         return False
     message = f"rolled back from {bad} to {good} after {failed} failed starts"
     log.error("%s", message)
-    at = _now()
+    at = now_iso(zulu=False)
     state["bad"][bad] = {"at": at, "reason": f"{failed} failed starts", "rolled_back_to": good}
     entry = state["releases"].setdefault(good, {"starts": 0, "good": False})
     entry["starts"] = 1
     entry["last_start"] = at
     state["started"] = good
-    _write_json(state_dir / MARKER_FILE, {"from": bad, "to": good, "failed_starts": failed, "at": at,
+    write_json(state_dir / MARKER_FILE, {"from": bad, "to": good, "failed_starts": failed, "at": at,
                                           "message": message})
-    return True
-
-
-def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bool:
-    """The release proved itself (see main.ServiceHooks.mark_good_due): reset the start counter, end the probation.
-
-    `sha` defaults to the release the last pre-start started. Fast (no git), never raises;
-    returns False when there was nothing to mark or the state could not be written.
-    """
-    try:
-        state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        with _state(state_dir, wait_s=2.0) as state:
-            sha = sha or state["started"]
-            if not sha or not _SHA.match(sha):
-                return False
-            entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
-            if entry["starts"] == 0 and entry["good"]:
-                return True
-            first = not entry["good"]
-            entry.update(starts=0, good=True, good_at=_now())
-        if first:
-            log.info("release %s is good", _short(sha))
-        return True
-    except Exception as exc:  # the daemon must not fail because of this bookkeeping
-        log.warning("cannot mark the release good in %s: %s", state_dir, exc)
-        return False
-
-
-def rollback_notice(state_dir: Path | str | None = None, now: dt.datetime | None = None) -> str | None:
-    """A one-line notice if an update was rolled back (for the LED, `status` and the log), else None.
-
-    The notice lasts until `updater.py acknowledge`, or until the release it rolled back to has run
-    well (marked good after the rollback, no failed start since) for NOTICE_EXPIRES_S.
-    """
-    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-    try:
-        data = _read_json(state_dir / MARKER_FILE)
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return "an update was rolled back (details unreadable): see `journalctl -u solarpowerbrampton`"
-    if data is None:
-        return None
-    if not (isinstance(data, dict) and isinstance(data.get("message"), str)):
-        return "an update was rolled back: see `journalctl -u solarpowerbrampton`"
-    if _healthy_since(state_dir, data, now or dt.datetime.now(dt.timezone.utc)):
-        return None
-    return f"{data['message'][:300]} at {str(data.get('at', '?'))[:40]}"
-
-
-def _healthy_since(state_dir: Path, marker: dict[str, Any], now: dt.datetime) -> bool:
-    """The rolled-back-to release was marked good after the rollback and has run NOTICE_EXPIRES_S since."""
-    try:
-        at = dt.datetime.fromisoformat(str(marker.get("at")))
-        entry = load_state(state_dir)["releases"].get(str(marker.get("to")), {})
-        good_at = dt.datetime.fromisoformat(entry["good_at"]) if entry.get("good_at") else None
-    except (ValueError, TypeError):
-        return False
-    if at.tzinfo is None or good_at is None or good_at.tzinfo is None:
-        return False
-    return entry.get("good") is True and entry.get("starts") == 0 and good_at >= at \
-        and (now - at).total_seconds() >= NOTICE_EXPIRES_S
-
-
-def acknowledge(state_dir: Path | str | None = None) -> bool:
-    """Clear the rollback notice. True if there was one."""
-    path = (Path(state_dir) if state_dir is not None else default_state_dir()) / MARKER_FILE
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
     return True
 
 
@@ -1148,7 +904,7 @@ def status(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None)
     layout = Layout(Path(root))
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
     try:
-        on_disk = sorted(p.name for p in layout.releases.iterdir() if _SHA.match(p.name))
+        on_disk = sorted(p.name for p in layout.releases.iterdir() if SHA.match(p.name))
     except OSError:
         on_disk = []
     return {"current": release_sha(layout, layout.current), "previous": release_sha(layout, layout.previous),

@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from config import parse_config
-from main import Daemon, load_energy
+from daemon import Daemon, load_energy
 from outbox import Outbox, StoreError
 from rpi_errors import ErrorHandler, Tier
 from simulator import build_simulated_bus
 from tools import SystemMonitor, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
-_HOLD = 360  # main._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written
+_HOLD = 360  # daemon._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written
 
 
 def _cannot(reason: str):

@@ -14,7 +14,7 @@ import pytest
 import main as main_mod
 from config import parse_config
 from local_solution import make_writer
-from main import Daemon, load_energy
+from daemon import Daemon, load_energy
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier, UnreachableError
 from sender import Policy, Sender

@@ -169,9 +169,8 @@ class Site:
 
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
         git("init", "-q", "-b", "main", str(self.work), cwd=base)
-        shutil.copy(PROJECT / "config.py", self.work / "config.py")
-        shutil.copy(PROJECT / "updater.py", self.work / "updater.py")
-        shutil.copy(PROJECT / "safepip.py", self.work / "safepip.py")
+        for module in ("config.py", "updater.py", "release.py", "clock.py", "safepip.py"):  # what updater imports
+            shutil.copy(PROJECT / module, self.work / module)
         (self.work / "requirements.txt").write_text("")
         (self.work / ".gitignore").write_text("__pycache__/\n")
         self.sha1 = self.commit("release 1")
