@@ -27,6 +27,7 @@ ROLES = ("battery", "solar", "load", "exchange")
 SCENARIOS = ("day", "constant")
 INFLUX_KINDS = ("none", "local", "cloud")
 INFLUX_APIS = ("v1", "v2")
+ADC_SAMPLES = (1, 2, 4, 8, 16, 32, 64, 128)  # the INA219's hardware averaging: conversions per result
 
 
 @dataclass(frozen=True)
@@ -203,6 +204,11 @@ def embedded_default() -> Config:
     )
 
 
+def cloud_url_problem(url: str) -> str | None:
+    """Why `url` cannot be InfluxDB Cloud's (the token would travel in clear), or None."""
+    return None if url.startswith("https://") else "InfluxDB Cloud needs an https:// URL"
+
+
 def _default_store_dir() -> str:
     # systemd's StateDirectory= hands us the place; elsewhere the working directory.
     from release import state_dir_from_env
@@ -355,11 +361,11 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             f"the sampling window ({sampling.window_s} s) must be shorter than the interval "
             f"({sampling.interval_s} s)",
         )
-    if sampling.adc_samples not in (1, 2, 4, 8, 16, 32, 64, 128):
-        v.problem("sampling.adc_samples", f"{sampling.adc_samples} is not one of 1, 2, 4, 8, 16, 32, 64, 128")
+    if sampling.adc_samples not in ADC_SAMPLES:
+        v.problem("sampling.adc_samples", f"{sampling.adc_samples} is not one of {', '.join(map(str, ADC_SAMPLES))}")
     if influx.kind == "cloud":
-        if influx.url and not influx.url.startswith("https://"):
-            v.problem("influx.url", "InfluxDB Cloud needs an https:// URL")
+        if influx.url and cloud_url_problem(influx.url):
+            v.problem("influx.url", cloud_url_problem(influx.url))
         for key in ("url", "org", "bucket"):
             if not getattr(influx, key):
                 v.problem(f"influx.{key}", "required when kind = \"cloud\"")

@@ -161,12 +161,12 @@ def make_writer(config: Config):
     if writer is None:
         return None
     if writer.secret is not None:
-        from credentials import SecretError
+        from credentials import PASSWORD_ENV, SecretError
 
         try:
             writer.secret.value()
         except SecretError as exc:
-            key = "influx.password_file" if writer.secret.env_name == "INFLUXDB_PASSWORD" else "influx.token_file"
+            key = "influx.password_file" if writer.secret.env_name == PASSWORD_ENV else "influx.token_file"
             raise ConfigError(config.source, [f"at '{key}': {exc}"]) from None
     return writer
 

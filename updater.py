@@ -18,25 +18,22 @@ is untouched), 2 bad usage, 10 updated (the new release is current; the service 
 restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
 keep the logger from starting at all.
 
-Only the standard library, `config`, `clock`, `release` (the release state this process shares with
-the daemon) and `safepip` are imported, so rollback works even when the release's venv is broken.
+Only the standard library and modules that need nothing else (`config`, `clock`, `credentials`,
+`release`: the release state this process shares with the daemon, `release_build`: building and
+self-testing a release, `safepip`) are imported, so rollback works even when the release's venv is broken.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import datetime as dt
 import json
 import logging
-import math
 import os
 import pwd
 import re
 import shlex
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -51,6 +48,8 @@ import config as config_mod
 import safepip
 from clock import now_iso
 from config import ConfigError, UpdateConfig
+from release_build import (SELFTEST_TIMEOUT_S, SERVICE_USER, Git, StepFailed, child_env,  # noqa: F401 - re-exported
+                           make_venv, redact, run_child, self_test, tail, toml_dumps, verify_signature)
 from release import (DEFAULT_STATE_DIR, MARKER_FILE, SHA, STATE_FILE, STATE_LOCK, acknowledge,  # noqa: F401 - re-exported
                      default_state_dir, flock, fsync_dir, load_state, locked_state, mark_good, rollback_notice,
                      short_sha, should_roll_back, write_json)
@@ -60,7 +59,6 @@ log = logging.getLogger(__name__)
 DEFAULT_ROOT = Path("/opt/solarpowerbrampton")
 DEFAULT_GNUPGHOME = Path("/etc/solarpowerbrampton/gnupg")
 SERVICE = "solarpowerbrampton.service"
-SERVICE_USER = "solarpower"
 ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
 RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
 
@@ -73,19 +71,11 @@ EXIT_CONFIG = 78
 ENV_VENV_CMD = "SPB_VENV_CMD"
 ENV_RESTART_CMD = "SPB_RESTART_CMD"
 
-SECRET_ENV = ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY")
 FETCH_TIMEOUT_S = 600.0
-GIT_TIMEOUT_S = 120.0
 INSTALL_TIMEOUT_S = 3600.0  # a Pi Zero may build wheels
-SELFTEST_TIMEOUT_S = 300.0
 RESTART_TIMEOUT_S = 120.0
 
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-_AUTO = "auto"
-
-
-class StepFailed(Exception):
-    """An update step failed; the message says which and why."""
 
 
 class Busy(Exception):
@@ -180,211 +170,12 @@ def _root_lock(layout: Layout, wait_s: float = 0.0) -> Iterator[None]:
         yield
 
 
-# -- child processes ------------------------------------------------------------------------------
-def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for git, pip and the self-test: without the InfluxDB secrets."""
-    env = dict(os.environ if base is None else base)
-    for name in list(env):
-        if name in SECRET_ENV or name.startswith("INFLUXDB_"):
-            del env[name]
-    env.update(extra or {})
-    return env
-
-
-def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = child_env()
-    for name in list(env):
-        # GIT_DIR, GIT_CONFIG_* etc. from the caller must not redirect what we fetch or check out.
-        if name.startswith("GIT_"):
-            del env[name]
-    # No system/global config (url rewrites, hooks, helpers) and never a credential prompt.
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0",
-                "LC_ALL": "C"})
-    env.update(extra or {})
-    return env
-
-
-def _run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-         user: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
-    """Run `cmd`, capturing stdout+stderr; on timeout kill its whole process group (returncode -9)."""
-    kwargs: dict[str, Any] = {}
-    if user is not None:
-        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
-    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(env) if env is not None else child_env(), cwd=cwd, text=True,
-                            errors="replace", start_new_session=True, **kwargs)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            # Still alive: killing another user's process needs CAP_KILL. Do not hang with it.
-            log.error("could not kill %s (pid %d) after its timeout", shlex.join(proc.args), proc.pid)
-            out = ""
-        return subprocess.CompletedProcess(proc.args, -signal.SIGKILL, f"{out}\n(timed out after {timeout:g} s)")
-    except BaseException:  # SIGTERM/Ctrl-C: no orphan may go on writing into a release being removed
-        _kill_group(proc)
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    # pip and the daemon start children of their own: kill the group, not just the leader.
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        proc.kill()
-
-
-def _tail(output: str, lines: int = 15) -> str:
-    kept = [line[:300] for line in (output or "").strip().splitlines()[-lines:]]
-    return " | ".join(kept) if kept else "(no output)"
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//[^/@\s]*@", "//***@", url)
-
-
-class _Git:
-    """git against repo.git, with hooks off and no outside config."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-
-    def run(self, *args: str, timeout: float = GIT_TIMEOUT_S, env: Mapping[str, str] | None = None,
-            git_dir: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["git", "-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never"]
-        if git_dir:
-            cmd += ["--git-dir", str(self.layout.repo)]
-        return _run(cmd + list(args), timeout=timeout, env=_git_env(env))
-
-    def check(self, what: str, *args: str, **kwargs: Any) -> str:
-        result = self.run(*args, **kwargs)
-        if result.returncode != 0:
-            raise StepFailed(f"{what} failed (git exit {result.returncode}): {_tail(result.stdout)}")
-        return result.stdout.strip()
-
-    def has_commit(self, sha: str) -> bool:
-        return self.run("cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
-
-
-# -- the self-test config -------------------------------------------------------------------------
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_str(key)
-
-
-def _toml_str(value: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes; DEL is the one control
-    # character TOML wants escaped that json leaves alone.
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_str(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def toml_dumps(data: Mapping[str, Any]) -> str:
-    """A TOML document for what tomllib parsed (the stdlib reads TOML but cannot write it)."""
-    def is_table_array(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(i, dict) for i in v)
-
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
-             if not isinstance(v, dict) and not is_table_array(v)]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{_toml_key(key)}]"]
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
-    for key, value in data.items():
-        if is_table_array(value):
-            for item in value:
-                lines += ["", f"[[{_toml_key(key)}]]"]
-                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
-
-
-def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
-    """The live config, made safe to run anywhere: simulated bus, temp store, no InfluxDB, no LED."""
-    data = copy.deepcopy(dict(live))
-
-    def table(name: str) -> dict[str, Any]:
-        if not isinstance(data.get(name), dict):
-            data[name] = {}
-        return data[name]
-
-    table("simulation")["enabled"] = True
-    table("store")["dir"] = str(store_dir)
-    # Only kind: the token/password file settings must not even be looked at.
-    data["influx"] = {"kind": "none"}
-    table("led")["enabled"] = False
-    sampling = table("sampling")
-    sampling["interval_s"] = 0.5
-    sampling["window_s"] = 0.1
-    samples = sampling.get("samples")
-    if isinstance(samples, int) and not isinstance(samples, bool) and samples > 10:
-        sampling["samples"] = 10
-    if "update" in data:
-        table("update")["enabled"] = False
-    # "auto"/"sync" wait for NTP on a Pi: the self-test must not hang on the clock.
-    table("clock")["trust"] = "always"
-    return data
-
-
 # -- apply ----------------------------------------------------------------------------------------
 def _venv_cmd(venv_cmd: str | None) -> str | None:
-    """The shell command making the venv, or None for the default (`_make_venv`)."""
+    """The shell command making the venv, or None for the default (`make_venv`)."""
     if venv_cmd is not None:
         return venv_cmd
     return os.environ.get(ENV_VENV_CMD) or None
-
-
-def _make_venv(release: Path, timeout: float) -> None:
-    """python3 -m venv + the hash-checked install of requirements.txt (safepip). Raises StepFailed.
-
-    --system-site-packages: Raspberry Pi OS's python3-lgpio (the LED) and, on 32-bit Pis,
-    python3-psutil / python3-sysv-ipc come from Debian. Every root step runs this venv's python
-    with -I or -s, so the service user's site directory is never imported as root.
-    """
-    venv = release / ".venv"
-    result = _run(["python3", "-I", "-m", "venv", "--system-site-packages", str(venv)], timeout=timeout,
-                  env=child_env(), cwd=release)
-    if result.returncode != 0:
-        raise StepFailed(f"python3 -m venv failed (exit {result.returncode}): {_tail(result.stdout)}")
-    try:
-        safepip.install(str(venv / "bin" / "python"), release / "requirements.txt", timeout=timeout,
-                        env=child_env())
-    except safepip.HashError as exc:
-        raise StepFailed(f"refusing the release: {exc}") from None
-    except subprocess.CalledProcessError as exc:
-        raise StepFailed(f"pip failed (exit {exc.returncode}): {exc.output}") from None
-    except (OSError, KeyError, subprocess.TimeoutExpired) as exc:
-        raise StepFailed(f"installing the requirements failed: {exc}") from None
-    # install.sh's markers: a later install.sh run then knows this venv is complete.
-    shutil.copyfile(release / "requirements.txt", venv / ".spb-installed-requirements.txt")
-    (venv / ".spb-venv-complete").touch()
 
 
 def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
@@ -401,139 +192,12 @@ def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
     return list(restart_cmd)
 
 
-def _can_switch_user() -> bool:
-    # Under a sandbox without CAP_SETUID/CAP_SETGID (CapabilityBoundingSet=) the switch fails.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-                return bool(caps & (1 << 6)) and bool(caps & (1 << 7))
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
-
-
-def _selftest_user(run_as: str | None) -> pwd.struct_passwd | None:
-    """Who runs the new code in the self-test: the service user when we are root and can switch."""
-    if run_as == "":
-        return None
-    auto = run_as is None or run_as == _AUTO
-    name = SERVICE_USER if auto else run_as
-    try:
-        user = pwd.getpwnam(name)
-    except KeyError:
-        if auto:
-            return None
-        raise StepFailed(f"--run-as {name}: no such user") from None
-    if user.pw_uid == os.geteuid():
-        return None
-    if os.geteuid() != 0 or not _can_switch_user():
-        if auto:
-            log.warning("cannot switch to user %s for the self-test (not root, or no CAP_SETUID/CAP_SETGID): "
-                        "it runs as uid %d", name, os.geteuid())
-            return None
-        raise StepFailed(f"cannot switch to user {name} for the self-test (not root, or no CAP_SETUID/CAP_SETGID)")
-    return user
-
-
-def self_test(release: Path, live_config: Path | None, *, timeout: float = SELFTEST_TIMEOUT_S,
-              run_as: str | None = None) -> None:
-    """Run the new release with its own python against a safe copy of the live config. Raises StepFailed."""
-    python = release / ".venv" / "bin" / "python"
-    if not os.access(python, os.X_OK):
-        raise StepFailed(f"self-test: {python} is missing after the venv command")
-    for name in ("main.py", "updater.py"):
-        if not (release / name).is_file():
-            # Without its updater.py a release could never be rolled back or updated again.
-            raise StepFailed(f"self-test: the new release has no {name}")
-    user = _selftest_user(run_as)
-    live = tomllib.loads(live_config.read_text(encoding="utf-8")) if live_config else {}
-    tmp = Path(tempfile.mkdtemp(prefix="spb-selftest-"))
-    try:
-        store, state, home = tmp / "store", tmp / "state", tmp / "home"
-        for d in (store, state, home):
-            d.mkdir()
-        data = selftest_config(live, store)
-        text = toml_dumps(data)
-        if tomllib.loads(text) != data:  # never test against a config other than the one meant
-            raise StepFailed("self-test: the temporary config did not round-trip through TOML")
-        cfg = tmp / "config.toml"
-        cfg.write_text(text, encoding="utf-8")
-        cfg.chmod(0o600)  # the daemon refuses a config others can read, as it may name secret files
-        if user is not None:
-            for path in (tmp, store, state, home, cfg):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        env = child_env({"HOME": str(home), "STATE_DIRECTORY": str(state), "TMPDIR": str(tmp)})
-        for name in ("SOLAR_CONFIG", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "NOTIFY_SOCKET",
-                     "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-            env.pop(name, None)  # nothing may point the new code at the live service's files or sockets
-        # Precompiled as root because the service's code tree is read-only (PYTHONDONTWRITEBYTECODE).
-        # -I -S: compileall from the stdlib, never a compileall.py planted in the release, and no
-        # site-packages .pth code: compiling does not run anything of the new release.
-        steps: list[tuple[str, list[str], pwd.struct_passwd | None]] = [
-            ("compile", [str(python), "-I", "-S", "-m", "compileall", "-q", "-x", r"[/\\]\.venv[/\\]",
-                         str(release)], None),
-            ("updater", [str(python), str(release / "updater.py"), "--help"], user),
-        ]
-        if live_config is not None:
-            # The new code must accept the live config as it is: the copy above replaces [influx] and
-            # [store], so a release that rejects them would pass, then exit 78 at every start, which
-            # systemd does not retry (RestartPreventExitStatus=78) and the rollback would never see.
-            check = ("import pathlib, sys; sys.path.insert(0, sys.argv[2]); import config; "
-                     "config.load_config(pathlib.Path(sys.argv[1]))")
-            steps.append(("live config", [str(python), "-c", check, str(live_config), str(release)], user))
-        steps += [
-            ("check", [str(python), str(release / "main.py"), "check", "--simulate", "--config", str(cfg)], user),
-            ("run", [str(python), str(release / "main.py"), "run", "--simulate", "--cycles", "2",
-                     "--config", str(cfg)], user),
-        ]
-        for name, cmd, who in steps:
-            began = time.monotonic()
-            result = _run(cmd, timeout=timeout, env=env, cwd=tmp, user=who)
-            if result.returncode != 0:
-                raise StepFailed(f"self-test `{name}` failed (exit {result.returncode}): {_tail(result.stdout)}")
-            log.info("self-test %s passed (%.1f s)", name, time.monotonic() - began)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prepare_gnupghome(source: Path) -> Path:
-    """A private copy of the trusted keyring: gpg writes into its home (locks, trustdb), and
-    the real one may be read-only (ProtectSystem=strict) and must not change."""
-    if not source.is_dir():
-        raise StepFailed(f"require_signed is on but the updater's keyring {source} does not exist "
-                         "(import the maintainers' public keys there, or pass --gnupghome)")
-    home = Path(tempfile.mkdtemp(prefix="spb-gnupg-"))
-    for item in source.iterdir():
-        # Public keyrings and trust only: no private keys, sockets or stale lock files.
-        if item.is_file() and not item.name.endswith(".lock") and not item.name.startswith("S."):
-            shutil.copy2(item, home / item.name)
-    return home
-
-
-def _verify_signature(git: _Git, sha: str, gnupghome: Path) -> None:
-    home = _prepare_gnupghome(gnupghome)
-    try:
-        result = git.run("-c", "gpg.program=gpg", "verify-commit", "--verbose", sha, env={"GNUPGHOME": str(home)})
-        # --verbose also prints the commit itself: only gpg's lines say why.
-        said = [ln for ln in result.stdout.splitlines() if ln.startswith("gpg:")]
-        signer = [ln for ln in said if "Good signature" in ln]
-        if result.returncode != 0:
-            raise StepFailed(f"{sha} has no good signature from a key in {gnupghome}: "
-                             f"{_tail(chr(10).join(said), 4) if said else 'the commit is not signed'}")
-        log.info("signature of %s: %s", short_sha(sha), signer[0].strip() if signer else "good")
-    finally:
-        if shutil.which("gpgconf"):
-            _run(["gpgconf", "--kill", "all"], timeout=10, env=child_env({"GNUPGHOME": str(home)}))
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
     remote = update.remote
     if not remote:
         # [update] enabled requires a remote, but an installer-made checkout knows its origin.
         release = layout.releases / current
-        result = _Git(layout).run("-C", str(release), "config", "--get", "remote.origin.url", git_dir=False)
+        result = Git(layout).run("-C", str(release), "config", "--get", "remote.origin.url", git_dir=False)
         remote = result.stdout.strip() if result.returncode == 0 else ""
     if not remote:
         raise StepFailed("no [update] remote configured and the current release has no origin")
@@ -542,16 +206,16 @@ def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
     return remote
 
 
-def _ensure_repo(layout: Layout, git: _Git, remote: str) -> None:
+def _ensure_repo(layout: Layout, git: Git, remote: str) -> None:
     if (layout.repo / "HEAD").is_file():
         return
-    log.info("creating the mirror %s for %s", layout.repo, _redact(remote))
+    log.info("creating the mirror %s for %s", layout.repo, redact(remote))
     # --template=: no sample hooks (hooks are off anyway).
     git.check("git init", "init", "--quiet", "--bare", "--template=", str(layout.repo), git_dir=False)
     git.check("git config", "config", "remote.origin.url", remote)
 
 
-def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None, *, venv_cmd: str | None,
+def _build_release(layout: Layout, git: Git, new: str, live_config: Path | None, *, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> Path:
     dest = layout.releases / new
     dest.mkdir(parents=True)
@@ -571,12 +235,12 @@ def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None
     log.info("checked out %s; creating its venv", short_sha(new))
     began = time.monotonic()
     if venv_cmd is None:
-        _make_venv(dest, install_timeout)
+        make_venv(dest, install_timeout)
     else:
-        result = _run(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
+        result = run_child(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
                       env=child_env({"SPB_RELEASE_DIR": str(dest)}))
         if result.returncode != 0:
-            raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
+            raise StepFailed(f"the venv command failed (exit {result.returncode}): {tail(result.stdout)}")
     log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, short_sha(new))
     self_test(dest, live_config, timeout=selftest_timeout, run_as=run_as)
     return dest
@@ -623,11 +287,11 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
         raise StepFailed(f"{layout.current} is not a link to {layout.releases}/<sha>: nothing to update from")
     if not _BRANCH.match(update.branch) or ".." in update.branch:
         raise StepFailed(f"[update] branch {update.branch!r} is not a branch name")
-    git = _Git(layout)
+    git = Git(layout)
     remote = _remote_url(layout, update, old)
     _ensure_repo(layout, git, remote)
     ref = f"refs/updater/{update.branch}"
-    log.info("fetching %s from %s", update.branch, _redact(remote))
+    log.info("fetching %s from %s", update.branch, redact(remote))
     # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
     git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
               "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}", timeout=FETCH_TIMEOUT_S)
@@ -643,12 +307,12 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
             _discard_fetch(git, ref, current)
 
 
-def _ref_sha(git: _Git, ref: str) -> str | None:
+def _ref_sha(git: Git, ref: str) -> str | None:
     result = git.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _discard_fetch(git: _Git, ref: str, accepted: str | None) -> None:
+def _discard_fetch(git: Git, ref: str, accepted: str | None) -> None:
     """Point `ref` back at the accepted commit and drop every object no ref reaches (the mirror
     keeps only accepted history)."""
     if accepted and git.has_commit(accepted):
@@ -658,10 +322,10 @@ def _discard_fetch(git: _Git, ref: str, accepted: str | None) -> None:
     git.run("reflog", "expire", "--expire=now", "--all")
     result = git.run("-c", "gc.auto=0", "gc", "--prune=now", "--quiet", timeout=FETCH_TIMEOUT_S)
     if result.returncode != 0:
-        log.warning("could not prune the mirror %s: %s", git.layout.repo, _tail(result.stdout))
+        log.warning("could not prune the mirror %s: %s", git.layout.repo, tail(result.stdout))
 
 
-def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateConfig, live_config: Path | None,
+def _apply_fetched(layout: Layout, git: Git, state_dir: Path, update: UpdateConfig, live_config: Path | None,
                    remote: str, ref: str, old: str, *, gnupghome: Path, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> tuple[str, str] | None:
     new = git.check("git rev-parse", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
@@ -673,7 +337,7 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
     bad = load_state(state_dir)["bad"] if state_dir.is_dir() else {}
     if new in bad:
         log.warning("%s %s is %s, which was rolled back on %s: not applying it again (push a fix)",
-                    _redact(remote), update.branch, short_sha(new), bad[new].get("at", "an earlier start"))
+                    redact(remote), update.branch, short_sha(new), bad[new].get("at", "an earlier start"))
         return None
     if not git.has_commit(old):
         # A repo.git made after the install may lack the installed commit: take it from the checkout.
@@ -681,15 +345,15 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
         if (installed / ".git").exists():
             git.run("fetch", "--quiet", "--no-tags", "--", str(installed), "+HEAD:refs/updater/installed")
         if not git.has_commit(old):
-            raise StepFailed(f"the current release {old} is not in the history of {_redact(remote)} {update.branch}")
+            raise StepFailed(f"the current release {old} is not in the history of {redact(remote)} {update.branch}")
     is_ff = git.run("merge-base", "--is-ancestor", old, new)
     if is_ff.returncode == 1:
         raise StepFailed(f"{short_sha(new)} is not a fast-forward of the current {short_sha(old)} "
                          "(rewritten history?): refusing")
     if is_ff.returncode != 0:
-        raise StepFailed(f"git merge-base failed: {_tail(is_ff.stdout)}")
+        raise StepFailed(f"git merge-base failed: {tail(is_ff.stdout)}")
     if update.require_signed:
-        _verify_signature(git, new, gnupghome)
+        verify_signature(git, new, gnupghome)
     else:
         log.warning("[update] require_signed = false: %s is not signature-checked", short_sha(new))
     dest = layout.releases / new
@@ -796,13 +460,13 @@ def _restart(cmd: list[str], layout: Layout | None = None) -> bool:
         log.info("no restart command: the new release runs from the next start of %s", SERVICE)
         return False
     try:
-        result = _run(cmd, timeout=RESTART_TIMEOUT_S)
+        result = run_child(cmd, timeout=RESTART_TIMEOUT_S)
     except OSError as exc:
         log.warning("cannot run the restart command %s: %s", shlex.join(cmd), exc)
         return False
     if result.returncode != 0:
         log.warning("the restart command %s failed (exit %d): %s; the new release runs from the next start",
-                    shlex.join(cmd), result.returncode, _tail(result.stdout))
+                    shlex.join(cmd), result.returncode, tail(result.stdout))
         return False
     if layout is not None:
         with contextlib.suppress(FileNotFoundError):
