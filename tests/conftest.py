@@ -11,6 +11,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# A test using one of these starts a real server: it is `slow` (README "Tests": ./test.sh -m "not slow").
+SERVER_FIXTURES = {"influxdb1", "victoria", "own_influxdb1", "own_victoria", "make_proxy"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)
+
+
 class FakeClock:
     """Monotonic seconds that only move when told; `sleep` and `wait` advance it."""
 
@@ -63,6 +73,36 @@ def victoria():
     require_binaries()
     with VictoriaMetrics() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def own_influxdb1():
+    """A private InfluxDB 1.6.7 for one module, with a database "test": its tests may stop, restart or pause it."""
+    from servers import InfluxDB1, require_binaries
+
+    require_binaries()
+    with InfluxDB1() as server:
+        server.create_database("test")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def own_victoria():
+    """A private VictoriaMetrics for one module: its tests may stop, restart or pause it."""
+    from servers import VictoriaMetrics, require_binaries
+
+    require_binaries()
+    with VictoriaMetrics() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http():
+    """A urllib3 pool without retries (a test sees every answer), short timeouts."""
+    import urllib3
+
+    with urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=5)) as pm:
+        yield pm
 
 
 @pytest.fixture
