@@ -372,17 +372,9 @@ def _channels(v: Validator, data: Mapping[str, Any]) -> tuple[ChannelConfig, ...
         where = f"channel[{i}]"
         checks = _checks(v, ChannelConfig)
         v.unknown(item, set(checks), where)
-        ok = True
         name = v.required(item, "name", where, checks.pop("name"))
         address = v.required(item, "address", where, checks.pop("address"))
-        values: dict[str, Any] = {}
-        for key_name, check in checks.items():
-            if key_name in item:
-                value = check(item[key_name], f"{where}.{key_name}")
-                if value is INVALID:
-                    ok = False
-                else:
-                    values[key_name] = value
+        values, ok = v.values(item, where, checks)
         if name is INVALID or address is INVALID:
             continue
         if name in names:

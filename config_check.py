@@ -45,18 +45,21 @@ class Validator:
         if not isinstance(raw, dict):
             return self.problem(where, f"must be a table, not {_kind(raw)}")
         self.unknown(raw, set(checks), where)
+        values, ok = self.values(raw, where, checks, defaults)
+        return cls(**values) if ok else INVALID
+
+    def values(self, raw, where, checks, defaults=None) -> tuple[dict, bool]:
+        """(the checked values of the keys `raw` has, over `defaults`; False if any was invalid)."""
         values = dict(defaults or {})
-        bad = False
+        ok = True
         for key, check in checks.items():
             if key in raw:
                 value = check(raw[key], f"{where}.{key}")
                 if value is INVALID:
-                    bad = True
+                    ok = False
                 else:
                     values[key] = value
-        if bad:
-            return INVALID
-        return cls(**values)
+        return values, ok
 
     def required(self, table, key, where, check):
         if key not in table:

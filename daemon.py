@@ -126,6 +126,11 @@ class Daemon:
         self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
         self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
 
+    @property
+    def held_cycles(self) -> int:
+        """Cycles held in memory because the store could not be written (bounded, oldest evicted first)."""
+        return len(self._unstored)
+
     def run_cycle(self):
         """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
         cycle = self.reader.measure()

@@ -181,6 +181,29 @@ def make_sender(config: Config, writer, handler: ErrorHandler):
     return Sender(writer, open_store(config, check_integrity=False), handler, policy)
 
 
+def open_led(config: Config) -> StatusLED | None:
+    """The status LED, or None when [led] is off or the GPIO cannot be had (the LED is optional)."""
+    if not config.led.enabled:
+        return None
+    try:
+        return StatusLED(make_led(config.led.pin))
+    except Exception as exc:  # noqa: BLE001 - gpiozero raises many kinds; the LED is optional
+        log.warning("no status LED on GPIO %d (%s: %s): measuring without it",
+                    config.led.pin, type(exc).__name__, exc)
+        return None
+
+
+def quarantine_stale(outbox: Outbox, boot_id: str) -> None:
+    """Quarantine held readings of earlier boots whose clock never synced (their times cannot be fixed)."""
+    try:
+        stale = outbox.quarantine_stale_held(boot_id)
+    except StoreError as exc:
+        stale = 0
+        log.warning("cannot check for readings of earlier unsynced boots yet: %s", exc)
+    if stale:
+        log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
+
+
 def cmd_run(args, config: Config) -> int:
     from tools import SystemMonitor
 
@@ -189,13 +212,7 @@ def cmd_run(args, config: Config) -> int:
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
-    handler_led = None
-    if config.led.enabled:
-        try:
-            handler_led = StatusLED(make_led(config.led.pin))
-        except Exception as exc:  # noqa: BLE001 - gpiozero raises many kinds; the LED is optional
-            log.warning("no status LED on GPIO %d (%s: %s): measuring without it",
-                        config.led.pin, type(exc).__name__, exc)
+    handler_led = open_led(config)
     handler = ErrorHandler(handler_led)
     try:
         choice = open_bus(config, args.simulate)
@@ -219,13 +236,7 @@ def cmd_run(args, config: Config) -> int:
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
     reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
-    try:
-        stale = outbox.quarantine_stale_held(guard.boot_id)
-    except StoreError as exc:
-        stale = 0
-        log.warning("cannot check for readings of earlier unsynced boots yet: %s", exc)
-    if stale:
-        log.error("quarantined %d readings from an earlier boot whose clock never synced", stale)
+    quarantine_stale(outbox, guard.boot_id)
     service = ServiceHooks(config, handler, outbox.directory, sender=sender,
                            console=(lambda line: print(line, flush=True)) if console_wanted() else None)
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,

@@ -162,6 +162,16 @@ class Sender:
         self.total_requests = 0
         self.total_bytes = 0
 
+    @property
+    def next_attempt_s(self) -> float:
+        """When (monotonic s) the next delivery may start after a failure (0: at once)."""
+        return self._next_attempt
+
+    @property
+    def failures(self) -> int:
+        """Consecutive unreachable outcomes so far (the backoff's exponent; 0 after a delivery)."""
+        return self._failures
+
     # -- thread control --------------------------------------------------
     def start(self) -> None:
         self._thread = threading.Thread(target=self._run, name="sender", daemon=True)

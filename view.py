@@ -114,129 +114,15 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
     for row in rows if isinstance(rows, (list, tuple)) else ():
         if isinstance(row, Mapping) and isinstance(row.get("name"), str):
             readings[row["name"]] = row
-
-    # Units in configuration order (the plant last), each with its channels.
-    layout: dict[str, list[tuple[str, str]]] = {}
-    for channel in channels:
-        layout.setdefault(channel.unit_name, []).append((channel.name, channel.role))
-    for name, row in readings.items():  # a reading the configuration does not know (should not happen)
-        if not any(name == n for chans in layout.values() for n, _ in chans):
-            layout.setdefault(str(row.get("unit") or name), []).append((name, str(row.get("role") or "battery")))
-    layout.setdefault(plant_unit, [])
-    order = [u for u in layout if u != plant_unit] + [plant_unit]
-
-    def values(name: str, role: str) -> dict:
-        row = readings.get(name, {})
-        return {
-            "name": name,
-            "role": role,
-            "bus_voltage_v": _number(row.get("bus_voltage_v")),
-            "current_ma": _number(row.get("current_ma")),
-            "power_w": _number(row.get("power_w")),
-            "energy_in_wh": _number(row.get("energy_in_wh")),
-            "energy_out_wh": _number(row.get("energy_out_wh")),
-        }
-
-    def total(chans: list[dict], key: str) -> float | None:
-        nums = [c[key] for c in chans if c[key] is not None]
-        return sum(nums) if nums else None
-
+    layout = _layout(readings, channels, plant_unit)
     units, flows = [], []
-    for unit in order:
-        chans = [values(name, role) for name, role in layout[unit]]
+    for unit, members in layout.items():
+        chans = [_channel_values(readings, name, role) for name, role in members]
         by_role: dict[str, list[dict]] = {}
         for chan in chans:
             by_role.setdefault(chan["role"], []).append(chan)
-        is_plant = unit == plant_unit
-        # Battery, load and trade meters sit on the battery's bus; a panel's meter sees the panel's
-        # voltage (up to ~21 V with the controller open), never the battery's.
-        on_battery = [c for c in chans if c["role"] != "solar"]
-        volts_from = by_role.get("battery") or on_battery
-        volts = next((c["bus_voltage_v"] for c in volts_from if c["bus_voltage_v"] is not None), None)
-        if volts is None:
-            volts = next((c["bus_voltage_v"] for c in on_battery if c["bus_voltage_v"] is not None), None)
-
-        state, source = "unknown", None
-        if by_role.get("exchange"):
-            source = "exchange"
-            current = total(by_role["exchange"], "current_ma")
-            if current is not None:
-                # A house: + = buys from the plant. The plant: + = sells to the houses.
-                if abs(current) < DEAD_BAND_MA:
-                    state = "idle"
-                elif is_plant:
-                    state = "selling" if current > 0 else "buying"
-                else:
-                    state = "buying" if current > 0 else "selling"
-        elif by_role.get("battery"):
-            source = "battery"
-            current = total(by_role["battery"], "current_ma")
-            if current is not None:
-                state = ("idle" if abs(current) < DEAD_BAND_MA
-                         else "charging" if current > 0 else "using battery")
-        elif by_role.get("solar"):
-            # Only the panel is measured (the real model): what its charge controller is doing.
-            source = "solar"
-            current = total(by_role["solar"], "current_ma")
-            panel_v = next((c["bus_voltage_v"] for c in by_role["solar"] if c["bus_voltage_v"] is not None), None)
-            if current is not None and panel_v is not None:
-                state = ("generating" if current >= DEAD_BAND_MA
-                         else "full" if panel_v >= PANEL_OPEN_V else "no sun")
-        if source == "battery" and state == "idle":
-            text = "Battery neither charging nor in use"
-        else:
-            text = (_PLANT_STATE_TEXT.get(state) if is_plant else None) or _STATE_TEXT[state]
-        battery_power = total(by_role.get("battery", []), "power_w")
-        solar = by_role.get("solar", [])
-        units.append({
-            "name": unit,
-            "is_plant": is_plant,
-            "channels": chans,
-            "battery_v": volts,
-            "battery_pct": battery_level_pct(volts, total(by_role.get("battery", []), "current_ma")),
-            "battery_power_w": battery_power,
-            # What the page cannot know says so ("not measured"), it is never shown as 0.
-            "battery_measured": bool(on_battery),
-            "panel_v": next((c["bus_voltage_v"] for c in solar if c["bus_voltage_v"] is not None), None),
-            "panel_power_w": total(solar, "power_w"),
-            "state": state,
-            "state_source": source,
-            "state_text": text,
-            "has_exchange": bool(by_role.get("exchange")),
-        })
-
-        for role in ("exchange", "solar", "load"):
-            if role not in by_role or (role == "exchange" and is_plant):
-                continue
-            current = total(by_role[role], "current_ma")
-            power = total(by_role[role], "power_w")
-            idle_text = "idle" if role == "exchange" else "off"
-            ok = current is not None
-            active = ok and abs(current) >= DEAD_BAND_MA
-            watts = abs(power) if power is not None else 0.0
-            if role == "exchange":
-                buying = ok and current > 0
-                ends = (plant_unit, unit) if buying or not active else (unit, plant_unit)
-                direction = "none" if not active else ("to_unit" if buying else "from_unit")
-            elif role == "solar":
-                ends, direction = ("sun", unit), "to_unit" if active else "none"
-                panel_v = next((c["bus_voltage_v"] for c in by_role[role] if c["bus_voltage_v"] is not None), None)
-                idle_text = "battery full" if panel_v is not None and panel_v >= PANEL_OPEN_V else "no sun"
-            else:
-                ends, direction = (unit, "load"), "from_unit" if active else "none"
-            flows.append({
-                "kind": role,
-                "unit": unit,
-                "from": ends[0],
-                "to": ends[1],
-                "direction": direction,
-                "active": active,
-                "ok": ok,
-                "watts": round(watts, 3) if ok else None,
-                "current_ma": round(current, 1) if ok else None,
-                "width": flow_width(watts) if active else 2.0,
-                "idle_text": idle_text,
-            })
+        units.append(_unit_view(unit, chans, by_role, unit == plant_unit))
+        flows += _unit_flows(unit, by_role, plant_unit)
 
     status = snapshot.get("status") if isinstance(snapshot.get("status"), Mapping) else {}
     tier_name = status.get("tier")
@@ -256,6 +142,138 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
         "pi": {flag: pi.get(flag) if isinstance(pi.get(flag), bool) else None for flag in PI_FLAGS},
         "dead_band_ma": DEAD_BAND_MA,
     }
+
+
+def _layout(readings: Mapping[str, Mapping], channels: Sequence[Any], plant_unit: str
+            ) -> dict[str, list[tuple[str, str]]]:
+    """Units in configuration order (the plant last), each with its (channel name, role)s."""
+    layout: dict[str, list[tuple[str, str]]] = {}
+    for channel in channels:
+        layout.setdefault(channel.unit_name, []).append((channel.name, channel.role))
+    for name, row in readings.items():  # a reading the configuration does not know (should not happen)
+        if not any(name == n for chans in layout.values() for n, _ in chans):
+            layout.setdefault(str(row.get("unit") or name), []).append((name, str(row.get("role") or "battery")))
+    layout.setdefault(plant_unit, [])
+    return {u: layout[u] for u in [u for u in layout if u != plant_unit] + [plant_unit]}
+
+
+def _channel_values(readings: Mapping[str, Mapping], name: str, role: str) -> dict:
+    row = readings.get(name, {})
+    return {
+        "name": name,
+        "role": role,
+        "bus_voltage_v": _number(row.get("bus_voltage_v")),
+        "current_ma": _number(row.get("current_ma")),
+        "power_w": _number(row.get("power_w")),
+        "energy_in_wh": _number(row.get("energy_in_wh")),
+        "energy_out_wh": _number(row.get("energy_out_wh")),
+    }
+
+
+def _total(chans: list[dict], key: str) -> float | None:
+    nums = [c[key] for c in chans if c[key] is not None]
+    return sum(nums) if nums else None
+
+
+def _unit_state(by_role: Mapping[str, list[dict]], is_plant: bool) -> tuple[str, str | None, str]:
+    """(state, what it was read from, its words) of one unit."""
+    state, source = "unknown", None
+    if by_role.get("exchange"):
+        source = "exchange"
+        current = _total(by_role["exchange"], "current_ma")
+        if current is not None:
+            # A house: + = buys from the plant. The plant: + = sells to the houses.
+            if abs(current) < DEAD_BAND_MA:
+                state = "idle"
+            elif is_plant:
+                state = "selling" if current > 0 else "buying"
+            else:
+                state = "buying" if current > 0 else "selling"
+    elif by_role.get("battery"):
+        source = "battery"
+        current = _total(by_role["battery"], "current_ma")
+        if current is not None:
+            state = ("idle" if abs(current) < DEAD_BAND_MA
+                     else "charging" if current > 0 else "using battery")
+    elif by_role.get("solar"):
+        # Only the panel is measured (the real model): what its charge controller is doing.
+        source = "solar"
+        current = _total(by_role["solar"], "current_ma")
+        panel_v = next((c["bus_voltage_v"] for c in by_role["solar"] if c["bus_voltage_v"] is not None), None)
+        if current is not None and panel_v is not None:
+            state = ("generating" if current >= DEAD_BAND_MA
+                     else "full" if panel_v >= PANEL_OPEN_V else "no sun")
+    if source == "battery" and state == "idle":
+        text = "Battery neither charging nor in use"
+    else:
+        text = (_PLANT_STATE_TEXT.get(state) if is_plant else None) or _STATE_TEXT[state]
+    return state, source, text
+
+
+def _unit_view(unit: str, chans: list[dict], by_role: Mapping[str, list[dict]], is_plant: bool) -> dict:
+    # Battery, load and trade meters sit on the battery's bus; a panel's meter sees the panel's
+    # voltage (up to ~21 V with the controller open), never the battery's.
+    on_battery = [c for c in chans if c["role"] != "solar"]
+    volts_from = by_role.get("battery") or on_battery
+    volts = next((c["bus_voltage_v"] for c in volts_from if c["bus_voltage_v"] is not None), None)
+    if volts is None:
+        volts = next((c["bus_voltage_v"] for c in on_battery if c["bus_voltage_v"] is not None), None)
+    state, source, text = _unit_state(by_role, is_plant)
+    solar = by_role.get("solar", [])
+    return {
+        "name": unit,
+        "is_plant": is_plant,
+        "channels": chans,
+        "battery_v": volts,
+        "battery_pct": battery_level_pct(volts, _total(by_role.get("battery", []), "current_ma")),
+        "battery_power_w": _total(by_role.get("battery", []), "power_w"),
+        # What the page cannot know says so ("not measured"), it is never shown as 0.
+        "battery_measured": bool(on_battery),
+        "panel_v": next((c["bus_voltage_v"] for c in solar if c["bus_voltage_v"] is not None), None),
+        "panel_power_w": _total(solar, "power_w"),
+        "state": state,
+        "state_source": source,
+        "state_text": text,
+        "has_exchange": bool(by_role.get("exchange")),
+    }
+
+
+def _unit_flows(unit: str, by_role: Mapping[str, list[dict]], plant_unit: str) -> list[dict]:
+    """The arrows of one unit: its trade with the plant, its panel, its load."""
+    flows = []
+    for role in ("exchange", "solar", "load"):
+        if role not in by_role or (role == "exchange" and unit == plant_unit):
+            continue
+        current = _total(by_role[role], "current_ma")
+        power = _total(by_role[role], "power_w")
+        idle_text = "idle" if role == "exchange" else "off"
+        ok = current is not None
+        active = ok and abs(current) >= DEAD_BAND_MA
+        watts = abs(power) if power is not None else 0.0
+        if role == "exchange":
+            buying = ok and current > 0
+            ends = (plant_unit, unit) if buying or not active else (unit, plant_unit)
+            direction = "none" if not active else ("to_unit" if buying else "from_unit")
+        elif role == "solar":
+            ends, direction = ("sun", unit), "to_unit" if active else "none"
+            panel_v = next((c["bus_voltage_v"] for c in by_role[role] if c["bus_voltage_v"] is not None), None)
+            idle_text = "battery full" if panel_v is not None and panel_v >= PANEL_OPEN_V else "no sun"
+        else:
+            ends, direction = (unit, "load"), "from_unit" if active else "none"
+        flows.append({
+            "kind": role,
+            "unit": unit,
+            "from": ends[0],
+            "to": ends[1],
+            "direction": direction,
+            "active": active,
+            "ok": ok,
+            "watts": round(watts, 3) if ok else None,
+            "current_ma": round(current, 1) if ok else None,
+            "width": flow_width(watts) if active else 2.0,
+            "idle_text": idle_text,
+        })
+    return flows
 
 
 def _level(tier_name: str | None) -> str:

@@ -162,7 +162,7 @@ def test_disk_full_holds_cycles_in_memory_shows_critical_and_stores_them_later(s
     cycles(daemon, clock, 200)
     assert handler.top_tier == Tier.CRITICAL
     assert "cannot store readings" in handler.active["store"].message
-    assert len(daemon._unstored) > 150  # the WAL's spare room took a few; the rest waits in memory
+    assert daemon.held_cycles > 150  # the WAL's spare room took a few; the rest waits in memory
     filler.unlink()  # space again
     cycles(daemon, clock, 1)
     assert "store" not in handler.active and handler.top_tier != Tier.CRITICAL
@@ -305,7 +305,7 @@ def test_store_turning_read_only_mid_run_keeps_measuring_and_stores_the_held_cyc
     assert err.value.errno == 30  # EROFS: really read-only now
     cycles(daemon, clock, 50)
     assert handler.top_tier == Tier.CRITICAL and "cannot store readings" in handler.active["store"].message
-    assert len(daemon._unstored) == 50 and daemon.cycles_done == 55  # measuring went on
+    assert daemon.held_cycles == 50 and daemon.cycles_done == 55  # measuring went on
     mount_again()
     cycles(daemon, clock, 1)
     assert "store" not in handler.active
@@ -320,7 +320,7 @@ def test_held_cycles_are_tried_once_more_at_shutdown(small_fs, clock, caplog):
     cycles(daemon, clock, 2)
     filler = fill(small_fs)
     cycles(daemon, clock, 100)
-    held = len(daemon._unstored)
+    held = daemon.held_cycles
     assert held > 50
     with caplog.at_level(logging.INFO):
         filler.unlink()

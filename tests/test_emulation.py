@@ -14,22 +14,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import adafruit_ina219  # noqa: E402
 
+from conftest import FakeClock  # noqa: E402
 from emulation import EmulatedINA219, SimulatedBus  # noqa: E402
 
 UNITS = ("red_house", "green_house", "blue_house", "power_plant")
-
-
-class FakeClock:
-    """Monotonic seconds that only move when a test says so."""
-
-    def __init__(self, now_s: float = 1000.0):
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
 
 
 class Truth:
@@ -54,11 +42,6 @@ CONVERSION_S = 0.14  # longer than the slowest shunt + bus conversion (2 x 68.1 
 def reg_read(chip: EmulatedINA219, pointer: int, signed: bool = False) -> int:
     chip.write(bytes([pointer]))
     return int.from_bytes(chip.read(2), "big", signed=signed)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
 
 
 @pytest.fixture

@@ -94,10 +94,10 @@ def test_influxdb_down_for_hours_then_everything_arrives_oldest_first(tmp_path, 
     while clock() < end:
         clock.now = start + daemon.cycles_done * 10  # the next slot of the 10 s grid
         daemon.run_cycle()
-        if clock() >= sender._next_attempt:
+        if clock() >= sender.next_attempt_s:
             result = sender.flush()
             assert isinstance(result.error, UnreachableError)
-            waits.append(sender._next_attempt - clock())
+            waits.append(sender.next_attempt_s - clock())
     assert handler.top_tier == Tier.CONNECTION
     assert max(waits) <= 300 and len(waits) > 60  # retried at least every 5 minutes, all along
     stored = outbox.stats().stored_total

@@ -180,7 +180,7 @@ window_s = 0.05
 dir = "{tmp_path / 'store'}"
 [simulation]
 enabled = true
-start = 2026-06-21T12:00:00Z
+start = 2026-06-21T12:00:00
 [led]
 enabled = false
 [log]

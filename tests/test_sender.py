@@ -116,8 +116,10 @@ def test_unreachable_keeps_everything_and_the_next_attempt_follows_the_decision(
     sender = Sender(writer, outbox, handler, clock=clock, sleep=clock.sleep, rng=MaxRandom())
     assert isinstance(sender.flush().error, UnreachableError) and outbox.queue_stats().queue_depth == 3
     assert handler.top_tier == Tier.CONNECTION
+    assert sender.next_attempt_s == clock() + 2 and sender.failures == 1  # the decision's wait (jitter at max)
     assert isinstance(sender.flush().error, UnreachableError)
-    assert sender.flush().delivered == 3 and writer.delivered and outbox.queue_stats().queue_depth == 0
+    assert sender.next_attempt_s == clock() + 4 and sender.failures == 2
+    assert sender.flush().delivered == 3 and sender.failures == 0 and writer.delivered and outbox.queue_stats().queue_depth == 0
     assert handler.top_tier is None and outbox.state()["writer"] == "fake database"
 
 

@@ -13,63 +13,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adafruit_ina219  # noqa: E402
 
 import config  # noqa: E402
+from conftest import FakeClock  # noqa: E402
 import simulator  # noqa: E402
-from emulation import EmulatedINA219  # noqa: E402
 from simulator import ConstantModel, SolarModel  # noqa: E402
 
 UNITS = ("red_house", "green_house", "blue_house", "power_plant")
 
 
-class FakeClock:
-    """Monotonic seconds that only move when a test says so."""
-
-    def __init__(self, now_s: float = 1000.0):
-        self.now_s = now_s
-
-    def __call__(self) -> float:
-        return self.now_s
-
-    def advance(self, seconds: float) -> None:
-        self.now_s += seconds
-
-
-class Truth:
-    """A settable (bus_voltage_v, current_a) source."""
-
-    def __init__(self, bus_voltage_v: float = 12.0, current_a: float = 0.5):
-        self.value = (bus_voltage_v, current_a)
-        self.calls = 0
-
-    def __call__(self) -> tuple[float, float]:
-        self.calls += 1
-        return self.value
-
-
-def reg_write(chip: EmulatedINA219, pointer: int, value: int) -> None:
-    chip.write(bytes([pointer, value >> 8 & 0xFF, value & 0xFF]))
-
-
 CONVERSION_S = 0.14  # longer than the slowest shunt + bus conversion (2 x 68.1 ms at 128 samples)
-
-
-def reg_read(chip: EmulatedINA219, pointer: int, signed: bool = False) -> int:
-    chip.write(bytes([pointer]))
-    return int.from_bytes(chip.read(2), "big", signed=signed)
-
-
-@pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
-
-
-@pytest.fixture
-def truth() -> Truth:
-    return Truth()
-
-
-@pytest.fixture
-def chip(truth: Truth, clock: FakeClock) -> EmulatedINA219:
-    return EmulatedINA219(truth, 0.1, clock)
 
 
 # --- the model --------------------------------------------------------------------------
