@@ -11,13 +11,16 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
-# A test using one of these starts a real server: it is `slow` (README "Tests": ./test.sh -m "not slow").
+# `slow` (README "Tests and CI": ./test.sh -m "not slow"): every test using a real server, and these files
+# whole (git, venv and installer runs, a browser, whole daemon processes under kill -9 and outages).
 SERVER_FIXTURES = {"influxdb1", "victoria", "own_influxdb1", "own_victoria", "make_proxy"}
+SLOW_FILES = {"test_end_to_end.py", "test_install.py", "test_network_lies.py", "test_page_screens.py",
+              "test_servers.py", "test_updater.py"}
 
 
 def pytest_collection_modifyitems(config, items):
     for item in items:
-        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())):
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
             item.add_marker(pytest.mark.slow)
 
 

@@ -172,6 +172,7 @@ def test_disk_full_holds_cycles_in_memory_shows_critical_and_stores_them_later(s
     outbox.close()
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_beyond_the_memory_hold_each_lost_cycle_is_counted_and_logged(small_fs, clock, caplog):
     daemon, outbox, handler = fake_daemon(small_fs / "store", clock)
     cycles(daemon, clock, 2)
@@ -190,6 +191,7 @@ def test_beyond_the_memory_hold_each_lost_cycle_is_counted_and_logged(small_fs, 
     outbox.close()
 
 
+@pytest.mark.slow
 def test_a_store_on_a_1_mb_file_system_runs_for_hours(small_fs, clock):
     """Three hours at 10 s: the WAL stays small (SQLite's default lets it reach about 4 MB), so a
     max_mb that fits the card is all it takes; the cap then drops the oldest, counted."""

@@ -121,6 +121,7 @@ def test_size_cap_drops_oldest_and_reports_it_in_system_points(tmp_path, clock):
     assert max(dropped_fields) > 0
 
 
+@pytest.mark.slow
 def test_power_loss_mid_transaction_keeps_every_committed_cycle(tmp_path):
     """kill -9 with a copy of the DB files taken while the daemon is frozen at a random moment,
     as a power cut would leave them: every copy opens cleanly and holds only whole cycles."""

@@ -58,6 +58,7 @@ address = 0x41
 
 
 # -- config files are not secrets -----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_run_as_shipped_and_as_copied(name, tmp_path):
     copy = tmp_path / "copy.toml"
@@ -128,6 +129,7 @@ def test_run_on_a_terminal_shows_one_compact_line_per_cycle(tmp_path):
     assert "stopped after 2 cycles" in stderr
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_run_under_systemd_or_into_a_pipe_prints_no_cycle_lines(tmp_path):
     text, stderr, rc = run_on_a_terminal(tmp_path, clean_env(JOURNAL_STREAM="8:12345"))
     assert rc == 0 and text.strip() == "", text
@@ -150,6 +152,7 @@ def test_console_is_wanted_only_on_a_terminal_off_systemd(tmp_path):
         os.close(slave)
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_embedded_default_serves_the_page_on_8080_and_logs_its_url_once(tmp_path):
     default = config_mod.embedded_default()
     assert default.web.enabled and default.web.listen == "127.0.0.1:8080" and default.influx.kind == "none"

@@ -172,6 +172,7 @@ enabled = false
     return path
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
     cfg = write_config(tmp_path)
     result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path)
@@ -241,6 +242,7 @@ def received(receiver) -> list[str]:
             return messages
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchdog(tmp_path):
     sock_path = tmp_path / "notify.sock"
     receiver = notify_receiver(sock_path)
@@ -322,6 +324,7 @@ def test_status_says_an_update_was_rolled_back(tmp_path):
     assert "rolled back from abc to def" in json.loads(result.stdout)["update_rolled_back"]
 
 
+@pytest.mark.slow
 def test_a_release_is_good_only_after_cycles_and_a_delivery_attempt(tmp_path, clock):
     """One stored cycle is not "good" (a release that then crashes in delivery must be rolled back):
     GOOD_AFTER_CYCLES stored cycles and a finished delivery attempt, or that many cycles and GOOD_AFTER_S."""
@@ -445,6 +448,7 @@ def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
     assert received(receiver) == ["WATCHDOG_USEC=1800000000"]
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_path):
     cfg = write_config(tmp_path, '[[channel]]\nname = "red_house"\naddress = 0x40\ntags = { colour = "red, really" }\n'
                                  '[[channel]]\nname = "red_trade"\naddress = 0x48\nrole = "exchange"\n'

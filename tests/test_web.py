@@ -500,6 +500,7 @@ def fill_demo_history(directory, now_ms):
     box.close()
 
 
+@pytest.mark.slow
 def test_browser_shows_live_flows(start_page, tmp_path):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
@@ -695,6 +696,7 @@ def test_panel_only_model_says_not_measured_and_what_each_controller_does(start_
                           "throttled_since_boot": None}
 
 
+@pytest.mark.slow
 def test_browser_shows_the_panel_only_model_and_the_pis_supply(start_page):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
