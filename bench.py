@@ -277,7 +277,7 @@ def schedule(cycles: int, tmp: Path, interval_s: float = 0.05) -> dict:
     reader = read_data(build_simulated_bus(cfg, time.monotonic), cfg.channels, cfg.sampling)
     starts = []
     daemon = Daemon(cfg, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(tmp)),
-                    on_cycle=lambda c: starts.append(c.monotonic_s - cfg.sampling.window_s / 2))
+                    listeners=[lambda r: starts.append(r.cycle.monotonic_s - cfg.sampling.window_s / 2)])
     daemon.run(cycles)
     t0 = starts[0]
     errors_ms = [(s - (t0 + k * interval_s)) * 1000 for k, s in enumerate(starts)]
