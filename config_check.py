@@ -135,19 +135,17 @@ class Validator:
 
     def between(self, low: float, high: float):
         """A finite number from `low` to `high` inclusive."""
-        def bounded(value, path):
-            value = self.number(value, path)
-            if value is not INVALID and not low <= value <= high:
-                return self.problem(path, f"{_fmt(value)} is outside {_fmt(low)} to {_fmt(high)}")
-            return value
-        return bounded
+        return self._in_range(self.number, low, high)
 
     def whole_between(self, low: int, high: int):
         """A whole number from `low` to `high` inclusive."""
+        return self._in_range(self.integer, low, high)
+
+    def _in_range(self, check, low: float, high: float):
         def bounded(value, path):
-            value = self.integer(value, path)
+            value = check(value, path)
             if value is not INVALID and not low <= value <= high:
-                return self.problem(path, f"{value} is outside {low} to {high}")
+                return self.problem(path, f"{_fmt(value)} is outside {_fmt(low)} to {_fmt(high)}")
             return value
         return bounded
 
