@@ -141,7 +141,9 @@ def start_influx_probe(url: str, timeout_s: float, handler: ErrorHandler) -> thr
 
 def _installer(args: list[str]) -> int:
     script = _ROOT / "install.sh"
-    env = {k: v for k, v in os.environ.items() if k not in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD")}
+    from credentials import CREDENTIAL_NAMES
+
+    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_NAMES}
     return subprocess.call(["bash", str(script), *args], env=env)
 
 

@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 import bench_proc  # noqa: E402
 import bench_wire  # noqa: E402 - on-the-wire bytes over https, TLS included (issue 14)
 import config as config_mod  # noqa: E402
-from main import Daemon, load_energy  # noqa: E402
+from daemon import Daemon, load_energy  # noqa: E402
 from outbox import Outbox  # noqa: E402
 from rpi_errors import ErrorHandler  # noqa: E402
 from sender import Policy, Sender  # noqa: E402
@@ -158,7 +158,7 @@ def naive_cpu(vm_url: str, cycles: int, tmp: Path) -> dict:
     from influxdb_client import InfluxDBClient
     from influxdb_client.client.write_api import SYNCHRONOUS
 
-    from main import cycle_points
+    from daemon import cycle_points
     from tests.proxy import FaultProxy
 
     with FaultProxy(vm_url) as proxy:
@@ -282,7 +282,7 @@ def fill_backlog(store: Path, hours: float, interval_s: float = 1.0) -> int:
     takes seconds rather than minutes. Returns the points stored."""
     import datetime as dt
 
-    from main import cycle_points
+    from daemon import cycle_points
     from outbox import QueueStats
     from tools import ChannelReading, Cycle, SystemReading
 
@@ -449,7 +449,7 @@ def web_cost(cycles: int, tmp: Path) -> dict:
     client thread that stands in for the browser, which on the model runs on another machine)."""
     import urllib.request
 
-    from main import ServiceHooks
+    from service import ServiceHooks
 
     def per_cycle(with_page: bool) -> tuple[float, float]:
         doc = {"simulation": {"enabled": True, "speed": 60}, "store": {"dir": str(tmp / f"web-{with_page}")},
@@ -464,8 +464,7 @@ def web_cost(cycles: int, tmp: Path) -> dict:
         handler = ErrorHandler(None, clock=clock)
         hooks = ServiceHooks(cfg, handler, Path(cfg.store.dir))
         daemon = Daemon(cfg, reader, outbox, handler, monitor=SystemMonitor(str(tmp)), clock=clock,
-                        wait=clock.wait, on_cycle=hooks.after_cycle)
-        hooks.daemon = daemon
+                        wait=clock.wait, listeners=[hooks.after_cycle])
         hooks.start()
         stream = None
         if with_page:

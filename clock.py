@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import datetime as dt
 import logging
 import time
 from collections.abc import Callable
@@ -22,6 +23,23 @@ TIMESYNC_FILE = Path("/run/systemd/timesync/synchronized")
 BOOT_ID_FILE = Path("/proc/sys/kernel/random/boot_id")
 STA_UNSYNC = 0x40
 NOT_SYNCED = "the clock is not synced yet (no NTP): readings are stored and held back until it is"
+
+
+def iso_ms(ms: int | None, timespec: str = "seconds", *, local: bool = False) -> str | None:
+    """Epoch milliseconds as ISO-8601 text: UTC with a "Z" (or this machine's zone with `local`);
+    None stays None. `timespec` as datetime.isoformat ("seconds", "milliseconds")."""
+    if ms is None:
+        return None
+    when = dt.datetime.fromtimestamp(ms / 1000, None if local else dt.timezone.utc)
+    if local:
+        when = when.astimezone()
+    return when.isoformat(timespec=timespec).replace("+00:00", "Z")
+
+
+def now_iso(*, zulu: bool = True) -> str:
+    """The wall clock now, UTC to the second ("...Z", or "+00:00" with zulu=False)."""
+    text = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    return text.replace("+00:00", "Z") if zulu else text
 
 
 class _Timex(ctypes.Structure):

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from config import InfluxConfig
-from credentials import Secret
+from config import InfluxConfig, cloud_url_problem
+from credentials import TOKEN_ENV, Secret
 from influx_http import V2Writer
 
 
@@ -14,8 +14,9 @@ class InsecureURLError(ValueError):
 
 def make_writer(influx: InfluxConfig, environ: Mapping[str, str] | None = None) -> V2Writer:
     """The writer for `[influx] kind = "cloud"`. Raises InsecureURLError for a non-https URL."""
-    if not influx.url.startswith("https://"):
-        raise InsecureURLError(f"[influx] url {influx.url!r}: InfluxDB Cloud needs https://")
-    token = Secret("INFLUXDB_TOKEN", influx.token_file, environ)
+    problem = cloud_url_problem(influx.url)
+    if problem:
+        raise InsecureURLError(f"[influx] url {influx.url!r}: {problem}")
+    token = Secret(TOKEN_ENV, influx.token_file, environ)
     return V2Writer(influx.url, influx.org, influx.bucket, token, influx.timeout_s,
                     label=f"InfluxDB Cloud at {influx.url}, bucket {influx.bucket!r}")

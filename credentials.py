@@ -17,7 +17,9 @@ from pathlib import Path
 from urllib.parse import quote, quote_plus
 
 # Under systemd, LoadCredential= puts the token here: $CREDENTIALS_DIRECTORY/influx-token.
-CREDENTIAL_NAMES = {"INFLUXDB_TOKEN": "influx-token", "INFLUXDB_PASSWORD": "influx-password"}
+TOKEN_ENV = "INFLUXDB_TOKEN"
+PASSWORD_ENV = "INFLUXDB_PASSWORD"
+CREDENTIAL_NAMES = {TOKEN_ENV: "influx-token", PASSWORD_ENV: "influx-password"}  # the secret env vars, all
 
 
 class SecretError(Exception):

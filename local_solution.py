@@ -12,7 +12,7 @@ from collections.abc import Mapping, Sequence
 from urllib.parse import urlencode
 
 from config import InfluxConfig
-from credentials import Secret, basic_auth, basic_auth_pair
+from credentials import PASSWORD_ENV, TOKEN_ENV, Secret, basic_auth, basic_auth_pair
 from influx_http import MIN_UPLOAD_BYTES_PER_S, Transport, V2Writer, error_for_answer, gzip_lines, secret_value
 
 log = logging.getLogger(__name__)
@@ -67,9 +67,9 @@ class V1Writer:
 def make_writer(influx: InfluxConfig, environ: Mapping[str, str] | None = None):
     """The writer for `[influx] kind = "local"`: V1Writer or V2Writer by `api`."""
     if influx.api == "v1":
-        password = Secret("INFLUXDB_PASSWORD", influx.password_file, environ)
+        password = Secret(PASSWORD_ENV, influx.password_file, environ)
         return V1Writer(influx.url, influx.database, influx.retention_policy, influx.username, password,
                         influx.timeout_s)
-    token = Secret("INFLUXDB_TOKEN", influx.token_file, environ)
+    token = Secret(TOKEN_ENV, influx.token_file, environ)
     return V2Writer(influx.url, influx.org, influx.bucket, token, influx.timeout_s,
                     label=f"InfluxDB at {influx.url}, bucket {influx.bucket!r}")

@@ -15,13 +15,16 @@ in its own thread with its own connection to the store.
 """
 from __future__ import annotations
 
-import datetime as dt
+import enum
 import logging
 import random
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from clock import now_iso
 
 from outbox import Outbox, Pending, StoreError
 from rpi_errors import (
@@ -54,6 +57,68 @@ class Policy:
     final_flush_s: float = 5.0
 
 
+@runtime_checkable
+class Writer(Protocol):
+    """What the sender delivers through (local_solution.V1Writer, influx_http.V2Writer; a fake in tests).
+
+    `write(lines)` sends one batch, oldest first, and returns the request-body bytes that went out; it
+    returns only when the server acknowledged every line, else raises one typed error per outcome:
+    RejectedError (lines refused, 400/422), TooLargeError (413), AuthError/NotFoundError/RefusedError
+    (kept, retried slowly), ThrottledError (429/503, with retry_after_s), UnreachableError (5xx, timeout,
+    network); a refused request carries its `bytes_sent`. `timeout_s`: its per-request deadline, seconds.
+    `abort()` cuts a write in flight from another thread; `close()` releases the connection (idempotent).
+    `label` names the database for logs and `status` (never a secret). Not thread-safe otherwise.
+    """
+
+    label: str
+    timeout_s: float
+
+    def write(self, lines: Sequence[str]) -> int: ...
+
+    def abort(self) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class Action(enum.Enum):
+    """What to do after a failed write."""
+
+    WAIT = "wait"  # keep the batch and try again after Decision.wait_s
+    SPLIT = "split"  # send the batch again in two halves (find the refused line; fit the size limit)
+    QUARANTINE = "quarantine"  # the batch is one line the server refuses: set it aside, deliver the rest
+
+
+@dataclass(frozen=True)
+class Decision:
+    """The retry decision: `action`, `wait_s` (for WAIT) and `failures`, the count of consecutive
+    unreachable outcomes to carry into the next decision."""
+
+    action: Action
+    wait_s: float = 0.0
+    failures: int = 0
+
+
+def retry_decision(outcome: Exception, failures: int, policy: Policy, rng: random.Random,
+                   lines: int = 1) -> Decision:
+    """What to do after `outcome` (the writer's typed error) on a batch of `lines` lines, after `failures`
+    consecutive unreachable outcomes. Pure: nothing but `rng.uniform` (the jitter) is touched.
+
+    Lines refused or too large: split, or quarantine a single line. Throttled: wait Retry-After, capped
+    (the default when absent); the failure count is kept. Unreachable: exponential backoff with jitter
+    (many Pis must not retry in step). Any other refusal (auth, not found): wait refused_retry_s.
+    """
+    if isinstance(outcome, (RejectedError, TooLargeError)):
+        return Decision(Action.QUARANTINE if lines <= 1 else Action.SPLIT, failures=failures)
+    if isinstance(outcome, ThrottledError):
+        wait = outcome.retry_after_s if outcome.retry_after_s is not None else policy.throttle_default_s
+        return Decision(Action.WAIT, min(max(wait, 1.0), policy.throttle_max_s), failures)
+    if isinstance(outcome, UnreachableError):
+        failures += 1
+        ceiling = min(policy.backoff_base_s * 2 ** (failures - 1), policy.backoff_max_s)
+        return Decision(Action.WAIT, ceiling * rng.uniform(0.5, 1.0), failures)
+    return Decision(Action.WAIT, policy.refused_retry_s, failures)
+
+
 @dataclass
 class FlushResult:
     """What one flush did."""
@@ -73,7 +138,7 @@ class Sender:
     the sender thread (or a test) only.
     """
 
-    def __init__(self, writer, outbox: Outbox, handler: ErrorHandler, policy: Policy = Policy(), *,
+    def __init__(self, writer: Writer, outbox: Outbox, handler: ErrorHandler, policy: Policy = Policy(), *,
                  clock: Callable[[], float] = time.monotonic, sleep: Callable[[float], None] | None = None,
                  rng: random.Random | None = None) -> None:
         self.writer = writer
@@ -96,6 +161,16 @@ class Sender:
         self.total_delivered = 0
         self.total_requests = 0
         self.total_bytes = 0
+
+    @property
+    def next_attempt_s(self) -> float:
+        """When (monotonic s) the next delivery may start after a failure (0: at once)."""
+        return self._next_attempt
+
+    @property
+    def failures(self) -> int:
+        """Consecutive unreachable outcomes so far (the backoff's exponent; 0 after a delivery)."""
+        return self._failures
 
     # -- thread control --------------------------------------------------
     def start(self) -> None:
@@ -121,9 +196,7 @@ class Sender:
             return True
         self._thread.join(self.policy.final_flush_s + 0.5)
         if self._thread.is_alive():
-            abort = getattr(self.writer, "abort", None)
-            if abort is not None:
-                abort()
+            self.writer.abort()
             self._thread.join(2.0)
         if self._thread.is_alive():
             log.warning("delivery still busy at shutdown: unsent points stay in the store for the next start")
@@ -211,7 +284,8 @@ class Sender:
         except (RejectedError, TooLargeError) as exc:
             self._account(exc.bytes_sent)  # refused requests cost upload too
             result.bytes_sent += exc.bytes_sent
-            if len(batch) == 1:
+            decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
+            if decision.action is Action.QUARANTINE:
                 reason = str(exc)
                 self.outbox.quarantine(batch, reason)
                 result.quarantined += 1
@@ -265,23 +339,17 @@ class Sender:
         self.handler.clear("send")
         if not result.quarantined:
             self.handler.clear("quarantine")
-        self._save_state({"last_send": _now_iso(), "writer": getattr(self.writer, "label", "")})
+        self._save_state({"last_send": now_iso(), "writer": self.writer.label})
 
     def _on_failure(self, exc: Exception) -> None:
         now = self._clock()
-        if isinstance(exc, ThrottledError):
-            wait = exc.retry_after_s if exc.retry_after_s is not None else self.policy.throttle_default_s
-            wait = min(max(wait, 1.0), self.policy.throttle_max_s)
-        elif isinstance(exc, UnreachableError):
-            self._failures += 1
-            ceiling = min(self.policy.backoff_base_s * 2 ** (self._failures - 1), self.policy.backoff_max_s)
-            wait = ceiling * self._rng.uniform(0.5, 1.0)  # jitter: many Pis must not retry in step
-        else:
-            wait = self.policy.refused_retry_s
+        decision = retry_decision(exc, self._failures, self.policy, self._rng)
+        self._failures = decision.failures
+        wait = decision.wait_s
         self._next_attempt = now + wait
         exc.key = "send"
         self.handler.report(exc)
-        self._save_state({"last_error": f"{_now_iso()} {exc}"})
+        self._save_state({"last_error": f"{now_iso()} {exc}"})
         log.debug("next delivery attempt in %.1f s", wait)
 
     def _save_state(self, values: dict[str, str]) -> None:
@@ -298,6 +366,3 @@ class _OutOfBudget(Exception):
 def _size(batch: list[Pending]) -> int:
     return sum(len(p.line) + 1 for p in batch)
 
-
-def _now_iso() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds").replace("+00:00", "Z")

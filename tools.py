@@ -20,13 +20,13 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from config import ChannelConfig, SamplingConfig
+from config import ADC_SAMPLES, ChannelConfig, SamplingConfig
 from rpi_errors import MeasuringError
 
 log = logging.getLogger(__name__)
 
 # INA219 ADC codes for hardware averaging: 1 conversion = 12-bit, then 2..128 samples.
-_ADC_CODES = {1: 0x3, 2: 0x9, 4: 0xA, 8: 0xB, 16: 0xC, 32: 0xD, 64: 0xE, 128: 0xF}
+_ADC_CODES = dict(zip(ADC_SAMPLES, (0x3, 0x9, 0xA, 0xB, 0xC, 0xD, 0xE, 0xF)))  # samples averaged: BADC/SADC bits
 _SHUNT_LSB_MV = 0.01
 _BUS_LSB_V = 0.004
 _BUS_RANGE_32V = 1

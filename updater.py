@@ -8,7 +8,7 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   pre-start    before every daemon start (the unit runs it from `previous`, the known-good release):
                count the start; roll back a freshly updated release that failed to reach
                mark_good() max_failed_starts times in a row
-  mark-good    what the daemon does once the release has proven itself (main.GOOD_AFTER_CYCLES stored
+  mark-good    what the daemon does once the release has proven itself (service.GOOD_AFTER_CYCLES stored
                cycles and a delivery attempt, or GOOD_AFTER_S of running; the daemon calls mark_good())
   status       the releases and the state as JSON
   acknowledge  clear the rollback notice
@@ -18,28 +18,22 @@ is untouched), 2 bad usage, 10 updated (the new release is current; the service 
 restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
 keep the logger from starting at all.
 
-Only the standard library, `config` and `safepip` are imported, so rollback works even when the
-release's venv is broken.
+Only the standard library and modules that need nothing else (`config`, `clock`, `credentials`,
+`release`: the release state this process shares with the daemon, `release_build`: building and
+self-testing a release, `safepip`) are imported, so rollback works even when the release's venv is broken.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
-import datetime as dt
-import errno
-import fcntl
 import json
 import logging
-import math
 import os
 import pwd
 import re
 import shlex
 import shutil
 import signal
-import stat
-import subprocess
 import sys
 import tempfile
 import threading
@@ -52,21 +46,21 @@ from typing import Any
 
 import config as config_mod
 import safepip
+from clock import now_iso
 from config import ConfigError, UpdateConfig
+from release_build import (SELFTEST_TIMEOUT_S, SERVICE_USER, Git, StepFailed, child_env,  # noqa: F401 - re-exported
+                           make_venv, redact, run_child, self_test, tail, toml_dumps, verify_signature)
+from release import (DEFAULT_STATE_DIR, MARKER_FILE, SHA, STATE_FILE, STATE_LOCK, acknowledge,  # noqa: F401 - re-exported
+                     default_state_dir, flock, fsync_dir, load_state, locked_state, mark_good, rollback_notice,
+                     short_sha, should_roll_back, write_json)
 
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = Path("/opt/solarpowerbrampton")
-DEFAULT_STATE_DIR = Path("/var/lib/solarpowerbrampton")
 DEFAULT_GNUPGHOME = Path("/etc/solarpowerbrampton/gnupg")
 SERVICE = "solarpowerbrampton.service"
-SERVICE_USER = "solarpower"
-STATE_FILE = "update-state.json"
-MARKER_FILE = "rolled-back.json"
-STATE_LOCK = ".update-state.lock"
 ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
 RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
-NOTICE_EXPIRES_S = 86400.0  # a day of good running on the old release clears a rollback notice
 
 EXIT_OK = 0
 EXIT_FAILED = 1
@@ -77,21 +71,11 @@ EXIT_CONFIG = 78
 ENV_VENV_CMD = "SPB_VENV_CMD"
 ENV_RESTART_CMD = "SPB_RESTART_CMD"
 
-SECRET_ENV = ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY")
 FETCH_TIMEOUT_S = 600.0
-GIT_TIMEOUT_S = 120.0
 INSTALL_TIMEOUT_S = 3600.0  # a Pi Zero may build wheels
-SELFTEST_TIMEOUT_S = 300.0
 RESTART_TIMEOUT_S = 120.0
 
-_SHA = re.compile(r"^(?:[0-9a-f]{40}|[0-9a-f]{64})$")
 _BRANCH = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._/-]*$")
-_MAX_STATE_BYTES = 1_000_000
-_AUTO = "auto"
-
-
-class StepFailed(Exception):
-    """An update step failed; the message says which and why."""
 
 
 class Busy(Exception):
@@ -124,13 +108,6 @@ class Layout:
     @property
     def lock(self) -> Path:
         return self.root / ROOT_LOCK
-
-
-def default_state_dir(env: Mapping[str, str] | None = None) -> Path:
-    """$STATE_DIRECTORY (its first entry), else /var/lib/solarpowerbrampton."""
-    env = os.environ if env is None else env
-    first = env.get("STATE_DIRECTORY", "").split(":")[0]
-    return Path(first) if first else DEFAULT_STATE_DIR
 
 
 def find_config(env: Mapping[str, str] | None = None) -> Path | None:
@@ -166,7 +143,7 @@ def release_sha(layout: Layout, link: Path) -> str | None:
     except OSError:
         return None
     sha = Path(target).name
-    if not _SHA.match(sha) or not (layout.releases / sha).is_dir():
+    if not SHA.match(sha) or not (layout.releases / sha).is_dir():
         return None
     return sha
 
@@ -179,387 +156,26 @@ def _swap_link(link: Path, target: str) -> None:
         tmp.unlink()
     os.symlink(target, tmp)
     os.replace(tmp, link)
-    _fsync_dir(link.parent)
-
-
-def _fsync_dir(path: Path) -> None:
-    # Power cuts are routine on the Pi: make renames durable.
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _short(sha: str | None) -> str:
-    return sha[:12] if sha else "-"
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+    fsync_dir(link.parent)
 
 
 # -- locks ----------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def _flock(path: Path, wait_s: float) -> Iterator[bool]:
-    """Hold an exclusive lock on `path` for the block; yields False if it stayed busy for `wait_s`."""
-    # O_NOFOLLOW/O_NONBLOCK: the state dir belongs to the (unprivileged) daemon user, so a root
-    # process must not follow a planted symlink or hang opening a planted FIFO.
-    # Read-only: a lock file root created must still be lockable by the daemon's user.
-    flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-    try:
-        # O_EXCL: only a file this call created is ever chowned - never one the daemon's user
-        # planted (a hard link to a root file, say), which root would otherwise hand to that user.
-        fd = os.open(path, flags | os.O_CREAT | os.O_EXCL, 0o644)
-        created = True
-    except FileExistsError:
-        fd = os.open(path, flags)
-        created = False
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise OSError(errno.EINVAL, f"{path} is not a regular file")
-        if created and os.geteuid() == 0:
-            # The service's UMask=0077 applies to the privileged ExecStartPre too: without this the
-            # lock file would be root-only and the daemon's mark_good() could never take the lock.
-            owner = os.stat(path.parent)
-            os.fchown(fd, owner.st_uid, owner.st_gid)
-            os.fchmod(fd, 0o644)
-        deadline = time.monotonic() + wait_s
-        while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                break
-            except BlockingIOError:
-                if time.monotonic() >= deadline:
-                    yield False
-                    return
-                time.sleep(0.05)
-        yield True
-    finally:
-        os.close(fd)
-
-
-@contextlib.contextmanager
 def _root_lock(layout: Layout, wait_s: float = 0.0) -> Iterator[None]:
     """Serialise everything that touches releases/ and the links. Raises Busy."""
     layout.root.mkdir(parents=True, exist_ok=True)
-    with _flock(layout.lock, wait_s) as held:
+    with flock(layout.lock, wait_s) as held:
         if not held:
             raise Busy(f"another updater holds {layout.lock}")
         yield
 
 
-# -- state (update-state.json) -------------------------------------------------------------------
-def _empty_state() -> dict[str, Any]:
-    return {"version": 1, "started": None, "releases": {}, "bad": {}}
-
-
-def _clean_state(raw: Any) -> dict[str, Any]:
-    # The file lives in the daemon's directory, so a root process treats it as untrusted input.
-    state = _empty_state()
-    if not isinstance(raw, dict):
-        return state
-    if isinstance(raw.get("started"), str) and _SHA.match(raw["started"]):
-        state["started"] = raw["started"]
-    releases = raw.get("releases")
-    if isinstance(releases, dict):
-        for sha, entry in releases.items():
-            if not (isinstance(sha, str) and _SHA.match(sha) and isinstance(entry, dict)):
-                continue
-            starts = entry.get("starts", 0)
-            clean: dict[str, Any] = {
-                "starts": starts if isinstance(starts, int) and not isinstance(starts, bool) and starts >= 0 else 0,
-                "good": entry.get("good") is True,
-            }
-            for key in ("installed_at", "installed_from", "good_at", "last_start"):
-                if isinstance(entry.get(key), str):
-                    clean[key] = entry[key][:100]
-            state["releases"][sha] = clean
-    bad = raw.get("bad")
-    if isinstance(bad, dict):
-        for sha, entry in bad.items():
-            if isinstance(sha, str) and _SHA.match(sha):
-                entry = entry if isinstance(entry, dict) else {}
-                state["bad"][sha] = {k: v[:300] for k, v in entry.items() if isinstance(k, str) and isinstance(v, str)}
-    return state
-
-
-def _read_json(path: Path) -> Any:
-    """The JSON document at `path`; None if missing. Raises OSError/ValueError."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError:
-        return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        data = f.read(_MAX_STATE_BYTES + 1)
-    if len(data) > _MAX_STATE_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_STATE_BYTES} bytes")
-    return json.loads(data.decode("utf-8"))
-
-
-def _write_json(path: Path, data: Any) -> None:
-    """Atomically replace `path` (temp file + fsync + os.replace)."""
-    # mkstemp uses O_EXCL: never writes through a planted symlink.
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(data, f, indent=2, sort_keys=True)
-            f.write("\n")
-            f.flush()
-            os.fchmod(f.fileno(), 0o644)
-            if os.geteuid() == 0:
-                # Written by root (pre-start, apply) but read and rewritten by the daemon's user.
-                owner = os.stat(path.parent)
-                os.fchown(f.fileno(), owner.st_uid, owner.st_gid)
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    _fsync_dir(path.parent)
-
-
-def load_state(state_dir: Path) -> dict[str, Any]:
-    """update-state.json, cleaned; an empty state if it is missing or unreadable."""
-    path = Path(state_dir) / STATE_FILE
-    try:
-        raw = _read_json(path)
-    except (OSError, ValueError) as exc:
-        log.warning("ignoring unreadable %s: %s", path, exc)
-        return _empty_state()
-    return _clean_state(raw)
-
-
-@contextlib.contextmanager
-def _state(state_dir: Path, wait_s: float = 5.0) -> Iterator[dict[str, Any]]:
-    """Read-modify-write update-state.json under a lock; written back when the block ends cleanly."""
-    state_dir = Path(state_dir)
-    with _flock(state_dir / STATE_LOCK, wait_s) as held:
-        if not held:
-            # The writers (pre-start, the daemon, apply) do tiny updates; a lock held this long
-            # is a stuck process, and losing one counter update beats blocking the daemon.
-            log.warning("%s stayed locked; updating the state without the lock", state_dir / STATE_LOCK)
-        state = load_state(state_dir)
-        before = json.dumps(state, sort_keys=True)
-        yield state
-        if json.dumps(state, sort_keys=True) != before:
-            _write_json(state_dir / STATE_FILE, state)
-
-
-# -- child processes ------------------------------------------------------------------------------
-def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for git, pip and the self-test: without the InfluxDB secrets."""
-    env = dict(os.environ if base is None else base)
-    for name in list(env):
-        if name in SECRET_ENV or name.startswith("INFLUXDB_"):
-            del env[name]
-    env.update(extra or {})
-    return env
-
-
-def _git_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    env = child_env()
-    for name in list(env):
-        # GIT_DIR, GIT_CONFIG_* etc. from the caller must not redirect what we fetch or check out.
-        if name.startswith("GIT_"):
-            del env[name]
-    # No system/global config (url rewrites, hooks, helpers) and never a credential prompt.
-    env.update({"GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_TERMINAL_PROMPT": "0",
-                "LC_ALL": "C"})
-    env.update(extra or {})
-    return env
-
-
-def _run(cmd: Sequence[str], *, timeout: float, env: Mapping[str, str] | None = None, cwd: Path | None = None,
-         user: pwd.struct_passwd | None = None) -> subprocess.CompletedProcess:
-    """Run `cmd`, capturing stdout+stderr; on timeout kill its whole process group (returncode -9)."""
-    kwargs: dict[str, Any] = {}
-    if user is not None:
-        kwargs.update(user=user.pw_uid, group=user.pw_gid, extra_groups=[])
-    proc = subprocess.Popen(list(cmd), stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            env=dict(env) if env is not None else child_env(), cwd=cwd, text=True,
-                            errors="replace", start_new_session=True, **kwargs)
-    try:
-        out, _ = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        _kill_group(proc)
-        try:
-            out, _ = proc.communicate(timeout=10)
-        except subprocess.TimeoutExpired:
-            # Still alive: killing another user's process needs CAP_KILL. Do not hang with it.
-            log.error("could not kill %s (pid %d) after its timeout", shlex.join(proc.args), proc.pid)
-            out = ""
-        return subprocess.CompletedProcess(proc.args, -signal.SIGKILL, f"{out}\n(timed out after {timeout:g} s)")
-    except BaseException:  # SIGTERM/Ctrl-C: no orphan may go on writing into a release being removed
-        _kill_group(proc)
-        proc.wait()
-        raise
-    return subprocess.CompletedProcess(proc.args, proc.returncode, out)
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    # pip and the daemon start children of their own: kill the group, not just the leader.
-    with contextlib.suppress(OSError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    with contextlib.suppress(OSError):
-        proc.kill()
-
-
-def _tail(output: str, lines: int = 15) -> str:
-    kept = [line[:300] for line in (output or "").strip().splitlines()[-lines:]]
-    return " | ".join(kept) if kept else "(no output)"
-
-
-def _redact(url: str) -> str:
-    return re.sub(r"//[^/@\s]*@", "//***@", url)
-
-
-class _Git:
-    """git against repo.git, with hooks off and no outside config."""
-
-    def __init__(self, layout: Layout) -> None:
-        self.layout = layout
-
-    def run(self, *args: str, timeout: float = GIT_TIMEOUT_S, env: Mapping[str, str] | None = None,
-            git_dir: bool = True) -> subprocess.CompletedProcess:
-        cmd = ["git", "-c", "core.hooksPath=/dev/null", "-c", "protocol.ext.allow=never"]
-        if git_dir:
-            cmd += ["--git-dir", str(self.layout.repo)]
-        return _run(cmd + list(args), timeout=timeout, env=_git_env(env))
-
-    def check(self, what: str, *args: str, **kwargs: Any) -> str:
-        result = self.run(*args, **kwargs)
-        if result.returncode != 0:
-            raise StepFailed(f"{what} failed (git exit {result.returncode}): {_tail(result.stdout)}")
-        return result.stdout.strip()
-
-    def has_commit(self, sha: str) -> bool:
-        return self.run("cat-file", "-e", f"{sha}^{{commit}}").returncode == 0
-
-
-# -- the self-test config -------------------------------------------------------------------------
-_BARE_KEY = re.compile(r"^[A-Za-z0-9_-]+$")
-
-
-def _toml_key(key: str) -> str:
-    return key if _BARE_KEY.match(key) else _toml_str(key)
-
-
-def _toml_str(value: str) -> str:
-    # JSON string escapes are valid TOML basic-string escapes; DEL is the one control
-    # character TOML wants escaped that json leaves alone.
-    return json.dumps(value, ensure_ascii=False).replace("\x7f", "\\u007f")
-
-
-def _toml_value(value: Any) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
-    if isinstance(value, float):
-        if math.isnan(value):
-            return "nan"
-        if math.isinf(value):
-            return "inf" if value > 0 else "-inf"
-        return repr(value)
-    if isinstance(value, str):
-        return _toml_str(value)
-    if isinstance(value, (dt.datetime, dt.date, dt.time)):
-        return value.isoformat()
-    if isinstance(value, list):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    if isinstance(value, dict):
-        return "{" + ", ".join(f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()) + "}"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def toml_dumps(data: Mapping[str, Any]) -> str:
-    """A TOML document for what tomllib parsed (the stdlib reads TOML but cannot write it)."""
-    def is_table_array(v: Any) -> bool:
-        return isinstance(v, list) and bool(v) and all(isinstance(i, dict) for i in v)
-
-    lines = [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in data.items()
-             if not isinstance(v, dict) and not is_table_array(v)]
-    for key, value in data.items():
-        if isinstance(value, dict):
-            lines += ["", f"[{_toml_key(key)}]"]
-            lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in value.items()]
-    for key, value in data.items():
-        if is_table_array(value):
-            for item in value:
-                lines += ["", f"[[{_toml_key(key)}]]"]
-                lines += [f"{_toml_key(k)} = {_toml_value(v)}" for k, v in item.items()]
-    return "\n".join(lines) + "\n"
-
-
-def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
-    """The live config, made safe to run anywhere: simulated bus, temp store, no InfluxDB, no LED."""
-    data = copy.deepcopy(dict(live))
-
-    def table(name: str) -> dict[str, Any]:
-        if not isinstance(data.get(name), dict):
-            data[name] = {}
-        return data[name]
-
-    table("simulation")["enabled"] = True
-    table("store")["dir"] = str(store_dir)
-    # Only kind: the token/password file settings must not even be looked at.
-    data["influx"] = {"kind": "none"}
-    table("led")["enabled"] = False
-    sampling = table("sampling")
-    sampling["interval_s"] = 0.5
-    sampling["window_s"] = 0.1
-    samples = sampling.get("samples")
-    if isinstance(samples, int) and not isinstance(samples, bool) and samples > 10:
-        sampling["samples"] = 10
-    if "update" in data:
-        table("update")["enabled"] = False
-    # "auto"/"sync" wait for NTP on a Pi: the self-test must not hang on the clock.
-    table("clock")["trust"] = "always"
-    return data
-
-
 # -- apply ----------------------------------------------------------------------------------------
 def _venv_cmd(venv_cmd: str | None) -> str | None:
-    """The shell command making the venv, or None for the default (`_make_venv`)."""
+    """The shell command making the venv, or None for the default (`make_venv`)."""
     if venv_cmd is not None:
         return venv_cmd
     return os.environ.get(ENV_VENV_CMD) or None
-
-
-def _make_venv(release: Path, timeout: float) -> None:
-    """python3 -m venv + the hash-checked install of requirements.txt (safepip). Raises StepFailed.
-
-    --system-site-packages: Raspberry Pi OS's python3-lgpio (the LED) and, on 32-bit Pis,
-    python3-psutil / python3-sysv-ipc come from Debian. Every root step runs this venv's python
-    with -I or -s, so the service user's site directory is never imported as root.
-    """
-    venv = release / ".venv"
-    result = _run(["python3", "-I", "-m", "venv", "--system-site-packages", str(venv)], timeout=timeout,
-                  env=child_env(), cwd=release)
-    if result.returncode != 0:
-        raise StepFailed(f"python3 -m venv failed (exit {result.returncode}): {_tail(result.stdout)}")
-    try:
-        safepip.install(str(venv / "bin" / "python"), release / "requirements.txt", timeout=timeout,
-                        env=child_env())
-    except safepip.HashError as exc:
-        raise StepFailed(f"refusing the release: {exc}") from None
-    except subprocess.CalledProcessError as exc:
-        raise StepFailed(f"pip failed (exit {exc.returncode}): {exc.output}") from None
-    except (OSError, KeyError, subprocess.TimeoutExpired) as exc:
-        raise StepFailed(f"installing the requirements failed: {exc}") from None
-    # install.sh's markers: a later install.sh run then knows this venv is complete.
-    shutil.copyfile(release / "requirements.txt", venv / ".spb-installed-requirements.txt")
-    (venv / ".spb-venv-complete").touch()
 
 
 def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
@@ -576,139 +192,12 @@ def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
     return list(restart_cmd)
 
 
-def _can_switch_user() -> bool:
-    # Under a sandbox without CAP_SETUID/CAP_SETGID (CapabilityBoundingSet=) the switch fails.
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("CapEff:"):
-                caps = int(line.split()[1], 16)
-                return bool(caps & (1 << 6)) and bool(caps & (1 << 7))
-    except (OSError, ValueError, IndexError):
-        pass
-    return True
-
-
-def _selftest_user(run_as: str | None) -> pwd.struct_passwd | None:
-    """Who runs the new code in the self-test: the service user when we are root and can switch."""
-    if run_as == "":
-        return None
-    auto = run_as is None or run_as == _AUTO
-    name = SERVICE_USER if auto else run_as
-    try:
-        user = pwd.getpwnam(name)
-    except KeyError:
-        if auto:
-            return None
-        raise StepFailed(f"--run-as {name}: no such user") from None
-    if user.pw_uid == os.geteuid():
-        return None
-    if os.geteuid() != 0 or not _can_switch_user():
-        if auto:
-            log.warning("cannot switch to user %s for the self-test (not root, or no CAP_SETUID/CAP_SETGID): "
-                        "it runs as uid %d", name, os.geteuid())
-            return None
-        raise StepFailed(f"cannot switch to user {name} for the self-test (not root, or no CAP_SETUID/CAP_SETGID)")
-    return user
-
-
-def self_test(release: Path, live_config: Path | None, *, timeout: float = SELFTEST_TIMEOUT_S,
-              run_as: str | None = None) -> None:
-    """Run the new release with its own python against a safe copy of the live config. Raises StepFailed."""
-    python = release / ".venv" / "bin" / "python"
-    if not os.access(python, os.X_OK):
-        raise StepFailed(f"self-test: {python} is missing after the venv command")
-    for name in ("main.py", "updater.py"):
-        if not (release / name).is_file():
-            # Without its updater.py a release could never be rolled back or updated again.
-            raise StepFailed(f"self-test: the new release has no {name}")
-    user = _selftest_user(run_as)
-    live = tomllib.loads(live_config.read_text(encoding="utf-8")) if live_config else {}
-    tmp = Path(tempfile.mkdtemp(prefix="spb-selftest-"))
-    try:
-        store, state, home = tmp / "store", tmp / "state", tmp / "home"
-        for d in (store, state, home):
-            d.mkdir()
-        data = selftest_config(live, store)
-        text = toml_dumps(data)
-        if tomllib.loads(text) != data:  # never test against a config other than the one meant
-            raise StepFailed("self-test: the temporary config did not round-trip through TOML")
-        cfg = tmp / "config.toml"
-        cfg.write_text(text, encoding="utf-8")
-        cfg.chmod(0o600)  # the daemon refuses a config others can read, as it may name secret files
-        if user is not None:
-            for path in (tmp, store, state, home, cfg):
-                os.chown(path, user.pw_uid, user.pw_gid)
-        env = child_env({"HOME": str(home), "STATE_DIRECTORY": str(state), "TMPDIR": str(tmp)})
-        for name in ("SOLAR_CONFIG", "PYTHONPATH", "PYTHONHOME", "PYTHONSTARTUP", "PYTHONINSPECT", "NOTIFY_SOCKET",
-                     "WATCHDOG_USEC", "WATCHDOG_PID", "LISTEN_FDS", "LISTEN_PID"):
-            env.pop(name, None)  # nothing may point the new code at the live service's files or sockets
-        # Precompiled as root because the service's code tree is read-only (PYTHONDONTWRITEBYTECODE).
-        # -I -S: compileall from the stdlib, never a compileall.py planted in the release, and no
-        # site-packages .pth code: compiling does not run anything of the new release.
-        steps: list[tuple[str, list[str], pwd.struct_passwd | None]] = [
-            ("compile", [str(python), "-I", "-S", "-m", "compileall", "-q", "-x", r"[/\\]\.venv[/\\]",
-                         str(release)], None),
-            ("updater", [str(python), str(release / "updater.py"), "--help"], user),
-        ]
-        if live_config is not None:
-            # The new code must accept the live config as it is: the copy above replaces [influx] and
-            # [store], so a release that rejects them would pass, then exit 78 at every start, which
-            # systemd does not retry (RestartPreventExitStatus=78) and the rollback would never see.
-            check = ("import pathlib, sys; sys.path.insert(0, sys.argv[2]); import config; "
-                     "config.load_config(pathlib.Path(sys.argv[1]))")
-            steps.append(("live config", [str(python), "-c", check, str(live_config), str(release)], user))
-        steps += [
-            ("check", [str(python), str(release / "main.py"), "check", "--simulate", "--config", str(cfg)], user),
-            ("run", [str(python), str(release / "main.py"), "run", "--simulate", "--cycles", "2",
-                     "--config", str(cfg)], user),
-        ]
-        for name, cmd, who in steps:
-            began = time.monotonic()
-            result = _run(cmd, timeout=timeout, env=env, cwd=tmp, user=who)
-            if result.returncode != 0:
-                raise StepFailed(f"self-test `{name}` failed (exit {result.returncode}): {_tail(result.stdout)}")
-            log.info("self-test %s passed (%.1f s)", name, time.monotonic() - began)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _prepare_gnupghome(source: Path) -> Path:
-    """A private copy of the trusted keyring: gpg writes into its home (locks, trustdb), and
-    the real one may be read-only (ProtectSystem=strict) and must not change."""
-    if not source.is_dir():
-        raise StepFailed(f"require_signed is on but the updater's keyring {source} does not exist "
-                         "(import the maintainers' public keys there, or pass --gnupghome)")
-    home = Path(tempfile.mkdtemp(prefix="spb-gnupg-"))
-    for item in source.iterdir():
-        # Public keyrings and trust only: no private keys, sockets or stale lock files.
-        if item.is_file() and not item.name.endswith(".lock") and not item.name.startswith("S."):
-            shutil.copy2(item, home / item.name)
-    return home
-
-
-def _verify_signature(git: _Git, sha: str, gnupghome: Path) -> None:
-    home = _prepare_gnupghome(gnupghome)
-    try:
-        result = git.run("-c", "gpg.program=gpg", "verify-commit", "--verbose", sha, env={"GNUPGHOME": str(home)})
-        # --verbose also prints the commit itself: only gpg's lines say why.
-        said = [ln for ln in result.stdout.splitlines() if ln.startswith("gpg:")]
-        signer = [ln for ln in said if "Good signature" in ln]
-        if result.returncode != 0:
-            raise StepFailed(f"{sha} has no good signature from a key in {gnupghome}: "
-                             f"{_tail(chr(10).join(said), 4) if said else 'the commit is not signed'}")
-        log.info("signature of %s: %s", _short(sha), signer[0].strip() if signer else "good")
-    finally:
-        if shutil.which("gpgconf"):
-            _run(["gpgconf", "--kill", "all"], timeout=10, env=child_env({"GNUPGHOME": str(home)}))
-        shutil.rmtree(home, ignore_errors=True)
-
-
 def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
     remote = update.remote
     if not remote:
         # [update] enabled requires a remote, but an installer-made checkout knows its origin.
         release = layout.releases / current
-        result = _Git(layout).run("-C", str(release), "config", "--get", "remote.origin.url", git_dir=False)
+        result = Git(layout).run("-C", str(release), "config", "--get", "remote.origin.url", git_dir=False)
         remote = result.stdout.strip() if result.returncode == 0 else ""
     if not remote:
         raise StepFailed("no [update] remote configured and the current release has no origin")
@@ -717,16 +206,16 @@ def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
     return remote
 
 
-def _ensure_repo(layout: Layout, git: _Git, remote: str) -> None:
+def _ensure_repo(layout: Layout, git: Git, remote: str) -> None:
     if (layout.repo / "HEAD").is_file():
         return
-    log.info("creating the mirror %s for %s", layout.repo, _redact(remote))
+    log.info("creating the mirror %s for %s", layout.repo, redact(remote))
     # --template=: no sample hooks (hooks are off anyway).
     git.check("git init", "init", "--quiet", "--bare", "--template=", str(layout.repo), git_dir=False)
     git.check("git config", "config", "remote.origin.url", remote)
 
 
-def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None, *, venv_cmd: str | None,
+def _build_release(layout: Layout, git: Git, new: str, live_config: Path | None, *, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> Path:
     dest = layout.releases / new
     dest.mkdir(parents=True)
@@ -742,17 +231,17 @@ def _build_release(layout: Layout, git: _Git, new: str, live_config: Path | None
     try:
         safepip.allowed_hashes(dest / "requirements.txt")
     except (safepip.HashError, OSError, ValueError) as exc:
-        raise StepFailed(f"refusing {_short(new)}: its requirements are not hash-pinned: {exc}") from None
-    log.info("checked out %s; creating its venv", _short(new))
+        raise StepFailed(f"refusing {short_sha(new)}: its requirements are not hash-pinned: {exc}") from None
+    log.info("checked out %s; creating its venv", short_sha(new))
     began = time.monotonic()
     if venv_cmd is None:
-        _make_venv(dest, install_timeout)
+        make_venv(dest, install_timeout)
     else:
-        result = _run(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
+        result = run_child(["sh", "-c", venv_cmd, "sh", str(dest)], timeout=install_timeout, cwd=dest,
                       env=child_env({"SPB_RELEASE_DIR": str(dest)}))
         if result.returncode != 0:
-            raise StepFailed(f"the venv command failed (exit {result.returncode}): {_tail(result.stdout)}")
-    log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, _short(new))
+            raise StepFailed(f"the venv command failed (exit {result.returncode}): {tail(result.stdout)}")
+    log.info("venv ready (%.0f s); self-testing %s", time.monotonic() - began, short_sha(new))
     self_test(dest, live_config, timeout=selftest_timeout, run_as=run_as)
     return dest
 
@@ -771,8 +260,8 @@ def _prune(layout: Layout, keep: set[str]) -> None:
     except OSError:
         return
     for entry in entries:
-        if _SHA.match(entry.name) and entry.name not in keep and entry.is_dir() and not entry.is_symlink():
-            log.info("removing the old release %s", _short(entry.name))
+        if SHA.match(entry.name) and entry.name not in keep and entry.is_dir() and not entry.is_symlink():
+            log.info("removing the old release %s", short_sha(entry.name))
             _remove_release(layout, entry.name)
 
 
@@ -786,7 +275,7 @@ def _rollback_target(layout: Layout, state_dir: Path, old: str) -> str:
     if releases.get(old, {}).get("good") or not releases.get(previous, {}).get("good"):
         return old
     log.warning("the current release %s never reached a stored cycle: keeping previous -> %s (proven good)",
-                _short(old), _short(previous))
+                short_sha(old), short_sha(previous))
     return previous
 
 
@@ -798,11 +287,11 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
         raise StepFailed(f"{layout.current} is not a link to {layout.releases}/<sha>: nothing to update from")
     if not _BRANCH.match(update.branch) or ".." in update.branch:
         raise StepFailed(f"[update] branch {update.branch!r} is not a branch name")
-    git = _Git(layout)
+    git = Git(layout)
     remote = _remote_url(layout, update, old)
     _ensure_repo(layout, git, remote)
     ref = f"refs/updater/{update.branch}"
-    log.info("fetching %s from %s", update.branch, _redact(remote))
+    log.info("fetching %s from %s", update.branch, redact(remote))
     # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
     git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
               "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}", timeout=FETCH_TIMEOUT_S)
@@ -818,12 +307,12 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
             _discard_fetch(git, ref, current)
 
 
-def _ref_sha(git: _Git, ref: str) -> str | None:
+def _ref_sha(git: Git, ref: str) -> str | None:
     result = git.run("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
     return result.stdout.strip() if result.returncode == 0 else None
 
 
-def _discard_fetch(git: _Git, ref: str, accepted: str | None) -> None:
+def _discard_fetch(git: Git, ref: str, accepted: str | None) -> None:
     """Point `ref` back at the accepted commit and drop every object no ref reaches (the mirror
     keeps only accepted history)."""
     if accepted and git.has_commit(accepted):
@@ -833,22 +322,22 @@ def _discard_fetch(git: _Git, ref: str, accepted: str | None) -> None:
     git.run("reflog", "expire", "--expire=now", "--all")
     result = git.run("-c", "gc.auto=0", "gc", "--prune=now", "--quiet", timeout=FETCH_TIMEOUT_S)
     if result.returncode != 0:
-        log.warning("could not prune the mirror %s: %s", git.layout.repo, _tail(result.stdout))
+        log.warning("could not prune the mirror %s: %s", git.layout.repo, tail(result.stdout))
 
 
-def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateConfig, live_config: Path | None,
+def _apply_fetched(layout: Layout, git: Git, state_dir: Path, update: UpdateConfig, live_config: Path | None,
                    remote: str, ref: str, old: str, *, gnupghome: Path, venv_cmd: str | None,
                    install_timeout: float, selftest_timeout: float, run_as: str | None) -> tuple[str, str] | None:
     new = git.check("git rev-parse", "rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
-    if not _SHA.match(new):
+    if not SHA.match(new):
         raise StepFailed(f"unexpected revision {new!r} for {update.branch}")
     if new == old:
-        log.info("up to date at %s", _short(old))
+        log.info("up to date at %s", short_sha(old))
         return None
     bad = load_state(state_dir)["bad"] if state_dir.is_dir() else {}
     if new in bad:
         log.warning("%s %s is %s, which was rolled back on %s: not applying it again (push a fix)",
-                    _redact(remote), update.branch, _short(new), bad[new].get("at", "an earlier start"))
+                    redact(remote), update.branch, short_sha(new), bad[new].get("at", "an earlier start"))
         return None
     if not git.has_commit(old):
         # A repo.git made after the install may lack the installed commit: take it from the checkout.
@@ -856,21 +345,21 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
         if (installed / ".git").exists():
             git.run("fetch", "--quiet", "--no-tags", "--", str(installed), "+HEAD:refs/updater/installed")
         if not git.has_commit(old):
-            raise StepFailed(f"the current release {old} is not in the history of {_redact(remote)} {update.branch}")
+            raise StepFailed(f"the current release {old} is not in the history of {redact(remote)} {update.branch}")
     is_ff = git.run("merge-base", "--is-ancestor", old, new)
     if is_ff.returncode == 1:
-        raise StepFailed(f"{_short(new)} is not a fast-forward of the current {_short(old)} "
+        raise StepFailed(f"{short_sha(new)} is not a fast-forward of the current {short_sha(old)} "
                          "(rewritten history?): refusing")
     if is_ff.returncode != 0:
-        raise StepFailed(f"git merge-base failed: {_tail(is_ff.stdout)}")
+        raise StepFailed(f"git merge-base failed: {tail(is_ff.stdout)}")
     if update.require_signed:
-        _verify_signature(git, new, gnupghome)
+        verify_signature(git, new, gnupghome)
     else:
-        log.warning("[update] require_signed = false: %s is not signature-checked", _short(new))
+        log.warning("[update] require_signed = false: %s is not signature-checked", short_sha(new))
     dest = layout.releases / new
     if dest.exists() or dest.is_symlink():
         if new == release_sha(layout, layout.previous):
-            raise StepFailed(f"{_short(new)} is the `previous` release; refusing to rebuild it")
+            raise StepFailed(f"{short_sha(new)} is the `previous` release; refusing to rebuild it")
         log.warning("removing a leftover %s (an interrupted update?)", dest)
         _remove_release(layout, new)
     try:
@@ -889,8 +378,8 @@ def _apply_fetched(layout: Layout, git: _Git, state_dir: Path, update: UpdateCon
     keep = {old, new, fallback}  # `old` too: the running daemon still imports from it until restarted
     try:
         if state_dir.is_dir():
-            with _state(state_dir) as state:
-                state["releases"][new] = {"starts": 0, "good": False, "installed_at": _now(), "installed_from": old}
+            with locked_state(state_dir) as state:
+                state["releases"][new] = {"starts": 0, "good": False, "installed_at": now_iso(zulu=False), "installed_from": old}
                 for sha in list(state["releases"]):
                     if sha not in keep:
                         del state["releases"][sha]
@@ -934,7 +423,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
         # An earlier switch (ours or install.sh's) whose restart was cut off: the service may still
         # run the old code. Restart it now, before anything else.
         log.warning("the last switch to %s was not followed by a restart: restarting %s now",
-                    _short(release_sha(layout, layout.current)), SERVICE)
+                    short_sha(release_sha(layout, layout.current)), SERVICE)
         _restart(_restart_cmd(restart_cmd), layout)
     try:
         with _root_lock(layout):
@@ -961,7 +450,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
 def _mark_restart_pending(layout: Layout) -> None:
     fd = os.open(layout.root / RESTART_PENDING, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
     os.close(fd)
-    _fsync_dir(layout.root)
+    fsync_dir(layout.root)
 
 
 def _restart(cmd: list[str], layout: Layout | None = None) -> bool:
@@ -971,13 +460,13 @@ def _restart(cmd: list[str], layout: Layout | None = None) -> bool:
         log.info("no restart command: the new release runs from the next start of %s", SERVICE)
         return False
     try:
-        result = _run(cmd, timeout=RESTART_TIMEOUT_S)
+        result = run_child(cmd, timeout=RESTART_TIMEOUT_S)
     except OSError as exc:
         log.warning("cannot run the restart command %s: %s", shlex.join(cmd), exc)
         return False
     if result.returncode != 0:
         log.warning("the restart command %s failed (exit %d): %s; the new release runs from the next start",
-                    shlex.join(cmd), result.returncode, _tail(result.stdout))
+                    shlex.join(cmd), result.returncode, tail(result.stdout))
         return False
     if layout is not None:
         with contextlib.suppress(FileNotFoundError):
@@ -1033,21 +522,21 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
             return
     state_dir.mkdir(parents=True, exist_ok=True)
     previous = release_sha(layout, layout.previous)
-    with _state(state_dir) as state:
+    with locked_state(state_dir) as state:
         entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
         failed = entry["starts"]  # starts since the last mark_good: each one died before it
         # Only a release still on probation (never marked good) after an update is rolled back:
         # a proven release that stops starting has a config or hardware problem, which old code
         # would not fix either.
-        if previous and previous != sha and not entry["good"] and failed >= limit:
+        if should_roll_back(entry, sha, previous, limit):
             if _rollback(layout, state_dir, state, sha, previous, failed):
                 return
         entry["starts"] = failed + 1
-        entry["last_start"] = _now()
+        entry["last_start"] = now_iso(zulu=False)
         state["started"] = sha
     if failed and not entry["good"]:
         log.warning("release %s: start %d; the last %d ended before it proved itself (cycles and a delivery attempt)",
-                    _short(sha), failed + 1, failed)
+                    short_sha(sha), failed + 1, failed)
 
 
 def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int) -> bool:
@@ -1057,89 +546,20 @@ def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, 
             # No way back to the bad release: `previous` would point at it.
             with contextlib.suppress(FileNotFoundError):
                 layout.previous.unlink()
-            _fsync_dir(layout.root)
+            fsync_dir(layout.root)
     except Busy:
-        log.warning("an update is running; not rolling back %s now", _short(bad))
+        log.warning("an update is running; not rolling back %s now", short_sha(bad))
         return False
     message = f"rolled back from {bad} to {good} after {failed} failed starts"
     log.error("%s", message)
-    at = _now()
+    at = now_iso(zulu=False)
     state["bad"][bad] = {"at": at, "reason": f"{failed} failed starts", "rolled_back_to": good}
     entry = state["releases"].setdefault(good, {"starts": 0, "good": False})
     entry["starts"] = 1
     entry["last_start"] = at
     state["started"] = good
-    _write_json(state_dir / MARKER_FILE, {"from": bad, "to": good, "failed_starts": failed, "at": at,
+    write_json(state_dir / MARKER_FILE, {"from": bad, "to": good, "failed_starts": failed, "at": at,
                                           "message": message})
-    return True
-
-
-def mark_good(state_dir: Path | str | None = None, sha: str | None = None) -> bool:
-    """The release proved itself (see main.ServiceHooks.mark_good_due): reset the start counter, end the probation.
-
-    `sha` defaults to the release the last pre-start started. Fast (no git), never raises;
-    returns False when there was nothing to mark or the state could not be written.
-    """
-    try:
-        state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-        with _state(state_dir, wait_s=2.0) as state:
-            sha = sha or state["started"]
-            if not sha or not _SHA.match(sha):
-                return False
-            entry = state["releases"].setdefault(sha, {"starts": 0, "good": False})
-            if entry["starts"] == 0 and entry["good"]:
-                return True
-            first = not entry["good"]
-            entry.update(starts=0, good=True, good_at=_now())
-        if first:
-            log.info("release %s is good", _short(sha))
-        return True
-    except Exception as exc:  # the daemon must not fail because of this bookkeeping
-        log.warning("cannot mark the release good in %s: %s", state_dir, exc)
-        return False
-
-
-def rollback_notice(state_dir: Path | str | None = None, now: dt.datetime | None = None) -> str | None:
-    """A one-line notice if an update was rolled back (for the LED, `status` and the log), else None.
-
-    The notice lasts until `updater.py acknowledge`, or until the release it rolled back to has run
-    well (marked good after the rollback, no failed start since) for NOTICE_EXPIRES_S.
-    """
-    state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-    try:
-        data = _read_json(state_dir / MARKER_FILE)
-    except (OSError, ValueError):  # UnicodeDecodeError and JSONDecodeError are ValueErrors
-        return "an update was rolled back (details unreadable): see `journalctl -u solarpowerbrampton`"
-    if data is None:
-        return None
-    if not (isinstance(data, dict) and isinstance(data.get("message"), str)):
-        return "an update was rolled back: see `journalctl -u solarpowerbrampton`"
-    if _healthy_since(state_dir, data, now or dt.datetime.now(dt.timezone.utc)):
-        return None
-    return f"{data['message'][:300]} at {str(data.get('at', '?'))[:40]}"
-
-
-def _healthy_since(state_dir: Path, marker: dict[str, Any], now: dt.datetime) -> bool:
-    """The rolled-back-to release was marked good after the rollback and has run NOTICE_EXPIRES_S since."""
-    try:
-        at = dt.datetime.fromisoformat(str(marker.get("at")))
-        entry = load_state(state_dir)["releases"].get(str(marker.get("to")), {})
-        good_at = dt.datetime.fromisoformat(entry["good_at"]) if entry.get("good_at") else None
-    except (ValueError, TypeError):
-        return False
-    if at.tzinfo is None or good_at is None or good_at.tzinfo is None:
-        return False
-    return entry.get("good") is True and entry.get("starts") == 0 and good_at >= at \
-        and (now - at).total_seconds() >= NOTICE_EXPIRES_S
-
-
-def acknowledge(state_dir: Path | str | None = None) -> bool:
-    """Clear the rollback notice. True if there was one."""
-    path = (Path(state_dir) if state_dir is not None else default_state_dir()) / MARKER_FILE
-    try:
-        path.unlink()
-    except FileNotFoundError:
-        return False
     return True
 
 
@@ -1148,7 +568,7 @@ def status(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None)
     layout = Layout(Path(root))
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
     try:
-        on_disk = sorted(p.name for p in layout.releases.iterdir() if _SHA.match(p.name))
+        on_disk = sorted(p.name for p in layout.releases.iterdir() if SHA.match(p.name))
     except OSError:
         on_disk = []
     return {"current": release_sha(layout, layout.current), "previous": release_sha(layout, layout.previous),

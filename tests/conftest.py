@@ -11,6 +11,19 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 
+# `slow` (README "Tests and CI": ./test.sh -m "not slow"): every test using a real server, and these files
+# whole (git, venv and installer runs, a browser, whole daemon processes under kill -9 and outages).
+SERVER_FIXTURES = {"influxdb1", "victoria", "own_influxdb1", "own_victoria", "make_proxy"}
+SLOW_FILES = {"test_end_to_end.py", "test_install.py", "test_network_lies.py", "test_page_screens.py",
+              "test_servers.py", "test_updater.py"}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:
+            item.add_marker(pytest.mark.slow)
+
+
 class FakeClock:
     """Monotonic seconds that only move when told; `sleep` and `wait` advance it."""
 
@@ -63,6 +76,36 @@ def victoria():
     require_binaries()
     with VictoriaMetrics() as server:
         yield server
+
+
+@pytest.fixture(scope="module")
+def own_influxdb1():
+    """A private InfluxDB 1.6.7 for one module, with a database "test": its tests may stop, restart or pause it."""
+    from servers import InfluxDB1, require_binaries
+
+    require_binaries()
+    with InfluxDB1() as server:
+        server.create_database("test")
+        yield server
+
+
+@pytest.fixture(scope="module")
+def own_victoria():
+    """A private VictoriaMetrics for one module: its tests may stop, restart or pause it."""
+    from servers import VictoriaMetrics, require_binaries
+
+    require_binaries()
+    with VictoriaMetrics() as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def http():
+    """A urllib3 pool without retries (a test sees every answer), short timeouts."""
+    import urllib3
+
+    with urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=5)) as pm:
+        yield pm
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import pytest
 
 import main as main_mod
 from config import parse_config
-from main import Daemon, load_energy
+from daemon import Daemon, load_energy
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier
 from simulator import build_simulated_bus

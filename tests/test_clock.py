@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from clock import STA_UNSYNC, ClockGuard, adjtimex_status, detect_sync
 from config import parse_config
-from main import Daemon
+from daemon import Daemon
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier
 from simulator import build_simulated_bus

@@ -184,3 +184,83 @@ def test_values_that_would_fail_later_are_refused_now(doc, key):
         parse_config(doc)
     assert f"at '{key}'" in str(err.value)
     assert "hunter2" not in str(err.value)
+
+
+# -- one declaration per key: the README's reference and config.example.toml follow it --------------------------
+def declared_keys() -> dict[str, object]:
+    """'[section] key' -> its declared default (dataclasses.MISSING: required), for every declared key."""
+    import dataclasses
+
+    keys = {f"[{section}] {name}": f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+            for section, cls in config.SECTIONS.items() for name, f in config.declared(cls).items()}
+    keys.update({f"[[channel]] {name}": f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                 for name, f in config.declared(config.ChannelConfig).items()})
+    return keys
+
+
+def readme_reference() -> dict[str, str]:
+    """'[section] key' -> the README reference table's default cell (one row may name several keys)."""
+    import re
+
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    table = text.split("## Configuration reference", 1)[1].split("\n## ", 1)[0]
+    rows = {}
+    for line in table.splitlines():
+        cells = [c.strip() for c in line.strip("|").split("|")] if line.startswith("| `[") else []
+        if len(cells) < 3:
+            continue
+        names = re.findall(r"`([^`]+)`", cells[0])
+        section, first = names[0].rsplit(" ", 1)
+        parts = cells[1].split(", ") if len(names) > 1 else [cells[1]]
+        for i, name in enumerate([first, *names[1:]]):
+            part = parts[min(i, len(parts) - 1)]
+            quoted = re.findall(r"`([^`]+)`", part)
+            rows[f"{section} {name}"] = quoted[0] if quoted else part
+    return rows
+
+
+def test_every_declared_key_has_a_doc_and_is_in_the_readme_reference_with_its_default():
+    import dataclasses
+    import tomllib
+
+    reference = readme_reference()
+    assert set(reference) == set(declared_keys())  # no key undocumented, no documented key undeclared
+    for cls in [*config.SECTIONS.values(), config.ChannelConfig]:
+        assert all(f.metadata["doc"] for f in config.declared(cls).values()), cls
+    for name, default in declared_keys().items():
+        cell = reference[name]
+        if default is dataclasses.MISSING or default is None or isinstance(default, config.ConstantTruth):
+            continue  # "required", "now", the constant table: said in words
+        try:
+            shown = tomllib.loads(f"x = {cell}")["x"]
+        except tomllib.TOMLDecodeError:
+            continue  # a default said in words ("the name", "$STATE_DIRECTORY, else data")
+        assert shown == default, f"README says {name} defaults to {cell}, the declaration says {default!r}"
+
+
+def test_config_example_shows_only_declared_keys_with_their_declared_defaults():
+    import re
+    import tomllib
+
+    declared = declared_keys()
+    exceptions = {"[simulation] enabled", "[[channel]] role", "[[channel]] name", "[[channel]] address",
+                  "[[channel]] tags", "[[channel]] max_current_a"}  # what the example's header says differs
+    section = None
+    for line in (ROOT / "config.example.toml").read_text(encoding="utf-8").splitlines():
+        text = line.lstrip("# ").split("  #")[0].strip()
+        header = re.fullmatch(r"(\[\[?[a-z0-9]+\]\]?)", text)
+        if header:
+            section = header.group(1)
+            continue
+        item = re.fullmatch(r"([a-z_0-9]+) = (.+)", text)
+        if section is None or item is None:
+            continue
+        name = f"{section} {item.group(1)}"
+        assert name in declared, f"config.example.toml shows {name}, which no declaration has"
+        value = tomllib.loads(f"x = {item.group(2)}")["x"]
+        if line.startswith("#") or name in exceptions or section == "[influx]":
+            continue
+        default = declared[name]
+        if isinstance(default, config.ConstantTruth):
+            default = {"bus_voltage_v": default.bus_voltage_v, "current_ma": default.current_ma}
+        assert value == default, f"config.example.toml: {name} = {item.group(2)}, declared default {default!r}"

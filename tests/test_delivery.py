@@ -134,7 +134,7 @@ def test_auth_failure_keeps_everything_and_a_fixed_token_resumes_without_restart
     assert isinstance(result.error, AuthError)
     assert outbox.stats().queue_depth == 50
     assert sender.handler.top_tier == Tier.SENDING
-    assert sender._next_attempt == pytest.approx(clock() + 60)
+    assert sender.next_attempt_s == pytest.approx(clock() + 60)
     token_file.write_text(TOKEN)
     os.utime(token_file, (1, 1))
     result = sender.flush()
@@ -183,7 +183,7 @@ def test_throttling_waits_at_least_retry_after(victoria, make_proxy, outbox, clo
     sender = make_sender(v2_writer(proxy.url), outbox, clock)
     result = sender.flush()
     assert isinstance(result.error, ThrottledError)
-    assert sender._next_attempt - clock() == pytest.approx(wait_s)
+    assert sender.next_attempt_s - clock() == pytest.approx(wait_s)
     assert sender.handler.top_tier == Tier.CONNECTION
     assert outbox.stats().queue_depth == 5
     assert sender.flush().delivered == 5
@@ -197,13 +197,13 @@ def test_server_errors_back_off_exponentially_with_jitter_up_to_5_minutes(victor
     waits = []
     for _ in range(12):
         assert isinstance(sender.flush().error, UnreachableError)
-        waits.append(sender._next_attempt - clock())
+        waits.append(sender.next_attempt_s - clock())
     ceilings = [min(2 * 2 ** k, 300) for k in range(12)]
     assert all(c / 2 <= w <= c for w, c in zip(waits, ceilings)), waits
     assert len(set(waits)) > 1 and max(waits) <= 300
     proxy.clear()
     assert sender.flush().delivered == 5
-    assert sender._failures == 0
+    assert sender.failures == 0
 
 
 def test_slow_server_times_out_and_nothing_is_lost(victoria, make_proxy, outbox, clock):

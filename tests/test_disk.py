@@ -19,14 +19,14 @@ from pathlib import Path
 import pytest
 
 from config import parse_config
-from main import Daemon, load_energy
+from daemon import Daemon, load_energy
 from outbox import Outbox, StoreError
 from rpi_errors import ErrorHandler, Tier
 from simulator import build_simulated_bus
 from tools import SystemMonitor, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
-_HOLD = 360  # main._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written
+_HOLD = 360  # daemon._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written
 
 
 def _cannot(reason: str):
@@ -162,7 +162,7 @@ def test_disk_full_holds_cycles_in_memory_shows_critical_and_stores_them_later(s
     cycles(daemon, clock, 200)
     assert handler.top_tier == Tier.CRITICAL
     assert "cannot store readings" in handler.active["store"].message
-    assert len(daemon._unstored) > 150  # the WAL's spare room took a few; the rest waits in memory
+    assert daemon.held_cycles > 150  # the WAL's spare room took a few; the rest waits in memory
     filler.unlink()  # space again
     cycles(daemon, clock, 1)
     assert "store" not in handler.active and handler.top_tier != Tier.CRITICAL
@@ -172,6 +172,7 @@ def test_disk_full_holds_cycles_in_memory_shows_critical_and_stores_them_later(s
     outbox.close()
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_beyond_the_memory_hold_each_lost_cycle_is_counted_and_logged(small_fs, clock, caplog):
     daemon, outbox, handler = fake_daemon(small_fs / "store", clock)
     cycles(daemon, clock, 2)
@@ -190,6 +191,7 @@ def test_beyond_the_memory_hold_each_lost_cycle_is_counted_and_logged(small_fs, 
     outbox.close()
 
 
+@pytest.mark.slow
 def test_a_store_on_a_1_mb_file_system_runs_for_hours(small_fs, clock):
     """Three hours at 10 s: the WAL stays small (SQLite's default lets it reach about 4 MB), so a
     max_mb that fits the card is all it takes; the cap then drops the oldest, counted."""
@@ -305,7 +307,7 @@ def test_store_turning_read_only_mid_run_keeps_measuring_and_stores_the_held_cyc
     assert err.value.errno == 30  # EROFS: really read-only now
     cycles(daemon, clock, 50)
     assert handler.top_tier == Tier.CRITICAL and "cannot store readings" in handler.active["store"].message
-    assert len(daemon._unstored) == 50 and daemon.cycles_done == 55  # measuring went on
+    assert daemon.held_cycles == 50 and daemon.cycles_done == 55  # measuring went on
     mount_again()
     cycles(daemon, clock, 1)
     assert "store" not in handler.active
@@ -320,7 +322,7 @@ def test_held_cycles_are_tried_once_more_at_shutdown(small_fs, clock, caplog):
     cycles(daemon, clock, 2)
     filler = fill(small_fs)
     cycles(daemon, clock, 100)
-    held = len(daemon._unstored)
+    held = daemon.held_cycles
     assert held > 50
     with caplog.at_level(logging.INFO):
         filler.unlink()

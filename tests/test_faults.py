@@ -14,7 +14,7 @@ import pytest
 import main as main_mod
 from config import parse_config
 from local_solution import make_writer
-from main import Daemon, load_energy
+from daemon import Daemon, load_energy
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier, UnreachableError
 from sender import Policy, Sender
@@ -94,10 +94,10 @@ def test_influxdb_down_for_hours_then_everything_arrives_oldest_first(tmp_path, 
     while clock() < end:
         clock.now = start + daemon.cycles_done * 10  # the next slot of the 10 s grid
         daemon.run_cycle()
-        if clock() >= sender._next_attempt:
+        if clock() >= sender.next_attempt_s:
             result = sender.flush()
             assert isinstance(result.error, UnreachableError)
-            waits.append(sender._next_attempt - clock())
+            waits.append(sender.next_attempt_s - clock())
     assert handler.top_tier == Tier.CONNECTION
     assert max(waits) <= 300 and len(waits) > 60  # retried at least every 5 minutes, all along
     stored = outbox.stats().stored_total
@@ -121,6 +121,7 @@ def test_size_cap_drops_oldest_and_reports_it_in_system_points(tmp_path, clock):
     assert max(dropped_fields) > 0
 
 
+@pytest.mark.slow
 def test_power_loss_mid_transaction_keeps_every_committed_cycle(tmp_path):
     """kill -9 with a copy of the DB files taken while the daemon is frozen at a random moment,
     as a power cut would leave them: every copy opens cleanly and holds only whole cycles."""

@@ -20,7 +20,7 @@ import pytest
 import config as config_mod
 from config import parse_config
 from credentials import Secret, SecretError
-from main import LOCAL_ONLY_MEANING, ServiceHooks, console_wanted
+from service import LOCAL_ONLY_MEANING, ServiceHooks, console_wanted
 from outbox import Outbox, format_mb
 from rpi_errors import BLINK_CODES, ErrorHandler
 
@@ -58,6 +58,7 @@ address = 0x41
 
 
 # -- config files are not secrets -----------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("name", SHIPPED)
 def test_shipped_configs_run_as_shipped_and_as_copied(name, tmp_path):
     copy = tmp_path / "copy.toml"
@@ -128,6 +129,7 @@ def test_run_on_a_terminal_shows_one_compact_line_per_cycle(tmp_path):
     assert "stopped after 2 cycles" in stderr
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_run_under_systemd_or_into_a_pipe_prints_no_cycle_lines(tmp_path):
     text, stderr, rc = run_on_a_terminal(tmp_path, clean_env(JOURNAL_STREAM="8:12345"))
     assert rc == 0 and text.strip() == "", text
@@ -150,6 +152,7 @@ def test_console_is_wanted_only_on_a_terminal_off_systemd(tmp_path):
         os.close(slave)
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_embedded_default_serves_the_page_on_8080_and_logs_its_url_once(tmp_path):
     default = config_mod.embedded_default()
     assert default.web.enabled and default.web.listen == "127.0.0.1:8080" and default.influx.kind == "none"
@@ -183,12 +186,12 @@ def test_embedded_default_serves_the_page_on_8080_and_logs_its_url_once(tmp_path
 def test_banner_says_sending_only_when_there_is_somewhere_to_send_to(tmp_path):
     local = parse_config({"influx": {"kind": "none"}})
     remote = parse_config({"influx": {"kind": "local", "api": "v1", "url": "http://127.0.0.1:8086", "database": "d"}})
-    assert ServiceHooks(local, ErrorHandler(None), tmp_path)._meaning(None) == LOCAL_ONLY_MEANING
+    assert ServiceHooks(local, ErrorHandler(None), tmp_path).meaning(None) == LOCAL_ONLY_MEANING
     assert "storing on this Pi only" in LOCAL_ONLY_MEANING
-    assert ServiceHooks(remote, ErrorHandler(None), tmp_path)._meaning(None) == BLINK_CODES[None].meaning
+    assert ServiceHooks(remote, ErrorHandler(None), tmp_path).meaning(None) == BLINK_CODES[None].meaning
     for tier in BLINK_CODES:  # a problem is a problem, with or without a database
         if tier is not None:
-            assert ServiceHooks(local, ErrorHandler(None), tmp_path)._meaning(tier) == BLINK_CODES[tier].meaning
+            assert ServiceHooks(local, ErrorHandler(None), tmp_path).meaning(tier) == BLINK_CODES[tier].meaning
 
 
 # -- local-only storage ages out, it does not drop -----------------------------------------------------------

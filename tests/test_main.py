@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from config import parse_config
-from main import Daemon, cycle_points, load_energy
+from daemon import Daemon, cycle_points, load_energy
 from outbox import Outbox
 from rpi_errors import BLINK_CODES, ErrorHandler, MeasuringError, ShortError, Tier
 from schema import ELECTRICITY_FIELDS, parse_line
@@ -37,7 +37,7 @@ def make_daemon(tmp_path, clock, doc=None):
     handler = ErrorHandler(None, clock=clock)
     starts = []
     daemon = Daemon(cfg, reader, outbox, handler, clock=clock, wait=clock.wait, monitor=SystemMonitor(str(tmp_path)),
-                    on_cycle=lambda c: starts.append(c.monotonic_s - cfg.sampling.window_s / 2))
+                    listeners=[lambda r: starts.append(r.cycle.monotonic_s - cfg.sampling.window_s / 2)])
     return daemon, bus, outbox, starts
 
 
@@ -50,13 +50,10 @@ def test_cycles_start_on_a_fixed_grid_without_drift(tmp_path, clock):
 
 def test_overrun_skips_to_the_next_slot_with_a_short_error(tmp_path, clock):
     daemon, _, _, starts = make_daemon(tmp_path, clock)
-    original = daemon.on_cycle
-
-    def slow_second_cycle(cycle):
-        original(cycle)
+    def slow_second_cycle(report):
         if len(starts) == 2:
             clock.advance(4)  # this cycle ends 5 s after it began (3 s interval): slot 2 is gone
-    daemon.on_cycle = slow_second_cycle
+    daemon.listeners.append(slow_second_cycle)
     t0 = clock()
     seen = []
     daemon.handler.report = (lambda report: (lambda e: (seen.append(e), report(e))))(daemon.handler.report)
@@ -175,6 +172,7 @@ enabled = false
     return path
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
     cfg = write_config(tmp_path)
     result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path)
@@ -244,6 +242,7 @@ def received(receiver) -> list[str]:
             return messages
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchdog(tmp_path):
     sock_path = tmp_path / "notify.sock"
     receiver = notify_receiver(sock_path)
@@ -290,10 +289,10 @@ def test_the_live_page_is_served_while_running(tmp_path):
 
 
 def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
-    import updater
-    from main import ServiceHooks
+    import release
+    from service import ServiceHooks
 
-    (tmp_path / updater.MARKER_FILE).write_text(json.dumps({"message": "rolled back from abc to def", "at": "now"}))
+    (tmp_path / release.MARKER_FILE).write_text(json.dumps({"message": "rolled back from abc to def", "at": "now"}))
     cfg = parse_config({"update": {"enabled": True, "remote": "/srv/solar.git"}})
     handler = ErrorHandler(None)
     hooks = ServiceHooks(cfg, handler, tmp_path)
@@ -311,7 +310,7 @@ def test_a_rolled_back_update_is_shown_on_the_led(tmp_path):
 
 
 def test_status_says_an_update_was_rolled_back(tmp_path):
-    import updater
+    import release
 
     cfg = write_config(tmp_path, '[update]\nenabled = true\nremote = "/srv/solar.git"')
     assert run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).returncode == 0
@@ -319,37 +318,38 @@ def test_status_says_an_update_was_rolled_back(tmp_path):
     result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     assert json.loads(result.stdout)["update_rolled_back"] is None
-    (tmp_path / "store" / updater.MARKER_FILE).write_text(json.dumps(
+    (tmp_path / "store" / release.MARKER_FILE).write_text(json.dumps(
         {"message": "rolled back from abc to def after 3 failed starts", "at": "2026-06-21T06:00:00+00:00"}))
     result = run_cli("status", "--json", "--config", str(cfg), cwd=tmp_path, env=env)
     assert "rolled back from abc to def" in json.loads(result.stdout)["update_rolled_back"]
 
 
+@pytest.mark.slow
 def test_a_release_is_good_only_after_cycles_and_a_delivery_attempt(tmp_path, clock):
     """One stored cycle is not "good" (a release that then crashes in delivery must be rolled back):
     GOOD_AFTER_CYCLES stored cycles and a finished delivery attempt, or that many cycles and GOOD_AFTER_S."""
     import main as main_mod
-    import updater
-    from main import ServiceHooks, make_sender
+    import release
+    import service
+    from service import ServiceHooks
 
     state = tmp_path / "state"
     state.mkdir()
     sha = "a" * 40
-    (state / updater.STATE_FILE).write_text(json.dumps(
+    (state / release.STATE_FILE).write_text(json.dumps(
         {"started": sha, "releases": {sha: {"starts": 1, "good": False}}}))
 
     def good() -> bool:
-        return json.loads((state / updater.STATE_FILE).read_text())["releases"][sha].get("good", False)
+        return json.loads((state / release.STATE_FILE).read_text())["releases"][sha].get("good", False)
 
     # Delivery to a closed port (an attempt that fails: the delivery code ran without crashing).
     doc = {"influx": {"kind": "local", "api": "v1", "url": "http://127.0.0.1:9", "database": "d"},
            "update": {"enabled": True, "remote": "/srv/solar.git"}}
     daemon, _, outbox, _ = make_daemon(tmp_path, clock, doc)
-    daemon.sender = make_sender(daemon.config, main_mod.make_writer(daemon.config), daemon.handler)
-    hooks = ServiceHooks(daemon.config, daemon.handler, state, clock=clock)
-    hooks.daemon = daemon
-    daemon.on_cycle = hooks.after_cycle
-    for _ in range(main_mod.GOOD_AFTER_CYCLES):
+    daemon.sender = main_mod.make_sender(daemon.config, main_mod.make_writer(daemon.config), daemon.handler)
+    hooks = ServiceHooks(daemon.config, daemon.handler, state, clock=clock, sender=daemon.sender)
+    daemon.listeners.append(hooks.after_cycle)
+    for _ in range(service.GOOD_AFTER_CYCLES):
         daemon.run_cycle()
         assert not good(), "marked good before any delivery attempt"
     daemon.sender.flush()
@@ -358,17 +358,18 @@ def test_a_release_is_good_only_after_cycles_and_a_delivery_attempt(tmp_path, cl
     assert good()
 
     # No delivery attempt at all (the sender never got to run): good once GOOD_AFTER_S have passed.
-    (state / updater.STATE_FILE).write_text(json.dumps({"started": sha, "releases": {sha: {"starts": 1}}}))
+    (state / release.STATE_FILE).write_text(json.dumps({"started": sha, "releases": {sha: {"starts": 1}}}))
     daemon2, _, _, _ = make_daemon(tmp_path / "2", clock, doc)
-    daemon2.sender = make_sender(daemon2.config, main_mod.make_writer(daemon2.config), daemon2.handler)
-    hooks2 = ServiceHooks(daemon2.config, daemon2.handler, state, clock=clock)
-    hooks2.daemon = daemon2
-    daemon2.on_cycle = hooks2.after_cycle
+    daemon2.sender = main_mod.make_sender(daemon2.config, main_mod.make_writer(daemon2.config), daemon2.handler)
+    began = clock()
+    hooks2 = ServiceHooks(daemon2.config, daemon2.handler, state, clock=clock, sender=daemon2.sender)
+    stored = []
+    daemon2.listeners += [hooks2.after_cycle, lambda report: stored.append(report.stored)]
     daemon2.run_cycle()
     assert not good()
-    while clock() - hooks2._began < main_mod.GOOD_AFTER_S:
+    while clock() - began < service.GOOD_AFTER_S:
         daemon2.run_cycle()
-    assert hooks2._stored_cycles >= main_mod.GOOD_AFTER_CYCLES and daemon2.sender.total_requests == 0
+    assert sum(stored) >= service.GOOD_AFTER_CYCLES and daemon2.sender.total_requests == 0
     assert good()
     daemon.sender.outbox.close()
     daemon2.sender.outbox.close()
@@ -402,9 +403,9 @@ def test_a_failing_cycle_is_reported_and_measuring_goes_on(tmp_path, clock):
 
 
 def test_cycles_evicted_from_memory_while_the_store_is_down_are_counted_as_dropped(tmp_path, clock, monkeypatch):
-    import main as main_mod
+    import daemon as daemon_mod
 
-    monkeypatch.setattr(main_mod, "_MAX_UNSTORED_CYCLES", 3)
+    monkeypatch.setattr(daemon_mod, "_MAX_UNSTORED_CYCLES", 3)
     daemon, _, outbox, _ = make_daemon(tmp_path, clock)
     daemon.run_cycle()
     outbox._db.execute("PRAGMA query_only = ON")  # every write now fails, as on a card gone read-only
@@ -418,15 +419,14 @@ def test_cycles_evicted_from_memory_while_the_store_is_down_are_counted_as_dropp
 
 
 def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, clock, monkeypatch):
-    from main import ServiceHooks
+    from service import ServiceHooks
 
     sock_path = tmp_path / "n.sock"
     receiver = notify_receiver(sock_path)
     monkeypatch.setenv("NOTIFY_SOCKET", str(sock_path))
     daemon, _, outbox, _ = make_daemon(tmp_path, clock)
     hooks = ServiceHooks(daemon.config, daemon.handler, tmp_path)
-    hooks.daemon = daemon
-    daemon.on_cycle = hooks.after_cycle
+    daemon.listeners.append(hooks.after_cycle)
     daemon.run_cycle()
     outbox._db.execute("PRAGMA query_only = ON")
     daemon.run_cycle()
@@ -437,7 +437,7 @@ def test_watchdog_pings_after_every_cycle_even_while_the_store_fails(tmp_path, c
 
 
 def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
-    from main import ServiceHooks
+    from service import ServiceHooks
 
     sock_path = tmp_path / "w.sock"
     receiver = notify_receiver(sock_path)
@@ -448,6 +448,7 @@ def test_a_long_interval_widens_the_watchdog(tmp_path, monkeypatch):
     assert received(receiver) == ["WATCHDOG_USEC=1800000000"]
 
 
+@pytest.mark.slow  # whole daemon processes
 def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_path):
     cfg = write_config(tmp_path, '[[channel]]\nname = "red_house"\naddress = 0x40\ntags = { colour = "red, really" }\n'
                                  '[[channel]]\nname = "red_trade"\naddress = 0x48\nrole = "exchange"\n'

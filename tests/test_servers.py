@@ -1,6 +1,7 @@
 """Smoke tests for the real test servers (tests/servers.py) and the fault-injecting proxy (tests/proxy.py).
 
-Each server is started once for this module (own instances: these tests stop, restart and pause them).
+Each server is started once for this module (conftest's own_influxdb1 and own_victoria: these tests stop,
+restart and pause them).
 Skipped with a reason when influxd / victoria-metrics are missing, failed instead when CI=true.
 """
 from __future__ import annotations
@@ -14,33 +15,12 @@ import pytest
 import urllib3
 
 from proxy import FaultProxy
-from servers import InfluxDB1, VictoriaMetrics, free_port, require_binaries
+from servers import free_port
 
 T0 = 1_700_000_000_000  # 2023-11-14, ms
 LINES = (f"solar,channel=panel voltage=12.5,current=1.25 {T0}\n"
          f"solar,channel=panel voltage=12.75,current=1.5 {T0 + 3000}\n"
          f"solar,channel=battery voltage=13.0,current=0.5 {T0 + 6000}\n")
-
-
-@pytest.fixture(scope="module")
-def http():
-    with urllib3.PoolManager(retries=False, timeout=urllib3.Timeout(connect=2, read=5)) as pm:
-        yield pm
-
-
-@pytest.fixture(scope="module")
-def influx():
-    require_binaries()
-    with InfluxDB1() as server:
-        server.create_database("test")
-        yield server
-
-
-@pytest.fixture(scope="module")
-def vm():
-    require_binaries()
-    with VictoriaMetrics() as server:
-        yield server
 
 
 def _influx_rows(series: list[dict]) -> list[dict]:
@@ -53,29 +33,29 @@ def _influx_rows(series: list[dict]) -> list[dict]:
 
 # --- InfluxDB 1.6.7 -------------------------------------------------------------------------------------------
 
-def test_influxdb1_write_and_query_ms(influx, http):
-    assert influx.url == f"http://127.0.0.1:{influx.port}"
-    r = http.request("POST", f"{influx.url}/write?db=test&precision=ms", body=LINES.encode())
+def test_influxdb1_write_and_query_ms(own_influxdb1, http):
+    assert own_influxdb1.url == f"http://127.0.0.1:{own_influxdb1.port}"
+    r = http.request("POST", f"{own_influxdb1.url}/write?db=test&precision=ms", body=LINES.encode())
     assert r.status == 204, r.data
-    rows = _influx_rows(influx.query("test", "SELECT * FROM solar"))
+    rows = _influx_rows(own_influxdb1.query("test", "SELECT * FROM solar"))
     assert [(r["time"], r["channel"], r["voltage"], r["current"]) for r in rows] == [
         (T0, "panel", 12.5, 1.25), (T0 + 3000, "panel", 12.75, 1.5), (T0 + 6000, "battery", 13.0, 0.5)]
 
 
-def test_influxdb1_gzip_and_status_codes(influx, http):
+def test_influxdb1_gzip_and_status_codes(own_influxdb1, http):
     body = gzip.compress(f"gz,t=a v=1i {T0}\n".encode())
-    r = http.request("POST", f"{influx.url}/write?db=test&precision=ms", body=body,
+    r = http.request("POST", f"{own_influxdb1.url}/write?db=test&precision=ms", body=body,
                      headers={"Content-Encoding": "gzip"})
     assert r.status == 204, r.data
-    assert _influx_rows(influx.query("test", "SELECT * FROM gz")) == [{"time": T0, "t": "a", "v": 1}]
+    assert _influx_rows(own_influxdb1.query("test", "SELECT * FROM gz")) == [{"time": T0, "t": "a", "v": 1}]
     # unknown database 404, missing db 400, and no API v2 in 1.6.7
-    assert http.request("POST", f"{influx.url}/write?db=nope", body=b"m v=1").status == 404
-    assert http.request("POST", f"{influx.url}/write", body=b"m v=1").status == 400
-    assert http.request("POST", f"{influx.url}/api/v2/write?bucket=test&org=o", body=b"m v=1").status == 404
+    assert http.request("POST", f"{own_influxdb1.url}/write?db=nope", body=b"m v=1").status == 404
+    assert http.request("POST", f"{own_influxdb1.url}/write", body=b"m v=1").status == 400
+    assert http.request("POST", f"{own_influxdb1.url}/api/v2/write?bucket=test&org=o", body=b"m v=1").status == 404
 
 
-def test_influxdb1_partial_write_stores_good_lines(influx, http):
-    url = f"{influx.url}/write?db=test&precision=ms"
+def test_influxdb1_partial_write_stores_good_lines(own_influxdb1, http):
+    url = f"{own_influxdb1.url}/write?db=test&precision=ms"
     assert http.request("POST", url, body=f"pw,t=a v=1 {T0}\n".encode()).status == 204
     # a line that does not parse, and a type conflict with the stored float field
     batch = (f"pw,t=a v=2 {T0 + 1000}\n"
@@ -87,7 +67,7 @@ def test_influxdb1_partial_write_stores_good_lines(influx, http):
     err = json.loads(r.data)["error"]
     # both problems -> one 400; the message names only the type conflict (dropped counts it, not the bad line)
     assert err.startswith("partial write: field type conflict") and err.endswith("dropped=1"), err
-    rows = _influx_rows(influx.query("test", "SELECT * FROM pw"))
+    rows = _influx_rows(own_influxdb1.query("test", "SELECT * FROM pw"))
     assert [(r["time"], r["t"], r["v"]) for r in rows] == [(T0, "a", 1), (T0 + 1000, "a", 2), (T0 + 3000, "c", 4)]
 
     # type conflict alone: "partial write: field type conflict ... dropped=1", the other lines are kept
@@ -95,51 +75,51 @@ def test_influxdb1_partial_write_stores_good_lines(influx, http):
     assert r.status == 400
     err = json.loads(r.data)["error"]
     assert err.startswith("partial write: field type conflict") and err.endswith("dropped=1"), err
-    assert len(influx.query("test", "SELECT * FROM pw")[0]["values"]) == 4
+    assert len(own_influxdb1.query("test", "SELECT * FROM pw")[0]["values"]) == 4
 
     # A conflict inside one batch, shard already exists: partial write, good lines kept.
     r = http.request("POST", url, body=f"fresh v=1 {T0}\nfresh v=2i {T0 + 1000}\nfresh v=3 {T0 + 2000}\n".encode())
     assert r.status == 400 and json.loads(r.data)["error"].startswith("partial write: field type conflict")
-    assert [v for _, v in influx.query("test", "SELECT * FROM fresh")[0]["values"]] == [1, 3]
+    assert [v for _, v in own_influxdb1.query("test", "SELECT * FROM fresh")[0]["values"]] == [1, 3]
     # Surprise: the same batch aimed at a shard that does not exist yet (a time range not written before;
     # autogen shard groups span 7 days) is rejected WHOLE: no "partial write", nothing stored.
     t = 1_600_000_000_000
     r = http.request("POST", url, body=f"fresh2 v=1 {t}\nfresh2 v=2i {t + 1000}\nfresh2 v=3 {t + 2000}\n".encode())
     assert r.status == 400 and json.loads(r.data) == {"error": "field type conflict"}
-    assert influx.query("test", "SELECT * FROM fresh2") == []
+    assert own_influxdb1.query("test", "SELECT * FROM fresh2") == []
 
 
-def test_influxdb1_stop_start_keeps_data_and_port(influx, http):
-    url = f"{influx.url}/write?db=test&precision=ms"
+def test_influxdb1_stop_start_keeps_data_and_port(own_influxdb1, http):
+    url = f"{own_influxdb1.url}/write?db=test&precision=ms"
     assert http.request("POST", url, body=f"outage v=1 {T0}\n".encode()).status == 204
-    port, pid = influx.port, influx.pid
-    influx.stop()
-    assert not influx.running
+    port, pid = own_influxdb1.port, own_influxdb1.pid
+    own_influxdb1.stop()
+    assert not own_influxdb1.running
     with pytest.raises(urllib3.exceptions.HTTPError):
-        http.request("GET", f"{influx.url}/ping")
-    influx.start()
-    assert influx.port == port and influx.pid != pid
-    assert _influx_rows(influx.query("test", "SELECT * FROM outage")) == [{"time": T0, "v": 1}]
+        http.request("GET", f"{own_influxdb1.url}/ping")
+    own_influxdb1.start()
+    assert own_influxdb1.port == port and own_influxdb1.pid != pid
+    assert _influx_rows(own_influxdb1.query("test", "SELECT * FROM outage")) == [{"time": T0, "v": 1}]
 
 
-def test_influxdb1_pause_resume(influx, http):
-    influx.pause()
+def test_influxdb1_pause_resume(own_influxdb1, http):
+    own_influxdb1.pause()
     try:
         with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-            http.request("GET", f"{influx.url}/ping", timeout=urllib3.Timeout(connect=1, read=0.3))
+            http.request("GET", f"{own_influxdb1.url}/ping", timeout=urllib3.Timeout(connect=1, read=0.3))
     finally:
-        influx.resume()
-    assert http.request("GET", f"{influx.url}/ping").status == 204
+        own_influxdb1.resume()
+    assert http.request("GET", f"{own_influxdb1.url}/ping").status == 204
 
 
 # --- VictoriaMetrics 1.79.5 -----------------------------------------------------------------------------------
 
-def test_victoria_v2_write_gzip_export(vm, http):
-    r = http.request("POST", f"{vm.url}/api/v2/write?bucket=x&org=y&precision=ms", body=gzip.compress(LINES.encode()),
+def test_victoria_v2_write_gzip_export(own_victoria, http):
+    r = http.request("POST", f"{own_victoria.url}/api/v2/write?bucket=x&org=y&precision=ms", body=gzip.compress(LINES.encode()),
                      headers={"Content-Encoding": "gzip", "Authorization": "Token ignored"})
     assert r.status == 204, r.data
     got = {(row["metric"]["__name__"], row["metric"]["channel"]): list(zip(row["timestamps"], row["values"]))
-           for row in vm.export('{__name__=~"solar_.+"}')}
+           for row in own_victoria.export('{__name__=~"solar_.+"}')}
     assert got == {
         ("solar_current", "battery"): [(T0 + 6000, 0.5)],
         ("solar_current", "panel"): [(T0, 1.25), (T0 + 3000, 1.5)],
@@ -148,38 +128,38 @@ def test_victoria_v2_write_gzip_export(vm, http):
     }
 
 
-def test_victoria_timestamps_and_bad_lines(vm, http):
+def test_victoria_timestamps_and_bad_lines(own_victoria, http):
     now = int(time.time() * 1000)
     body = (f"ts,when=epoch v=1 1000\n"
             f"ts,when=y2000 v=2 946684800000\n"
             "garbage line here\n"
             f"ts,when=tomorrow v=3 {now + 86_400_000}\n"
             f"ts,when=in3days v=4 {now + 3 * 86_400_000}\n")
-    r = http.request("POST", f"{vm.url}/write?precision=ms", body=body.encode())
+    r = http.request("POST", f"{own_victoria.url}/write?precision=ms", body=body.encode())
     assert r.status == 204  # bad line and too-new sample: silently dropped
-    kept = {row["metric"]["when"]: row["timestamps"] for row in vm.export('{__name__="ts_v"}', end=now / 1000 + 10 * 86400)}
+    kept = {row["metric"]["when"]: row["timestamps"] for row in own_victoria.export('{__name__="ts_v"}', end=now / 1000 + 10 * 86400)}
     assert kept == {"epoch": [1000], "y2000": [946684800000], "tomorrow": [now + 86_400_000]}
 
 
-def test_victoria_stop_start_pause(vm, http):
-    r = http.request("POST", f"{vm.url}/write?precision=ms", body=f"persist v=7 {T0}\n".encode())
+def test_victoria_stop_start_pause(own_victoria, http):
+    r = http.request("POST", f"{own_victoria.url}/write?precision=ms", body=f"persist v=7 {T0}\n".encode())
     assert r.status == 204
-    vm.stop()
-    vm.start()
-    assert [(row["timestamps"], row["values"]) for row in vm.export('{__name__="persist_v"}')] == [([T0], [7])]
-    vm.pause()
+    own_victoria.stop()
+    own_victoria.start()
+    assert [(row["timestamps"], row["values"]) for row in own_victoria.export('{__name__="persist_v"}')] == [([T0], [7])]
+    own_victoria.pause()
     try:
         with pytest.raises(urllib3.exceptions.ReadTimeoutError):
-            http.request("GET", f"{vm.url}/health", timeout=urllib3.Timeout(connect=1, read=0.3))
+            http.request("GET", f"{own_victoria.url}/health", timeout=urllib3.Timeout(connect=1, read=0.3))
     finally:
-        vm.resume()
-    assert http.request("GET", f"{vm.url}/health").status == 200
+        own_victoria.resume()
+    assert http.request("GET", f"{own_victoria.url}/health").status == 200
 
 
 # --- FaultProxy ------------------------------------------------------------------------------------------
 
-def test_proxy_counts_exact_wire_bytes(vm):
-    with FaultProxy(vm.url) as proxy:
+def test_proxy_counts_exact_wire_bytes(own_victoria):
+    with FaultProxy(own_victoria.url) as proxy:
         raw = (b"POST /write?precision=ms HTTP/1.1\r\nHost: x\r\nContent-Length: 23\r\n\r\n"
                + f"wire v=1 {T0}\n".encode())
         assert len(f"wire v=1 {T0}\n") == 23
@@ -198,8 +178,8 @@ def test_proxy_counts_exact_wire_bytes(vm):
         assert (proxy.requests, proxy.bytes_in, proxy.log) == (0, 0, [])
 
 
-def test_proxy_passthrough_keepalive_and_429(vm, http):
-    with FaultProxy(vm.url) as proxy:
+def test_proxy_passthrough_keepalive_and_429(own_victoria, http):
+    with FaultProxy(own_victoria.url) as proxy:
         url = f"{proxy.url}/api/v2/write?bucket=b&org=o&precision=ms"
         proxy.fail_next(429, headers={"Retry-After": "7"}, body={"code": "too many requests"})
         r = http.request("POST", url, body=gzip.compress(f"px v=1 {T0}\n".encode()),
@@ -217,18 +197,18 @@ def test_proxy_passthrough_keepalive_and_429(vm, http):
         assert proxy.log[0].body[:2] == b"\x1f\x8b"  # raw body kept gzipped
         assert proxy.decoded_bodies()[:2] == [f"px v=1 {T0}\n", f"px v=1 {T0 + 1}\n"]
         # the 429'd request never reached the server
-        assert [row["timestamps"] for row in vm.export('{__name__="px_v"}')] == [[T0 + 1, T0 + 2, T0 + 3]]
+        assert [row["timestamps"] for row in own_victoria.export('{__name__="px_v"}')] == [[T0 + 1, T0 + 2, T0 + 3]]
 
 
-def test_proxy_fail_when_always_delay_refuse(influx, http):
-    with FaultProxy(influx.url) as proxy:
+def test_proxy_fail_when_always_delay_refuse(own_influxdb1, http):
+    with FaultProxy(own_influxdb1.url) as proxy:
         url = f"{proxy.url}/write?db=test&precision=ms"
         proxy.fail_when(lambda text: "REFUSE_ME" in text, 400,
                         body={"error": 'partial write: unable to parse "REFUSE_ME": dropped=1'})
         r = http.request("POST", url, body=b"fw,m=REFUSE_ME v=1 1000\n")
         assert r.status == 400 and json.loads(r.data)["error"].startswith("partial write")
         assert http.request("POST", url, body=f"fw,m=ok v=2 {T0}\n".encode()).status == 204
-        assert _influx_rows(influx.query("test", "SELECT * FROM fw")) == [{"time": T0, "m": "ok", "v": 2}]
+        assert _influx_rows(own_influxdb1.query("test", "SELECT * FROM fw")) == [{"time": T0, "m": "ok", "v": 2}]
 
         proxy.fail_always(503, headers={"Retry-After": "1"})
         assert [http.request("POST", url, body=b"x v=1").status for _ in range(3)] == [503] * 3

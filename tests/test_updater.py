@@ -21,6 +21,7 @@ from pathlib import Path
 
 import pytest
 
+import release_build
 import updater
 
 PROJECT = Path(__file__).resolve().parent.parent
@@ -169,9 +170,10 @@ class Site:
 
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
         git("init", "-q", "-b", "main", str(self.work), cwd=base)
-        shutil.copy(PROJECT / "config.py", self.work / "config.py")
-        shutil.copy(PROJECT / "updater.py", self.work / "updater.py")
-        shutil.copy(PROJECT / "safepip.py", self.work / "safepip.py")
+        for module in ("config.py", "config_check.py", "updater.py", "release.py", "release_build.py", "clock.py",
+                       "credentials.py",
+                       "safepip.py"):  # what updater.py imports
+            shutil.copy(PROJECT / module, self.work / module)
         (self.work / "requirements.txt").write_text("")
         (self.work / ".gitignore").write_text("__pycache__/\n")
         self.sha1 = self.commit("release 1")
@@ -297,7 +299,7 @@ def test_child_processes_never_see_the_secrets(site):
         assert "SPB_TEST_ENV_LOG" in record["env"], "other variables pass through"
     venv_env = site.venv_env.read_text()
     assert "INFLUXDB" not in venv_env and "CREDENTIALS_DIRECTORY" not in venv_env and "secret-" not in venv_env
-    git_env = updater._git_env()
+    git_env = release_build.git_env()
     assert not {"INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY"} & set(git_env)
 
 
@@ -556,7 +558,7 @@ def test_selftest_runs_new_code_as_the_service_user(monkeypatch):
         nobody = pwd.getpwnam("nobody")
     except KeyError:
         pytest.skip("no user `nobody`")
-    if not updater._can_switch_user():
+    if not release_build.can_switch_user():
         pytest.skip("no CAP_SETUID/CAP_SETGID here")
     # pytest's tmp dirs are private to root: this site must be readable by `nobody`.
     base = Path(tempfile.mkdtemp(prefix="spb-updater-test-"))

@@ -237,24 +237,6 @@ def test_a_malformed_snapshot_cannot_break_the_page(page, bad):
     assert view["time_ms"] is None and unit(view, "red_house")["state"] == "unknown"
 
 
-def test_make_snapshot_from_a_cycle():
-    from tools import ChannelReading, Cycle
-
-    cycle = Cycle(1_780_000_000_000, 5.0, (
-        ChannelReading("red_house", 0x40, 12.4, 10.0, 100.0, 1.24, 10, 0, 0.1, 0.0),
-        ChannelReading("red_trade", 0x48, None, None, None, None, 0, 10, None, None, error="no answer"),
-    ))
-    snap = web.make_snapshot(cycle, CHANNELS, tier=None, summary="all well", meaning="All well.")
-    assert snap["time_ms"] == 1_780_000_000_000
-    assert snap["status"] == {"tier": None, "summary": "all well", "meaning": "All well."}
-    assert snap["channels"][1] == {"name": "red_trade", "unit": "red_house", "role": "exchange",
-                                   "bus_voltage_v": None, "current_ma": None, "power_w": None,
-                                   "energy_in_wh": None, "energy_out_wh": None}
-    from rpi_errors import Tier
-
-    assert web.make_snapshot(cycle, CHANNELS, tier=Tier.MEASURING)["status"]["tier"] == "MEASURING"
-
-
 # -- HTTP behaviour -------------------------------------------------------------------------------------
 @pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH", "OPTIONS", "PROPFIND"])
 def test_only_get_and_head(page, method):
@@ -518,6 +500,7 @@ def fill_demo_history(directory, now_ms):
     box.close()
 
 
+@pytest.mark.slow
 def test_browser_shows_live_flows(start_page, tmp_path):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright
@@ -713,29 +696,7 @@ def test_panel_only_model_says_not_measured_and_what_each_controller_does(start_
                           "throttled_since_boot": None}
 
 
-def test_battery_never_reads_full_while_it_is_charging():
-    assert web.battery_level_pct(12.7) == 100  # at rest
-    assert web.battery_level_pct(14.2, current_ma=1300.0) <= web.CHARGING_MAX_PCT < 100  # +16 W going in
-    assert web.battery_level_pct(12.75, current_ma=400.0) < web.battery_level_pct(12.75)
-    assert web.battery_level_pct(12.3, current_ma=-300.0) == 50  # discharging: no correction
-    assert web.battery_level_pct(None, current_ma=100.0) is None
-
-
-def test_make_snapshot_carries_the_pis_power_flags():
-    from tools import ChannelReading, Cycle, SystemReading
-
-    cycle = Cycle(1_780_000_000_000, 5.0, (ChannelReading("red_house", 0x40, 13.2, 25.6, 256.0, 3.38, 10, 0,
-                                                          0.1, 0.0),))
-    system = SystemReading(1.0, None, 100.0, 1000.0, 0, 0, 10.0, undervoltage=True, throttled=False,
-                           undervoltage_since_boot=True, throttled_since_boot=False)
-    snap = web.make_snapshot(cycle, [ChannelConfig("red_house", 0x40, role="solar")], system=system)
-    assert snap["pi"] == {"undervoltage": True, "throttled": False, "undervoltage_since_boot": True,
-                          "throttled_since_boot": False}
-    view = web.derive(snap, [ChannelConfig("red_house", 0x40, role="solar")], "power_plant", "s")
-    assert view["pi"]["undervoltage"] is True
-    assert web.derive({"pi": {"undervoltage": "yes"}}, [], "p", "s")["pi"]["undervoltage"] is None  # untrusted
-
-
+@pytest.mark.slow
 def test_browser_shows_the_panel_only_model_and_the_pis_supply(start_page):
     _browser_or_skip()
     from playwright.sync_api import sync_playwright

@@ -1,0 +1,322 @@
+"""The measuring loop: one cycle every interval on a fixed grid, stored, and handed to its listeners.
+
+`Daemon` measures (through a reader), stamps the cycle by the trusted clock, stores its points
+(holding them in memory while the store cannot be written) and gives each listener a `CycleReport`.
+Outputs that act on each cycle (systemd, LED notice, live page, console, later MQTT) are listeners:
+they read the report, never the loop.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable
+
+from clock import NOT_SYNCED, iso_ms
+from config import Config
+from outbox import Outbox, StoreError
+from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError
+from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
+
+log = logging.getLogger(__name__)
+
+UNDERVOLTAGE = ("the Pi's own supply is too weak (the firmware reports under-voltage): "
+                "use a 5 V supply of at least 2.5 A or a better converter, with a short, thick cable")
+_MAX_UNSTORED_CYCLES = 360  # cycles kept in memory while the store cannot be written
+_HOUSEKEEPING_CYCLES = 30  # retention and size cap are applied every this many cycles
+_REOPEN_EVERY_FAILURES = 6  # while the store fails, its connection is opened anew every this many cycles
+
+
+@dataclasses.dataclass(frozen=True)
+class CycleReport:
+    """What one finished cycle did, for the loop's listeners (read-only; built in the measuring thread).
+
+    `cycle`: the readings (tools.Cycle), stamped by the trusted clock; `system`: the Pi's own reading
+    (tools.SystemReading) or None without a monitor; `stored`: the cycle's points are in the store;
+    `queue_depth`: unsent points after this cycle (approximate: the sender drains meanwhile);
+    `cycles_done`: cycles finished since the start, this one included.
+    """
+
+    cycle: object
+    system: object | None
+    stored: bool
+    queue_depth: int
+    cycles_done: int
+
+
+Listener = Callable[[CycleReport], None]
+
+
+# -- points -------------------------------------------------------------------
+def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
+    """The `electricity` and `system` points of one cycle (failed channels publish nothing)."""
+    site = config.site.name
+    by_name = {c.name: c for c in config.channels}
+    points = []
+    for reading in cycle.channels:
+        if not reading.ok:
+            continue
+        channel = by_name[reading.name]
+        values = {k: getattr(reading, k) for k in ELECTRICITY_FIELDS}
+        # `channel`: which sensor; `unit`: which part of the model (house, plant) it sits on.
+        tags = {**channel.tags, "site": site, "channel": channel.name, "unit": channel.unit_name}
+        points.append(Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), cycle.time_ms))
+    if system is not None:
+        values = dataclasses.asdict(system)
+        values["channels_ok"] = sum(1 for r in cycle.channels if r.ok)
+        values["channels_failed"] = len(cycle.channels) - values["channels_ok"]
+        if stats is not None:
+            values["outbox_depth"] = stats.queue_depth
+            values["dropped_points"] = stats.dropped
+            values["quarantined_points"] = stats.quarantined
+        points.append(Point(SYSTEM, {"site": site}, typed_fields(SYSTEM, values), cycle.time_ms))
+    return points
+
+
+def energy_state(energy: dict[str, tuple[float, float]]) -> dict[str, str]:
+    return {f"energy:{name}": json.dumps({"in_wh": e[0], "out_wh": e[1]}) for name, e in energy.items()}
+
+
+def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:
+    result = {}
+    for key, value in outbox.state("energy:").items():
+        try:
+            data = json.loads(value)
+            result[key.removeprefix("energy:")] = (float(data["in_wh"]), float(data["out_wh"]))
+        except (ValueError, KeyError, TypeError):
+            log.warning("ignoring an unreadable energy counter %r in the store", key)
+    return result
+
+
+# -- the daemon ---------------------------------------------------------------
+class Daemon:
+    """The measuring loop: cycles on a fixed grid of the monotonic clock.
+
+    After each cycle every listener gets its CycleReport (in the measuring thread: keep it cheap).
+    `wait(s)` sleeps up to s seconds and returns True when asked to stop
+    (threading.Event.wait in production, a fake in tests). Runs in one thread.
+    """
+
+    def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
+                 monitor=None, clock: Callable[[], float] = time.monotonic,
+                 wait: Callable[[float], bool] | None = None, listeners: Iterable[Listener] = (),
+                 sender=None, clock_guard=None) -> None:
+        self.config = config
+        self.reader = reader
+        self.outbox = outbox
+        self.handler = handler
+        self.monitor = monitor
+        self.clock = clock
+        self.stop_event = threading.Event()
+        self.wait = wait or self.stop_event.wait
+        self.listeners: list[Listener] = list(listeners)  # each gets every cycle's CycleReport, in order
+        self.sender = sender
+        self.clock_guard = clock_guard
+        self.cycles_done = 0
+        self.overruns = 0
+        self.last_store_ok = False
+        self.last_system = None
+        self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
+        self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
+        self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
+        self._failed_attempts = 0  # consecutive cycles whose store attempt failed
+        self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
+        self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
+
+    @property
+    def held_cycles(self) -> int:
+        """Cycles held in memory because the store could not be written (bounded, oldest evicted first)."""
+        return len(self._unstored)
+
+    def run_cycle(self):
+        """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
+        cycle = self.reader.measure()
+        for reading in cycle.channels:
+            if reading.ok:
+                self.handler.clear(f"measure:{reading.name}")
+        if not cycle.bus_error:
+            self.handler.clear("measure:bus")
+        for error in cycle.errors:
+            self.handler.report(error)
+        cycle, when, clock_state = self._clock_check(cycle)
+        system = self.last_system = self.monitor.read() if self.monitor else None
+        self._power_check(system)
+        try:
+            stats = self.outbox.queue_stats()
+        except StoreError:
+            stats = None  # _store below reports the store's trouble; the cycle is kept in memory
+        lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
+        self.last_store_ok = self._store(lines, when)
+        if self.last_store_ok:
+            self._release_held(clock_state)
+        self.queue_depth = (stats.queue_depth if stats else 0) + (len(lines) if self.last_store_ok else 0)
+        if self.last_store_ok and self.sender is not None:
+            self.sender.notify(len(lines))
+        if self.cycles_done % _HOUSEKEEPING_CYCLES == 0:
+            self._housekeeping()
+        self.handler.tick()
+        self.cycles_done += 1
+        report = CycleReport(cycle, system, self.last_store_ok, self.queue_depth, self.cycles_done)
+        for listener in self.listeners:
+            listener(report)
+        return cycle
+
+    def _power_check(self, system) -> None:
+        """An under-voltage on the Pi's own supply is a Short error while it lasts."""
+        if system is None or system.undervoltage is None:
+            return
+        if system.undervoltage:
+            self.handler.report(ShortError(UNDERVOLTAGE, key="power"))
+        else:
+            self.handler.clear("power")
+
+    def _clock_check(self, cycle):
+        """(cycle, store arguments, clock state): where the cycle sits relative to boot and whether its
+        time can be trusted. With a clock guard the cycle is stamped from boot time plus the current
+        offset, so an NTP step during the sampling window cannot leave it with the old time."""
+        if self.clock_guard is None:
+            return cycle, {}, None
+        state = self.clock_guard.check()
+        if state.jump_ms:
+            self.handler.report(SilentError(f"the wall clock jumped by {state.jump_ms / 1000:+.1f} s",
+                                            key="clock:jump"))
+        if state.trusted:
+            self.handler.clear("clock")
+        else:
+            self.handler.report(ShortError(NOT_SYNCED, key="clock"))
+        mid_boot_ms = state.boot_ms - round((self.clock() - cycle.monotonic_s) * 1000)
+        cycle = dataclasses.replace(cycle, time_ms=mid_boot_ms + state.offset_ms)
+        if not state.trusted:
+            self._may_hold = True
+        return cycle, {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}, state
+
+    def _release_held(self, state) -> None:
+        """Once the clock is trusted, re-stamp this boot's held readings (also those held in memory while
+        the store failed, and those of an earlier run of this boot) and let them go."""
+        if state is None or not state.trusted or not self._may_hold:
+            return
+        try:
+            released = self.outbox.release_held(state.boot_id, state.offset_ms)
+        except StoreError as exc:
+            log.warning("cannot correct held readings yet: %s", exc)
+            return
+        self._may_hold = False
+        if released:
+            log.info("clock synced: corrected the timestamps of %d held readings", released)
+
+    def _housekeeping(self) -> None:
+        from autostart import disk_finding
+
+        try:
+            self.outbox.enforce_limits()
+            self.outbox.checkpoint()  # pruned pages become free space in the file, and the WAL goes to 0
+            disk = disk_finding(self.outbox.directory)
+        except (StoreError, OSError) as exc:
+            log.warning("store housekeeping failed: %s", exc)
+            return
+        if disk.error:
+            self.handler.report(disk.error)
+        else:
+            self.handler.clear("disk")
+
+    def _store(self, lines: list[tuple[int, str]], when: dict) -> bool:
+        """Commit this cycle (and any held back). False when the store cannot be written."""
+        self._unstored.append((lines, when))
+        try:
+            self._store_held()
+            self._failed_attempts = 0
+            self.handler.clear("store")
+            return True
+        except StoreError as exc:
+            self._failed_attempts += 1
+            while len(self._unstored) > _MAX_UNSTORED_CYCLES:
+                # Memory is bounded: the oldest held cycle makes room, and is counted as dropped.
+                evicted = self._unstored.popleft()[0]
+                self._evicted_lines += len(evicted)
+                self.lost_cycles += 1
+                log.error("store still failing after %d held cycles: lost the oldest held cycle (%d points, "
+                          "measured at %s); %d cycles lost so far", _MAX_UNSTORED_CYCLES, len(evicted),
+                          iso_ms(evicted[0][0]) if evicted else "?", self.lost_cycles)
+            self.handler.report(CriticalError(
+                f"cannot store readings ({len(self._unstored)} cycles held in memory): {exc}", key="store"))
+            return False
+
+    def _store_held(self) -> None:
+        """Commit the held cycles oldest first, one transaction each. Raises StoreError (the cycle that
+        failed and those after it stay held)."""
+        backlog = len(self._unstored) > 1
+        if backlog and self._failed_attempts % _REOPEN_EVERY_FAILURES == 0:
+            # The store keeps failing: now and then a new connection, which sees a file system
+            # mounted again or a replaced card where the old one keeps its dead file handle.
+            self.outbox.reopen()
+        while self._unstored:
+            # Energy counters commit with the points they produced, so a crash
+            # can neither double-count nor lose a cycle's energy.
+            pending_lines, pending_when = self._unstored[0]
+            self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
+                               **pending_when)
+            self._evicted_lines = 0
+            self._unstored.popleft()
+        if backlog:
+            log.info("the store can be written again: every held cycle is stored")
+            self.outbox.checkpoint()  # give the space the backlog's WAL took back at once
+
+    def store_held_at_exit(self) -> int:
+        """At shutdown: one more try to store the cycles held in memory. Logs and returns how many
+        cycles could not be stored (they are lost with the process)."""
+        if not self._unstored:
+            return 0
+        held = len(self._unstored)
+        try:
+            self._store_held()
+        except StoreError as exc:
+            lost = len(self._unstored)
+            points = sum(len(lines) for lines, _ in self._unstored)
+            log.error("stopping with %d of %d held cycles (%d points) that could not be stored: %s",
+                      lost, held, points, exc)
+            return lost
+        log.info("stored the %d held cycles before stopping", held)
+        return 0
+
+    def run(self, cycles: int | None = None) -> None:
+        """Run until stopped or `cycles` cycles are done."""
+        interval = self.config.sampling.interval_s
+        start = self.clock()
+        slot = 0
+        while cycles is None or self.cycles_done < cycles:
+            delay = start + slot * interval - self.clock()
+            if delay > 0 and self.wait(delay):
+                break
+            if self.stop_event.is_set():
+                break
+            began = self.clock()
+            done_before = self.cycles_done
+            try:
+                self.run_cycle()
+            except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop measuring
+                log.exception("a measuring cycle failed")
+                self.cycles_done = done_before + 1
+                self.handler.report(CriticalError(f"a measuring cycle failed: {type(exc).__name__}: {exc}",
+                                                  key="cycle:error"))
+            else:
+                self.handler.clear("cycle:error")
+            slot += 1
+            late = self.clock() - (start + slot * interval)
+            if late > 0:
+                # Overran into the next slot: skip to the next free one rather than
+                # run late, so the grid (and the points' spacing) never drifts.
+                skipped = int(late // interval) + 1
+                slot += skipped
+                self.overruns += 1
+                self.handler.report(ShortError(
+                    f"a cycle took {self.clock() - began:.2f} s, longer than the {interval:g} s interval: "
+                    f"skipped {skipped} slot(s)", key="cycle:overrun"))
+            else:
+                self.handler.clear("cycle:overrun")
+
+    def stop(self) -> None:
+        """Ask the loop to stop after the current cycle (safe from a signal handler)."""
+        self.stop_event.set()

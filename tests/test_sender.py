@@ -1,0 +1,146 @@
+"""The delivery policy (sender.py) on its own: the pure retry decision, and the Sender driving a fake
+writer that follows the Writer protocol (scripted outcomes, a real SQLite outbox). The writers
+themselves are tested against real servers in test_delivery.py and test_network_lies.py."""
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from local_solution import V1Writer
+from outbox import Outbox
+from rpi_errors import (AuthError, ErrorHandler, NotFoundError, RefusedError, RejectedError, ThrottledError, Tier,
+                        TooLargeError, UnreachableError)
+from sender import Action, Decision, Policy, Sender, Writer, retry_decision
+
+POLICY = Policy()
+
+
+class MaxRandom(random.Random):
+    """A random source whose uniform(a, b) is always b: the jitter at its ceiling."""
+
+    def uniform(self, a: float, b: float) -> float:
+        return b
+
+
+# -- the pure decision ---------------------------------------------------------------------------------------
+@pytest.mark.parametrize("error", [RejectedError("422"), TooLargeError("413")])
+def test_refused_lines_split_a_batch_and_quarantine_a_single_line(error):
+    assert retry_decision(error, 3, POLICY, random.Random(1), lines=10) == Decision(Action.SPLIT, failures=3)
+    assert retry_decision(error, 3, POLICY, random.Random(1), lines=1) == Decision(Action.QUARANTINE, failures=3)
+
+
+@pytest.mark.parametrize("retry_after_s,wait_s", [(None, 30.0), (120.0, 120.0), (0.0, 1.0), (99999.0, 900.0)])
+def test_throttled_waits_retry_after_capped_and_keeps_the_failure_count(retry_after_s, wait_s):
+    decision = retry_decision(ThrottledError("429", retry_after_s=retry_after_s), 2, POLICY, random.Random(1))
+    assert decision == Decision(Action.WAIT, wait_s, 2)
+
+
+def test_unreachable_backs_off_exponentially_to_five_minutes_with_jitter():
+    failures, ceilings = 0, []
+    for _ in range(10):
+        decision = retry_decision(UnreachableError("down"), failures, POLICY, MaxRandom())
+        assert decision.action is Action.WAIT and decision.failures == failures + 1
+        failures = decision.failures
+        ceilings.append(decision.wait_s)
+    assert ceilings == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
+    jittered = [retry_decision(UnreachableError("down"), 4, POLICY, random.Random(seed)).wait_s for seed in range(50)]
+    assert all(16 <= w <= 32 for w in jittered) and len(set(jittered)) > 40  # never in step, never over the ceiling
+
+
+@pytest.mark.parametrize("error", [AuthError("401"), NotFoundError("404"), RefusedError("405")])
+def test_other_refusals_wait_the_slow_retry_and_do_not_count_as_unreachable(error):
+    assert retry_decision(error, 5, POLICY, random.Random(1)) == Decision(Action.WAIT, POLICY.refused_retry_s, 5)
+
+
+# -- the Sender with a fake writer ------------------------------------------------------------------------------
+class FakeWriter:
+    """Follows sender.Writer: each write takes the next scripted outcome (an exception to raise, or None for
+    "acknowledged"); lines containing `refuse` are refused as a 422 would."""
+
+    label = "fake database"
+    timeout_s = 1.0
+
+    def __init__(self, outcomes=(), refuse: str | None = None) -> None:
+        self.outcomes = list(outcomes)
+        self.refuse = refuse
+        self.batches: list[list[str]] = []
+        self.delivered: list[str] = []
+        self.aborted = self.closed = False
+
+    def write(self, lines) -> int:
+        lines = list(lines)
+        self.batches.append(lines)
+        outcome = self.outcomes.pop(0) if self.outcomes else None
+        if outcome is None and self.refuse and any(self.refuse in line for line in lines):
+            outcome = RejectedError("HTTP 422: bad line")
+        if outcome is not None:
+            outcome.bytes_sent = 10
+            raise outcome
+        self.delivered += lines
+        return sum(len(line) + 1 for line in lines)
+
+    def abort(self) -> None:
+        self.aborted = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def test_the_fake_and_the_real_writers_follow_the_protocol():
+    assert isinstance(FakeWriter(), Writer)
+    assert isinstance(V1Writer("http://127.0.0.1:9", "d", "", "", None, 1.0), Writer)
+
+
+def filled(tmp_path, clock, n: int) -> Outbox:
+    outbox = Outbox(tmp_path / "store", wall_ms=clock.wall_ms)
+    outbox.append([(1000 + i, f"m,unit=u{i} v={i}i {1000 + i}") for i in range(n)])
+    return outbox
+
+
+def test_a_refused_line_is_found_by_splitting_and_quarantined_the_rest_delivered(tmp_path, clock):
+    outbox = filled(tmp_path, clock, 8)
+    writer = FakeWriter(refuse="u5 ")
+    handler = ErrorHandler(None, clock=clock)
+    result = Sender(writer, outbox, handler, Policy(batch_lines=8), clock=clock, sleep=clock.sleep).flush()
+    assert result.delivered == 7 and result.quarantined == 1
+    assert [len(b) for b in writer.batches] == [8, 4, 4, 2, 1, 1, 2]  # halves until the bad line is alone
+    assert writer.delivered == [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(8) if i != 5]  # oldest first
+    assert outbox.queue_stats().quarantined == 1 and handler.top_tier == Tier.SENDING
+
+
+def test_unreachable_keeps_everything_and_the_next_attempt_follows_the_decision(tmp_path, clock):
+    outbox = filled(tmp_path, clock, 3)
+    writer = FakeWriter([UnreachableError("down"), UnreachableError("down"), None])
+    handler = ErrorHandler(None, clock=clock)
+    sender = Sender(writer, outbox, handler, clock=clock, sleep=clock.sleep, rng=MaxRandom())
+    assert isinstance(sender.flush().error, UnreachableError) and outbox.queue_stats().queue_depth == 3
+    assert handler.top_tier == Tier.CONNECTION
+    assert sender.next_attempt_s == clock() + 2 and sender.failures == 1  # the decision's wait (jitter at max)
+    assert isinstance(sender.flush().error, UnreachableError)
+    assert sender.next_attempt_s == clock() + 4 and sender.failures == 2
+    assert sender.flush().delivered == 3 and sender.failures == 0 and writer.delivered and outbox.queue_stats().queue_depth == 0
+    assert handler.top_tier is None and outbox.state()["writer"] == "fake database"
+
+
+def test_stop_cuts_a_write_in_flight_through_abort(tmp_path, clock):
+    import threading
+
+    outbox = filled(tmp_path, clock, 1)
+    release = threading.Event()
+
+    class Stuck(FakeWriter):
+        def write(self, lines) -> int:
+            release.wait(30)
+            return super().write(lines)
+
+        def abort(self) -> None:
+            super().abort()
+            release.set()
+
+    writer = Stuck()
+    sender = Sender(writer, outbox, ErrorHandler(None), Policy(flush_interval_s=0.0, final_flush_s=0.1))
+    sender.start()
+    sender.notify(10_000)
+    assert sender.stop() and writer.aborted
+    outbox.close()
