@@ -96,6 +96,9 @@ class SimulationConfig:
     plant: str = "power_plant"  # the unit that houses buy from / sell to
 
 
+_MAX_PEM_BYTES = 1_000_000
+
+
 @dataclass(frozen=True)
 class InfluxConfig:
     kind: str = "none"
@@ -108,6 +111,7 @@ class InfluxConfig:
     username: str = ""
     token_file: str = ""
     password_file: str = ""
+    ca_file: str = ""  # PEM: a private CA trusted for https besides the system's (verification is always on)
     timeout_s: float = 10.0
     flush_interval_s: float = 30.0
     batch_lines: int = 5000
@@ -312,6 +316,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
             "username": v.name_text,
             "token_file": v.path_text,
             "password_file": v.path_text,
+            "ca_file": v.pem_file,
             "timeout_s": v.between(0.1, 600),
             "flush_interval_s": v.between(0.01, 86_400),
             "batch_lines": v.whole_between(1, 1_000_000),
@@ -533,6 +538,35 @@ class _Validator:
         bad = _control_character(value)
         if bad is not None:
             return self.problem(path, f"{value!r} contains the control character {bad!r}")
+        return value
+
+    def pem_file(self, value, path):
+        """A file of PEM CA certificates (empty: none): it exists, this user can read it, and OpenSSL
+        parses at least one certificate from it. Read up to 1 MB (a CA bundle is far smaller)."""
+        value = self.path_text(value, path)
+        if value is _INVALID or not value:
+            return value
+        try:
+            with open(value, "rb") as file:
+                data = file.read(_MAX_PEM_BYTES + 1)
+        except FileNotFoundError:
+            return self.problem(path, f"{value!r}: no such file")
+        except IsADirectoryError:
+            return self.problem(path, f"{value!r} is a directory, not a PEM file")
+        except PermissionError:
+            return self.problem(path, f"{value!r} cannot be read by this user (permission denied)")
+        except OSError as exc:
+            return self.problem(path, f"{value!r} cannot be read ({exc.strerror or type(exc).__name__})")
+        if len(data) > _MAX_PEM_BYTES:
+            return self.problem(path, f"{value!r} is larger than 1 MB: not a file of CA certificates")
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            return self.problem(path, f"{value!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii"))
+        except (UnicodeDecodeError, ssl.SSLError, ValueError):
+            return self.problem(path, f"{value!r}: a PEM certificate in it does not parse")
         return value
 
     def identifier(self, value, path):

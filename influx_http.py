@@ -160,7 +160,7 @@ class Transport:
     """
 
     def __init__(self, url: str, timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
+                 max_answer_bytes: int = MAX_ANSWER_BYTES, ca_file: str = "") -> None:
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url!r}")
@@ -172,48 +172,64 @@ class Transport:
         self._host = parts.hostname
         self._port = parts.port
         self._prefix = parts.path.rstrip("/")
+        self.ca_file = ca_file
         self._conn: http.client.HTTPConnection | None = None
+        self._context = None  # the ssl.SSLContext, made at the first https connection and kept: a saved
+        self._session = None  # TLS session is only valid with the context that made it
+        self.connections = 0  # TCP connections opened, of which
+        self.resumed = 0  # TLS sessions resumed (an abbreviated handshake, no certificate chain sent)
+        self._serial = threading.Lock()  # one request at a time (the start-up probe and the sender share it)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None  # the socket of the request in flight, for the watchdog
         self._cut: str | None = None  # why the watchdog or abort() cut it
         self._timer: threading.Timer | None = None
+        self._armed: object | None = None  # the live watchdog timer's identity (a cancelled one may still fire)
 
     def post(self, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         """POST `body` to `target` (path and query, below the URL's own path). Raises UnreachableError."""
         return self.request("POST", target, body, headers)
 
-    def request(self, method: str, target: str, body: bytes = b"", headers: Mapping[str, str] | None = None
-                ) -> Answer:
-        """`method` `target` with `body`, under the deadlines above. Raises UnreachableError."""
-        headers = headers or {}
+    def request(self, method: str, target: str, body: bytes = b"", headers: Mapping[str, str] | None = None,
+                *, timeout_s: float | None = None) -> Answer:
+        """`method` `target` with `body`, under the deadlines above (`timeout_s` overrides the
+        transport's for this request). Raises UnreachableError. Requests from several threads wait
+        for each other (at most one is on the wire)."""
+        with self._serial:
+            return self._request(method, target, body, headers or {},
+                                 self.timeout_s if timeout_s is None else float(timeout_s))
+
+    def _request(self, method: str, target: str, body: bytes, headers: Mapping[str, str],
+                 timeout_s: float) -> Answer:
         phase = "connect"
         sent = 0
         started = time.monotonic()
         try:
-            conn = self._connection()
             with self._lock:
                 if self._cut == "abort":
                     raise _Cut("abort")
-                self._sock = conn.sock
+            conn = self._connection(timeout_s)
             phase = "upload"
-            upload_s = self.timeout_s + len(body) / self.min_upload_bytes_per_s
+            upload_s = timeout_s + len(body) / self.min_upload_bytes_per_s
             started = time.monotonic()
             self._arm(upload_s)
+            # sendall's timeout bounds a whole call, so send in chunks a link at the minimum rate can
+            # pass within timeout_s: no chunk may stall for longer than that.
+            step = int(min(max(self.min_upload_bytes_per_s * timeout_s / 2, 1024), 64 * 1024))
+            conn.hold()
             conn.putrequest(method, self._prefix + target, skip_accept_encoding=True)
             for name, value in headers.items():
                 conn.putheader(name, value)
             if body or method in ("POST", "PUT"):
                 conn.putheader("Content-Length", str(len(body)))
             conn.endheaders()
-            # sendall's timeout bounds a whole call, so send in chunks a link at the minimum rate can
-            # pass within timeout_s: no chunk may stall for longer than that.
-            step = int(min(max(self.min_upload_bytes_per_s * self.timeout_s / 2, 1024), 64 * 1024))
-            for at in range(0, len(body), step):
+            conn.release(body[:step])  # the head with the first chunk: one TLS record, not two
+            sent = min(step, len(body))
+            for at in range(step, len(body), step):
                 conn.send(body[at:at + step])
                 sent = min(at + step, len(body))
             phase = "answer"
             buffered = min(len(body), self._send_buffer(conn))
-            answer_s = self.timeout_s + buffered / self.min_upload_bytes_per_s
+            answer_s = timeout_s + buffered / self.min_upload_bytes_per_s
             self._arm(answer_s)
             conn.sock.settimeout(answer_s)
             response = conn.getresponse()
@@ -224,6 +240,9 @@ class Transport:
                             {k.lower(): v for k, v in response.getheaders()}, data[: self.max_answer_bytes],
                             truncated)
             self._disarm()
+            # TLS 1.3 sends its session tickets after the handshake, so they have arrived once an answer
+            # was read: keep the session now, for a resumed handshake if this connection is closed.
+            self._keep_session(conn)
             if not reusable:
                 self._drop()
             with self._lock:
@@ -235,7 +254,7 @@ class Transport:
             with self._lock:
                 cut = self._cut
             self._drop()
-            raise self._error(phase, cut, exc, sent, len(body), time.monotonic() - started) from None
+            raise self._error(phase, cut, exc, sent, len(body), time.monotonic() - started, timeout_s) from None
         finally:
             with self._lock:
                 self._sock = None
@@ -249,33 +268,63 @@ class Transport:
             _shutdown(self._sock)
 
     def close(self) -> None:
-        """Close the connection (idempotent); the next post() opens a new one."""
+        """Close the connection (idempotent); the next post() opens a new one. The TLS session is kept,
+        so that one resumes."""
         self._disarm()
         self._drop()
 
     # -- internals ------------------------------------------------------------------------------------------
-    def _connection(self) -> http.client.HTTPConnection:
+    def _connection(self, timeout_s: float) -> http.client.HTTPConnection:
+        """The kept connection, or a new one (TCP connect and TLS handshake within `timeout_s`)."""
         conn = self._conn
         if conn is not None and conn.sock is not None and _dropped(conn.sock):
-            self._drop()  # the server closed the idle keep-alive connection: start a fresh one
+            # The server closed the idle keep-alive connection (a TLS close_notify or FIN is waiting):
+            # seen before a request is sent on it, so no request fails for it.
+            self._drop()
             conn = None
-        if conn is None or conn.sock is None:
-            if self._https:
-                import ssl
-
-                context = _tls_context()
-                conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
-                                                   context=context)
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
-            self._conn = conn
-            conn.connect()
-            try:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
-            except OSError:
-                pass
-        conn.sock.settimeout(self.timeout_s)
+        if conn is not None and conn.sock is not None:
+            conn.sock.settimeout(timeout_s)
+            with self._lock:
+                self._sock = conn.sock
+            return conn
+        if self._https:
+            if self._context is None:
+                self._context = tls_context(self.ca_file)
+            conn = _HTTPSConnection(self._host, self._port, timeout=timeout_s, context=self._context,
+                                    session=self._session, on_socket=self._watch)
+        else:
+            conn = _HTTPConnection(self._host, self._port, timeout=timeout_s, on_socket=self._watch)
+        self._conn = conn
+        # TCP connect has the socket's timeout; the TLS handshake after it is under the watchdog, which a
+        # server sending its handshake a byte at a time cannot outlast.
+        self._arm(timeout_s)
+        conn.connect()
+        self._disarm()
+        with self._lock:
+            if self._cut is not None:
+                raise _Cut(self._cut)
+            self._sock = conn.sock
+        self.connections += 1
+        if getattr(conn.sock, "session_reused", False):
+            self.resumed += 1
+        try:
+            conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
+        except OSError:
+            pass
+        conn.sock.settimeout(timeout_s)
         return conn
+
+    def _watch(self, sock: socket.socket) -> None:
+        """The connecting socket, for the watchdog and abort() (called by the connection once TCP is up)."""
+        with self._lock:
+            self._sock = sock
+            if self._cut == "abort":
+                _shutdown(sock)
+
+    def _keep_session(self, conn: http.client.HTTPConnection) -> None:
+        session = getattr(conn.sock, "session", None)
+        if session is not None:
+            self._session = session
 
     @staticmethod
     def _send_buffer(conn: http.client.HTTPConnection) -> int:
@@ -286,8 +335,10 @@ class Transport:
 
     def _arm(self, seconds: float) -> None:
         self._disarm()
-        timer = threading.Timer(seconds, self._expire, (self._sock,))
+        timer = threading.Timer(seconds, self._expire, (timer_id := object(),))
         timer.daemon = True
+        with self._lock:
+            self._armed = timer_id
         self._timer = timer
         timer.start()
 
@@ -295,12 +346,14 @@ class Transport:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
-
-    def _expire(self, sock) -> None:
         with self._lock:
-            if sock is not None and self._sock is sock and self._cut is None:
+            self._armed = None
+
+    def _expire(self, timer_id: object) -> None:
+        with self._lock:
+            if self._armed is timer_id and self._cut is None:
                 self._cut = "deadline"
-                _shutdown(sock)
+                _shutdown(self._sock)
 
     def _drop(self) -> None:
         conn, self._conn = self._conn, None
@@ -311,7 +364,7 @@ class Transport:
                 pass
 
     def _error(self, phase: str, cut: str | None, exc: BaseException, sent: int, size: int,
-               elapsed_s: float) -> UnreachableError:
+               elapsed_s: float, timeout_s: float) -> UnreachableError:
         target = self.url
         if cut == "abort":
             return UnreachableError(f"request to {target} cut short: the daemon is stopping")
@@ -319,13 +372,73 @@ class Transport:
         if phase == "upload" and timed_out:
             return UnreachableError(
                 f"upload to {target} stalled: {sent} of {size} bytes sent in {elapsed_s:.1f} s "
-                f"(slower than {self.min_upload_bytes_per_s:g} bytes/s, or no progress for {self.timeout_s:g} s)")
+                f"(slower than {self.min_upload_bytes_per_s:g} bytes/s, or no progress for {timeout_s:g} s)")
         if phase == "answer" and timed_out:
-            return UnreachableError(f"no answer within {self.timeout_s:g} s after the upload from {target} "
+            return UnreachableError(f"no answer within {timeout_s:g} s after the upload from {target} "
                                     f"(the server stalls or trickles its answer)")
-        if phase == "connect" and isinstance(exc, TimeoutError):
-            return UnreachableError(f"cannot reach {target}: no connection within {self.timeout_s:g} s")
-        return error_for_exception(exc, target, self.timeout_s, phase)
+        if phase == "connect" and timed_out:
+            tls = " and TLS handshake" if self._https else ""
+            return UnreachableError(f"cannot reach {target}: no connection{tls} within {timeout_s:g} s")
+        return error_for_exception(exc, target, timeout_s, phase)
+
+
+class _Coalescing:
+    """Sends a request's head together with the first bytes of its body (hold(), then release(data)):
+    one TLS record and one TCP segment instead of two, and no wait for an ACK in between."""
+
+    _held: bytearray | None = None
+
+    def hold(self) -> None:
+        self._held = bytearray()
+
+    def send(self, data) -> None:
+        if self._held is not None:
+            self._held += data
+            return
+        super().send(data)
+
+    def release(self, data: bytes = b"") -> None:
+        held, self._held = self._held or bytearray(), None
+        held += data
+        if held:
+            super().send(bytes(held))
+
+
+class _HTTPConnection(_Coalescing, http.client.HTTPConnection):
+    """http.client's connection, telling the Transport its socket as soon as TCP is up."""
+
+    def __init__(self, host, port, *, timeout, on_socket) -> None:
+        super().__init__(host, port, timeout=timeout)
+        self._on_socket = on_socket
+
+    def connect(self) -> None:
+        super().connect()
+        self._on_socket(self.sock)
+
+
+class _HTTPSConnection(_Coalescing, http.client.HTTPSConnection):
+    """http.client's https connection that offers a saved TLS session (`session`) for resumption:
+    an abbreviated handshake, without the certificate chain, when the server still knows it."""
+
+    def __init__(self, host, port, *, timeout, context, session, on_socket) -> None:
+        super().__init__(host, port, timeout=timeout, context=context)
+        self._tls_session = session
+        self._on_socket = on_socket
+
+    def connect(self) -> None:
+        import ssl
+
+        http.client.HTTPConnection.connect(self)  # TCP only
+        self._on_socket(self.sock)
+        try:
+            self.sock = self._context.wrap_socket(self.sock, server_hostname=self.host, session=self._tls_session)
+        except (ssl.SSLEOFError, ssl.SSLZeroReturnError, ConnectionError) as exc:
+            raise HandshakeCutError("the server hung up during the TLS handshake") from exc
+        self._on_socket(self.sock)
+
+
+class HandshakeCutError(ConnectionError):
+    """The peer closed or reset the connection in the middle of the TLS handshake."""
 
 
 class _Cut(Exception):
@@ -352,19 +465,73 @@ def _dropped(sock) -> bool:
     return bool(readable)
 
 
-def _tls_context():
-    """The system's CAs (OpenSSL's default paths, which honour SSL_CERT_FILE) plus certifi's bundle,
-    which influxdb-client verified Cloud's certificate with. Verification is always on."""
+def tls_context(ca_file: str = ""):
+    """The client context for https: the system's CAs (OpenSSL's default paths), certifi's bundle (what
+    influxdb-client verified Cloud's certificate with) and, when set, the PEM file `ca_file` (`[influx]
+    ca_file`: a private CA). Verification and the host name check are always on; TLS 1.2 at least.
+    Raises OSError or ssl.SSLError for an unreadable or unparsable `ca_file` (config checks it first)."""
     import ssl
 
     context = ssl.create_default_context()
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
     try:
         import certifi
 
         context.load_verify_locations(cafile=certifi.where())
     except (ImportError, OSError, ssl.SSLError):
         pass  # the system's CAs alone
+    if ca_file:
+        context.load_verify_locations(cafile=ca_file)
     return context
+
+
+# OpenSSL's X509_V_ERR_* codes (ssl.SSLCertVerificationError.verify_code) -> what to tell a technician.
+_UNKNOWN_ISSUER = ("the server's certificate is signed by an unknown issuer (a private CA or a company proxy? "
+                   "trust its CA with [influx] ca_file)")
+_VERIFY_REASONS = {
+    2: _UNKNOWN_ISSUER,  # unable to get issuer certificate
+    9: "the server's certificate is not valid yet (is this Pi's clock behind?)",
+    10: "the server's certificate has expired (or this Pi's clock is ahead)",
+    18: "the server's certificate is self-signed and not trusted (trust it with [influx] ca_file)",
+    19: _UNKNOWN_ISSUER,  # self-signed certificate in the chain
+    20: _UNKNOWN_ISSUER,  # unable to get local issuer certificate
+    21: _UNKNOWN_ISSUER,  # unable to verify the first certificate
+    23: "the server's certificate has been revoked",
+    26: "the server's certificate is not meant for a server (invalid purpose)",
+    62: "hostname mismatch: the server's certificate is not for this host name (check the URL)",
+    64: "hostname mismatch: the server's certificate is not for this IP address (check the URL)",
+}
+# OpenSSL reasons (ssl.SSLError.reason) of a TLS version both sides do not share.
+_VERSION_REASONS = {"UNSUPPORTED_PROTOCOL", "TLSV1_ALERT_PROTOCOL_VERSION", "NO_PROTOCOLS_AVAILABLE",
+                    "WRONG_SSL_VERSION", "UNKNOWN_PROTOCOL", "VERSION_TOO_LOW", "TLSV1_ALERT_INSUFFICIENT_SECURITY",
+                    "NO_CIPHERS_AVAILABLE", "NO_SHARED_CIPHER", "SSLV3_ALERT_HANDSHAKE_FAILURE"}
+
+
+def tls_reason(exc: BaseException) -> str:
+    """Why a TLS connection failed, in words, from OpenSSL's verify code or reason (never the server's
+    bytes): expired certificate, hostname mismatch, unknown issuer, protocol version, handshake cut."""
+    import ssl
+
+    if isinstance(exc, HandshakeCutError):
+        return ("handshake cut: the server (or something on the way: a firewall, a captive portal) hung up "
+                "during the TLS handshake")
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        code = getattr(exc, "verify_code", None)
+        if code in _VERIFY_REASONS:
+            return _VERIFY_REASONS[code]
+        said = " ".join(str(getattr(exc, "verify_message", "") or "").split())[:_MAX_DETAIL]
+        return f"certificate refused: {said or 'verification failed'} (OpenSSL code {code})"
+    if isinstance(exc, ssl.CertificateError):
+        return "the server's certificate was refused"
+    reason = str(getattr(exc, "reason", "") or "")
+    if reason in _VERSION_REASONS:
+        return ("protocol version: the server offers no TLS version this Pi accepts (TLS 1.2 or newer); "
+                "update the server or the proxy in front of it")
+    if reason == "WRONG_VERSION_NUMBER":
+        return "the server did not answer in TLS (is it plain http? then use an http:// URL)"
+    if isinstance(exc, (ssl.SSLEOFError, ssl.SSLZeroReturnError)):
+        return "the server closed the TLS connection unexpectedly"
+    return f"TLS error ({reason or type(exc).__name__})"
 
 
 def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase: str = "") -> UnreachableError:
@@ -380,8 +547,8 @@ def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase
         text = "connection refused or no route"
     elif isinstance(exc, TimeoutError):
         text = f"no answer within {timeout_s:g} s"
-    elif isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-        text = "TLS error"
+    elif isinstance(exc, (ssl.SSLError, ssl.CertificateError, HandshakeCutError)):
+        text = "TLS: " + tls_reason(exc)
     elif isinstance(exc, (http.client.LineTooLong, http.client.HTTPException)) and not isinstance(
             exc, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
         text = f"not an HTTP answer ({type(exc).__name__}): a captive portal or proxy in the way?"
@@ -392,7 +559,6 @@ def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase
     else:
         text = type(exc).__name__ + during
     return UnreachableError(f"cannot reach {target}: {text}")
-
 
 
 def _text(body: str | bytes | None) -> str:
@@ -423,6 +589,9 @@ def secret_value(secret: Secret) -> str:
         raise AuthError(str(exc)) from None
 
 
+_WRITE_HEADERS = frozenset({"authorization", "content-type", "content-encoding"})
+
+
 class _TransportRest:
     """Stands in for influxdb-client's REST client (`ApiClient.rest_client`): influxdb-client composes
     the request (URL, query, token header, user agent) and this sends it through a Transport, so
@@ -438,7 +607,10 @@ class _TransportRest:
              _preload_content=True, _request_timeout=None, **_urlopen_kw):
         parts = urlsplit(url)
         target = parts.path + ("?" + urlencode(query_params) if query_params else "")
-        return _RestAnswer(self.transport.post(target, body or b"", dict(headers or {})))
+        # Only what the server needs: influxdb-client's User-Agent, Accept and the like go with every
+        # request on a metered link for nobody (http.client adds Host and Content-Length).
+        kept = {name: value for name, value in (headers or {}).items() if name.lower() in _WRITE_HEADERS}
+        return _RestAnswer(self.transport.post(target, body or b"", kept))
 
     def request(self, method, url, **kwargs):
         if method != "POST":
@@ -472,7 +644,7 @@ class V2Writer:
     """
 
     def __init__(self, url: str, org: str, bucket: str, token: Secret, timeout_s: float, *,
-                 label: str, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S) -> None:
+                 label: str, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S, ca_file: str = "") -> None:
         self.url = url
         self.org = org
         self.bucket = bucket
@@ -480,7 +652,7 @@ class V2Writer:
         self.secret = token  # what main checks at start
         self.timeout_s = timeout_s
         self.label = label
-        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s)
+        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s, ca_file=ca_file)
         self._client = None
         self._service = None
         self._client_token: str | None = None
