@@ -348,3 +348,23 @@ def test_ca_file_is_checked_at_load_with_one_line_naming_the_key(pki, tmp_path):
                                  "tls_verify", "ssl_ca_cert"])
 def test_no_key_turns_certificate_verification_off(key):
     assert f"at 'influx.{key}': unknown key" in _problem({key: False})
+
+
+def test_a_server_that_never_answers_the_handshake_is_given_timeout_s(pki):
+    """TCP connects (the kernel accepts), the ClientHello goes out, nothing comes back: the connect
+    deadline covers the TLS handshake too."""
+    import socket
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
+        writer = make_writer(url, "cloud", pki.ca_file)
+        writer.transport.timeout_s = 1.0
+        began = time.monotonic()
+        try:
+            with pytest.raises(UnreachableError) as caught:
+                writer.write(["electricity,site=tls-silent,unit=a current_ma=1.5 1780000000000"])
+        finally:
+            writer.close()
+        took = time.monotonic() - began
+    assert "no connection and TLS handshake within 1 s" in str(caught.value)
+    assert took < 4.0, took  # timeout_s, not the socket's per-read timeout times the handshake's reads
