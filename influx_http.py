@@ -155,14 +155,14 @@ class Transport:
     verifies against the system's CAs, certifi's and `ca_file` (tls_context()); never unverified.
 
     Connecting (TCP and the TLS handshake) finishes within `timeout_s`; the upload may take
-    `timeout_s` plus its size at `min_upload_bytes_per_s`, and no chunk of it may stall for `timeout_s`; the whole answer
-    (status line, headers, body) then arrives within `timeout_s` (plus what was still in the send
-    buffer at the minimum rate), however slowly the server trickles it. A socket read timeout alone
-    cannot do this (it is per read): a watchdog timer cuts the socket when a phase's deadline
-    passes. At most `max_answer_bytes` of a body are read. DNS lookups are the resolver's (not
-    cut). post() raises UnreachableError for every network failure (a TLS failure says why);
-    requests from several threads (the start-up probe and the sender) wait for each other; abort()
-    may be called from any thread.
+    `timeout_s` plus its size at `min_upload_bytes_per_s`, and no chunk of it may stall for
+    `timeout_s`; the whole answer (status line, headers, body) then arrives within `timeout_s`
+    (plus what was still in the send buffer at the minimum rate), however slowly the server
+    trickles it. A socket read timeout alone cannot do this (it is per read): a watchdog timer
+    cuts the socket when a phase's deadline passes. At most `max_answer_bytes` of a body are read.
+    DNS lookups are the resolver's (not cut). post() raises UnreachableError for every network
+    failure (a TLS failure says why); requests from several threads (the start-up probe and the
+    sender) wait for each other; abort() may be called from any thread.
     """
 
     def __init__(self, url: str, timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
