@@ -90,7 +90,7 @@ def test_cloud_over_https_point_for_point(victoria, pki, https_proxy, tmp_path):
     assert all({k.lower() for k in r.headers} == WRITE_HEADERS for r in writes), writes[0].headers
     # The start-up probe's connection served the flushes: one connection, one handshake, for the whole run.
     assert proxy.handshakes == 1 and proxy.handshake_failures == 0
-    assert [r.path for r in proxy.log][0] == "/ping"
+    assert [r.path for r in proxy.log].count("/ping") == 1
     assert TOKEN not in result.stderr
 
 
