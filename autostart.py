@@ -101,21 +101,27 @@ def report(findings: list[Finding], handler: ErrorHandler) -> bool:
     return all(f.tier != Tier.CRITICAL for f in findings)
 
 
-def probe_influx(url: str, timeout_s: float) -> str | None:
-    """GET {url}/ping (InfluxDB 1.x, 2.x and Cloud answer 204). None when reachable, else why not.
+def probe_influx(url: str, timeout_s: float, *, transport=None, ca_file: str = "") -> str | None:
+    """GET {url}/ping (InfluxDB 1.x, 2.x and Cloud answer 204). None when reachable, else why not
+    (a TLS failure says which: expired certificate, hostname mismatch, unknown issuer, ...).
 
-    Through the writers' Transport: a server that trickles or sends an endless page cannot hold
-    the probe or fill memory."""
-    from influx_http import Transport
+    Through the writer's Transport when `transport` is given (its connection, kept alive, and its TLS
+    session then serve the first flush: no second handshake at start-up), else through one of its own
+    trusting `ca_file`. Either way a server that trickles or sends an endless page cannot hold the
+    probe or fill memory."""
+    from transport import Transport
     from rpi_errors import UnreachableError
 
-    transport = Transport(url, timeout_s)
+    own = transport is None
+    if own:
+        transport = Transport(url, timeout_s, ca_file=ca_file)
     try:
-        answer = transport.request("GET", "/ping")
+        answer = transport.request("GET", "/ping", timeout_s=timeout_s)
     except UnreachableError as exc:
         return f"{url} is not reachable ({exc})"
     finally:
-        transport.close()
+        if own:
+            transport.close()
     if answer.status >= 500:
         return f"{url}/ping answered HTTP {answer.status}"
     if 200 <= answer.status < 300 and (answer.status != 204 or answer.body):
@@ -123,11 +129,21 @@ def probe_influx(url: str, timeout_s: float) -> str | None:
     return None
 
 
-def start_influx_probe(url: str, timeout_s: float, handler: ErrorHandler) -> threading.Thread:
-    """Probe InfluxDB in the background; a failure is logged as Silent (the sender shows real delivery errors)."""
+def influx_finding(influx, timeout_s: float = 5.0) -> Finding:
+    """The boot check of `[influx]` for `main.py check`: /ping answers (Silent when not: readings are kept)."""
+    problem = probe_influx(influx.url, min(influx.timeout_s, timeout_s), ca_file=influx.ca_file)
+    if problem:
+        return Finding("influx", problem, SilentError(f"boot check influx: {problem}", key="boot:influx"))
+    return Finding("influx", f"{influx.url} answers")
+
+
+def start_influx_probe(url: str, timeout_s: float, handler: ErrorHandler, *, transport=None,
+                       ca_file: str = "") -> threading.Thread:
+    """Probe InfluxDB in the background (through the writer's `transport` when given); a failure is
+    logged as Silent (the sender shows real delivery errors)."""
 
     def run() -> None:
-        problem = probe_influx(url, timeout_s)
+        problem = probe_influx(url, timeout_s, transport=transport, ca_file=ca_file)
         if problem:
             handler.report(SilentError(f"boot check influx: {problem}; readings are kept until it is",
                                        key="boot:influx"))

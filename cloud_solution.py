@@ -19,4 +19,4 @@ def make_writer(influx: InfluxConfig, environ: Mapping[str, str] | None = None) 
         raise InsecureURLError(f"[influx] url {influx.url!r}: {problem}")
     token = Secret(TOKEN_ENV, influx.token_file, environ)
     return V2Writer(influx.url, influx.org, influx.bucket, token, influx.timeout_s,
-                    label=f"InfluxDB Cloud at {influx.url}, bucket {influx.bucket!r}")
+                    label=f"InfluxDB Cloud at {influx.url}, bucket {influx.bucket!r}", ca_file=influx.ca_file)

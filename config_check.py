@@ -16,6 +16,7 @@ from typing import Any
 
 INVALID = object()
 _IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
+_MAX_PEM_BYTES = 1_000_000  # a file of CA certificates is far smaller
 
 
 class Validator:
@@ -95,6 +96,35 @@ class Validator:
         bad = _control_character(value)
         if bad is not None:
             return self.problem(path, f"{value!r} contains the control character {bad!r}")
+        return value
+
+    def pem_file(self, value, path):
+        """A file of PEM CA certificates (empty: none): it exists, this user can read it, and OpenSSL
+        parses at least one certificate from it. Read up to 1 MB."""
+        value = self.path_text(value, path)
+        if value is INVALID or not value:
+            return value
+        try:
+            with open(value, "rb") as file:
+                data = file.read(_MAX_PEM_BYTES + 1)
+        except FileNotFoundError:
+            return self.problem(path, f"{value!r}: no such file")
+        except IsADirectoryError:
+            return self.problem(path, f"{value!r} is a directory, not a PEM file")
+        except PermissionError:
+            return self.problem(path, f"{value!r} cannot be read by this user (permission denied)")
+        except OSError as exc:
+            return self.problem(path, f"{value!r} cannot be read ({exc.strerror or type(exc).__name__})")
+        if len(data) > _MAX_PEM_BYTES:
+            return self.problem(path, f"{value!r} is larger than 1 MB: not a file of CA certificates")
+        if b"-----BEGIN CERTIFICATE-----" not in data:
+            return self.problem(path, f"{value!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
+        import ssl
+
+        try:
+            ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT).load_verify_locations(cadata=data.decode("ascii"))
+        except (UnicodeDecodeError, ssl.SSLError, ValueError):
+            return self.problem(path, f"{value!r}: a PEM certificate in it does not parse")
         return value
 
     def identifier(self, value, path):

@@ -1,4 +1,4 @@
-"""HTTP to InfluxDB: the bounded transport, outcome -> typed error, and the v2 write client.
+"""HTTP to InfluxDB: outcome -> typed error, and the v2 write client (over transport.py's bounded Transport).
 
 Shared by local_solution.py and cloud_solution.py so that both writers send
 through the same deadlines and bounds and map every HTTP outcome the same way. A writer only writes: `write(lines)` sends
@@ -8,20 +8,15 @@ of rpi_errors' delivery errors. Retry policy lives in sender.py.
 from __future__ import annotations
 
 import email.utils
-import errno
 import gzip
-import http.client
 import json
 import logging
-import select
-import socket
-import threading
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from credentials import Secret, SecretError, scrub
+from transport import MAX_ANSWER_BYTES, MIN_UPLOAD_BYTES_PER_S, Answer, Transport
 from rpi_errors import (
     AuthError,
     NotFoundError,
@@ -124,277 +119,6 @@ def error_for_answer(answer: "Answer", target: str, what: str, secrets: Sequence
                             truncated=answer.truncated)
 
 
-# -- the transport: one POST, every phase under a deadline, every answer bounded --------------------------
-MAX_ANSWER_BYTES = 64 * 1024  # a write's answer is empty (204) or a short error: more is not InfluxDB
-# The slowest upload still accepted (bytes of request body per second): a 1 MB batch (about 150 KB gzip'd)
-# over a poor SIM link still goes through; an upload slower than this is treated as stalled.
-MIN_UPLOAD_BYTES_PER_S = 2048
-# A small send buffer keeps "handed to the kernel" close to "received by the server", so the answer's
-# deadline can start when the upload ends (what is still buffered gets time at the minimum rate).
-_SEND_BUFFER_BYTES = 32 * 1024
-
-
-@dataclass(frozen=True)
-class Answer:
-    """A server's answer to one request: status, headers (lower-case names) and at most
-    MAX_ANSWER_BYTES of body; `truncated` when the body was longer (or endless)."""
-
-    status: int
-    reason: str
-    headers: dict[str, str]
-    body: bytes
-    truncated: bool = False
-
-
-class Transport:
-    """POSTs to one server (http or https) over one keep-alive connection, with deadlines.
-
-    Connecting finishes within `timeout_s`; the upload may take `timeout_s` plus its size at
-    `min_upload_bytes_per_s`, and no chunk of it may stall for `timeout_s`; the whole answer
-    (status line, headers, body) then arrives within `timeout_s` (plus what was still in the send
-    buffer at the minimum rate), however slowly the server trickles it. A socket read timeout alone
-    cannot do this (it is per read): a watchdog timer cuts the socket when a phase's deadline
-    passes. At most `max_answer_bytes` of a body are read. DNS lookups are the resolver's (not
-    cut). post() raises UnreachableError for every network failure; it is for one thread at a
-    time, abort() may be called from any thread.
-    """
-
-    def __init__(self, url: str, timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
-                 max_answer_bytes: int = MAX_ANSWER_BYTES) -> None:
-        parts = urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise ValueError(f"not an http(s) URL: {url!r}")
-        self.url = url
-        self.timeout_s = float(timeout_s)
-        self.min_upload_bytes_per_s = float(min_upload_bytes_per_s)
-        self.max_answer_bytes = int(max_answer_bytes)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname
-        self._port = parts.port
-        self._prefix = parts.path.rstrip("/")
-        self._conn: http.client.HTTPConnection | None = None
-        self._lock = threading.Lock()
-        self._sock: socket.socket | None = None  # the socket of the request in flight, for the watchdog
-        self._cut: str | None = None  # why the watchdog or abort() cut it
-        self._timer: threading.Timer | None = None
-
-    def post(self, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
-        """POST `body` to `target` (path and query, below the URL's own path). Raises UnreachableError."""
-        return self.request("POST", target, body, headers)
-
-    def request(self, method: str, target: str, body: bytes = b"", headers: Mapping[str, str] | None = None
-                ) -> Answer:
-        """`method` `target` with `body`, under the deadlines above. Raises UnreachableError."""
-        headers = headers or {}
-        phase = "connect"
-        sent = 0
-        started = time.monotonic()
-        try:
-            conn = self._connection()
-            with self._lock:
-                if self._cut == "abort":
-                    raise _Cut("abort")
-                self._sock = conn.sock
-            phase = "upload"
-            upload_s = self.timeout_s + len(body) / self.min_upload_bytes_per_s
-            started = time.monotonic()
-            self._arm(upload_s)
-            conn.putrequest(method, self._prefix + target, skip_accept_encoding=True)
-            for name, value in headers.items():
-                conn.putheader(name, value)
-            if body or method in ("POST", "PUT"):
-                conn.putheader("Content-Length", str(len(body)))
-            conn.endheaders()
-            # sendall's timeout bounds a whole call, so send in chunks a link at the minimum rate can
-            # pass within timeout_s: no chunk may stall for longer than that.
-            step = int(min(max(self.min_upload_bytes_per_s * self.timeout_s / 2, 1024), 64 * 1024))
-            for at in range(0, len(body), step):
-                conn.send(body[at:at + step])
-                sent = min(at + step, len(body))
-            phase = "answer"
-            buffered = min(len(body), self._send_buffer(conn))
-            answer_s = self.timeout_s + buffered / self.min_upload_bytes_per_s
-            self._arm(answer_s)
-            conn.sock.settimeout(answer_s)
-            response = conn.getresponse()
-            data = response.read(self.max_answer_bytes + 1)
-            truncated = len(data) > self.max_answer_bytes
-            reusable = response.isclosed() and not response.will_close and not truncated
-            answer = Answer(response.status, str(response.reason)[:100],
-                            {k.lower(): v for k, v in response.getheaders()}, data[: self.max_answer_bytes],
-                            truncated)
-            self._disarm()
-            if not reusable:
-                self._drop()
-            with self._lock:
-                if self._cut is not None:  # the watchdog fired just as the answer completed
-                    raise _Cut(self._cut)
-            return answer
-        except (_Cut, OSError, http.client.HTTPException, ValueError) as exc:
-            self._disarm()
-            with self._lock:
-                cut = self._cut
-            self._drop()
-            raise self._error(phase, cut, exc, sent, len(body), time.monotonic() - started) from None
-        finally:
-            with self._lock:
-                self._sock = None
-                if self._cut != "abort":
-                    self._cut = None
-
-    def abort(self) -> None:
-        """Cut the request in flight, if any, and refuse new ones (shutdown). Thread-safe."""
-        with self._lock:
-            self._cut = "abort"
-            _shutdown(self._sock)
-
-    def close(self) -> None:
-        """Close the connection (idempotent); the next post() opens a new one."""
-        self._disarm()
-        self._drop()
-
-    # -- internals ------------------------------------------------------------------------------------------
-    def _connection(self) -> http.client.HTTPConnection:
-        conn = self._conn
-        if conn is not None and conn.sock is not None and _dropped(conn.sock):
-            self._drop()  # the server closed the idle keep-alive connection: start a fresh one
-            conn = None
-        if conn is None or conn.sock is None:
-            if self._https:
-                import ssl
-
-                context = _tls_context()
-                conn = http.client.HTTPSConnection(self._host, self._port, timeout=self.timeout_s,
-                                                   context=context)
-            else:
-                conn = http.client.HTTPConnection(self._host, self._port, timeout=self.timeout_s)
-            self._conn = conn
-            conn.connect()
-            try:
-                conn.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, _SEND_BUFFER_BYTES)
-            except OSError:
-                pass
-        conn.sock.settimeout(self.timeout_s)
-        return conn
-
-    @staticmethod
-    def _send_buffer(conn: http.client.HTTPConnection) -> int:
-        try:
-            return conn.sock.getsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF)
-        except (OSError, AttributeError):
-            return _SEND_BUFFER_BYTES * 2
-
-    def _arm(self, seconds: float) -> None:
-        self._disarm()
-        timer = threading.Timer(seconds, self._expire, (self._sock,))
-        timer.daemon = True
-        self._timer = timer
-        timer.start()
-
-    def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
-
-    def _expire(self, sock) -> None:
-        with self._lock:
-            if sock is not None and self._sock is sock and self._cut is None:
-                self._cut = "deadline"
-                _shutdown(sock)
-
-    def _drop(self) -> None:
-        conn, self._conn = self._conn, None
-        if conn is not None:
-            try:
-                conn.close()
-            except OSError:
-                pass
-
-    def _error(self, phase: str, cut: str | None, exc: BaseException, sent: int, size: int,
-               elapsed_s: float) -> UnreachableError:
-        target = self.url
-        if cut == "abort":
-            return UnreachableError(f"request to {target} cut short: the daemon is stopping")
-        timed_out = cut == "deadline" or isinstance(exc, TimeoutError)
-        if phase == "upload" and timed_out:
-            return UnreachableError(
-                f"upload to {target} stalled: {sent} of {size} bytes sent in {elapsed_s:.1f} s "
-                f"(slower than {self.min_upload_bytes_per_s:g} bytes/s, or no progress for {self.timeout_s:g} s)")
-        if phase == "answer" and timed_out:
-            return UnreachableError(f"no answer within {self.timeout_s:g} s after the upload from {target} "
-                                    f"(the server stalls or trickles its answer)")
-        if phase == "connect" and isinstance(exc, TimeoutError):
-            return UnreachableError(f"cannot reach {target}: no connection within {self.timeout_s:g} s")
-        return error_for_exception(exc, target, self.timeout_s, phase)
-
-
-class _Cut(Exception):
-    """The request was cut (deadline or abort) between two socket calls."""
-
-
-def _shutdown(sock) -> None:
-    # socket.socket.shutdown, not SSLSocket's (that one unwraps TLS and is not safe from another thread):
-    # the blocked reader or writer wakes with EOF or an error at once.
-    if sock is None:
-        return
-    try:
-        socket.socket.shutdown(sock, socket.SHUT_RDWR)
-    except OSError:
-        pass
-
-
-def _dropped(sock) -> bool:
-    """True when an idle connection is readable: the server closed it (or sent something unasked)."""
-    try:
-        readable, _, _ = select.select([sock], [], [], 0)
-    except (OSError, ValueError):
-        return True
-    return bool(readable)
-
-
-def _tls_context():
-    """The system's CAs (OpenSSL's default paths, which honour SSL_CERT_FILE) plus certifi's bundle,
-    which influxdb-client verified Cloud's certificate with. Verification is always on."""
-    import ssl
-
-    context = ssl.create_default_context()
-    try:
-        import certifi
-
-        context.load_verify_locations(cafile=certifi.where())
-    except (ImportError, OSError, ssl.SSLError):
-        pass  # the system's CAs alone
-    return context
-
-
-def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase: str = "") -> UnreachableError:
-    """A network-level failure (refused, DNS, timeout, reset, TLS) as UnreachableError. The text never
-    quotes what the server sent."""
-    import ssl
-
-    during = {"upload": " during the upload", "answer": " while reading the answer"}.get(phase, "")
-    if isinstance(exc, socket.gaierror):
-        text = "DNS lookup failed"
-    elif isinstance(exc, (ConnectionRefusedError,)) or (isinstance(exc, OSError) and exc.errno in
-                                                        (errno.EHOSTUNREACH, errno.ENETUNREACH)):
-        text = "connection refused or no route"
-    elif isinstance(exc, TimeoutError):
-        text = f"no answer within {timeout_s:g} s"
-    elif isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
-        text = "TLS error"
-    elif isinstance(exc, (http.client.LineTooLong, http.client.HTTPException)) and not isinstance(
-            exc, (http.client.RemoteDisconnected, http.client.IncompleteRead)):
-        text = f"not an HTTP answer ({type(exc).__name__}): a captive portal or proxy in the way?"
-    elif isinstance(exc, (ConnectionError, http.client.HTTPException, _Cut)):
-        text = "connection broken" + during
-    elif isinstance(exc, ValueError):
-        text = "a header cannot be sent (control character)"
-    else:
-        text = type(exc).__name__ + during
-    return UnreachableError(f"cannot reach {target}: {text}")
-
-
-
 def _text(body: str | bytes | None) -> str:
     if not body:
         return ""
@@ -423,6 +147,9 @@ def secret_value(secret: Secret) -> str:
         raise AuthError(str(exc)) from None
 
 
+_WRITE_HEADERS = frozenset({"authorization", "content-type", "content-encoding"})
+
+
 class _TransportRest:
     """Stands in for influxdb-client's REST client (`ApiClient.rest_client`): influxdb-client composes
     the request (URL, query, token header, user agent) and this sends it through a Transport, so
@@ -438,7 +165,10 @@ class _TransportRest:
              _preload_content=True, _request_timeout=None, **_urlopen_kw):
         parts = urlsplit(url)
         target = parts.path + ("?" + urlencode(query_params) if query_params else "")
-        return _RestAnswer(self.transport.post(target, body or b"", dict(headers or {})))
+        # Only what the server needs: influxdb-client's User-Agent, Accept and the like go with every
+        # request on a metered link for nobody (http.client adds Host and Content-Length).
+        kept = {name: value for name, value in (headers or {}).items() if name.lower() in _WRITE_HEADERS}
+        return _RestAnswer(self.transport.post(target, body or b"", kept))
 
     def request(self, method, url, **kwargs):
         if method != "POST":
@@ -472,7 +202,7 @@ class V2Writer:
     """
 
     def __init__(self, url: str, org: str, bucket: str, token: Secret, timeout_s: float, *,
-                 label: str, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S) -> None:
+                 label: str, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S, ca_file: str = "") -> None:
         self.url = url
         self.org = org
         self.bucket = bucket
@@ -480,7 +210,7 @@ class V2Writer:
         self.secret = token  # what main checks at start
         self.timeout_s = timeout_s
         self.label = label
-        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s)
+        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s, ca_file=ca_file)
         self._client = None
         self._service = None
         self._client_token: str | None = None

@@ -13,7 +13,8 @@ from urllib.parse import urlencode
 
 from config import InfluxConfig
 from credentials import PASSWORD_ENV, TOKEN_ENV, Secret, basic_auth, basic_auth_pair
-from influx_http import MIN_UPLOAD_BYTES_PER_S, Transport, V2Writer, error_for_answer, gzip_lines, secret_value
+from influx_http import V2Writer, error_for_answer, gzip_lines, secret_value
+from transport import MIN_UPLOAD_BYTES_PER_S, Transport
 
 log = logging.getLogger(__name__)
 
@@ -26,7 +27,8 @@ class V1Writer:
     """
 
     def __init__(self, url: str, database: str, retention_policy: str, username: str, password: Secret,
-                 timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S) -> None:
+                 timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
+                 ca_file: str = "") -> None:
         self.url = url
         self.database = database
         self.username = username
@@ -38,7 +40,7 @@ class V1Writer:
             params["rp"] = retention_policy
         self._target = f"/write?{urlencode(params)}"
         self.label = f"InfluxDB 1.x at {url}, database {database!r}"
-        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s)
+        self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s, ca_file=ca_file)
 
     def write(self, lines: Sequence[str]) -> int:
         """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
@@ -69,7 +71,7 @@ def make_writer(influx: InfluxConfig, environ: Mapping[str, str] | None = None):
     if influx.api == "v1":
         password = Secret(PASSWORD_ENV, influx.password_file, environ)
         return V1Writer(influx.url, influx.database, influx.retention_policy, influx.username, password,
-                        influx.timeout_s)
+                        influx.timeout_s, ca_file=influx.ca_file)
     token = Secret(TOKEN_ENV, influx.token_file, environ)
     return V2Writer(influx.url, influx.org, influx.bucket, token, influx.timeout_s,
-                    label=f"InfluxDB at {influx.url}, bucket {influx.bucket!r}")
+                    label=f"InfluxDB at {influx.url}, bucket {influx.bucket!r}", ca_file=influx.ca_file)

@@ -233,7 +233,9 @@ def cmd_run(args, config: Config) -> int:
                                      clock_trusted=guard.check().trusted, scan=scan)
     autostart.report(findings, handler)  # nothing Critical can be left here: bus and store opened above
     if config.influx.kind != "none":
-        autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler)
+        # Through the writer's transport: the probe's connection (and TLS session) serves the first flush.
+        autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler,
+                                     transport=getattr(writer, "transport", None), ca_file=config.influx.ca_file)
     reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
     quarantine_stale(outbox, guard.boot_id)
@@ -327,6 +329,8 @@ def cmd_check(args, config: Config) -> int:
                                          clock_trusted=make_clock_guard(config).check().trusted, scan=scan,
                                          store_error=store_error):
         report(finding)
+    if config.influx.kind != "none":  # a TLS failure here says why (expired, hostname mismatch, ...)
+        report(autostart.influx_finding(config.influx))
     reader = make_reader(config, choice.bus, None, window_s=min(config.sampling.window_s, 0.2))
     for r in reader.measure().channels:
         detail = r.error if not r.ok else f"{r.bus_voltage_v:.2f} V, {r.current_ma:.1f} mA, {r.power_w:.2f} W"
