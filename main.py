@@ -181,6 +181,14 @@ def make_sender(config: Config, writer, handler: ErrorHandler):
     return Sender(writer, open_store(config, check_integrity=False), handler, policy)
 
 
+def make_metrics(config: Config, handler: ErrorHandler, sender):
+    """The Prometheus metrics the live page's server offers at /metrics (README "Prometheus")."""
+    from metrics import DaemonMetrics
+
+    return DaemonMetrics(config, top_tier=lambda: handler.top_tier,
+                         delivered=(lambda: sender.total_delivered) if sender else (lambda: None))
+
+
 def check_mqtt_secret(config: Config) -> None:
     """Raises ConfigError for an MQTT password file that is missing or readable by others."""
     mqtt = config.mqtt
@@ -269,9 +277,11 @@ def cmd_run(args, config: Config) -> int:
     reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
     quarantine_stale(outbox, guard.boot_id)
+    metrics = make_metrics(config, handler, sender) if config.web.enabled else None
     service = ServiceHooks(config, handler, outbox.directory, sender=sender,
-                           console=(lambda line: print(line, flush=True)) if console_wanted() else None)
-    listeners = [service.after_cycle]
+                           console=(lambda line: print(line, flush=True)) if console_wanted() else None,
+                           metrics=metrics.render if metrics else None)
+    listeners = [service.after_cycle] + ([metrics.after_cycle] if metrics else [])
     mqtt = make_mqtt(config, handler, service, outbox) if config.mqtt.enabled else None
     if mqtt is not None:
         listeners.append(mqtt.after_cycle)
