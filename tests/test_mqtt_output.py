@@ -207,9 +207,18 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
 
 def test_kill_9_makes_the_broker_publish_offline(broker, tmp_path):
     sub = Subscriber(broker.port, (f"{PREFIX}/availability",))
-    proc = start_daemon(write_config(tmp_path, broker.port))
+    cfg_path = write_config(tmp_path, broker.port)
+    proc = start_daemon(cfg_path)
     try:
         sub.wait_for("online", lambda ms: ms and ms[-1][1] == b"online")
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # `status` says so (stored by the loop at the first cycle after the connection)
+            status = subprocess.run([sys.executable, str(ROOT / "main.py"), "status", "--json", "--config",
+                                     str(cfg_path)], capture_output=True, text=True, timeout=60)
+            if json.loads(status.stdout or "{}").get("mqtt") == f"connected to 127.0.0.1:{broker.port}":
+                break
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+            time.sleep(0.1)
         proc.kill()
         proc.wait(30)
         sub.wait_for("offline (the last will)", lambda ms: ms[-1][1] == b"offline")
