@@ -353,3 +353,22 @@ def test_tls_with_a_self_signed_ca(tmp_path):
             assert trusting.problem is None
         finally:
             trusting.stop()
+
+
+def test_a_stalled_broker_never_delays_a_cycle(tmp_path):
+    with Mosquitto() as stalled:
+        stalled.pause()  # SIGSTOP: the kernel still accepts the TCP connection, nothing ever answers
+        try:
+            cfg = write_config(tmp_path, stalled.port, interval_s=0.2)
+            result = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg),
+                                     "--cycles", "10"], capture_output=True, text=True, timeout=120)
+        finally:
+            stalled.resume()
+    assert result.returncode == 0, result.stderr
+    box = Outbox(tmp_path / "store", check_integrity=False)
+    try:
+        times = {t for t, _, _ in box.export()}
+    finally:
+        box.close()
+    assert len(times) == 10  # every cycle measured and stored; none waited for the broker
+    assert "stopped after 10 cycles" in result.stderr
