@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -19,10 +20,9 @@ from servers import Prometheus, free_port, mqtt_binaries_available
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "prom-test"
 DEADLINE_S = 90.0
-pytestmark = pytest.mark.slow
 
 
-@pytest.fixture(autouse=True)
+@pytest.fixture
 def _need_prometheus():
     reason = mqtt_binaries_available()
     if reason:
@@ -62,7 +62,8 @@ def scrape(url: str) -> str:
         return resp.read(1_000_000).decode()
 
 
-def test_prometheus_scrapes_what_the_store_holds(tmp_path):
+@pytest.mark.slow
+def test_prometheus_scrapes_what_the_store_holds(tmp_path, _need_prometheus):
     web_port = free_port()
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config",
                              str(write_config(tmp_path, web_port))],
@@ -122,3 +123,53 @@ def test_prometheus_scrapes_what_the_store_holds(tmp_path):
     assert values[("solarpowerbrampton_outbox_depth_points", None)] == before + len(lines)
     assert values[("solarpowerbrampton_error_tier", None)] == 0
     assert 0 < values[("solarpowerbrampton_cycle_duration_seconds", None)] < 0.5
+
+
+def test_metrics_follow_the_latest_cycle_in_base_units_and_the_page_serves_them(tmp_path):
+    import config
+    from daemon import CycleReport
+    from metrics import DaemonMetrics
+    from outbox import QueueStats
+    from rpi_errors import Tier
+    from tools import ChannelReading, Cycle
+    from web import FlowPage
+
+    cfg = config.parse_config({"site": {"name": SITE}})
+    tier = [None]
+    metrics = DaemonMetrics(cfg, top_tier=lambda: tier[0], delivered=lambda: 42)
+    readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, -250.0, -3.125, 10, 0, 2.0, 0.5)
+                     for c in cfg.channels[:3]) + (ChannelReading(cfg.channels[3].name, 0x45, None, None, None,
+                                                                  None, 0, 10, None, None, "no answer"),)
+    metrics.after_cycle(CycleReport(Cycle(1_780_000_000_250, 1.0, readings, False), None, True, 17, 3,
+                                    QueueStats(queue_depth=12, quarantined=2, dropped=5, held=0), 0.0123))
+    tier[0] = Tier.CONNECTION
+    page = FlowPage("127.0.0.1:0", channels=cfg.channels, site=SITE, metrics=metrics.render)
+    bare = FlowPage("127.0.0.1:0", channels=cfg.channels, site=SITE)
+    page.start()
+    bare.start()
+    try:
+        text = scrape(page.url + "metrics")
+        with pytest.raises(urllib.error.HTTPError) as missing:
+            scrape(bare.url + "metrics")
+    finally:
+        page.stop()
+        bare.stop()
+    assert missing.value.code == 404
+    from prometheus_client.parser import text_string_to_metric_families
+
+    samples = {(s.name, s.labels.get("channel")): s.value
+               for family in text_string_to_metric_families(text) for s in family.samples}
+    red = cfg.channels[0].name
+    assert samples[("solarpowerbrampton_bus_voltage_volts", red)] == 12.5
+    assert samples[("solarpowerbrampton_current_amperes", red)] == -0.25
+    assert samples[("solarpowerbrampton_power_watts", red)] == -3.125
+    assert samples[("solarpowerbrampton_energy_in_joules_total", red)] == 7200.0
+    assert samples[("solarpowerbrampton_energy_out_joules_total", red)] == 1800.0
+    assert ("solarpowerbrampton_power_watts", cfg.channels[3].name) not in samples  # no reading: no sample
+    assert samples[("solarpowerbrampton_outbox_depth_points", None)] == 17
+    assert samples[("solarpowerbrampton_quarantined_points", None)] == 2
+    assert samples[("solarpowerbrampton_dropped_points_total", None)] == 5
+    assert samples[("solarpowerbrampton_delivered_points_total", None)] == 42
+    assert samples[("solarpowerbrampton_error_tier", None)] == 5  # read at scrape time
+    assert samples[("solarpowerbrampton_cycle_duration_seconds", None)] == 0.0123
+    assert samples[("solarpowerbrampton_cycle_timestamp_seconds", None)] == 1_780_000_000.25
