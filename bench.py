@@ -30,6 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import bench_outputs  # noqa: E402 - MQTT and /metrics (issue 15)
 import bench_proc  # noqa: E402
 import bench_wire  # noqa: E402 - on-the-wire bytes over https, TLS included (issue 14)
 import config as config_mod  # noqa: E402
@@ -49,6 +50,7 @@ TARGETS = {  # figure: (comparison, target); issue 13's goals for the figures me
     "steady_rss_mb": ("<=", 60), "rss_growth_mb": ("<=", 2),
 }
 TARGETS.update(bench_wire.TARGETS)
+TARGETS.update(bench_outputs.TARGETS)
 
 
 class FakeClock:
@@ -548,6 +550,7 @@ def run(quick: bool) -> dict:
         figures.update(web_cost(n["web"], tmp))
         figures.update(startup(tmp))
         figures.update(bench_wire.wire_figures(vm.url, tmp, quick))  # issue 14: keys wire_*
+        figures.update(bench_outputs.output_figures(n["web"], tmp))  # issue 15: MQTT, /metrics
     figures["load_after"] = _load()
     return figures
 
@@ -611,6 +614,11 @@ _MICRO = [
      [("steady_rss_mb", "MB"), ("rss_growth_mb", "MB")]),
     ("the live page: measuring-thread CPU per cycle without / with the page and a browser connected",
      [("cycle_cpu_ms_without_page", "ms"), ("cycle_cpu_ms_with_page", "ms")]),
+    ("MQTT (real mosquitto on loopback, 5 devices): process CPU per cycle without / with; MQTT's own CPU per "
+     "cycle (its listener and threads, counted directly), qos 1 / qos 0",
+     [("cycle_process_cpu_ms_without_mqtt", "ms"), ("cycle_process_cpu_ms_with_mqtt", "ms"),
+      ("mqtt_cpu_ms_per_cycle", "ms"), ("mqtt_qos0_cpu_ms_per_cycle", "ms")]),
+    ("one /metrics scrape rendered (prometheus_client), CPU", [("metrics_cpu_ms_per_scrape", "ms")]),
     ("process start to the first stored reading (includes the 1 s sampling window)", [("startup_s", "s")]),
 ]
 

@@ -172,6 +172,28 @@ class WebConfig:
 
 
 @dataclass(frozen=True)
+class MqttConfig:
+    """MQTT with Home Assistant discovery (off by default): an output beside the InfluxDB delivery (README
+    "Home Assistant"). The password comes from $MQTT_PASSWORD or `password_file`, never from this file."""
+
+    enabled: bool = key(False, lambda v: v.boolean, "publish every cycle to an MQTT broker")
+    host: str = key("", lambda v: v.name_text, "the broker's host name or address (required when enabled)")
+    port: int = key(0, lambda v: v.whole_between(0, 65535), "the broker's port (0: 1883, or 8883 with tls)")
+    tls: bool = key(False, lambda v: v.boolean, "connect with TLS, checking the broker's certificate and name")
+    ca_file: str = key("", lambda v: v.pem_file, "PEM: a private CA trusted for the broker besides the system's")
+    username: str = key("", lambda v: v.name_text, "the broker login (empty: anonymous)")
+    password_file: str = key("", lambda v: v.path_text, "file holding the broker password (or $MQTT_PASSWORD)")
+    client_id: str = key("", lambda v: v.name_text, "the MQTT client id (empty: solarpowerbrampton-<site>)")
+    topic_prefix: str = key("", lambda v: v.mqtt_topic, "state topics' prefix (empty: solarpowerbrampton/<site>)")
+    discovery_prefix: str = key("homeassistant", lambda v: v.mqtt_topic, "Home Assistant's discovery prefix")
+    qos: int = key(1, lambda v: v.whole_between(0, 2), "MQTT quality of service of every message (0, 1 or 2)")
+
+    @property
+    def effective_port(self) -> int:
+        return self.port or (8883 if self.tls else 1883)
+
+
+@dataclass(frozen=True)
 class LogConfig:
     level: str = key("INFO", lambda v: v.choice(("DEBUG", "INFO", "WARNING", "ERROR")), "the log level")
     file: bool = key(False, lambda v: v.boolean, "also log to a file in the store directory")
@@ -182,7 +204,7 @@ class LogConfig:
 # The config file's tables, in the order they are checked (and their problems listed); [[channel]] apart.
 SECTIONS = {"site": SiteConfig, "sampling": SamplingConfig, "i2c": I2CConfig, "led": LedConfig, "store": StoreConfig,
             "simulation": SimulationConfig, "influx": InfluxConfig, "log": LogConfig, "update": UpdateConfig,
-            "clock": ClockConfig, "web": WebConfig}
+            "clock": ClockConfig, "web": WebConfig, "mqtt": MqttConfig}
 
 
 @dataclass(frozen=True)
@@ -202,6 +224,7 @@ class Config:
     update: UpdateConfig = field(default_factory=UpdateConfig)
     clock: ClockConfig = field(default_factory=ClockConfig)
     web: WebConfig = field(default_factory=WebConfig)
+    mqtt: MqttConfig = field(default_factory=MqttConfig)
     # Deprecated keys found (still honoured or ignored as the text says): logged once at start, never fatal,
     # since an installed config is never overwritten and exit 78 would also fail every self-update.
     warnings: tuple[str, ...] = ()
@@ -311,8 +334,10 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     tables = {name: v.section(data, name, cls, _checks(v, cls),
                               defaults={"dir": _default_store_dir()} if cls is StoreConfig else None)
               for name, cls in SECTIONS.items()}
-    site, sampling, i2c, led, store, simulation, influx, log, update, clock, web = tables.values()
+    site, sampling, i2c, led, store, simulation, influx, log, update, clock, web, mqtt = tables.values()
     channels = _channels(v, data)
+    if mqtt.enabled and not mqtt.host:
+        v.problem("mqtt.host", "required when [mqtt] enabled = true")
     if update.enabled and not update.remote:
         v.problem("update.remote", "required when [update] enabled = true")
 
@@ -355,6 +380,7 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         update=update,
         clock=clock,
         web=web,
+        mqtt=mqtt,
         warnings=tuple(f"{source}: {w}" for w in v.warnings),
     )
 

@@ -87,6 +87,17 @@ class Validator:
             return self.problem(path, f"is {len(value)} characters long, more than 256")
         return value
 
+    def mqtt_topic(self, value, path):
+        """An MQTT topic prefix (empty: the default): no wildcard (+ #), no empty level, no control character."""
+        value = self.name_text(value, path)
+        if value is INVALID or not value:
+            return value
+        if "+" in value or "#" in value:
+            return self.problem(path, f"{value!r}: a topic prefix cannot hold the wildcards + or #")
+        if "" in value.split("/"):
+            return self.problem(path, f"{value!r}: a topic prefix cannot start or end with / or hold //")
+        return value
+
     def path_text(self, value, path):
         """A file or directory path (up to 4096 characters, Linux's PATH_MAX): no NUL (the OS cannot
         take it) and no other control character."""

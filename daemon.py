@@ -37,7 +37,9 @@ class CycleReport:
     `cycle`: the readings (tools.Cycle), stamped by the trusted clock; `system`: the Pi's own reading
     (tools.SystemReading) or None without a monitor; `stored`: the cycle's points are in the store;
     `queue_depth`: unsent points after this cycle (approximate: the sender drains meanwhile);
-    `cycles_done`: cycles finished since the start, this one included.
+    `cycles_done`: cycles finished since the start, this one included; `stats`: the store's counts
+    (outbox.QueueStats: quarantined, dropped) as stored in this cycle's `system` point, None when the store
+    could not say; `duration_s`: how long the cycle took (measuring, storing), by the loop's clock.
     """
 
     cycle: object
@@ -45,6 +47,8 @@ class CycleReport:
     stored: bool
     queue_depth: int
     cycles_done: int
+    stats: object | None = None
+    duration_s: float = 0.0
 
 
 Listener = Callable[[CycleReport], None]
@@ -133,6 +137,7 @@ class Daemon:
 
     def run_cycle(self):
         """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
+        began = self.clock()
         cycle = self.reader.measure()
         for reading in cycle.channels:
             if reading.ok:
@@ -159,7 +164,8 @@ class Daemon:
             self._housekeeping()
         self.handler.tick()
         self.cycles_done += 1
-        report = CycleReport(cycle, system, self.last_store_ok, self.queue_depth, self.cycles_done)
+        report = CycleReport(cycle, system, self.last_store_ok, self.queue_depth, self.cycles_done, stats,
+                             self.clock() - began)
         for listener in self.listeners:
             listener(report)
         return cycle

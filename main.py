@@ -181,6 +181,43 @@ def make_sender(config: Config, writer, handler: ErrorHandler):
     return Sender(writer, open_store(config, check_integrity=False), handler, policy)
 
 
+def make_metrics(config: Config, handler: ErrorHandler, sender):
+    """The Prometheus metrics the live page's server offers at /metrics (README "Prometheus")."""
+    from metrics import DaemonMetrics
+
+    return DaemonMetrics(config, top_tier=lambda: handler.top_tier,
+                         delivered=(lambda: sender.total_delivered) if sender else (lambda: None))
+
+
+def check_mqtt_secret(config: Config) -> None:
+    """Raises ConfigError for an MQTT password file that is missing or readable by others."""
+    mqtt = config.mqtt
+    if not mqtt.enabled or not (mqtt.username or mqtt.password_file):
+        return
+    from credentials import Secret, SecretError
+    from mqtt_output import PASSWORD_ENV
+
+    try:
+        Secret(PASSWORD_ENV, mqtt.password_file).value()
+    except SecretError as exc:
+        raise ConfigError(config.source, [f"at 'mqtt.password_file': {exc}"]) from None
+
+
+def make_mqtt(config: Config, handler: ErrorHandler, service, outbox: Outbox):
+    """The MQTT output (README "Home Assistant"). With [influx] kind = "none", MQTT is the only way the
+    readings leave the Pi: its faults then show as Connection, else as Short (InfluxDB holds the record)."""
+    from mqtt_output import MqttOutput
+
+    def save_state(values: dict[str, str]) -> None:
+        try:
+            outbox.set_state(values)
+        except StoreError as exc:
+            log.debug("MQTT state not stored: %s", exc)  # the store's own trouble is reported by the loop
+
+    return MqttOutput(config, handler, meaning=lambda: service.meaning(handler.top_tier),
+                      only_output=config.influx.kind == "none", save_state=save_state)
+
+
 def open_led(config: Config) -> StatusLED | None:
     """The status LED, or None when [led] is off or the GPIO cannot be had (the LED is optional)."""
     if not config.led.enabled:
@@ -209,6 +246,7 @@ def cmd_run(args, config: Config) -> int:
 
     try:
         writer = make_writer(config)
+        check_mqtt_secret(config)
     except ConfigError as exc:
         print(exc, file=sys.stderr)
         return EXIT_CONFIG
@@ -239,10 +277,16 @@ def cmd_run(args, config: Config) -> int:
     reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
     sender = make_sender(config, writer, handler) if writer else None
     quarantine_stale(outbox, guard.boot_id)
+    metrics = make_metrics(config, handler, sender) if config.web.enabled else None
     service = ServiceHooks(config, handler, outbox.directory, sender=sender,
-                           console=(lambda line: print(line, flush=True)) if console_wanted() else None)
+                           console=(lambda line: print(line, flush=True)) if console_wanted() else None,
+                           metrics=metrics.render if metrics else None)
+    listeners = [service.after_cycle] + ([metrics.after_cycle] if metrics else [])
+    mqtt = make_mqtt(config, handler, service, outbox) if config.mqtt.enabled else None
+    if mqtt is not None:
+        listeners.append(mqtt.after_cycle)
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
-                    clock_guard=guard, listeners=[service.after_cycle])
+                    clock_guard=guard, listeners=listeners)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
@@ -251,11 +295,15 @@ def cmd_run(args, config: Config) -> int:
     if sender:
         sender.start()
     service.start()
+    if mqtt is not None:
+        mqtt.start()
     try:
         daemon.run(args.cycles)
     finally:
         daemon.store_held_at_exit()
         service.stop()
+        if mqtt is not None:
+            mqtt.stop()
         # Bounded (final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s.
         if sender and sender.stop():
             sender.outbox.close()
@@ -370,6 +418,8 @@ def cmd_status(args, config: Config) -> int:
         "dropped": stats.dropped,
         "size_mb": round(stats.size_bytes / 1_048_576, 3),
     }
+    if config.mqtt.enabled:
+        report["mqtt"] = state.get("mqtt")
     if config.update.enabled:
         import release
 

@@ -35,9 +35,11 @@ class ServiceHooks:
 
     def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path, *,
                  console: Callable[[str], None] | None = None, sender=None,
-                 clock: Callable[[], float] = time.monotonic) -> None:
+                 clock: Callable[[], float] = time.monotonic,
+                 metrics: Callable[[], tuple[bytes, str]] | None = None) -> None:
         """`console(line)` writes the compact per-cycle line (None: nobody watches a terminal);
-        `sender`: the delivery thread (its counters), None without a writer."""
+        `sender`: the delivery thread (its counters), None without a writer; `metrics()`: what the
+        page's `/metrics` serves (metrics.DaemonMetrics.render)."""
         from release import state_dir_from_env
         from sdnotify import Notifier
 
@@ -45,6 +47,7 @@ class ServiceHooks:
         self.handler = handler
         self.console = console
         self.sender = sender
+        self.metrics = metrics
         # Where the updater keeps its state: $STATE_DIRECTORY under systemd (what its pre-start uses),
         # else `state_dir` (tests, runs by hand), never a relative [store] dir.
         self.update_state_dir = state_dir_from_env() or state_dir
@@ -88,7 +91,7 @@ class ServiceHooks:
                 box.close()
 
         page = FlowPage(config.web.listen, channels=config.channels, site=config.site.name, history=history,
-                        plant_unit=config.simulation.plant)
+                        plant_unit=config.simulation.plant, metrics=self.metrics)
         try:
             page.start()
         except OSError as exc:

@@ -4,7 +4,7 @@
 (stdlib ``http.server``): the page and its assets from ``web/``, the latest
 snapshot as JSON (``/api/now``), a server-sent event stream that pushes every
 new snapshot (``/api/events``) and the last hours of power per unit
-(``/api/history``) read from the store.
+(``/api/history``) read from the store, and the daemon's Prometheus metrics (``/metrics``).
 
 The measuring loop calls ``update(snapshot)`` once per cycle; that only stores
 the dict under a lock and wakes the event streams. Everything else (deriving
@@ -176,13 +176,15 @@ class FlowPage:
     the site name shown in the title; `history(since_ms)`: the store's
     export, (time_ms, line, status) oldest first, called from a server thread
     (give it its own connection); `plant_unit`: the unit the houses trade
-    with; `clock`: Unix seconds.
+    with; `clock`: Unix seconds; `metrics()`: (body, Content-Type) of `/metrics` (Prometheus), called in
+    a server thread; None: no `/metrics`.
     """
 
     def __init__(self, listen: str = "127.0.0.1:8080", *, channels: Sequence[Any], site: str,
                  history: Callable[[int], Iterable[tuple[int, str, str]]] | None = None,
                  plant_unit: str = "power_plant", clock: Callable[[], float] = time.time,
-                 history_hours: int = 24, header_deadline_s: float = HEADER_DEADLINE_S) -> None:
+                 history_hours: int = 24, header_deadline_s: float = HEADER_DEADLINE_S,
+                 metrics: Callable[[], tuple[bytes, str]] | None = None) -> None:
         self._host, self._port = _parse_listen(listen)
         self.channels = tuple(channels)
         self.site = site
@@ -191,6 +193,7 @@ class FlowPage:
         self._history = History(history, self.channels, clock, history_hours) if history else None
         self.history_hours = history_hours
         self.header_deadline_s = header_deadline_s
+        self.metrics = metrics
         self._cond = threading.Condition()
         self._snapshot: dict | None = None
         self._version = 0
@@ -391,6 +394,9 @@ class _Handler(BaseHTTPRequestHandler):
                 self._events(head)
             elif path == "/api/history":
                 self._history(parse_qs(parts.query, keep_blank_values=True), head)
+            elif path == "/metrics" and page.metrics is not None:
+                body, content_type = page.metrics()
+                self._send(200, body, content_type, head=head, cache="no-store")
             else:
                 self._send(404, b"Not found.\n", "text/plain; charset=utf-8", head=head)
         except (ConnectionError, TimeoutError):

@@ -1,19 +1,21 @@
 #!/usr/bin/env bash
 # Install the real parts the tests use, from Debian's packages:
 #   influxdb 1.6.7 (influxd) and victoria-metrics 1.79.5 (tests and bench.py start private instances),
-#   chromium (the live page's browser test) and systemd's tools (systemd-analyze for the unit tests).
+#   chromium (the live page's browser test), systemd's tools (systemd-analyze for the unit tests),
+#   mosquitto (the MQTT broker) and prometheus (scrapes /metrics); openssl makes the tests' CAs.
 # Idempotent: does nothing when all are already there. Never leaves the packages' own services
 # running. Without root it prints a note and exits 0 (those tests then skip, off CI).
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ]; }
 
-if have influxd && have victoria-metrics && have chromium && have systemd-analyze; then
+if have influxd && have victoria-metrics && have chromium && have systemd-analyze && have mosquitto \
+    && have prometheus && have openssl; then
   exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "note: influxd/victoria-metrics/chromium/systemd-analyze missing and not root; their tests will be skipped (run scripts/install-test-tools.sh as root)" >&2
+  echo "note: influxd/victoria-metrics/chromium/systemd-analyze/mosquitto/prometheus missing and not root; their tests will be skipped (run scripts/install-test-tools.sh as root)" >&2
   exit 0
 fi
 
@@ -28,13 +30,13 @@ fi
 cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-echo "installing influxdb, victoria-metrics, chromium and systemd tools (Debian packages) ..." >&2
+echo "installing influxdb, victoria-metrics, chromium, systemd tools, mosquitto and prometheus (Debian packages) ..." >&2
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  influxdb victoria-metrics chromium fonts-dejavu-core systemd >/dev/null
+  influxdb victoria-metrics chromium fonts-dejavu-core systemd mosquitto prometheus openssl >/dev/null
 
 # No systemd here; but if a postinst started a daemon anyway, stop it.
-for svc in influxdb victoria-metrics; do
+for svc in influxdb victoria-metrics mosquitto prometheus; do
   if command -v systemctl >/dev/null 2>&1 && [ -d /run/systemd/system ]; then
     systemctl disable --now "$svc" >/dev/null 2>&1 || true
   fi
@@ -43,9 +45,10 @@ for svc in influxdb victoria-metrics; do
   fi
 done
 # Any package-started daemon runs as the packages' system users; our test instances never do.
-for user in influxdb victoria-metrics; do
+for user in influxdb victoria-metrics mosquitto prometheus; do
   if id "$user" >/dev/null 2>&1; then
-    for pid in $(pgrep -u "$user" -x influxd 2>/dev/null; pgrep -u "$user" -x victoria-metric 2>/dev/null); do
+    for pid in $(pgrep -u "$user" -x influxd 2>/dev/null; pgrep -u "$user" -x victoria-metric 2>/dev/null;
+                 pgrep -u "$user" -x mosquitto 2>/dev/null; pgrep -u "$user" -x prometheus 2>/dev/null); do
       kill "$pid" 2>/dev/null || true
     done
   fi

@@ -15,7 +15,7 @@ if str(ROOT) not in sys.path:
 # whole (git, venv and installer runs, a browser, whole daemon processes under kill -9 and outages).
 SERVER_FIXTURES = {"influxdb1", "victoria", "own_influxdb1", "own_victoria", "make_proxy"}
 SLOW_FILES = {"test_end_to_end.py", "test_install.py", "test_network_lies.py", "test_page_screens.py",
-              "test_servers.py", "test_updater.py"}
+              "test_servers.py", "test_updater.py", "test_mqtt_output.py"}
 
 
 def pytest_collection_modifyitems(config, items):

@@ -31,7 +31,8 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-__all__ = ["free_port", "wait_stopped", "binaries_available", "require_binaries", "InfluxDB1", "VictoriaMetrics", "ServerError"]
+__all__ = ["free_port", "wait_stopped", "binaries_available", "require_binaries", "InfluxDB1", "VictoriaMetrics",
+           "Mosquitto", "Prometheus", "mqtt_binaries_available", "ServerError"]
 
 INFLUXD = "influxd"
 VICTORIA = "victoria-metrics"
@@ -506,3 +507,90 @@ class VictoriaMetrics(_Server):
     def delete_all(self, match: str = '{__name__=~".+"}') -> None:
         """Delete matching series (isolation between tests sharing one server); re-ingesting works after."""
         self._request("POST", "/api/v1/admin/tsdb/delete_series", params=[("match[]", match)])
+
+
+class Mosquitto(_Server):
+    """Debian's mosquitto 2.0 on 127.0.0.1:<port>, no persistence.
+
+    `users`: {name: password} (then anonymous clients are refused); `tls`: (certfile, keyfile) for a TLS
+    listener. Ready once the port accepts a TCP connection.
+    """
+
+    binary = "mosquitto"
+    name = "mosquitto"
+
+    def __init__(self, *, users: dict[str, str] | None = None, tls: tuple[str, str] | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.users = users or {}
+        self.tls = tls
+
+    def _command(self, exe: str) -> list[str]:
+        lines = [f"listener {self.port} 127.0.0.1", "persistence false", "user root", "log_dest stdout",
+                 "log_type error", "log_type warning", "log_type notice", "log_type information"]
+        if self.users:
+            pw = self.workdir / "passwd"
+            pw.write_text("")
+            for user, password in self.users.items():
+                subprocess.run([_which("mosquitto_passwd") or "mosquitto_passwd", "-b", str(pw), user, password],
+                               check=True, capture_output=True, timeout=30)
+            lines += ["allow_anonymous false", f"password_file {pw}"]
+        else:
+            lines.append("allow_anonymous true")
+        if self.tls:
+            lines += [f"certfile {self.tls[0]}", f"keyfile {self.tls[1]}"]
+        conf = self.workdir / "mosquitto.conf"
+        conf.write_text("\n".join(lines) + "\n")
+        return [exe, "-c", str(conf)]
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + self.startup_timeout
+        while True:
+            if self.proc.poll() is not None:
+                raise ServerError(f"mosquitto exited with code {self.proc.returncode} during start-up; "
+                                  f"log {self.log_path}:\n{self.log_tail()}")
+            try:
+                socket.create_connection(("127.0.0.1", self.port), timeout=1).close()
+                return
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                raise ServerError(f"mosquitto not ready on port {self.port}; log:\n{self.log_tail()}")
+            time.sleep(0.05)
+
+
+class Prometheus(_Server):
+    """Debian's prometheus 2.42 on 127.0.0.1:<port> with its TSDB in the temp dir, scraping `targets`
+    (host:port, path /metrics) every `scrape_interval_s`."""
+
+    binary = "prometheus"
+    name = "prometheus"
+    ready_path = "/-/ready"
+
+    def __init__(self, targets: list[str], *, scrape_interval_s: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.targets = targets
+        self.scrape_interval_s = scrape_interval_s
+
+    def _command(self, exe: str) -> list[str]:
+        conf = self.workdir / "prometheus.yml"
+        conf.write_text(json.dumps({  # JSON is YAML
+            "global": {"scrape_interval": f"{self.scrape_interval_s:g}s", "scrape_timeout": "1s"},
+            "scrape_configs": [{"job_name": "solarpowerbrampton", "metrics_path": "/metrics",
+                                "static_configs": [{"targets": self.targets}]}]}))
+        return [exe, f"--config.file={conf}", f"--storage.tsdb.path={self.workdir / 'tsdb'}",
+                f"--web.listen-address=127.0.0.1:{self.port}"]
+
+    def query(self, promql: str) -> list[dict[str, Any]]:
+        """GET /api/v1/query: the instant vector's results ([{metric: {...}, value: [t, "v"]}, ...])."""
+        status, body = _http("GET", f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": promql}))
+        if status != 200:
+            raise ServerError(f"prometheus query {promql!r}: HTTP {status}: {body[:300]!r}")
+        return json.loads(body)["data"]["result"]
+
+
+def mqtt_binaries_available() -> str | None:
+    """None when mosquitto, mosquitto_passwd, prometheus and openssl exist, else a reason to skip."""
+    missing = [b for b in ("mosquitto", "mosquitto_passwd", "prometheus", "openssl") if _which(b) is None]
+    return (f"{', '.join(missing)} not installed (run scripts/install-test-tools.sh as root: Debian packages "
+            "mosquitto, prometheus, openssl)") if missing else None

@@ -264,3 +264,22 @@ def test_config_example_shows_only_declared_keys_with_their_declared_defaults():
         if isinstance(default, config.ConstantTruth):
             default = {"bus_voltage_v": default.bus_voltage_v, "current_ma": default.current_ma}
         assert value == default, f"config.example.toml: {name} = {item.group(2)}, declared default {default!r}"
+
+
+@pytest.mark.parametrize("mqtt, key, words", [
+    ({"enabled": True}, "mqtt.host", "required when [mqtt] enabled = true"),
+    ({"topic_prefix": "solar/#"}, "mqtt.topic_prefix", "wildcards"),
+    ({"discovery_prefix": "homeassistant/"}, "mqtt.discovery_prefix", "cannot start or end with /"),
+    ({"qos": 3}, "mqtt.qos", "2"),
+    ({"port": 70000}, "mqtt.port", "65535"),
+])
+def test_bad_mqtt_keys_name_their_key(mqtt, key, words):
+    with pytest.raises(ConfigError) as err:
+        parse_config({"mqtt": mqtt})
+    assert any(f"'{key}'" in p and words in p for p in err.value.problems), err.value.problems
+
+
+def test_mqtt_port_follows_tls_unless_set():
+    assert parse_config({"mqtt": {"enabled": True, "host": "b"}}).mqtt.effective_port == 1883
+    assert parse_config({"mqtt": {"enabled": True, "host": "b", "tls": True}}).mqtt.effective_port == 8883
+    assert parse_config({"mqtt": {"enabled": True, "host": "b", "tls": True, "port": 8884}}).mqtt.effective_port == 8884

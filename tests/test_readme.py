@@ -36,7 +36,7 @@ def test_the_config_reference_lists_every_key():
                       ("led", config.LedConfig), ("store", config.StoreConfig),
                       ("simulation", config.SimulationConfig), ("influx", config.InfluxConfig),
                       ("log", config.LogConfig), ("update", config.UpdateConfig), ("clock", config.ClockConfig),
-                      ("web", config.WebConfig)):
+                      ("web", config.WebConfig), ("mqtt", config.MqttConfig)):
         for f in dataclasses.fields(cls):
             assert re.search(rf"`\[{name}\][^|]*\b{f.name}\b", table), f"[{name}] {f.name} is not documented"
     for f in dataclasses.fields(config.ChannelConfig):

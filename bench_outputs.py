@@ -1,0 +1,151 @@
+"""Benchmark of the outputs beside InfluxDB (issue 15): the CPU MQTT adds per cycle, and one /metrics scrape.
+
+    python bench_outputs.py [--cycles N]     # prints the figures as JSON (bench.py includes them)
+
+The loop runs in this process on the simulated model and a fake clock, with a real mosquitto (Debian's,
+started like the tests start it) on loopback: process CPU per cycle (the measuring thread, the publisher
+thread and paho's network thread, all in process_time) without and with [mqtt]; what MQTT costs, counted
+directly (its listener's thread time plus the CPU of its two threads from /proc); and the CPU of rendering
+/metrics (prometheus_client) for the same daemon.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+sys.path.insert(0, str(ROOT))
+
+TARGETS = {"mqtt_cpu_ms_per_cycle": ("<=", 1.0)}
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+    def wait(self, seconds: float) -> bool:
+        self.sleep(seconds)
+        return False
+
+    def wall_ms(self) -> int:
+        return 1_780_000_000_000 + round(self.now * 1000)
+
+
+def _per_cycle(tmp: Path, cycles: int, broker_port: int | None, qos: int = 1) -> tuple[float, float | None, float | None]:
+    """(median process CPU ms per cycle, median CPU ms per /metrics render, MQTT's CPU ms per cycle counted
+    directly: its listener in the measuring thread plus the publisher and paho threads; None without MQTT)."""
+    import config as config_mod
+    from daemon import Daemon
+    from metrics import DaemonMetrics
+    from mqtt_output import MqttOutput
+    from outbox import Outbox
+    from rpi_errors import ErrorHandler
+    from simulator import build_simulated_bus
+    from tools import SystemMonitor, read_data
+
+    doc = {"simulation": {"enabled": True, "speed": 60}, "led": {"enabled": False},
+           "store": {"dir": str(tmp / f"outputs-{broker_port is not None}-{qos}")}}
+    if broker_port is not None:
+        doc["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker_port, "qos": qos}
+    cfg = config_mod.parse_config(doc, "bench")
+    clock = _Clock()
+    outbox = Outbox(cfg.store.dir, wall_ms=clock.wall_ms)
+    reader = read_data(build_simulated_bus(cfg, clock), cfg.channels, cfg.sampling, clock=clock,
+                       sleep=clock.sleep, wall_ms=clock.wall_ms)
+    handler = ErrorHandler(None, clock=clock)
+    listeners, mqtt, metrics = [], None, None
+    if broker_port is not None:
+        mqtt = MqttOutput(cfg, handler, meaning=lambda: "all well", environ={})
+        metrics = DaemonMetrics(cfg, top_tier=lambda: handler.top_tier)
+        listeners += [mqtt.after_cycle, metrics.after_cycle]
+        mqtt.start()
+        deadline = time.monotonic() + 30
+        while not mqtt.connected:
+            if time.monotonic() > deadline:
+                raise RuntimeError(f"no MQTT connection: {mqtt.problem}")
+            time.sleep(0.01)
+    listener_s = [0.0]
+    if mqtt is not None:
+        def timed(report, listen=mqtt.after_cycle):
+            t0 = time.thread_time()
+            listen(report)
+            listener_s[0] += time.thread_time() - t0
+
+        listeners[0] = timed
+    daemon = Daemon(cfg, reader, outbox, handler, monitor=SystemMonitor(str(tmp)), clock=clock, wait=clock.wait,
+                    listeners=listeners)
+    for _ in range(3):
+        daemon.run_cycle()
+    process_ms = []
+    threads = [mqtt._thread.native_id, mqtt._client._thread.native_id] if mqtt is not None else []
+    listener_s[0] = 0.0
+    threads_ns = [_thread_cpu_ns(t) for t in threads]
+    for _ in range(cycles):
+        p0 = time.process_time()
+        daemon.run_cycle()
+        time.sleep(0.003)  # let the publisher and paho's thread send (their CPU counts in process_time)
+        process_ms.append((time.process_time() - p0) * 1000)
+    render_ms = direct_ms = None
+    if mqtt is not None:
+        direct_ms = (listener_s[0] * 1e3 + sum(_thread_cpu_ns(t) - n for t, n in zip(threads, threads_ns)) / 1e6) / cycles
+    if metrics is not None:
+        samples = []
+        for _ in range(50):
+            p0 = time.process_time()
+            metrics.render()
+            samples.append((time.process_time() - p0) * 1000)
+        render_ms = statistics.median(samples)
+        published = mqtt.states_published
+        mqtt.stop()
+        if published < cycles:
+            raise RuntimeError(f"only {published} of {cycles + 3} cycles published")
+    outbox.close()
+    return statistics.median(process_ms), render_ms, direct_ms
+
+
+def _thread_cpu_ns(tid: int) -> int:
+    """CPU time of one thread of this process so far (Linux: /proc/self/task/TID/schedstat, ns)."""
+    with open(f"/proc/self/task/{tid}/schedstat") as f:
+        return int(f.read().split()[0])
+
+
+def output_figures(cycles: int, tmp: Path) -> dict:
+    """The figures, with a private mosquitto on loopback."""
+    sys.path.insert(0, str(ROOT / "tests"))
+    from servers import Mosquitto
+
+    with Mosquitto() as broker:
+        without, _, _ = _per_cycle(tmp, cycles, None)
+        with_mqtt, render_ms, direct_ms = _per_cycle(tmp, cycles, broker.port)
+        _, _, qos0_ms = _per_cycle(tmp, cycles, broker.port, qos=0)
+    # The difference of two medians is noisy on a shared machine: the headline is the direct count.
+    return {"cycle_process_cpu_ms_without_mqtt": without, "cycle_process_cpu_ms_with_mqtt": with_mqtt,
+            "mqtt_cpu_ms_per_cycle": direct_ms, "mqtt_qos0_cpu_ms_per_cycle": qos0_ms,
+            "metrics_cpu_ms_per_scrape": render_ms}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cycles", type=int, default=500)
+    args = parser.parse_args(argv)
+    import logging
+
+    logging.basicConfig(level=logging.ERROR)
+    with tempfile.TemporaryDirectory() as tmp:
+        print(json.dumps(output_figures(args.cycles, Path(tmp)), indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

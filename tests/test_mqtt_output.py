@@ -1,0 +1,374 @@
+"""MQTT and Home Assistant discovery against Debian's real mosquitto on loopback: what Home Assistant needs in
+every discovery message, state values equal to the store's, the last will on kill -9, discovery back after a
+broker restart and a Home Assistant birth message, a refused login and a TLS broker with a self-signed CA."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+import lp
+from config import parse_config
+from mqtt_output import CHANNEL_SENSORS, LOGGER_SENSORS, MqttOutput
+from outbox import Outbox
+from rpi_errors import ErrorHandler, Tier
+from servers import Mosquitto, mqtt_binaries_available
+
+ROOT = Path(__file__).resolve().parent.parent
+PASSWORD = "mqtt-Secret-pw"
+SITE = "mqtt-test"
+PREFIX = f"solarpowerbrampton/{SITE}"
+HA_SENSOR_KEYS = {"name", "state_topic", "unique_id", "value_template", "availability_topic", "device"}
+# Full key names only (Home Assistant also takes abbreviations such as stat_t, uniq_id, dev_cla: not used).
+HA_FULL_KEYS = HA_SENSOR_KEYS | {"object_id", "payload_available", "payload_not_available", "device_class",
+                                 "unit_of_measurement", "state_class"}
+HA_DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model"}
+# Home Assistant's sensor device classes used here, and the units it accepts for each.
+HA_UNITS = {"voltage": {"V", "mV"}, "current": {"A", "mA"}, "power": {"W", "kW"}, "energy": {"Wh", "kWh", "MWh"},
+            "temperature": {"°C", "°F"}, "data_size": {"MB", "kB", "GB"}, "duration": {"s", "min", "h", "d"}}
+DEADLINE_S = 60.0
+
+
+@pytest.fixture(autouse=True)
+def _need_mosquitto():
+    reason = mqtt_binaries_available()
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def broker():
+    if mqtt_binaries_available():
+        pytest.skip(mqtt_binaries_available())
+    with Mosquitto() as server:
+        yield server
+
+
+class Subscriber:
+    """A test client on the broker: every message kept as (topic, payload, retain), waits with a deadline."""
+
+    def __init__(self, port: int, topics=("#",), **tls) -> None:
+        import paho.mqtt.client as paho
+
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self.cond = threading.Condition()
+        self.client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        self.client.on_message = self._on_message
+        self.client.on_connect = lambda c, *_: [c.subscribe(t, qos=1) for t in topics]
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+
+    def _on_message(self, client, userdata, message) -> None:
+        with self.cond:
+            self.messages.append((message.topic, message.payload, bool(message.retain)))
+            self.cond.notify_all()
+
+    def wait_for(self, what, predicate, timeout=DEADLINE_S):
+        deadline = time.monotonic() + timeout
+        with self.cond:
+            while not predicate(self.messages):
+                left = deadline - time.monotonic()
+                assert left > 0, f"no {what} within {timeout} s; got {[m[0] for m in self.messages][-20:]}"
+                self.cond.wait(min(left, 0.5))
+            return list(self.messages)
+
+    def latest(self) -> dict[str, tuple[bytes, bool]]:
+        with self.cond:
+            return {topic: (payload, retain) for topic, payload, retain in self.messages}
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def configs(messages) -> dict[str, dict]:
+    return {t: json.loads(p) for t, p, _ in messages if t.startswith("homeassistant/sensor/") and p}
+
+
+def expected_config_count(config) -> int:
+    return len(config.channels) * len(CHANNEL_SENSORS) + len(LOGGER_SENSORS) + 1  # + the LED's text sensor
+
+
+def write_config(tmp_path, port, *, extra="", interval_s=0.3, influx=""):
+    path = tmp_path / "config.toml"
+    path.write_text(f"""
+[site]
+name = "{SITE}"
+[sampling]
+interval_s = {interval_s}
+window_s = 0.05
+[store]
+dir = "{tmp_path / 'store'}"
+[simulation]
+enabled = true
+speed = 600
+start = 2026-06-21T11:00:00  # pinned: the same sun whatever the hour CI runs
+[led]
+enabled = false
+[mqtt]
+enabled = true
+host = "127.0.0.1"
+port = {port}
+{extra}
+{influx}
+""")
+    path.chmod(0o600)
+    return path
+
+
+def start_daemon(config_path, env=None):
+    return subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(config_path)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, **(env or {})})
+
+
+def stop(proc) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    return err
+
+
+def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(broker, tmp_path):
+    cfg_path = write_config(tmp_path, broker.port)
+    config = parse_config(__import__("tomllib").loads(cfg_path.read_text()))
+    sub = Subscriber(broker.port, ("homeassistant/#", f"{PREFIX}/#"))
+    proc = start_daemon(cfg_path)
+    try:
+        n = expected_config_count(config)
+        logger_topic = f"{PREFIX}/logger/state"
+        sub.wait_for("discovery and 3 cycles", lambda ms: len(configs(ms)) >= n
+                     and sum(t == logger_topic for t, _, _ in ms) >= 3)
+    finally:
+        err = stop(proc)
+        sub.close()
+    assert proc.returncode == 0, err
+    found = configs(sub.messages)
+    assert len(found) == n
+    unique_ids = set()
+    for topic, config_msg in found.items():
+        _, component, node, obj, last = topic.split("/")
+        assert (component, last) == ("sensor", "config")
+        assert HA_SENSOR_KEYS <= set(config_msg), topic
+        assert set(config_msg) <= HA_FULL_KEYS, f"{topic}: keys beyond the full names: {set(config_msg) - HA_FULL_KEYS}"
+        assert HA_DEVICE_KEYS <= set(config_msg["device"]), topic
+        unique_ids.add(config_msg["unique_id"])
+        if "device_class" in config_msg:
+            assert config_msg["unit_of_measurement"] in HA_UNITS[config_msg["device_class"]], topic
+        if config_msg["state_topic"] != logger_topic or "led" not in config_msg["value_template"]:
+            assert config_msg["state_class"] in ("measurement", "total_increasing"), topic
+        if config_msg.get("device_class") == "energy":  # what the Energy dashboard accepts
+            assert (config_msg["state_class"], config_msg["unit_of_measurement"]) == ("total_increasing", "Wh")
+    assert len(unique_ids) == n
+    devices = {c["device"]["name"] for c in found.values()}
+    assert devices == {f"{SITE} {c.unit_name}" for c in config.channels} | {f"{SITE} logger"}
+    led = [c for c in found.values() if c["value_template"] == "{{ value_json.led }}"]
+    assert len(led) == 1 and "unit_of_measurement" not in led[0] and "device_class" not in led[0]
+
+    box = Outbox(tmp_path / "store", check_integrity=False)
+    try:
+        stored = lp.samples(line for _, line, _ in box.export())
+    finally:
+        box.close()
+    compared = 0
+    for topic, payload, _ in sub.messages:
+        if not topic.endswith("/state") or topic == logger_topic:
+            continue
+        state = json.loads(payload)
+        for channel in config.channels:
+            if f"{channel.name}_power_w" not in state:
+                continue
+            tags = (("channel", channel.name), ("site", SITE), ("unit", channel.unit_name))
+            for field in CHANNEL_SENSORS:
+                assert state[f"{channel.name}_{field}"] == pytest.approx(
+                    stored[(f"electricity_{field}", tags, state["time_ms"])], rel=1e-12), (topic, field)
+                compared += 1
+    assert compared >= 3 * len(config.channels) * len(CHANNEL_SENSORS)
+    # Discovery is retained: a Home Assistant subscribing later (here: after the daemon stopped) gets it all.
+    late = Subscriber(broker.port, ("homeassistant/#",))
+    try:
+        got = late.wait_for("retained discovery", lambda ms: len(configs(ms)) >= n)
+    finally:
+        late.close()
+    assert configs(got) == found and all(r for t, _, r in got if t in found)
+
+
+def test_kill_9_makes_the_broker_publish_offline(broker, tmp_path):
+    sub = Subscriber(broker.port, (f"{PREFIX}/availability",))
+    cfg_path = write_config(tmp_path, broker.port)
+    proc = start_daemon(cfg_path)
+    try:
+        sub.wait_for("online", lambda ms: ms and ms[-1][1] == b"online")
+        deadline = time.monotonic() + DEADLINE_S
+        while True:  # `status` says so (stored by the loop at the first cycle after the connection)
+            status = subprocess.run([sys.executable, str(ROOT / "main.py"), "status", "--json", "--config",
+                                     str(cfg_path)], capture_output=True, text=True, timeout=60)
+            if json.loads(status.stdout or "{}").get("mqtt") == f"connected to 127.0.0.1:{broker.port}":
+                break
+            assert time.monotonic() < deadline, status.stdout + status.stderr
+            time.sleep(0.1)
+        proc.kill()
+        proc.wait(30)
+        sub.wait_for("offline (the last will)", lambda ms: ms[-1][1] == b"offline")
+    finally:
+        stop(proc)
+        sub.close()
+    # Retained: a Home Assistant starting later sees the logger as unavailable at once.
+    late = Subscriber(broker.port, (f"{PREFIX}/availability",))
+    try:
+        late.wait_for("the retained offline", lambda ms: ms and ms[-1][1:] == (b"offline", True))
+    finally:
+        late.close()
+
+
+def test_broker_restart_and_home_assistant_birth_bring_discovery_back(tmp_path):
+    with Mosquitto() as own:  # no persistence: a restart forgets every retained message
+        cfg_path = write_config(tmp_path, own.port)
+        n = expected_config_count(parse_config(__import__("tomllib").loads(cfg_path.read_text())))
+        proc = start_daemon(cfg_path)
+        try:
+            sub = Subscriber(own.port, ("homeassistant/#",))
+            sub.wait_for("discovery", lambda ms: len(configs(ms)) >= n)
+            sub.close()
+            own.restart()
+            sub = Subscriber(own.port, ("homeassistant/#",))
+            sub.wait_for("discovery after the broker restart", lambda ms: len(configs(ms)) >= n)
+            # Home Assistant's birth message: everything again (a config removed meanwhile comes back).
+            victim = sorted(configs(sub.messages))[0]
+            sub.client.publish(victim, b"", qos=1, retain=True).wait_for_publish(10)
+            removed = len(sub.wait_for("the removal", lambda ms: ms[-1][0] == victim and ms[-1][1] == b""))
+            sub.client.publish("homeassistant/status", b"online", qos=1).wait_for_publish(10)
+            sub.wait_for("discovery after the birth message",
+                         lambda ms: any(t == victim and p for t, p, _ in ms[removed:]))
+            sub.close()
+        finally:
+            err = stop(proc)
+        assert proc.returncode == 0, err
+
+
+def _output(text: str, handler, environ=None) -> MqttOutput:
+    config = parse_config(__import__("tomllib").loads(text))
+    return MqttOutput(config, handler, only_output=config.influx.kind == "none", environ=environ or {})
+
+
+def _wait(predicate, what, timeout=DEADLINE_S):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"no {what} within {timeout} s"
+        time.sleep(0.02)
+
+
+def test_a_wrong_password_is_reported_naming_the_broker_never_the_password(tmp_path, caplog):
+    with Mosquitto(users={"logger": PASSWORD}) as secured:
+        pw = tmp_path / "pw"
+        pw.write_text("not-the-" + PASSWORD)
+        pw.chmod(0o600)
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {secured.port}\nusername = "logger"\n'
+                      f'password_file = "{pw}"\n[influx]\nkind = "local"\nurl = "http://127.0.0.1:9"\n'
+                      'api = "v1"\ndatabase = "x"', handler)
+        out.start()
+        try:
+            _wait(lambda: out.problem, "reported problem")
+            assert f"127.0.0.1:{secured.port}" in out.problem and "refused the login" in out.problem
+            # InfluxDB stays the data of record: a Short error on the LED.
+            assert handler.active["mqtt"].tier == Tier.SHORT
+        finally:
+            out.stop()
+        # The right password (from $MQTT_PASSWORD) connects; with kind = "none" a fault would be Connection.
+        handler = ErrorHandler(None)
+        good = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {secured.port}\nusername = "logger"',
+                       handler, environ={"MQTT_PASSWORD": PASSWORD})
+        good.start()
+        try:
+            _wait(lambda: good.connected, "connection with the right password")
+            assert "mqtt" not in handler.active and good.status.startswith("connected to")
+        finally:
+            good.stop()
+    assert PASSWORD not in caplog.text and "not-the-" not in caplog.text
+
+
+def test_a_password_file_others_can_read_is_refused_at_start(tmp_path):
+    pw = tmp_path / "pw"
+    pw.write_text(PASSWORD)
+    pw.chmod(0o644)
+    cfg = write_config(tmp_path, 1883, extra=f'username = "logger"\npassword_file = "{pw}"')
+    result = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg), "--cycles", "1"],
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 78
+    assert "mqtt.password_file" in result.stderr and "readable by others" in result.stderr
+    assert PASSWORD not in result.stderr
+
+
+def test_an_unreachable_broker_is_connection_when_mqtt_is_the_only_output():
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {port}', handler)
+        out.start()
+        try:
+            _wait(lambda: out.problem, "reported problem")
+            assert out.problem == (f"MQTT broker 127.0.0.1:{port} unreachable: connection refused "
+                                   "(is the broker running on that port?)")
+            assert handler.active["mqtt"].tier == Tier.CONNECTION  # kind = "none": MQTT is the only output
+        finally:
+            out.stop()
+
+
+def test_tls_with_a_self_signed_ca(tmp_path):
+    from tls import make_pki, openssl_available
+
+    assert openssl_available() is None
+    pki = make_pki(tmp_path / "pki")
+    with Mosquitto(tls=(str(pki.good.cert_file), str(pki.good.key_file))) as tls_broker:
+        base = f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {tls_broker.port}\ntls = true\n'
+        handler = ErrorHandler(None)
+        untrusting = _output(base, handler)
+        untrusting.start()
+        try:
+            _wait(lambda: untrusting.problem, "TLS failure")
+            assert untrusting.problem.startswith(f"MQTT broker 127.0.0.1:{tls_broker.port}: TLS failure: "
+                                                 "the broker's certificate is not trusted")
+        finally:
+            untrusting.stop()
+        trusting = _output(base + f'ca_file = "{pki.ca_file}"', ErrorHandler(None))
+        trusting.start()
+        try:
+            _wait(lambda: trusting.connected and trusting.discovery_sent, "TLS connection with ca_file")
+            assert trusting.problem is None
+        finally:
+            trusting.stop()
+
+
+def test_a_stalled_broker_never_delays_a_cycle(tmp_path):
+    with Mosquitto() as stalled:
+        stalled.pause()  # SIGSTOP: the kernel still accepts the TCP connection, nothing ever answers
+        try:
+            cfg = write_config(tmp_path, stalled.port, interval_s=0.2)
+            result = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg),
+                                     "--cycles", "10"], capture_output=True, text=True, timeout=120)
+        finally:
+            stalled.resume()
+    assert result.returncode == 0, result.stderr
+    box = Outbox(tmp_path / "store", check_integrity=False)
+    try:
+        times = {t for t, _, _ in box.export()}
+    finally:
+        box.close()
+    assert len(times) == 10  # every cycle measured and stored; none waited for the broker
+    assert "stopped after 10 cycles" in result.stderr
