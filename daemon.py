@@ -65,7 +65,7 @@ def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
         tags = {**channel.tags, "site": site, "channel": channel.name, "unit": channel.unit_name}
         points.append(Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), cycle.time_ms))
     if system is not None:
-        values = dataclasses.asdict(system)
+        values = dict(vars(system))  # a flat dataclass: asdict's deep copy would cost more than the rest
         values["channels_ok"] = sum(1 for r in cycle.channels if r.ok)
         values["channels_failed"] = len(cycle.channels) - values["channels_ok"]
         if stats is not None:

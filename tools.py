@@ -19,6 +19,7 @@ but its per-register property layers are not paid 80 times a cycle.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -384,6 +385,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         )
 
 
+@functools.lru_cache(maxsize=256)
 def resolved_digits(step: float, samples: int) -> int:
     """Decimal places that carry information for a value quantised in `step` units, averaged over `samples`.
 
