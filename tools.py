@@ -235,8 +235,15 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             delay = start_s + (k + 0.5) * step_s - self._clock()
             if delay > 0:
                 self._sleep(delay)
-            for sensor in self._sensors:
-                self._sample(sensor)
+            # One sample pass holds the bus once (busio's try_lock/unlock) for every channel's reads.
+            bus = self.bus
+            while not bus.try_lock():
+                self._sleep(0)
+            try:
+                for sensor in self._sensors:
+                    self._sample(sensor)
+            finally:
+                bus.unlock()
         mid_s = start_s + self.sampling.window_s / 2
         readings = tuple(self._average(sensor, mid_s) for sensor in self._sensors)
         return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings, self._check_bus(readings))
@@ -308,17 +315,17 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             sensor.failed += 1
             return
         buf = sensor.buffer
+        device = sensor.driver.i2c_device  # the caller (measure) holds the bus for the whole pass
         try:
-            with sensor.driver.i2c_device as device:
-                # Bus register first: its CNVR bit says a conversion has finished since the last
-                # reset or config write, so the shunt register read after it holds a real result.
-                buf[0] = _REG_BUS
-                device.write_then_readinto(buf, buf, out_end=1, in_start=1)
-                raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
-                converted = buf[2] & _CNVR
-                buf[0] = _REG_SHUNT
-                device.write_then_readinto(buf, buf, out_end=1, in_start=1)
-                raw_shunt = (buf[1] << 8) | buf[2]
+            # Bus register first: its CNVR bit says a conversion has finished since the last
+            # reset or config write, so the shunt register read after it holds a real result.
+            buf[0] = _REG_BUS
+            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
+            raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
+            converted = buf[2] & _CNVR
+            buf[0] = _REG_SHUNT
+            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
+            raw_shunt = (buf[1] << 8) | buf[2]
         except OSError as exc:
             sensor.failed += 1
             sensor.last_error = _describe(exc)
