@@ -19,7 +19,7 @@ from clock import NOT_SYNCED, iso_ms
 from config import Config
 from outbox import Outbox, StoreError
 from rpi_errors import CriticalError, ErrorHandler, ShortError, SilentError
-from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, typed_fields
+from schema import ELECTRICITY, ELECTRICITY_FIELDS, SYSTEM, Point, line_prefix, typed_fields
 
 log = logging.getLogger(__name__)
 
@@ -69,7 +69,7 @@ def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
         tags = {**channel.tags, "site": site, "channel": channel.name, "unit": channel.unit_name}
         points.append(Point(ELECTRICITY, tags, typed_fields(ELECTRICITY, values), cycle.time_ms))
     if system is not None:
-        values = dataclasses.asdict(system)
+        values = dict(vars(system))  # a flat dataclass: asdict's deep copy would cost more than the rest
         values["channels_ok"] = sum(1 for r in cycle.channels if r.ok)
         values["channels_failed"] = len(cycle.channels) - values["channels_ok"]
         if stats is not None:
@@ -128,7 +128,16 @@ class Daemon:
         self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
         self._failed_attempts = 0  # consecutive cycles whose store attempt failed
         self.queue_depth = 0  # unsent points after the last cycle (approximate: the sender drains meanwhile)
+        self._prefixes: dict[tuple[str, str | None], str] = {}  # (measurement, channel) -> line_prefix()
         self._unstored: deque[tuple[list[tuple[int, str]], dict]] = deque()
+
+    def _prefix(self, point: Point) -> str:
+        """The point's escaped measurement and tags, kept per channel (the config, so the tags, are fixed)."""
+        key = (point.measurement, point.tags.get("channel"))
+        prefix = self._prefixes.get(key)
+        if prefix is None:
+            prefix = self._prefixes[key] = line_prefix(point.measurement, point.tags)
+        return prefix
 
     @property
     def held_cycles(self) -> int:
@@ -153,7 +162,7 @@ class Daemon:
             stats = self.outbox.queue_stats()
         except StoreError:
             stats = None  # _store below reports the store's trouble; the cycle is kept in memory
-        lines = [(p.time_ms, p.to_line()) for p in cycle_points(self.config, cycle, system, stats)]
+        lines = [(p.time_ms, p.to_line(self._prefix(p))) for p in cycle_points(self.config, cycle, system, stats)]
         self.last_store_ok = self._store(lines, when)
         if self.last_store_ok:
             self._release_held(clock_state)

@@ -90,6 +90,7 @@ class EmulatedINA219:
     def _start_conversions(self) -> None:
         self._conversion_start_s = self._clock()
         self._conversions_done = 0  # since _conversion_start_s
+        self._conversion_time_s = self._conversion_s()  # the config only changes through a write, which comes here
 
     @property
     def config(self) -> int:
@@ -127,7 +128,7 @@ class EmulatedINA219:
     def read(self, n: int) -> bytes:
         """I2C read of n bytes from the pointer register (the chip repeats its 2 bytes)."""
         raw = self._register(self._pointer).to_bytes(2, "big")
-        return bytes(raw[i % 2] for i in range(n))
+        return raw if n == 2 else bytes(raw[i % 2] for i in range(n))
 
     def _register(self, pointer: int) -> int:
         if pointer == REG_CONFIG:
@@ -138,9 +139,9 @@ class EmulatedINA219:
             return 0
         self._update()
         shunt, bus = self._shunt_code, self._bus_code
-        current, power, overflow = self._math(shunt, bus)
         if pointer == REG_SHUNT:
-            return shunt & 0xFFFF
+            return shunt & 0xFFFF  # the shunt register needs none of the calibrated math
+        current, power, overflow = self._math(shunt, bus)
         if pointer == REG_BUS:
             return (bus << 3) | (int(self._ready) << 1) | int(overflow or self.force_overflow)
         if pointer == REG_POWER:
@@ -162,7 +163,7 @@ class EmulatedINA219:
         mode = self._config & 7
         if not mode & 3:
             return  # power-down or ADC off: nothing converts, the registers hold
-        finished = int((self._clock() - self._conversion_start_s) / self._conversion_s())
+        finished = int((self._clock() - self._conversion_start_s) / self._conversion_time_s)
         if mode < 4:
             finished = min(finished, 1)  # triggered: one conversion per config write
         if finished <= self._conversions_done:
@@ -296,6 +297,14 @@ class SimulatedBus:
         # Copy first: adafruit_register passes one bytearray as both buffers.
         data = bytes(buffer_out[out_start:out_end])
         in_end = len(buffer_in) if in_end is None else in_end
+        with self._guard:
+            device = self._devices.get(address)
+            if device is not None and not self._faults:
+                # The common case, without the fault bookkeeping (the same steps as _transaction's).
+                self.transactions += 1
+                device.write(data)
+                buffer_in[in_start:in_end] = device.read(in_end - in_start)
+                return
 
         def action(device: EmulatedINA219) -> None:
             device.write(data)

@@ -352,12 +352,14 @@ class Outbox:
 
     # -- delivering ------------------------------------------------------
     @_store_errors
-    def pending(self, max_lines: int, max_bytes: int) -> list[Pending]:
-        """The oldest unsent lines, at most `max_lines` and about `max_bytes` of text."""
+    def pending(self, max_lines: int, max_bytes: int, after_id: int = 0) -> list[Pending]:
+        """The oldest unsent lines (with an id above `after_id`: the batch after one not yet marked),
+        at most `max_lines` and about `max_bytes` of text."""
         self._follow_replacement()
         rows = self._db.execute(
-            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT ?",
-            (max_lines,),
+            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL AND held = 0 AND id > ? "
+            "ORDER BY id LIMIT ?",
+            (after_id, max_lines),
         ).fetchall()
         batch: list[Pending] = []
         size = 0
@@ -372,9 +374,16 @@ class Outbox:
     def mark_sent(self, ids: Iterable[int]) -> None:
         """Record that the server acknowledged these lines."""
         now = self._wall_ms()
+        ids = sorted(ids)
         with self._transaction() as db:
-            marked = db.executemany("UPDATE points SET sent_ms = ? WHERE id = ? AND sent_ms IS NULL",
-                                    ((now, i) for i in ids)).rowcount
+            if ids and ids[-1] - ids[0] + 1 == len(ids) == len(set(ids)):
+                # One unbroken run of ids (a drained batch): one statement marks it, and no row outside
+                # the batch can be in the range.
+                marked = db.execute("UPDATE points SET sent_ms = ? WHERE id BETWEEN ? AND ? AND sent_ms IS NULL",
+                                    (now, ids[0], ids[-1])).rowcount
+            else:
+                marked = db.executemany("UPDATE points SET sent_ms = ? WHERE id = ? AND sent_ms IS NULL",
+                                        ((now, i) for i in ids)).rowcount
             _add_counter(db, "unsent_count", -marked)
 
     @_store_errors

@@ -8,6 +8,7 @@ quotes or backslashes survive the trip.
 """
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Container, Mapping
 from dataclasses import dataclass
@@ -68,19 +69,27 @@ class Point:
     fields: Mapping[str, float | int | bool | str | None]
     time_ms: int
 
-    def to_line(self) -> str:
+    def to_line(self, prefix: str | None = None) -> str:
         """Encode as line protocol (ms precision).
 
-        Fields that are None, NaN or infinite are left out (InfluxDB cannot
-        store them). Raises ValueError if no field is left.
+        `prefix`: this point's `line_prefix(measurement, tags)`, when the caller keeps it (a channel's
+        tags do not change, so they need escaping once, not on every line). Fields that are None, NaN or
+        infinite are left out (InfluxDB cannot store them). Raises ValueError if no field is left.
         """
         fields = ",".join(
             f"{_key(k)}={_value(v)}" for k, v in self.fields.items() if _storable(v)
         )
         if not fields:
             raise ValueError(f"point {self.measurement!r} has no storable field")
-        tags = "".join(f",{_key(k)}={_key(v)}" for k, v in sorted(self.tags.items()) if v != "")
-        return f"{self.measurement.translate(_MEASUREMENT_ESCAPES)}{tags} {fields} {self.time_ms}"
+        if prefix is None:
+            prefix = line_prefix(self.measurement, self.tags)
+        return f"{prefix} {fields} {self.time_ms}"
+
+
+def line_prefix(measurement: str, tags: Mapping[str, str]) -> str:
+    """The escaped measurement and sorted tags that start a line (empty tag values left out)."""
+    tag_text = "".join(f",{_key(k)}={_key(v)}" for k, v in sorted(tags.items()) if v != "")
+    return f"{measurement.translate(_MEASUREMENT_ESCAPES)}{tag_text}"
 
 
 def typed_fields(measurement: str, values: Mapping[str, float | int | None]) -> dict[str, float | int | None]:
@@ -109,7 +118,9 @@ def _storable(value: object) -> bool:
     return True
 
 
+@functools.lru_cache(maxsize=512)
 def _key(text: str) -> str:
+    # Memoised: the same few field names and tag values are escaped on every line (bounded cache).
     return text.translate(_KEY_ESCAPES)
 
 

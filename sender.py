@@ -21,6 +21,7 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -242,15 +243,27 @@ class Sender:
         with self._lock:
             self._estimate = 0
         started = self._clock()
+        # One helper thread reads the next batch from the store while the current request is in flight
+        # (the request waits on the network, the read on SQLite: they overlap). Store reads and writes
+        # still never overlap each other: _send waits for the read before it marks the batch.
+        prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
         try:
-            while not self._past(deadline):
-                batch = self.outbox.pending(self.policy.batch_lines, self.policy.batch_bytes)
-                if not batch:
-                    break
-                self._send(batch, result, deadline)
+            batch = self.outbox.pending(self.policy.batch_lines, self.policy.batch_bytes)
+            while batch and not self._past(deadline):
+                full = len(batch) >= self.policy.batch_lines or _size(batch) >= self.policy.batch_bytes // 2
+                ahead = (prefetcher.submit(self.outbox.pending, self.policy.batch_lines, self.policy.batch_bytes,
+                                           batch[-1].id) if full else None)
+                try:
+                    self._send(batch, result, deadline, ahead)
+                finally:
+                    if ahead is not None:
+                        wait([ahead])
                 self._log_progress(result, started)
-                if len(batch) < self.policy.batch_lines and _size(batch) < self.policy.batch_bytes // 2:
+                if not full:
                     break  # caught up: the rest waits for the next flush, so requests stay big
+                # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
+                # released by a clock sync meanwhile have older ids: the next flush takes them first.)
+                batch = ahead.result()
         except _OutOfBudget:
             pass  # the upload cap or the deadline: the rest goes at the next flush
         except (RefusedError, UnreachableError) as exc:
@@ -260,6 +273,8 @@ class Sender:
             result.error = exc
             log.error("delivery paused: %s", exc)
             self._next_attempt = self._clock() + self.policy.refused_retry_s
+        finally:
+            prefetcher.shutdown(wait=True)
         if result.error is None and result.requests:
             self._on_success(result)
         self.total_delivered += result.delivered
@@ -273,14 +288,20 @@ class Sender:
             return True
         return self._stop_deadline is not None and self._stop.is_set() and now >= self._stop_deadline
 
-    def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None) -> None:
+    def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None,
+              ahead: Future | None = None) -> None:
         """Write `batch`; on refused lines or 413 split it in two and recurse. Every request, the
-        halves' included, waits for the upload budget (raises _OutOfBudget when it cannot)."""
+        halves' included, waits for the upload budget (raises _OutOfBudget when it cannot). `ahead`:
+        the store read running meanwhile, waited for before this touches the store."""
         if self._past(deadline) or not self._rate_wait(deadline):
             raise _OutOfBudget
         result.requests += 1
         try:
-            sent = self.writer.write([p.line for p in batch])
+            try:
+                sent = self.writer.write([p.line for p in batch])
+            finally:
+                if ahead is not None:
+                    wait([ahead])  # one thread at a time on the store's connection
         except (RejectedError, TooLargeError) as exc:
             self._account(exc.bytes_sent)  # refused requests cost upload too
             result.bytes_sent += exc.bytes_sent

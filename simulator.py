@@ -158,6 +158,10 @@ BUY_BELOW_SOC = 0.45
 BUY_UNTIL_SOC = 0.6
 PLANT_RESERVE_SOC = 0.3
 STEP_S = 60.0
+# A snapshot is reused for reads within this much real time after it was computed: one sample pass reads
+# every chip within about a millisecond, so the model is computed once per pass, not once per chip.
+# (At speed 1 that is 10 ms of simulated time on a model integrated on a 60-s grid.)
+SNAPSHOT_REUSE_REAL_S = 0.01
 _CLOUD, _LED, _FAN, _SOC = 1, 2, 3, 4
 
 
@@ -224,7 +228,8 @@ class SolarModel:
     """Physical model of the scale model, deterministic for a seed.
 
     Every value is a function of (seed, simulated time) alone: the state (charge, controllers,
-    switches) is integrated on a fixed 60-s grid from `start`, so sampling rate cannot change readings.
+    switches) is integrated on a fixed 60-s grid from `start`, so sampling rate cannot change readings
+    (a snapshot serves the reads of the next SNAPSHOT_REUSE_REAL_S of real time: one sample pass).
     Batteries start part-charged (45-75 %).
 
     Each unit's PWM controller charges its battery from the panel (the panel at the battery's voltage
@@ -298,7 +303,7 @@ class SolarModel:
 
     def _snapshot(self, elapsed_s: float) -> dict[str, UnitState]:
         with self._lock:
-            if self._cached and self._cached[0] == elapsed_s:
+            if self._cached and 0 <= elapsed_s - self._cached[0] < SNAPSHOT_REUSE_REAL_S * self.speed:
                 return self._cached[1]
             if elapsed_s < self._grid_s:  # clock went back: integrate again from the start
                 self._reset()

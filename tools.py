@@ -8,11 +8,18 @@ averages them.
 Current is derived from the shunt register (10 uV LSB) and the configured
 shunt resistance, never from the chip's current register: the shunt register
 needs no calibration, so a brownout (which zeroes the calibration) cannot
-corrupt a reading. The chip's config and calibration are still checked once a
-cycle and restored, so its own current/power registers stay meaningful too.
+corrupt a reading. The chip's config and calibration are still checked (every
+_SETTINGS_CHECK_CYCLES cycles, and at the next cycle after any failed transaction)
+and restored, so its own current/power registers stay meaningful too.
+
+Each sample is two I2C transactions (shunt, then bus register), each one
+write_then_readinto through the driver's own i2c_device into a buffer kept per
+channel: the driver still owns the chip (it is attached and sets calibration),
+but its per-register property layers are not paid 80 times a cycle.
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
@@ -32,7 +39,15 @@ _BUS_LSB_V = 0.004
 _BUS_RANGE_32V = 1
 _MODE_SHUNT_AND_BUS_CONTINUOUS = 7
 _REG_CONFIG = 0x00
+_REG_SHUNT = 0x01
+_REG_BUS = 0x02
 _REG_CALIBRATION = 0x05
+# The chip's settings are read back every this many cycles (30 s at the default 3 s), and at the next
+# cycle after any failed transaction; a brownout between checks cannot make a reading wrong: current comes
+# from the shunt register, which the calibration does not touch, and the power-on settings read the same
+# registers at the same LSBs (only the hardware averaging and the range differ until restored).
+_SETTINGS_CHECK_CYCLES = 10
+_CNVR = 0x02  # bus register bit 1: a conversion finished since the last reset or config write
 # A bus on which no sensor answered for this many cycles in a row is stuck (e.g. SDA held low):
 # it is re-opened then, and again every _BUS_REOPEN_EVERY_CYCLES cycles while it stays stuck.
 _BUS_STUCK_CYCLES = 3
@@ -139,6 +154,8 @@ class _Sensor:
         self.energy = energy
         self.driver = None
         self.restores = 0
+        self.cycles_to_check = 0  # cycles until the chip's settings are read back (0: at the next cycle)
+        self.buffer = bytearray(3)  # [register, msb, lsb]: reused by every transaction of this channel
         self.reset_sums()
 
     def reset_sums(self) -> None:
@@ -218,8 +235,15 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             delay = start_s + (k + 0.5) * step_s - self._clock()
             if delay > 0:
                 self._sleep(delay)
-            for sensor in self._sensors:
-                self._sample(sensor)
+            # One sample pass holds the bus once (busio's try_lock/unlock) for every channel's reads.
+            bus = self.bus
+            while not bus.try_lock():
+                self._sleep(0)
+            try:
+                for sensor in self._sensors:
+                    self._sample(sensor)
+            finally:
+                bus.unlock()
         mid_s = start_s + self.sampling.window_s / 2
         readings = tuple(self._average(sensor, mid_s) for sensor in self._sensors)
         return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings, self._check_bus(readings))
@@ -253,15 +277,20 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             sensor.driver = None  # attached again (and set up) on the new bus at the next cycle
 
     def _prepare(self, sensor: _Sensor) -> None:
-        """Attach the driver if needed and make sure the chip holds our settings."""
+        """Attach the driver if needed and, on its schedule, make sure the chip holds our settings."""
         try:
             if sensor.driver is None:
                 sensor.driver = self._driver_factory(self.bus, sensor.channel.address)
                 self._restore(sensor)
+                sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
                 log.info("%s: INA219 at 0x%02X answered", sensor.channel.name, sensor.channel.address)
                 return
-            config = _read_register(sensor.driver, _REG_CONFIG)
-            calibration = _read_register(sensor.driver, _REG_CALIBRATION)
+            if sensor.cycles_to_check > 0:
+                sensor.cycles_to_check -= 1
+                return
+            sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
+            config = _read_register(sensor.driver, _REG_CONFIG, sensor.buffer)
+            calibration = _read_register(sensor.driver, _REG_CALIBRATION, sensor.buffer)
             if config != sensor.setup.config_word or calibration != sensor.setup.calibration:
                 # A brownout puts the chip back to power-on values (calibration 0).
                 sensor.restores += 1
@@ -270,6 +299,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 self._restore(sensor)
         except (OSError, ValueError) as exc:
             sensor.last_error = _describe(exc)
+            sensor.cycles_to_check = 0
 
     def _restore(self, sensor: _Sensor) -> None:
         setup = sensor.setup
@@ -284,13 +314,33 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         if sensor.driver is None:
             sensor.failed += 1
             return
+        buf = sensor.buffer
+        device = sensor.driver.i2c_device  # the caller (measure) holds the bus for the whole pass
         try:
-            raw_shunt = sensor.driver.raw_shunt_voltage
-            bus_v = sensor.driver.bus_voltage
+            # Bus register first: its CNVR bit says a conversion has finished since the last
+            # reset or config write, so the shunt register read after it holds a real result.
+            buf[0] = _REG_BUS
+            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
+            raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
+            converted = buf[2] & _CNVR
+            buf[0] = _REG_SHUNT
+            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
+            raw_shunt = (buf[1] << 8) | buf[2]
         except OSError as exc:
             sensor.failed += 1
             sensor.last_error = _describe(exc)
+            sensor.cycles_to_check = 0  # a failed transaction may be a brownout: check the settings next cycle
             return
+        if not converted:
+            # Nothing converted since a config write or a power-on reset (a brownout: its registers read
+            # 0 until the first conversion): not a reading. The settings are checked at the next cycle.
+            sensor.failed += 1
+            sensor.last_error = "no finished conversion (the chip was reset or reconfigured)"
+            sensor.cycles_to_check = 0
+            return
+        if raw_shunt & 0x8000:
+            raw_shunt -= 0x10000  # two's complement
+        bus_v = raw_bus * _BUS_LSB_V
         if abs(raw_shunt) >= sensor.setup.shunt_full_scale:
             sensor.failed += 1
             sensor.last_error = (
@@ -342,6 +392,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         )
 
 
+@functools.lru_cache(maxsize=256)
 def resolved_digits(step: float, samples: int) -> int:
     """Decimal places that carry information for a value quantised in `step` units, averaged over `samples`.
 
@@ -370,8 +421,8 @@ def scan(bus, addresses=range(0x40, 0x50)) -> list[int]:
     return found
 
 
-def _read_register(driver, register: int) -> int:
-    buf = bytearray(3)
+def _read_register(driver, register: int, buf: bytearray) -> int:
+    """One 16-bit register through the driver's i2c_device, into `buf` (3 bytes, reused). Raises OSError."""
     buf[0] = register
     with driver.i2c_device as device:
         device.write_then_readinto(buf, buf, out_end=1, in_start=1)
@@ -395,6 +446,8 @@ def _describe(exc: BaseException) -> str:
 # and the under-voltage bit alone through the `rpi_volt` hwmon device (the interface newer kernels keep).
 THROTTLED_PATH = "/sys/devices/platform/soc/soc:firmware/get_throttled"
 HWMON_DIR = "/sys/class/hwmon"
+THERMAL_PATH = "/sys/class/thermal/thermal_zone0/temp"  # the SoC's temperature in millidegrees C (a Pi's cpu-thermal)
+_CPU_HWMON_NAMES = ("cpu_thermal", "coretemp", "k10temp", "soc_thermal")
 _UNDERVOLTAGE_NOW = 1 << 0
 _THROTTLED_NOW = (1 << 1) | (1 << 2) | (1 << 3)  # frequency capped, throttled, soft temperature limit
 _UNDERVOLTAGE_SINCE_BOOT = 1 << 16
@@ -488,15 +541,20 @@ class SystemReading:
 class SystemMonitor:
     """psutil readings and the firmware's power flags; network bytes are counted since the previous call.
 
-    `power` reads the flags (default: a PowerFlagReader on this machine's sysfs). Not thread-safe.
+    `power` reads the flags (default: a PowerFlagReader on this machine's sysfs). The CPU temperature is
+    one small file read a cycle: `thermal_path` (millidegrees C) where it exists, else the first CPU
+    temperature file of the hwmon devices under `hwmon_dir`, looked up once (none: cpu_temp_c None).
+    Only psutil's cheap readings run every cycle. Not thread-safe.
     """
 
-    def __init__(self, disk_path: str, psutil_module=None, *, power: PowerFlagReader | None = None) -> None:
+    def __init__(self, disk_path: str, psutil_module=None, *, power: PowerFlagReader | None = None,
+                 thermal_path: str = THERMAL_PATH, hwmon_dir: str = HWMON_DIR) -> None:
         if psutil_module is None:
             import psutil as psutil_module
         self._psutil = psutil_module
         self._disk_path = disk_path
         self._power = power if power is not None else PowerFlagReader()
+        self._temp_path = thermal_path if os.path.isfile(thermal_path) else _cpu_hwmon_temp(hwmon_dir)
         self._psutil.cpu_percent(interval=None)  # the first call only primes the counter
         self._net = self._net_counters()
 
@@ -526,20 +584,29 @@ class SystemMonitor:
         )
 
     def _cpu_temp(self) -> float | None:
-        reader = getattr(self._psutil, "sensors_temperatures", None)
-        if reader is None:
+        if self._temp_path is None:
             return None
+        text = _read_small(self._temp_path)
         try:
-            temps = reader()
-        except (OSError, RuntimeError):
+            value = int(text.strip()) / 1000 if text is not None else None
+        except ValueError:
             return None
-        for name in ("cpu_thermal", "coretemp", "k10temp", "soc_thermal"):
-            if temps.get(name):
-                return float(temps[name][0].current)
-        for entries in temps.values():
-            if entries and math.isfinite(entries[0].current):
-                return float(entries[0].current)
+        return value if value is not None and -60 <= value <= 150 else None  # else not a CPU's temperature
+
+
+def _cpu_hwmon_temp(hwmon_dir: str) -> str | None:
+    """The temp1_input of the first hwmon device named like a CPU sensor, or None."""
+    try:
+        entries = sorted(os.listdir(hwmon_dir))
+    except OSError:
         return None
+    names = {entry: (_read_small(os.path.join(hwmon_dir, entry, "name")) or "").strip() for entry in entries}
+    for wanted in _CPU_HWMON_NAMES:
+        for entry, name in names.items():
+            path = os.path.join(hwmon_dir, entry, "temp1_input")
+            if name == wanted and os.path.isfile(path):
+                return path
+    return None
 
 
 def _uptime_s(ps) -> float:

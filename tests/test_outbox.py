@@ -181,3 +181,15 @@ def test_a_locked_store_is_never_moved_aside_and_readers_never_write(tmp_path):
         reader.append(lines(1))
     with pytest.raises(StoreError, match="no store at"):
         Outbox(tmp_path / "empty", readonly=True)
+
+
+def test_mark_sent_marks_a_run_of_ids_in_one_range_and_never_a_row_outside_the_batch(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(10))
+    ids = [p.id for p in box.pending(10, 10**6)]
+    box.mark_sent(ids[2:6])  # an unbroken run: one range
+    box.mark_sent([ids[7], ids[9]])  # a gap: row 8 lies between them and is not in the batch
+    left = [p.time_ms for p in box.pending(10, 10**6)]
+    assert left == [1000, 1001, 1006, 1008]
+    assert box.queue_stats().queue_depth == 4  # the running counter agrees
+    assert [p.time_ms for p in box.pending(10, 10**6, after_id=ids[1])] == [1006, 1008]  # the batch after

@@ -144,3 +144,28 @@ def test_stop_cuts_a_write_in_flight_through_abort(tmp_path, clock):
     sender.notify(10_000)
     assert sender.stop() and writer.aborted
     outbox.close()
+
+
+def test_the_next_batch_is_read_while_a_request_is_in_flight_oldest_first_each_line_once(tmp_path, clock):
+    import threading
+
+    outbox = filled(tmp_path, clock, 23)
+    seen_threads = set()
+    pending = outbox.pending
+
+    def traced(*args, **kwargs):
+        seen_threads.add(threading.current_thread().name)
+        return pending(*args, **kwargs)
+
+    outbox.pending = traced
+    writer = FakeWriter([None, None, UnreachableError("down")])  # the third request fails
+    sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
+                    sleep=clock.sleep, rng=MaxRandom())
+    result = sender.flush()
+    assert isinstance(result.error, UnreachableError) and result.delivered == 10
+    assert any(name.startswith("sender-prefetch") for name in seen_threads)  # read ahead in its helper thread
+    assert outbox.queue_stats().queue_depth == 13  # the failed batch and the one read ahead stay unsent
+    assert sender.flush().delivered == 13
+    expected = [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(23)]
+    assert writer.delivered == expected  # oldest first, every line exactly once
+    assert [len(b) for b in writer.batches] == [5, 5, 5, 5, 5, 3]  # the failed one again, then the rest

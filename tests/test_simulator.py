@@ -71,6 +71,21 @@ def test_model_is_deterministic_and_independent_of_sampling_rate():
     assert run(2, 30.0) != coarse
 
 
+def test_one_sample_pass_computes_the_model_once_on_any_clock(clock):
+    model = make_model(clock, speed=60.0)
+    calls = []
+    flows = model._flows
+    model._flows = lambda epoch_s: calls.append(epoch_s) or flows(epoch_s)
+    clock.advance(0.5)  # 30 s of simulated time: within the first grid step
+    first = model.state("red_house")
+    for _ in range(4):  # the rest of one pass: the real clock moves on by microseconds between reads
+        clock.advance(0.0005)
+        assert model.state("red_house") is first and model.truth("power_plant", "battery")
+    assert len(calls) == 1
+    clock.advance(simulator.SNAPSHOT_REUSE_REAL_S)  # the next pass: computed anew, and it moved on
+    assert model.state("red_house").soc != first.soc and len(calls) == 2
+
+
 def test_day_irradiance_exceeds_night(clock):
     model = make_model(clock, start=dt.datetime(2025, 6, 21, 13, 0))
     day_w_m2, day_solar_a = model.irradiance_w_m2(), model.state("red_house").solar_a
