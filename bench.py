@@ -33,6 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import bench_outputs  # noqa: E402 - MQTT and /metrics (issue 15)
 import bench_proc  # noqa: E402
+from bench_proc import FakeClock  # noqa: E402
 import bench_wire  # noqa: E402 - on-the-wire bytes over https, TLS included (issue 14)
 import config as config_mod  # noqa: E402
 from daemon import Daemon, load_energy  # noqa: E402
@@ -52,26 +53,6 @@ TARGETS = {  # figure: (comparison, target); issue 13's goals for the figures me
 }
 TARGETS.update(bench_wire.TARGETS)
 TARGETS.update(bench_outputs.TARGETS)
-
-
-class FakeClock:
-    """Monotonic seconds that move only when slept on: no real waiting."""
-
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-
-    def wait(self, seconds: float) -> bool:
-        self.sleep(seconds)
-        return False
-
-    def wall_ms(self) -> int:
-        return 1_780_000_000_000 + round(self.now * 1000)
 
 
 def bench_config(store: Path, *, influx: dict | None = None, interval_s=None, window_s=1.0, scenario="day"):

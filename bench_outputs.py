@@ -24,24 +24,6 @@ sys.path.insert(0, str(ROOT))
 TARGETS = {"mqtt_cpu_ms_per_cycle": ("<=", 1.0)}
 
 
-class _Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-    def sleep(self, seconds: float) -> None:
-        self.now += max(seconds, 0.0)
-
-    def wait(self, seconds: float) -> bool:
-        self.sleep(seconds)
-        return False
-
-    def wall_ms(self) -> int:
-        return 1_780_000_000_000 + round(self.now * 1000)
-
-
 def _per_cycle(tmp: Path, cycles: int, broker_port: int | None, qos: int = 1) -> tuple[float, float | None, float | None]:
     """(median process CPU ms per cycle, median CPU ms per /metrics render, MQTT's CPU ms per cycle counted
     directly: its listener in the measuring thread plus the publisher and paho threads; None without MQTT)."""
@@ -59,7 +41,9 @@ def _per_cycle(tmp: Path, cycles: int, broker_port: int | None, qos: int = 1) ->
     if broker_port is not None:
         doc["mqtt"] = {"enabled": True, "host": "127.0.0.1", "port": broker_port, "qos": qos}
     cfg = config_mod.parse_config(doc, "bench")
-    clock = _Clock()
+    from bench_proc import FakeClock
+
+    clock = FakeClock()
     outbox = Outbox(cfg.store.dir, wall_ms=clock.wall_ms)
     reader = read_data(build_simulated_bus(cfg, clock), cfg.channels, cfg.sampling, clock=clock,
                        sleep=clock.sleep, wall_ms=clock.wall_ms)

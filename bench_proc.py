@@ -347,6 +347,26 @@ def stop_busy(proc: subprocess.Popen) -> None:
     proc.wait(10)
 
 
+class FakeClock:
+    """Monotonic seconds that move only when slept on: no real waiting."""
+
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+    def sleep(self, seconds: float) -> None:
+        self.now += max(seconds, 0.0)
+
+    def wait(self, seconds: float) -> bool:
+        self.sleep(seconds)
+        return False
+
+    def wall_ms(self) -> int:
+        return 1_780_000_000_000 + round(self.now * 1000)
+
+
 # -- child entry points -----------------------------------------------------------------------------
 def _run_daemon(replay: bool, trace: str | None, main_args: list[str]) -> int:
     sys.path.insert(0, str(ROOT))

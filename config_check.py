@@ -77,12 +77,9 @@ class Validator:
 
     def name_text(self, value, path):
         """A string that ends up in a tag, a URL or a log line: no control characters (NUL, newline...)."""
-        value = self.text(value, path)
+        value = self.path_text(value, path)  # the same control-character rule
         if value is INVALID:
             return value
-        bad = _control_character(value)
-        if bad is not None:
-            return self.problem(path, f"{value!r} contains the control character {bad!r}")
         if len(value) > 256:
             return self.problem(path, f"is {len(value)} characters long, more than 256")
         return value
