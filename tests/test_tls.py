@@ -145,6 +145,8 @@ def test_the_relay_counts_tls_bytes_both_ways_and_a_closed_connection_resumes_it
             full = relay.total
             assert relay.down > 2000 and relay.up > 300
             assert _wait_for(lambda: proxy.idle_closes == 1)
+            # ... and its close has passed the relay: what the client sees, not a race with the relay.
+            assert _wait_for(lambda: relay.closes_passed_on == 1)
             # The server's close is noticed before the next request: that request does not fail, it goes
             # on a new connection that resumes the TLS session (no certificate chain sent again).
             writer.write(["electricity,site=tls-relay,unit=a current_ma=2.5 1780000001000"])

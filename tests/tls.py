@@ -321,6 +321,7 @@ class ByteRelay:
         self._stopping = threading.Event()
         self._socks: set[socket.socket] = set()
         self._lock = threading.Lock()
+        self.closes_passed_on = 0  # servers' closes passed on to the client (counted in this process only)
         self._thread: threading.Thread | None = None
 
     @property
@@ -407,6 +408,8 @@ class ByteRelay:
             dst.shutdown(socket.SHUT_WR)
         except OSError:
             pass
+        if index == DOWN:
+            self.closes_passed_on += 1  # the server's close has reached the client (in-process relays)
         try:
             done.wait(timeout=600)
         except threading.BrokenBarrierError:
