@@ -2,13 +2,16 @@
 query run against a real InfluxDB 1.6.7 filled by the real daemon on the simulator.
 
 The InfluxDB 2.x template's Flux cannot run here (1.6.7 has no Flux), so it gets the structural checks
-`influx apply` makes (pkger's validation: kinds, names, sizes, axes, colours) and the same static check
-of every measurement, field, tag and variable it names.
+`influx apply` makes (pkger's validation: kinds, names, sizes, axes, colours), the same static check
+of every measurement, field, tag and variable it names, and every query is parsed by InfluxData's own Flux
+parser (npm @influxdata/flux, installed into tests/flux by scripts/install-test-tools.sh).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -223,6 +226,79 @@ def test_influx2_panels_cover_the_brief():
     # flows: signed power_w per unit, with the sign explained
     flows = [c for c in charts if "flow" in c["name"].lower()]
     assert flows and '"power_w"' in flows[0]["queries"][0]["query"] and "+ = into the unit" in flows[0]["note"]
+    # daily energy per unit: each counter's steps summed per day of the model's time zone (as the Grafana panel)
+    (daily,) = [c["queries"][0]["query"] for c in charts if c["name"].startswith("Daily energy per unit")]
+    for part in ('option location = timezone.location(name: "Europe/London")', "difference(nonNegative: true)",
+                 "aggregateWindow(every: 1d, fn: sum", 'group(columns: ["unit", "channel", "_field"])'):
+        assert part in daily
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InfluxData's own Flux parser (tests/flux/parse.mjs runs the npm package @influxdata/flux under node)
+
+FLUX_DIR = ROOT / "tests" / "flux"
+
+
+def flux_queries() -> list[tuple[str, str]]:
+    """(where, query) for every Flux query of the template: every chart's and every variable's."""
+    found = [(f"chart {c['name']!r}", q["query"]) for c in influx2_charts() for q in c["queries"]]
+    found += [(f"variable {r['spec']['name']!r}", r["spec"]["query"]) for r in influx2_resources()
+              if r["kind"] == "Variable" and r["spec"].get("language") == "flux"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def flux_parse():
+    """parse(queries) -> one list of syntax errors per query, from InfluxData's parser (one node process)."""
+    node = shutil.which("node")
+    reason = None
+    if node is None:
+        reason = "node is not installed (scripts/install-test-tools.sh installs Debian's nodejs and npm)"
+    elif not (FLUX_DIR / "node_modules" / "@influxdata" / "flux" / "flux_bg.wasm").exists():
+        reason = "@influxdata/flux is not installed in tests/flux (scripts/install-test-tools.sh runs npm ci there)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    def parse(queries: list[str]) -> list[list[str]]:
+        result = subprocess.run([node, str(FLUX_DIR / "parse.mjs")], input=json.dumps(queries), capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers = json.loads(result.stdout)
+        assert len(answers) == len(queries)
+        return answers
+
+    return parse
+
+
+def test_every_flux_query_of_the_template_parses_with_influxdatas_parser(flux_parse):
+    queries = flux_queries()
+    assert len(queries) == len(influx2_charts()) + 2  # every chart and both variables
+    problems = {where: errors for (where, _), errors in zip(queries, flux_parse([q for _, q in queries])) if errors}
+    assert problems == {}
+
+
+BROKEN_FLUX = [
+    # a missing closing parenthesis
+    'from(bucket: v.bucket\n  |> range(start: v.timeRangeStart, stop: v.timeRangeStop)',
+    # InfluxQL's operator in Flux
+    'from(bucket: v.bucket) |> range(start: -1h) |> filter(fn: (r) => r._field = "power_w")',
+    # an operator without its right-hand side
+    'from(bucket: v.bucket) |> range(start: -1h) |> filter(fn: (r) => r._field == "power_w" and)',
+    # a pipe without a call
+    'from(bucket: v.bucket) |> range(start: -1h) |> ',
+]
+
+
+def test_influxdatas_parser_finds_syntax_errors(flux_parse):
+    """The parse check can fail: broken versions of the template's own queries are refused."""
+    daily = next(q for where, q in flux_queries() if "Daily energy" in where)
+    broken = BROKEN_FLUX + [daily.replace("|> difference(nonNegative: true)", "|> difference(nonNegative: true")]
+    answers = flux_parse(broken + [daily])
+    for query, errors in zip(broken, answers):
+        assert errors, f"no syntax error found in {query!r}"
+    assert answers[-1] == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -300,6 +376,11 @@ def test_grafana_panels_cover_the_brief():
     assert flows and "+ = into the unit" in flows[0]["description"]
     last_point = [p for p in grafana_panels() if p["fieldConfig"]["defaults"].get("unit") == "dateTimeFromNow"]
     assert last_point and last_point[0]["options"]["reduceOptions"]["fields"] == "/^Time$/"
+    (daily,) = [t["query"] for p in grafana_panels() if p["title"].startswith("Daily energy per unit")
+                for t in p["targets"]]
+    for part in ('non_negative_difference("energy_in_wh")', 'non_negative_difference("energy_out_wh")',
+                 'GROUP BY time(1d), "unit", "channel"', "tz('$timezone')"):
+        assert part in daily
     today = [p for p in grafana_panels() if p.get("timeFrom") == "now/d"]
     assert {"energy_in_wh", "power_w"} <= {f for p in today for t in p["targets"]
                                            for f in re.findall(r'\w+\("(\w+)"\)', t["query"])}
