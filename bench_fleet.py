@@ -79,9 +79,10 @@ def vm_counters(url: str) -> dict[str, float]:
     wanted = {"points": r'vm_protoparser_rows_read_total\{type="influx"\}',
               "samples": r'vm_rows_inserted_total\{type="influx"\}',
               "cpu_s": r"process_cpu_seconds_total", "rss_bytes": r"process_resident_memory_bytes"}
+    page = text.decode("utf-8", "replace")
     found = {}
     for key, pattern in wanted.items():
-        m = re.search(rf"^{pattern} ([0-9.eE+-]+)$", text.decode("utf-8", "replace"), re.MULTILINE)
+        m = re.search(rf"^{pattern} ([0-9.eE+-]+)$", page, re.MULTILINE)
         if not m:
             raise RuntimeError(f"{url}/metrics has no {pattern.replace(chr(92), '')}")
         found[key] = float(m.group(1))
