@@ -4,6 +4,8 @@
     python bench.py --quick         # smaller counts, within 4 minutes
     python bench.py --json          # print the figures as one JSON object instead of the table
     python bench.py --json FILE     # the table, and the figures as JSON in FILE
+    python bench.py --fleet 50      # only the cooperative: 50 simulated sites into one VictoriaMetrics
+                                    # (bench_fleet.py; --fleet-scale, --fleet-seconds; a few minutes)
 
 The headline figures are taken as the Pi runs the daemon (bench_proc.py): `main.py run` as its own
 process at real time, CPU from /proc, every helper (counting proxy, busy loop, bare HTTP client,
@@ -31,6 +33,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 
+import bench_fleet  # noqa: E402 - many sites, one server (issue 16)
 import bench_outputs  # noqa: E402 - MQTT and /metrics (issue 15)
 import bench_proc  # noqa: E402
 from bench_proc import FakeClock  # noqa: E402
@@ -541,6 +544,18 @@ def run(quick: bool) -> dict:
     return figures
 
 
+def run_fleet(n: int, scale: float, measure_s: float) -> dict:
+    """`--fleet N`: N sites as separate daemon processes into one private VictoriaMetrics (bench_fleet.py)."""
+    from tests.servers import VictoriaMetrics
+
+    figures: dict = {"quick": False, "machine": _machine(), "load": _load()}
+    with tempfile.TemporaryDirectory() as tmp_name, VictoriaMetrics() as vm, bench_proc.ProxyProcess() as proxies:
+        figures.update(bench_fleet.fleet_figures(n, vm.url, proxies, Path(tmp_name), scale=scale,
+                                                 measure_s=measure_s, export=vm.export))
+    figures["load_after"] = _load()
+    return figures
+
+
 def _load() -> str:
     """The machine's load average (1, 5, 15 min) when the figures were taken: other work skews them."""
     one, five, fifteen = os.getloadavg()
@@ -670,8 +685,18 @@ def main(argv: list[str] | None = None) -> int:
                         help="print the figures as one JSON object instead of the table, or with FILE write "
                              "them there as well as printing the table")
     parser.add_argument("--markdown", metavar="FILE", help="print the README's Performance table from a --json FILE")
+    parser.add_argument("--fleet", metavar="N", type=int,
+                        help="only the cooperative benchmark: N simulated sites (separate daemon processes, "
+                             "own store and site tag) into one VictoriaMetrics")
+    parser.add_argument("--fleet-scale", metavar="S", type=float, default=10.0,
+                        help="--fleet: run every site's times S times faster (default 10: 0.3 s cycles, 5 s "
+                             "flushes); per-cycle figures are scaled back to the default 3 s / 50 s")
+    parser.add_argument("--fleet-seconds", metavar="T", type=float, default=120.0,
+                        help="--fleet: seconds measured after every site has delivered twice (default 120)")
     parser.add_argument("--rss-worker", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.fleet is not None and args.fleet < 1:
+        parser.error("--fleet: N must be 1 or more")
     if args.markdown:
         print(markdown(json.loads(Path(args.markdown).read_text())))
         return 0
@@ -681,7 +706,7 @@ def main(argv: list[str] | None = None) -> int:
     import logging
 
     logging.basicConfig(level=logging.ERROR)
-    figures = run(args.quick)
+    figures = run_fleet(args.fleet, args.fleet_scale, args.fleet_seconds) if args.fleet else run(args.quick)
     if args.json == "-":
         print(json.dumps(figures, indent=2))
         return 0

@@ -16,6 +16,7 @@ Child entry points (used by bench.py, not by people):
 from __future__ import annotations
 
 import argparse
+import datetime as dt
 import json
 import math
 import os
@@ -126,6 +127,8 @@ class ReplayBus:
 
 # -- config files for the daemon process ------------------------------------------------------------
 def _toml_value(value) -> str:
+    if isinstance(value, dt.datetime):
+        return value.isoformat()  # a TOML local date-time (no offset: the simulator's UK local time)
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, (int, float)):

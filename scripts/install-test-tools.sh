@@ -2,20 +2,46 @@
 # Install the real parts the tests use, from Debian's packages:
 #   influxdb 1.6.7 (influxd) and victoria-metrics 1.79.5 (tests and bench.py start private instances),
 #   chromium (the live page's browser test), systemd's tools (systemd-analyze for the unit tests),
-#   mosquitto (the MQTT broker) and prometheus (scrapes /metrics); openssl makes the tests' CAs.
+#   mosquitto (the MQTT broker) and prometheus (scrapes /metrics); openssl makes the tests' CAs;
+#   nodejs + npm when no node is installed (for InfluxData's Flux parser, below).
+# Then, without root: the npm package @influxdata/flux (InfluxData's Flux parser, wasm) into tests/flux/node_modules
+# with `npm ci` from tests/flux/package-lock.json (pinned version, integrity hash checked), only when that lock
+# changed since the last install.
 # Idempotent: does nothing when all are already there. Never leaves the packages' own services
-# running. Without root it prints a note and exits 0 (those tests then skip, off CI).
+# running. Without root it prints a note and goes on (those tests then skip, off CI).
 set -euo pipefail
 
 have() { command -v "$1" >/dev/null 2>&1 || [ -x "/usr/bin/$1" ]; }
+root_dir="$(cd "$(dirname "$0")/.." && pwd)"
+
+install_flux_parser() {
+  local dir="$root_dir/tests/flux" stamp want
+  if ! have node || ! have npm; then
+    echo "note: node/npm missing; the Flux parser test will be skipped (run scripts/install-test-tools.sh as root)" >&2
+    return 0
+  fi
+  stamp="$dir/node_modules/.lock-sha256"
+  want="$(sha256sum "$dir/package-lock.json" | cut -d' ' -f1)"
+  if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -f "$dir/node_modules/@influxdata/flux/flux_bg.wasm" ]; then
+    return 0
+  fi
+  echo "installing @influxdata/flux (npm ci in tests/flux) ..." >&2
+  if (cd "$dir" && npm ci --ignore-scripts --no-audit --no-fund --loglevel=error >/dev/null); then
+    echo "$want" > "$stamp"
+  else
+    echo "warning: npm ci in tests/flux failed; the Flux parser test will be skipped (fails on CI)" >&2
+  fi
+}
 
 if have influxd && have victoria-metrics && have chromium && have systemd-analyze && have mosquitto \
-    && have prometheus && have openssl; then
+    && have prometheus && have openssl && have node && have npm; then
+  install_flux_parser
   exit 0
 fi
 
 if [ "$(id -u)" -ne 0 ]; then
-  echo "note: influxd/victoria-metrics/chromium/systemd-analyze/mosquitto/prometheus missing and not root; their tests will be skipped (run scripts/install-test-tools.sh as root)" >&2
+  echo "note: influxd/victoria-metrics/chromium/systemd-analyze/mosquitto/prometheus/node missing and not root; their tests will be skipped (run scripts/install-test-tools.sh as root)" >&2
+  install_flux_parser
   exit 0
 fi
 
@@ -30,10 +56,16 @@ fi
 cleanup() { if [ "$created_policy" = 1 ]; then rm -f "$policy"; fi; }
 trap cleanup EXIT
 
-echo "installing influxdb, victoria-metrics, chromium, systemd tools, mosquitto and prometheus (Debian packages) ..." >&2
+# Debian's nodejs + npm only where there is no node at all (a node from elsewhere, e.g. nodesource, brings its
+# own npm, and Debian's npm package would conflict with it).
+node_packages=()
+if ! have node || ! have npm; then
+  node_packages=(nodejs npm)
+fi
+echo "installing influxdb, victoria-metrics, chromium, systemd tools, mosquitto, prometheus ${node_packages[*]:-} (Debian packages) ..." >&2
 apt-get update -qq
 DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
-  influxdb victoria-metrics chromium fonts-dejavu-core systemd mosquitto prometheus openssl >/dev/null
+  influxdb victoria-metrics chromium fonts-dejavu-core systemd mosquitto prometheus openssl "${node_packages[@]}" >/dev/null
 
 # No systemd here; but if a postinst started a daemon anyway, stop it.
 for svc in influxdb victoria-metrics mosquitto prometheus; do
@@ -59,3 +91,4 @@ if have influxd && have victoria-metrics; then
 else
   echo "warning: install finished but influxd/victoria-metrics not found; server tests will be skipped" >&2
 fi
+install_flux_parser

@@ -152,3 +152,32 @@ def test_the_table_says_met_or_not_met_against_the_targets():
     drain = next(r for r in rows if "`drain_points_per_s_v2`" in r)
     assert "≤ 2.5" in daemon and daemon.rstrip(" |").endswith("**not met**")
     assert "≥ 100,000" in drain and drain.rstrip(" |").endswith("met") and "not met" not in drain
+
+
+def test_fleet_of_three_sites_arrives_under_each_sites_own_tag_and_the_figures_agree(own_victoria, tmp_path):
+    """bench.py --fleet 3, shortened: three daemon processes, one VictoriaMetrics (slow: real processes)."""
+    import bench_fleet
+
+    with bench_proc.ProxyProcess() as proxies:
+        fig = bench_fleet.fleet_figures(3, own_victoria.url, proxies, tmp_path, scale=10.0, measure_s=12.0,
+                                        export=own_victoria.export)
+    assert fig["fleet_sites"] == 3 and fig["fleet_exit_statuses_nonzero"] == 0
+    # each site's points are on the server under its own site tag, every one of them, no other tag
+    assert fig["fleet_server_site_tags"] == 3
+    assert fig["fleet_sites_all_points_under_own_tag"] == 3
+    assert fig["fleet_electricity_points_on_server"] == fig["fleet_electricity_points_delivered"] > 0
+    series = own_victoria.export('{__name__="electricity_power_w"}')
+    assert {s["metric"]["site"] for s in series} == {"site001", "site002", "site003"}
+    assert len(series) == 3 * 4  # four channels per site
+    # the server's own counter saw exactly the points the sites' stores marked sent in the measured span
+    assert fig["fleet_server_points_in_span"] == fig["fleet_points_sent_in_span"] > 0
+    assert fig["fleet_server_points_per_s"] == pytest.approx(fig["fleet_server_points_in_span"]
+                                                             / fig["fleet_measured_s"])
+    assert fig["fleet_server_points_per_s_at_default"] == pytest.approx(fig["fleet_server_points_per_s"] / 10)
+    assert 5 < fig["fleet_server_samples_per_s"] / fig["fleet_server_points_per_s"] < 25  # fields per point
+    assert fig["fleet_points_per_cycle"] == 5  # four channels and the system point
+    # per site, at the default cadence: one request per 50 s flush (16-17 cycles of 3 s), so about 72 an hour
+    assert 60 <= fig["fleet_requests_per_site_per_hour_min"] <= fig["fleet_requests_per_site_per_hour_max"] <= 80
+    per_request = fig["fleet_bytes_per_site_per_day"] / (fig["fleet_requests_per_site_per_hour"] * 24)
+    assert 700 < per_request < 6_000  # headers (~300 B) and a gzip'd body of ~83 points
+    assert fig["fleet_mb_per_site_per_month"] == pytest.approx(fig["fleet_bytes_per_site_per_day"] * 30 / 1e6)

@@ -2,13 +2,16 @@
 query run against a real InfluxDB 1.6.7 filled by the real daemon on the simulator.
 
 The InfluxDB 2.x template's Flux cannot run here (1.6.7 has no Flux), so it gets the structural checks
-`influx apply` makes (pkger's validation: kinds, names, sizes, axes, colours) and the same static check
-of every measurement, field, tag and variable it names.
+`influx apply` makes (pkger's validation: kinds, names, sizes, axes, colours), the same static check
+of every measurement, field, tag and variable it names, and every query is parsed by InfluxData's own Flux
+parser (npm @influxdata/flux, installed into tests/flux by scripts/install-test-tools.sh).
 """
 from __future__ import annotations
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import sys
 import time
@@ -35,7 +38,7 @@ FLUX_BUILTIN_VARIABLES = {"timeRangeStart", "timeRangeStop", "windowPeriod"}
 CHART_KINDS = {"xy", "single_stat", "gauge", "table"}
 DNS1123 = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
-GRAFANA_BUILTINS = {"timeFilter", "__interval", "tag_channel", "col"}
+GRAFANA_BUILTINS = {"timeFilter", "__interval", "tag_channel", "tag_unit", "col"}
 
 
 def load(path: Path):
@@ -118,7 +121,7 @@ def influxql_problems(query: str) -> list[str]:
     for m in re.finditer(r"\bFROM\s+(?![\"(])(\S+)", query, re.IGNORECASE):
         problems.append(f"unquoted measurement {m.group(1)!r}")
     for m in re.finditer(r"\b(\w+)\((?![\"*)])", query):
-        if m.group(1).lower() not in {"time", "fill"}:
+        if m.group(1).lower() not in {"time", "fill", "tz"}:
             problems.append(f"{m.group(1)}() with an unquoted argument")
     if not measurements:
         problems.append("no FROM \"measurement\"")
@@ -223,6 +226,79 @@ def test_influx2_panels_cover_the_brief():
     # flows: signed power_w per unit, with the sign explained
     flows = [c for c in charts if "flow" in c["name"].lower()]
     assert flows and '"power_w"' in flows[0]["queries"][0]["query"] and "+ = into the unit" in flows[0]["note"]
+    # daily energy per unit: each counter's steps summed per day of the model's time zone (as the Grafana panel)
+    (daily,) = [c["queries"][0]["query"] for c in charts if c["name"].startswith("Daily energy per unit")]
+    for part in ('option location = timezone.location(name: "Europe/London")', "difference(nonNegative: true)",
+                 "aggregateWindow(every: 1d, fn: sum", 'group(columns: ["unit", "channel", "_field"])'):
+        assert part in daily
+
+
+# ----------------------------------------------------------------------------------------------------------
+# InfluxData's own Flux parser (tests/flux/parse.mjs runs the npm package @influxdata/flux under node)
+
+FLUX_DIR = ROOT / "tests" / "flux"
+
+
+def flux_queries() -> list[tuple[str, str]]:
+    """(where, query) for every Flux query of the template: every chart's and every variable's."""
+    found = [(f"chart {c['name']!r}", q["query"]) for c in influx2_charts() for q in c["queries"]]
+    found += [(f"variable {r['spec']['name']!r}", r["spec"]["query"]) for r in influx2_resources()
+              if r["kind"] == "Variable" and r["spec"].get("language") == "flux"]
+    return found
+
+
+@pytest.fixture(scope="module")
+def flux_parse():
+    """parse(queries) -> one list of syntax errors per query, from InfluxData's parser (one node process)."""
+    node = shutil.which("node")
+    reason = None
+    if node is None:
+        reason = "node is not installed (scripts/install-test-tools.sh installs Debian's nodejs and npm)"
+    elif not (FLUX_DIR / "node_modules" / "@influxdata" / "flux" / "flux_bg.wasm").exists():
+        reason = "@influxdata/flux is not installed in tests/flux (scripts/install-test-tools.sh runs npm ci there)"
+    if reason:
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"CI=true but {reason}", pytrace=False)
+        pytest.skip(reason)
+
+    def parse(queries: list[str]) -> list[list[str]]:
+        result = subprocess.run([node, str(FLUX_DIR / "parse.mjs")], input=json.dumps(queries), capture_output=True,
+                                text=True, timeout=60)
+        assert result.returncode == 0, result.stderr[-2000:]
+        answers = json.loads(result.stdout)
+        assert len(answers) == len(queries)
+        return answers
+
+    return parse
+
+
+def test_every_flux_query_of_the_template_parses_with_influxdatas_parser(flux_parse):
+    queries = flux_queries()
+    assert len(queries) == len(influx2_charts()) + 2  # every chart and both variables
+    problems = {where: errors for (where, _), errors in zip(queries, flux_parse([q for _, q in queries])) if errors}
+    assert problems == {}
+
+
+BROKEN_FLUX = [
+    # a missing closing parenthesis
+    'from(bucket: v.bucket\n  |> range(start: v.timeRangeStart, stop: v.timeRangeStop)',
+    # InfluxQL's operator in Flux
+    'from(bucket: v.bucket) |> range(start: -1h) |> filter(fn: (r) => r._field = "power_w")',
+    # an operator without its right-hand side
+    'from(bucket: v.bucket) |> range(start: -1h) |> filter(fn: (r) => r._field == "power_w" and)',
+    # a pipe without a call
+    'from(bucket: v.bucket) |> range(start: -1h) |> ',
+]
+
+
+def test_influxdatas_parser_finds_syntax_errors(flux_parse):
+    """The parse check can fail: broken versions of the template's own queries are refused."""
+    daily = next(q for where, q in flux_queries() if "Daily energy" in where)
+    broken = BROKEN_FLUX + [daily.replace("|> difference(nonNegative: true)", "|> difference(nonNegative: true")]
+    answers = flux_parse(broken + [daily])
+    for query, errors in zip(broken, answers):
+        assert errors, f"no syntax error found in {query!r}"
+    assert answers[-1] == []
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -263,6 +339,8 @@ def test_grafana_dashboard_model():
 
 def test_grafana_variables():
     v = grafana_variables()
+    assert v["timezone"]["type"] == "custom" and v["timezone"]["current"]["value"] == "Europe/London"
+    assert v["timezone"]["query"].split(",")[0] == "Europe/London"  # the model's (and the Pi's) time zone
     assert v["DS_INFLUXDB"]["type"] == "datasource" and v["DS_INFLUXDB"]["query"] == "influxdb"
     assert v["site"]["type"] == "query"
     assert v["site"]["query"] == 'SHOW TAG VALUES FROM "electricity" WITH KEY = "site"'
@@ -283,8 +361,8 @@ def test_grafana_target(item):
     assert "$timeFilter" in q and '"site" =~ /^$site$/' in q
     if f'FROM "{ELECTRICITY}"' in q:
         assert '"channel" =~ /^$channel$/' in q
-    if panel["type"] == "timeseries":
-        assert "GROUP BY time($__interval)" in q
+    if panel["type"] == "timeseries":  # Grafana's interval, or whole days for the daily energy panel
+        assert "GROUP BY time($__interval)" in q or ("GROUP BY time(1d)" in q and "tz('$timezone')" in q)
     used = set(re.findall(r"\$(\w+)", q)) | set(re.findall(r"\$(\w+)", target.get("alias", "")))
     assert used <= set(grafana_variables()) | GRAFANA_BUILTINS
 
@@ -298,6 +376,11 @@ def test_grafana_panels_cover_the_brief():
     assert flows and "+ = into the unit" in flows[0]["description"]
     last_point = [p for p in grafana_panels() if p["fieldConfig"]["defaults"].get("unit") == "dateTimeFromNow"]
     assert last_point and last_point[0]["options"]["reduceOptions"]["fields"] == "/^Time$/"
+    (daily,) = [t["query"] for p in grafana_panels() if p["title"].startswith("Daily energy per unit")
+                for t in p["targets"]]
+    for part in ('non_negative_difference("energy_in_wh")', 'non_negative_difference("energy_out_wh")',
+                 'GROUP BY time(1d), "unit", "channel"', "tz('$timezone')"):
+        assert part in daily
     today = [p for p in grafana_panels() if p.get("timeFrom") == "now/d"]
     assert {"energy_in_wh", "power_w"} <= {f for p in today for t in p["targets"]
                                            for f in re.findall(r'\w+\("(\w+)"\)', t["query"])}
@@ -354,20 +437,37 @@ UNIT_CHOICES = {
 }
 
 
-@pytest.fixture(scope="module")
-def filled(influxdb1, tmp_path_factory):
-    """Database DATABASE holding 12 cycles the daemon measured on the simulator; returns the field keys."""
-    tmp = tmp_path_factory.mktemp("dashboards")
-    influxdb1.create_database(DATABASE)
-    config = tmp / "config.toml"
+# A second site in the same database, with channels of its own names, measured after SITE: every query
+# for one site must show that site's data and not the other's.
+OTHER = "neighbour"
+OTHER_CHANNELS = ("annex_plant", "annex_red")
+OTHER_CHANNELS_TOML = """
+[[channel]]
+name = "annex_red"
+unit = "red_house"
+address = 0x40
+role = "solar"
+
+[[channel]]
+name = "annex_plant"
+unit = "power_plant"
+address = 0x45
+max_current_a = 3.2
+role = "solar"
+"""
+
+
+def run_daemon(influxdb1, tmp: Path, site: str, cycles: int, channels_toml: str = "") -> None:
+    """The real daemon on the simulator (a pinned June noon) into DATABASE for `cycles` cycles as `site`."""
+    config = tmp / f"{site}.toml"
     config.write_text(f"""
 [site]
-name = "{SITE}"
+name = "{site}"
 [sampling]
 interval_s = 0.2
 window_s = 0.05
 [store]
-dir = "{tmp / 'store'}"
+dir = "{tmp / site}"
 [simulation]
 enabled = true
 scenario = "day"
@@ -382,11 +482,21 @@ url = "{influxdb1.url}"
 database = "{DATABASE}"
 flush_interval_s = 0.3
 timeout_s = 2
-""")
+{channels_toml}""")
     config.chmod(0o600)
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(config),
-                             "--cycles", "12"], capture_output=True, text=True, timeout=120)
+                             "--cycles", str(cycles)], capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def filled(influxdb1, tmp_path_factory):
+    """Database DATABASE holding 12 cycles the daemon measured on the simulator as SITE, then 6 as OTHER;
+    returns the field keys."""
+    tmp = tmp_path_factory.mktemp("dashboards")
+    influxdb1.create_database(DATABASE)
+    run_daemon(influxdb1, tmp, SITE, 12)
+    run_daemon(influxdb1, tmp, OTHER, 6, OTHER_CHANNELS_TOML)
     keys = {}
     for series in influxdb1.query(DATABASE, "SHOW FIELD KEYS"):
         keys[series["name"]] = {row[0] for row in series["values"]}
@@ -394,12 +504,13 @@ timeout_s = 2
     return keys
 
 
-def substitute(query: str, unit_regex: str) -> str:
+def substitute(query: str, unit_regex: str, site: str = SITE, timezone: str = "Europe/London") -> str:
     """What Grafana sends for the query (datasource ignored; a 1 h range and a 1 s interval)."""
     return (query.replace("$timeFilter", "time > now() - 1h")
                  .replace("$__interval", "1s")
-                 .replace("$site", SITE)
-                 .replace("$channel", unit_regex))
+                 .replace("$site", site)
+                 .replace("$channel", unit_regex)
+                 .replace("$timezone", timezone))
 
 
 def queried_fields(query: str) -> set[str]:
@@ -430,7 +541,7 @@ def test_grafana_query_returns_data_from_the_daemon(influxdb1, filled, item, uni
 
 
 def test_grafana_energy_today_is_in_minus_out(influxdb1, filled):
-    (target,) = [t for _, t in grafana_targets() if "energy_in_wh" in t["query"]]
+    (target,) = [t for p, t in grafana_targets() if p["title"] == "Energy today (Wh)"]
     series = influxdb1.query(DATABASE, substitute(target["query"], UNIT_CHOICES["all"]))
     assert {s["tags"]["channel"] for s in series} == set(UNITS)
     for s in series:
@@ -451,4 +562,66 @@ def test_grafana_last_point_is_recent(influxdb1, filled):
 def test_grafana_variable_queries_list_the_daemons_tags(influxdb1, filled, name):
     query = substitute(grafana_variables()[name]["query"], UNIT_CHOICES["all"])
     values = {row[1] for s in influxdb1.query(DATABASE, query) for row in s["values"]}
-    assert values == ({SITE} if name == "site" else set(UNITS))
+    assert values == ({SITE, OTHER} if name == "site" else set(UNITS))
+    if name == "channel":
+        query = substitute(grafana_variables()[name]["query"], UNIT_CHOICES["all"], site=OTHER)
+        assert {row[1] for s in influxdb1.query(DATABASE, query) for row in s["values"]} == set(OTHER_CHANNELS)
+
+
+BOTH_SITES_CHANNELS = "(" + "|".join(UNITS + OTHER_CHANNELS) + ")"
+
+
+@pytest.mark.parametrize("item", grafana_targets(), ids=target_id)
+def test_grafana_query_shows_the_selected_site_and_not_the_other(influxdb1, filled, item):
+    """With every channel of both sites selected, only the site variable tells them apart."""
+    panel, target = item
+    results = {site: influxdb1.query(DATABASE, substitute(target["query"], BOTH_SITES_CHANNELS, site=site))
+               for site in (SITE, OTHER, "nosuchsite")}
+    assert results["nosuchsite"] == []
+    if queried_fields(target["query"]) == {"cpu_temp_c"} and results[SITE] == []:
+        return  # no temperature sensor on this machine (see test_grafana_query_returns_data_from_the_daemon)
+    assert results[SITE] and results[OTHER]
+    # The sites were measured one after the other: without the site filter both answers would be the same.
+    assert results[SITE] != results[OTHER], target["query"]
+    if 'GROUP BY "channel"' in target["query"] or ', "channel"' in target["query"]:
+        for site, channels in ((SITE, set(UNITS)), (OTHER, set(OTHER_CHANNELS))):
+            assert {s["tags"]["channel"] for s in results[site]} == channels, (site, target["query"])
+
+
+def daily_panel():
+    (panel,) = [p for p in grafana_panels() if p["title"].startswith("Daily energy per unit")]
+    return panel
+
+
+def test_grafana_daily_energy_is_each_counters_increase_per_local_day(influxdb1, filled):
+    """The daily panel adds up the steps of energy_in_wh / energy_out_wh per unit and channel per day of the
+    time zone variable: summed over the days, exactly each counter's increase over the points (what the logger
+    integrated between those readings). Holds at any hour, a midnight between the cycles included."""
+    import datetime as dt
+    from zoneinfo import ZoneInfo
+
+    (target,) = daily_panel()["targets"]
+    series = influxdb1.query(DATABASE, substitute(target["query"], BOTH_SITES_CHANNELS))
+    by_channel = {(s["tags"]["unit"], s["tags"]["channel"]): s for s in series}
+    assert set(by_channel) == {(u, u) for u in UNITS}  # SITE's units, each with its (default) channel
+    london = ZoneInfo("Europe/London")
+    for (unit, channel), s in by_channel.items():
+        rows = [dict(zip(s["columns"], v)) for v in s["values"]]
+        for row in rows:  # each bucket starts at a local midnight
+            start = dt.datetime.fromtimestamp(row["time"] / 1000, london)
+            assert (start.hour, start.minute, start.second) == (0, 0, 0), start
+        for field, column in (("energy_in_wh", "in_wh"), ("energy_out_wh", "out_wh")):
+            (counter,) = influxdb1.query(DATABASE, f'SELECT first("{field}"), last("{field}") FROM "electricity" '
+                                                   f"WHERE \"site\" = '{SITE}' AND \"channel\" = '{channel}' "
+                                                   "AND time > now() - 1h")
+            _, first, last = counter["values"][0]
+            assert sum(row[column] or 0 for row in rows) == pytest.approx(last - first, abs=1e-9), (channel, field)
+    assert any(row[1] > 0 for s in series for row in s["values"])  # a June noon: the panels generate
+
+
+@pytest.mark.parametrize("timezone, midnight_utc_ms", [("UTC", 0), ("Asia/Kolkata", (24 - 5.5) * 3_600_000)])
+def test_grafana_daily_energy_days_follow_the_time_zone_variable(influxdb1, filled, timezone, midnight_utc_ms):
+    # Kolkata has no summer time (+05:30 all year): its days start at 18:30 UTC whatever the season.
+    (target,) = daily_panel()["targets"]
+    series = influxdb1.query(DATABASE, substitute(target["query"], BOTH_SITES_CHANNELS, timezone=timezone))
+    assert series and all(v[0] % 86_400_000 == midnight_utc_ms for s in series for v in s["values"])
