@@ -269,15 +269,19 @@ class Layout:
 
     @classmethod
     def from_config(cls, config) -> Layout:
-        units: dict[str, dict[str, int]] = {}
-        for c in config.channels:
-            per_role = units.setdefault(c.unit_name, {})
-            per_role[c.role] = per_role.get(c.role, 0) + 1
         interval_s = config.sampling.interval_s
         if config.simulation.stamp == "simulated":
             interval_s *= config.simulation.speed  # the points are this far apart in their own (simulated) time
-        return cls({c.name: c.role for c in config.channels}, units, config.simulation.plant, interval_s,
-                   config.site.name)
+        return cls.from_channels(config.channels, config.simulation.plant, interval_s, config.site.name)
+
+    @classmethod
+    def from_channels(cls, channels: Sequence, plant: str, interval_s: float, site: str) -> Layout:
+        """From configured channels (.name, .role, .unit_name)."""
+        units: dict[str, dict[str, int]] = {}
+        for c in channels:
+            per_role = units.setdefault(c.unit_name, {})
+            per_role[c.role] = per_role.get(c.role, 0) + 1
+        return cls({c.name: c.role for c in channels}, units, plant, interval_s, site)
 
     @property
     def max_gap_ms(self) -> int:
@@ -333,8 +337,8 @@ def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: in
             start_ms, end_ms = day_bounds(day, acc.tz)
             period_s = max(0.0, (min(end_ms, now_ms) - start_ms) / 1000)
             iso = day.isoformat()
-            units = sorted(set(layout.units) | acc.units.get(site, set())
-                           | {k[2] for k in totals if k[:2] == (site, iso)})
+            seen = acc.units.get(site, set()) | {k[2] for k in totals if k[:2] == (site, iso)}
+            units = list(layout.units) + sorted(seen - set(layout.units))  # the config's order, then others
             units_doc = {}
             for unit in units:
                 cells = dict(by_day.get((site, iso, unit), {}))
