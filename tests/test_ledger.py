@@ -94,6 +94,18 @@ def test_a_house_buys_on_plus_and_the_plant_sells_on_plus():
     assert units_doc["power_plant"]["bought"]["wh"] == 0
 
 
+def test_the_hour_a_dst_change_repeats_is_reported_twice():
+    lay = layout({"red_house": {"load": 1}})
+    day = dt.date(2026, 10, 25)
+    lo, hi = ledger.day_bounds(day, LONDON)
+    acc = Accumulator(lay.roles, lay.max_gap_ms, LONDON, lo, hi)
+    acc.add_all(Reading(lo + k * 60_000, SITE, "red_house", "red_house_load", 1.0) for k in range(25 * 60 + 1))
+    unit = ledger.report(acc, lay, [day], hi, sites=[SITE])["sites"][SITE]["days"][day.isoformat()]["units"]["red_house"]
+    assert len(unit["hours"]) == 25 and unit["hours"]["01:00"]["used"]["wh"] == pytest.approx(1.0)
+    assert unit["hours"]["01:00+0000"]["used"]["wh"] == pytest.approx(1.0)  # BST's 01:00, then GMT's
+    assert unit["used"]["wh"] == pytest.approx(25.0) and unit["used"]["coverage"] == 1.0
+
+
 def test_a_day_with_a_dst_change_is_23_or_25_hours():
     assert ledger.day_bounds(dt.date(2026, 3, 29), LONDON)[1] - ledger.day_bounds(dt.date(2026, 3, 29), LONDON)[0] \
         == 23 * 3_600_000
