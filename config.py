@@ -24,6 +24,7 @@ EMBEDDED_NAME = "<embedded default>"
 
 ROLES = ("battery", "solar", "load", "exchange")
 SCENARIOS = ("day", "constant")
+STAMPS = ("real", "simulated")
 INFLUX_KINDS = ("none", "local", "cloud")
 INFLUX_APIS = ("v1", "v2")
 ADC_SAMPLES = (1, 2, 4, 8, 16, 32, 64, 128)  # the INA219's hardware averaging: conversions per result
@@ -117,6 +118,9 @@ class SimulationConfig:
     seed: int = key(1, lambda v: v.whole_between(0, 2**63 - 1), "seed of clouds, loads and initial charge")
     start: dt.datetime | None = key(None, lambda v: v.datetime, "simulated start (UK local); none: now")
     plant: str = key("power_plant", lambda v: v.identifier, "the unit that houses buy from / sell to")
+    # "simulated": points carry the model's time (start + elapsed x speed), so a simulated day is a calendar
+    # day in `report`; "real": the wall clock, as a real model's points do.
+    stamp: str = key("real", lambda v: v.choice(STAMPS), "points' time: real (the clock) or simulated")
 
 
 @dataclass(frozen=True)

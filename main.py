@@ -1,6 +1,6 @@
 """SolarPowerBrampton: measure the Brampton2Zero solar model, store every reading, deliver it.
 
-Commands: run, once, check, status, export (``python main.py --help``).
+Commands: run, once, check, status, export, report (``python main.py --help``).
 This module wires the parts together and owns the exit codes; the parts never
 import it.
 """
@@ -119,9 +119,29 @@ def load(args) -> Config:
     return config_mod.load_config(path)
 
 
-def open_store(config: Config, check_integrity: bool = True) -> Outbox:
+def open_store(config: Config, check_integrity: bool = True, *, wall_ms: Callable[[], int] | None = None,
+               settle: bool = False) -> Outbox:
+    """The store. `wall_ms`: the time points carry (simulated with `[simulation] stamp = "simulated"`), for
+    the retention; `settle`: the measuring loop's store settles the ledger's daily totals before pruning."""
+    settler = None
+    if settle:
+        from ledger import Layout, Settler, local_zone
+
+        settler = Settler(Layout.from_config(config), local_zone(), wall_ms)
+    extra = {"wall_ms": wall_ms} if wall_ms is not None else {}
     return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days,
-                  check_integrity=check_integrity, local_only=config.influx.kind == "none")
+                  check_integrity=check_integrity, local_only=config.influx.kind == "none", before_prune=settler,
+                  **extra)
+
+
+def stamp_clock(config: Config, choice: BusChoice) -> Callable[[], int] | None:
+    """The simulated time as Unix ms when `[simulation] stamp = "simulated"` and the simulated model is
+    measured; None: points carry the wall clock."""
+    if not (choice.simulated and config.simulation.stamp == "simulated"):
+        return None
+    from simulator import simulated_wall_ms
+
+    return simulated_wall_ms(config, choice.bus, time.monotonic)
 
 
 def make_clock_guard(config: Config):
@@ -131,14 +151,15 @@ def make_clock_guard(config: Config):
 
 
 def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None,
-                reopen_bus: Callable[[object], object] | None = None):
+                reopen_bus: Callable[[object], object] | None = None, wall_ms: Callable[[], int] | None = None):
     from tools import read_data
 
     sampling = config.sampling
     if window_s is not None:
         sampling = dataclasses.replace(sampling, window_s=window_s)
     energy = load_energy(outbox) if outbox else None
-    return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus)
+    extra = {"wall_ms": wall_ms} if wall_ms is not None else {}
+    return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus, **extra)
 
 
 def build_writer(config: Config):
@@ -255,7 +276,11 @@ def cmd_run(args, config: Config) -> int:
     try:
         choice = open_bus(config, args.simulate)
         log.info("%s", choice.note)
-        outbox = open_store(config)
+        stamp = stamp_clock(config, choice)
+        if stamp is not None:
+            log.info("points carry the simulated time ([simulation] stamp = \"simulated\", speed %g)",
+                     config.simulation.speed)
+        outbox = open_store(config, wall_ms=stamp, settle=True)
     except (CriticalError, StoreError) as exc:
         handler.report(exc if isinstance(exc, SolarError) else CriticalError(str(exc), key="store"))
         log.error("cannot start: %s", exc)
@@ -274,19 +299,20 @@ def cmd_run(args, config: Config) -> int:
         # Through the writer's transport: the probe's connection (and TLS session) serves the first flush.
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler,
                                      transport=getattr(writer, "transport", None), ca_file=config.influx.ca_file)
-    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice))
+    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice), wall_ms=stamp)
     sender = make_sender(config, writer, handler) if writer else None
     quarantine_stale(outbox, guard.boot_id)
     metrics = make_metrics(config, handler, sender) if config.web.enabled else None
     service = ServiceHooks(config, handler, outbox.directory, sender=sender,
                            console=(lambda line: print(line, flush=True)) if console_wanted() else None,
-                           metrics=metrics.render if metrics else None)
+                           metrics=metrics.render if metrics else None, wall_ms=stamp)
     listeners = [service.after_cycle] + ([metrics.after_cycle] if metrics else [])
     mqtt = make_mqtt(config, handler, service, outbox) if config.mqtt.enabled else None
     if mqtt is not None:
         listeners.append(mqtt.after_cycle)
+    # Simulated stamps are the model's own time: no NTP hold or re-stamping applies to them.
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
-                    clock_guard=guard, listeners=listeners)
+                    clock_guard=guard if stamp is None else None, listeners=listeners)
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: daemon.stop())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
@@ -323,15 +349,16 @@ def cmd_once(args, config: Config) -> int:
 
     try:
         choice = open_bus(config, args.simulate)
-        outbox = open_store(config)
+        stamp = stamp_clock(config, choice)
+        outbox = open_store(config, wall_ms=stamp)
     except (CriticalError, StoreError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
     if not args.json:
         print(choice.note, file=sys.stderr)
-    reader = make_reader(config, choice.bus, outbox)
+    reader = make_reader(config, choice.bus, outbox, wall_ms=stamp)
     daemon = Daemon(config, reader, outbox, ErrorHandler(None), monitor=SystemMonitor(str(outbox.directory)),
-                    clock_guard=make_clock_guard(config))
+                    clock_guard=make_clock_guard(config) if stamp is None else None)
     cycle = daemon.run_cycle()
     system = daemon.last_system
     outbox.close()
@@ -476,6 +503,63 @@ def cmd_export(args, config: Config) -> int:
     return EXIT_OK
 
 
+def report_days(args, today: dt.date) -> list[dt.date] | str:
+    """The days `report` covers (oldest first), or the one-line problem with --day / --days."""
+    if args.day is not None:
+        try:
+            return [dt.date.fromisoformat(args.day)]
+        except ValueError:
+            return f"--day {args.day!r} is not a date (YYYY-MM-DD)"
+    count = 2 if args.days is None else args.days
+    if not 1 <= count <= 3660:
+        return f"--days {count} is not between 1 and 3660"
+    return [today - dt.timedelta(days=n) for n in range(count - 1, -1, -1)]
+
+
+def cmd_report(args, config: Config) -> int:
+    """Energy per unit and day (README "The ledger"), from the store or from an export file."""
+    import ledger
+
+    tz = ledger.local_zone()
+    now_ms = time.time_ns() // 1_000_000
+    days = report_days(args, dt.datetime.fromtimestamp(now_ms / 1000, tz).date())
+    if isinstance(days, str):
+        print(f"error: {days}", file=sys.stderr)
+        return EXIT_USAGE
+    layout = ledger.Layout.from_config(config)
+    lo_ms, hi_ms = ledger.day_bounds(days[0], tz)[0], ledger.day_bounds(days[-1], tz)[1]
+    acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
+    totals = {}
+    try:
+        if args.source:
+            acc.add_all(ledger.readings_from_export(Path(args.source), args.site))
+            sites = []
+        else:
+            outbox = Outbox(config.store.dir, readonly=True)
+            try:
+                acc.add_all(ledger.readings_from_store(outbox.export(lo_ms - layout.max_gap_ms,
+                                                                     hi_ms + layout.max_gap_ms), args.site))
+                totals = ledger.stored_totals(outbox, days, args.site)
+            finally:
+                outbox.close()
+            # This Pi's own site is always shown (a day without readings says "no data"); another only with data.
+            sites = [config.site.name] if args.site in (None, config.site.name) else []
+    except (StoreError, ledger.ExportError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
+    document = ledger.report(acc, layout, days, now_ms, totals, sites)
+    if args.site and args.site not in document["sites"]:
+        print(f"error: no readings of site {args.site!r} in {args.source or config.store.dir}", file=sys.stderr)
+        return EXIT_FAILURE
+    if args.format == "json":
+        print(json.dumps(document, indent=1))
+    elif args.format == "csv":
+        sys.stdout.write(ledger.as_csv(document))
+    else:
+        sys.stdout.write(ledger.as_table(document))
+    return EXIT_OK
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="main.py", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -501,10 +585,21 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--format", choices=("lp", "csv"), default="lp", help="line protocol (default) or CSV")
     export.add_argument("--local-time", action="store_true",
                         help="CSV: times in this machine's local time zone (default: UTC)")
+    report = add("report", "energy per unit and day: generated, used, bought, sold, battery in and out",
+                 simulate=False)
+    when = report.add_mutually_exclusive_group()
+    when.add_argument("--day", metavar="YYYY-MM-DD", help="one local calendar day")
+    when.add_argument("--days", type=int, metavar="N", help="the last N days, today included (default 2)")
+    report.add_argument("--site", metavar="S", help="only the points of this site (the `site` tag)")
+    report.add_argument("--format", choices=("table", "csv", "json"), default="table",
+                        help="table (default), csv or json")
+    report.add_argument("--from", dest="source", metavar="FILE",
+                        help="read a `main.py export` file (line protocol or CSV) instead of the store")
     return parser
 
 
-COMMANDS = {"run": cmd_run, "once": cmd_once, "check": cmd_check, "status": cmd_status, "export": cmd_export}
+COMMANDS = {"run": cmd_run, "once": cmd_once, "check": cmd_check, "status": cmd_status, "export": cmd_export,
+            "report": cmd_report}
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -157,6 +157,7 @@ class Outbox:
         check_integrity: bool = True,
         readonly: bool = False,
         local_only: bool = False,
+        before_prune: Callable[[Outbox], int | None] | None = None,
     ) -> None:
         self.directory = Path(directory)
         self.local_only = local_only
@@ -164,6 +165,9 @@ class Outbox:
         self.max_bytes = int(max_mb * 1024 * 1024)
         self.retention_ms = int(retention_days * 86_400_000)
         self._wall_ms = wall_ms
+        # Called first by enforce_limits (ledger.Settler: settles daily totals); returns the time from which
+        # raw points must be kept, so the retention prune never loses what is not settled yet.
+        self._before_prune = before_prune
         if readonly:
             # Readers (`status`, `export`, the live page) never write, never move a file aside and
             # never hold a write lock against the daemon.
@@ -443,6 +447,9 @@ class Outbox:
         Returns how many unsent lines were dropped now.
         """
         cutoff = self._wall_ms() - self.retention_ms
+        keep_from = self._before_prune(self) if self._before_prune is not None else None
+        if keep_from is not None:
+            cutoff = min(cutoff, keep_from)
         with self._transaction() as db:
             if self.local_only:
                 # Nothing is ever delivered: every reading is history, and ages out as such.
@@ -511,18 +518,20 @@ class Outbox:
         return OutboxStats(queue.queue_depth, row[0] if row else None, newest, total, queue.quarantined,
                            queue.dropped, self.used_bytes(), queue.held)
 
-    def export(self, since_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
-        """Every stored line, oldest first: (time_ms, line, "sent" | "unsent" | "held" | "quarantined").
+    def export(self, since_ms: int | None = None, until_ms: int | None = None) -> Iterator[tuple[int, str, str]]:
+        """Every stored line in [since_ms, until_ms), oldest first: (time_ms, line, "sent" | "unsent" | "held"
+        | "quarantined").
 
         Raises StoreError (also part-way through, for a damaged file)."""
         since = since_ms if since_ms is not None else -(2**62)
+        until = until_ms if until_ms is not None else 2**62
         try:
             cursor = self._db.execute(
                 "SELECT time_ms, line, CASE WHEN held = 1 THEN 'held' WHEN sent_ms IS NULL THEN 'unsent' "
-                "ELSE 'sent' END FROM points "
-                "WHERE time_ms >= ? UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? "
+                "ELSE 'sent' END FROM points WHERE time_ms >= ? AND time_ms < ? "
+                "UNION ALL SELECT time_ms, line, 'quarantined' FROM quarantine WHERE time_ms >= ? AND time_ms < ? "
                 "ORDER BY 1",
-                (since, since),
+                (since, until, since, until),
             )
             yield from cursor
         except UnicodeDecodeError as exc:
@@ -530,6 +539,36 @@ class Outbox:
         except sqlite3.Error as exc:
             raise StoreError(f"store {self.path}: {exc}",
                              corrupt=isinstance(exc, sqlite3.DatabaseError) and _is_corruption(exc)) from None
+
+    # -- the ledger's daily totals (ledger.py; table from store_schema migration 2) ---------------------------
+    @_store_errors
+    def next_time_ms(self, since_ms: int) -> int | None:
+        """The time of the first stored point at or after `since_ms` (one index probe), or None."""
+        return self._db.execute("SELECT min(time_ms) FROM points WHERE time_ms >= ?", (since_ms,)).fetchone()[0]
+
+    @_store_errors
+    def add_daily_totals(self, rows: Iterable[tuple], state: Mapping[str, str]) -> None:
+        """Add (day, site, unit, role, in_wh, out_wh, measured_s, channels) rows to the daily totals and set
+        `state` (the settled mark), in one transaction."""
+        with self._transaction() as db:
+            db.executemany(
+                "INSERT INTO daily_totals (day, site, unit, role, in_wh, out_wh, measured_s, channels) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (day, site, unit, role) DO UPDATE SET "
+                "in_wh = in_wh + excluded.in_wh, out_wh = out_wh + excluded.out_wh, "
+                "measured_s = measured_s + excluded.measured_s, channels = max(channels, excluded.channels)",
+                list(rows))
+            db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
+
+    @_store_errors
+    def daily_totals(self, days: Sequence[str]) -> list[tuple]:
+        """The settled rows of `days` (ISO dates): (day, site, unit, role, in_wh, out_wh, measured_s, channels);
+        none from a store older than the table."""
+        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daily_totals'"
+                                ).fetchone():
+            return []
+        marks = ",".join("?" * len(days))
+        return self._db.execute(f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
+                                f"WHERE day IN ({marks}) ORDER BY day, site, unit, role", list(days)).fetchall()
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

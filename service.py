@@ -36,10 +36,12 @@ class ServiceHooks:
     def __init__(self, config: Config, handler: ErrorHandler, state_dir: Path, *,
                  console: Callable[[str], None] | None = None, sender=None,
                  clock: Callable[[], float] = time.monotonic,
-                 metrics: Callable[[], tuple[bytes, str]] | None = None) -> None:
+                 metrics: Callable[[], tuple[bytes, str]] | None = None,
+                 wall_ms: Callable[[], int] | None = None) -> None:
         """`console(line)` writes the compact per-cycle line (None: nobody watches a terminal);
         `sender`: the delivery thread (its counters), None without a writer; `metrics()`: what the
-        page's `/metrics` serves (metrics.DaemonMetrics.render)."""
+        page's `/metrics` serves (metrics.DaemonMetrics.render); `wall_ms()`: the time the points carry
+        (Unix ms: the simulated time with `[simulation] stamp = "simulated"`), None: the wall clock."""
         from release import state_dir_from_env
         from sdnotify import Notifier
 
@@ -48,6 +50,7 @@ class ServiceHooks:
         self.console = console
         self.sender = sender
         self.metrics = metrics
+        self.wall_ms = wall_ms
         # Where the updater keeps its state: $STATE_DIRECTORY under systemd (what its pre-start uses),
         # else `state_dir` (tests, runs by hand), never a relative [store] dir.
         self.update_state_dir = state_dir_from_env() or state_dir
@@ -90,8 +93,14 @@ class ServiceHooks:
             finally:
                 box.close()
 
+        from ledger import Layout, Today, local_zone
+
+        wall_ms = self.wall_ms or (lambda: time.time_ns() // 1_000_000)
+        # Today's totals per unit beside the diagram, from the store (its own connection, the server's thread).
+        today = Today(history, Layout.from_config(config), local_zone(), wall_ms)
         page = FlowPage(config.web.listen, channels=config.channels, site=config.site.name, history=history,
-                        plant_unit=config.simulation.plant, metrics=self.metrics)
+                        plant_unit=config.simulation.plant, metrics=self.metrics, today=today.totals,
+                        clock=lambda: wall_ms() / 1000)
         try:
             page.start()
         except OSError as exc:

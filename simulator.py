@@ -158,6 +158,8 @@ BUY_BELOW_SOC = 0.45
 BUY_UNTIL_SOC = 0.6
 PLANT_RESERVE_SOC = 0.3
 STEP_S = 60.0
+# The model's own energy account per unit (SolarModel.account), in Wh.
+ACCOUNT_FIGURES = ("generated", "used", "bought", "sold", "battery_in", "battery_out", "losses")
 # A snapshot is reused for reads within this much real time after it was computed: one sample pass reads
 # every chip within about a millisecond, so the model is computed once per pass, not once per chip.
 # (At speed 1 that is 10 ms of simulated time on a model integrated on a 60-s grid.)
@@ -267,6 +269,7 @@ class SolarModel:
 
     def _reset(self) -> None:
         self._socs = dict(self._initial)
+        self._account = {u: dict.fromkeys(ACCOUNT_FIGURES, 0.0) for u in self.units}
         self._full = dict.fromkeys(self.units, False)
         self._trade = dict.fromkeys(self._houses, "")  # "buy", "sell" or ""
         self._grid_s = 0.0
@@ -275,6 +278,19 @@ class SolarModel:
 
     def _elapsed_s(self) -> float:
         return (self._clock() - self._clock0) * self.speed
+
+    def sim_epoch_ms(self) -> int:
+        """The simulated time now as Unix ms (what `[simulation] stamp = "simulated"` puts on points)."""
+        return round((self._start_epoch_s + self._elapsed_s()) * 1000)
+
+    def account(self) -> tuple[float, dict[str, dict[str, float]]]:
+        """(grid time as Unix s, per unit the energy in Wh since the start, integrated on the model's own
+        60-s grid as the charge is): ACCOUNT_FIGURES. Per house, at every step,
+        generated + bought = used + sold + stored + losses exactly (stored = battery_in - battery_out at the
+        battery's terminals; losses = the charge controller's 0.2 V drop times the panel current)."""
+        self._snapshot(self._elapsed_s())
+        with self._lock:
+            return self._start_epoch_s + self._grid_s, {u: dict(a) for u, a in self._account.items()}
 
     def sim_time(self) -> datetime.datetime:
         """start + elapsed clock seconds * speed."""
@@ -311,6 +327,7 @@ class SolarModel:
                 flows = self._flows(self._start_epoch_s + self._grid_s)
                 for unit, flow in flows.items():
                     self._socs[unit] = self._integrate(unit, flow.battery_a, STEP_S)
+                    self._book(unit, flow)
                 self._grid_s += STEP_S
                 self._decide(self._start_epoch_s + self._grid_s)
             partial_s = max(0.0, elapsed_s - self._grid_s)
@@ -322,6 +339,19 @@ class SolarModel:
                 states[unit] = dataclasses.replace(flow, soc=soc, battery_v=battery_v, panel_v=panel_v)
             self._cached = (elapsed_s, states)
             return states
+
+    def _book(self, unit: str, flow: UnitState) -> None:
+        """Add one grid step of `flow` to the unit's energy account (Wh)."""
+        hours, volts, account = STEP_S / 3600, flow.battery_v, self._account[unit]
+        # The plant's trade line reads + when it sells (UnitState); a house's when it buys.
+        bought_a = -flow.exchange_a if unit == self.plant else flow.exchange_a
+        account["generated"] += flow.panel_v * flow.solar_a * hours
+        account["used"] += volts * flow.load_a * hours
+        account["bought"] += volts * max(bought_a, 0.0) * hours
+        account["sold"] += volts * max(-bought_a, 0.0) * hours
+        account["battery_in"] += volts * max(flow.battery_a, 0.0) * hours
+        account["battery_out"] += volts * max(-flow.battery_a, 0.0) * hours
+        account["losses"] += (flow.panel_v - volts) * flow.solar_a * hours
 
     def _integrate(self, unit: str, battery_a: float, dt_s: float) -> float:
         return _clamp01(self._socs[unit] + battery_a * dt_s / 3600 / self._specs[unit].capacity_ah)
@@ -419,6 +449,20 @@ class ConstantModel:
     def truth_for(self, channel_name: str) -> tuple[float, float]:
         """(bus_voltage_v, current_a) of a channel. Raises KeyError."""
         return self._truths[channel_name]
+
+
+def simulated_wall_ms(config: Config, bus: SimulatedBus, clock: Clock,
+                      now: Callable[[], datetime.datetime] | None = None) -> Callable[[], int]:
+    """Unix ms of the simulated time, for `[simulation] stamp = "simulated"`: the day model's own time, or
+    for the constant scenario `start` (default now) + elapsed `clock` seconds x `speed`."""
+    model = getattr(bus, "model", None)
+    if isinstance(model, SolarModel):
+        return model.sim_epoch_ms
+    sim = config.simulation
+    start_s = (_to_utc(sim.start if sim.start is not None else (now or datetime.datetime.now)()) - _EPOCH
+               ).total_seconds()
+    clock0 = clock()
+    return lambda: round((start_s + (clock() - clock0) * sim.speed) * 1000)
 
 
 def build_simulated_bus(config: Config, clock: Clock,

@@ -30,8 +30,17 @@ class Migration:
     down: str
 
 
-# This release's migrations, oldest first. None yet: the store is at BASE_VERSION.
-MIGRATIONS: tuple[Migration, ...] = ()
+# This release's migrations, oldest first.
+MIGRATIONS: tuple[Migration, ...] = (
+    # 2: the ledger's daily totals per unit and role (ledger.Settler), kept beyond retention_days so a month
+    # or a year can be reported after the raw points aged out. Undone by dropping the table (no point lost).
+    # WITHOUT ROWID: the rows live in the key's own b-tree, one page instead of a table and its index.
+    Migration(2, "CREATE TABLE IF NOT EXISTS daily_totals (day TEXT NOT NULL, site TEXT NOT NULL, "
+                 "unit TEXT NOT NULL, role TEXT NOT NULL, in_wh REAL NOT NULL, out_wh REAL NOT NULL, "
+                 "measured_s REAL NOT NULL, channels INTEGER NOT NULL, PRIMARY KEY (day, site, unit, role)) "
+                 "WITHOUT ROWID",
+              "DROP TABLE IF EXISTS daily_totals"),
+)
 
 
 class SchemaError(Exception):

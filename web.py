@@ -177,14 +177,16 @@ class FlowPage:
     export, (time_ms, line, status) oldest first, called from a server thread
     (give it its own connection); `plant_unit`: the unit the houses trade
     with; `clock`: Unix seconds; `metrics()`: (body, Content-Type) of `/metrics` (Prometheus), called in
-    a server thread; None: no `/metrics`.
+    a server thread; None: no `/metrics`; `today()`: today's totals per unit (ledger.Today.totals), shown
+    beside the diagram and in `/api/now` as `today`, called in a server thread; None: not shown.
     """
 
     def __init__(self, listen: str = "127.0.0.1:8080", *, channels: Sequence[Any], site: str,
                  history: Callable[[int], Iterable[tuple[int, str, str]]] | None = None,
                  plant_unit: str = "power_plant", clock: Callable[[], float] = time.time,
                  history_hours: int = 24, header_deadline_s: float = HEADER_DEADLINE_S,
-                 metrics: Callable[[], tuple[bytes, str]] | None = None) -> None:
+                 metrics: Callable[[], tuple[bytes, str]] | None = None,
+                 today: Callable[[], dict] | None = None) -> None:
         self._host, self._port = _parse_listen(listen)
         self.channels = tuple(channels)
         self.site = site
@@ -194,6 +196,8 @@ class FlowPage:
         self.history_hours = history_hours
         self.header_deadline_s = header_deadline_s
         self.metrics = metrics
+        self._today = today
+        self._today_lock = threading.Lock()
         self._cond = threading.Condition()
         self._snapshot: dict | None = None
         self._version = 0
@@ -267,6 +271,7 @@ class FlowPage:
         with self._derive_lock:
             if self._derived is None or self._derived[0] != version:
                 view = derive(snapshot, self.channels, self.plant_unit, self.site)
+                view["today"] = self.today_totals()
                 view["version"] = version
                 self._derived = (version, view, json.dumps(view, separators=(",", ":")).encode())
             return self._derived
@@ -293,6 +298,17 @@ class FlowPage:
     def leave_events(self) -> None:
         with self._cond:
             self._event_clients -= 1
+
+    def today_totals(self) -> dict | None:
+        """Today's totals per unit (ledger.Today, cached there), or None when not shown or unreadable."""
+        if self._today is None:
+            return None
+        try:
+            with self._today_lock:
+                return self._today()
+        except Exception as exc:  # noqa: BLE001 - a store that cannot be read must not take the page down
+            log.warning("flow page: cannot read today's totals: %s", exc)
+            return None
 
     def history_json(self, hours: int) -> bytes | None:
         if self._history is None:

@@ -26,7 +26,7 @@ SCREENS = [(390, 844), (800, 480), (1280, 720)]  # a phone, the Pi's 7" screen, 
 MIN_TEXT_PX = 12.0
 
 # Every visible text's rendered size (SVG text scaled by its drawing), and everything that spills out of its
-# card (the unit cards of the diagram, the banner, the chart and the key), out of its drawing or out of the
+# card (the unit cards of the diagram, the banner, the chart, today's totals and the key), out of its drawing or out of the
 # window's width. Returns one line per problem.
 LAYOUT_PROBLEMS_JS = r"""
 (minPx) => {
@@ -68,7 +68,7 @@ LAYOUT_PROBLEMS_JS = r"""
       if (!inside(el.getBoundingClientRect(), card, 1)) problems.push(`${say(el)} spills out of the card of ${unit.dataset.unit}`);
     }
   }
-  for (const box of document.querySelectorAll(".top, .status, .chart-box, .key")) {
+  for (const box of document.querySelectorAll(".top, .status, .chart-box, .today, .key")) {
     const outer = box.getBoundingClientRect();
     for (const el of box.querySelectorAll("*")) {
       if (!shown(el) || el.closest("svg") && el.tagName.toLowerCase() !== "svg") continue;
@@ -153,6 +153,11 @@ def test_the_demo_shows_energy_moving_and_is_the_readme_picture(demo, tmp_path):
                 ".map(e => e.textContent)")
             assert any(w.endswith(" W") for w in watts), watts
             assert "storing on this Pi only" in tab.locator("#status-meaning").text_content()
+            # Today's totals per unit beside the diagram, from the store the daemon writes.
+            tab.wait_for_selector('#today tr[data-unit="power_plant"]', timeout=10_000)
+            today = tab.eval_on_selector_all("#today tbody tr", "rows => rows.map(r => r.dataset.unit)")
+            assert today == ["red_house", "green_house", "blue_house", "power_plant"]
+            assert tab.locator('#today tr[data-unit="power_plant"] td[data-figure="sold"]').text_content() == "–"
             shot = tmp_path / "flow-page.png"
             tab.screenshot(path=str(shot))
             _save(shot, "flow-page.png")

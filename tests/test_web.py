@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+import ledger
 import web
 from config import ChannelConfig
 from outbox import Outbox
@@ -427,6 +428,50 @@ def test_history_buckets_power_per_unit(start_page, tmp_path):
         (b1 - later["start_ms"]) // bucket] == 2.0
 
 
+def today_for(directory, wall_ms, interval_s=120.0, site="brampton 2 zero"):
+    """What service.py hands the page: ledger.Today over the store, the model's layout."""
+    layout = ledger.Layout.from_channels(CHANNELS, "power_plant", interval_s, site)
+    return ledger.Today(store_history(directory), layout, ledger.ZoneInfo("Europe/London"), wall_ms).totals
+
+
+def test_today_totals_per_unit_beside_the_flows_from_the_store(start_page, tmp_path):
+    """/api/now (and every event) carries today's generated, used, sold and bought per unit, integrated from the
+    store since local midnight; what no channel measures is not measured, never 0; refreshed every 30 s."""
+    now = {"ms": 1_782_043_200_000}  # 2026-06-21 13:00 in London
+    midnight = 1_781_996_400_000  # 2026-06-21 00:00 BST
+    box = Outbox(tmp_path, wall_ms=lambda: now["ms"])
+    rows = []
+    for k in range(31):  # 12:00 to 13:00, a cycle every 2 minutes
+        t = midnight + 12 * HOUR_MS + k * 120_000
+        rows += [electricity("red_solar", t, 6.0, unit="red_house"), electricity("red_load", t, 3.0, unit="red_house"),
+                 electricity("red_trade", t, -1.5, unit="red_house"),
+                 electricity("green_trade", t, 2.0, unit="green_house")]
+    rows.append(electricity("red_solar", midnight - 60_000, 99.0, unit="red_house"))  # yesterday: not today's
+    box.append(rows)
+    box.close()
+    page = start_page(history=store_history(tmp_path), today=today_for(tmp_path, lambda: now["ms"]))
+    page.update(snapshot({"red_trade": -120.0}))
+    today = now_json(page)["today"]
+    assert today["day"] == "2026-06-21"
+    red = today["units"]["red_house"]
+    assert red["generated"]["wh"] == pytest.approx(6.0) and red["used"]["wh"] == pytest.approx(3.0)
+    assert red["sold"]["wh"] == pytest.approx(1.5) and red["bought"]["wh"] == 0.0
+    assert red["generated"]["coverage"] == pytest.approx(1 / 13, abs=1e-3)  # an hour of the 13 so far
+    assert today["units"]["green_house"]["bought"]["wh"] == pytest.approx(2.0)
+    assert today["units"]["green_house"]["generated"] == {"wh": None, "coverage": None, "not_measured": True}
+    assert today["units"]["blue_house"]["sold"]["not_measured"] is True
+    # Refreshed from the store at most every 30 s, incrementally.
+    box = Outbox(tmp_path, wall_ms=lambda: now["ms"])
+    box.append([electricity("red_solar", midnight + 13 * HOUR_MS + 120_000, 6.0, unit="red_house")])
+    box.close()
+    now["ms"] += 10_000
+    page.update(snapshot({}))
+    assert now_json(page)["today"]["units"]["red_house"]["generated"]["wh"] == pytest.approx(6.0)
+    now["ms"] += 30_000
+    page.update(snapshot({}))
+    assert now_json(page)["today"]["units"]["red_house"]["generated"]["wh"] == pytest.approx(6.2)
+
+
 def test_history_reads_the_store_once_per_minute(start_page):
     calls = []
 
@@ -492,10 +537,12 @@ def fill_demo_history(directory, now_ms):
         hour = (t / HOUR_MS) % 24
         sun = max(0.0, math.sin((hour - 6) / 12 * math.pi))
         evening = 1.0 if 17 <= hour <= 22 else 0.3
-        rows += [electricity("red_house", t, round(6 * sun - 2.5 * evening, 3)),
-                 electricity("green_house", t, round(4 * sun - 1.5 * evening + 0.3, 3)),
-                 electricity("blue_house", t, round(5 * sun - 3 * evening - 0.4, 3)),
-                 electricity("power_plant", t, round(14 * sun - 5 * evening, 3))]
+        rows += [electricity("plant_solar", t, round(15 * sun, 3), unit="power_plant"),
+                 electricity("red_trade", t, -1.2, unit="red_house"),
+                 electricity("red_house", t, round(6 * sun - 2.5 * evening, 3), unit="red_house"),
+                 electricity("green_house", t, round(4 * sun - 1.5 * evening + 0.3, 3), unit="green_house"),
+                 electricity("blue_house", t, round(5 * sun - 3 * evening - 0.4, 3), unit="blue_house"),
+                 electricity("power_plant", t, round(14 * sun - 5 * evening, 3), unit="power_plant")]
     box.append(rows)
     box.close()
 
@@ -507,7 +554,8 @@ def test_browser_shows_live_flows(start_page, tmp_path):
 
     now_ms = int(time.time() * 1000)
     fill_demo_history(tmp_path / "store", now_ms)
-    page = start_page(history=store_history(tmp_path / "store"))
+    page = start_page(history=store_history(tmp_path / "store"),
+                      today=today_for(tmp_path / "store", lambda: int(time.time() * 1000)))
     stop = threading.Event()
 
     def feed():
@@ -545,6 +593,16 @@ def test_browser_shows_live_flows(start_page, tmp_path):
                 assert tab.locator('[data-flow-label="exchange:blue_house"]').text_content() == "trade not metered"
                 assert tab.locator("#status").get_attribute("class") == "status level-ok"
                 assert "All well" in tab.locator("#status-meaning").text_content()
+                # Today's energy beside the diagram: a row per unit; a figure no channel measures says so ("–").
+                tab.wait_for_selector('#today tr[data-unit="red_house"]', timeout=5000)
+                cells = tab.eval_on_selector_all(
+                    "#today tbody tr", "rows => rows.map(r => [r.dataset.unit, ...[...r.cells].slice(1)"
+                    ".map(c => c.textContent)])")
+                assert [row[0] for row in cells] == ["red_house", "green_house", "blue_house", "power_plant"]
+                by_unit = {row[0]: row[1:] for row in cells}
+                assert by_unit["blue_house"] == ["–", "–", "–", "–"]  # a battery meter only
+                assert by_unit["power_plant"][0] not in ("–", "?", "0.00")  # its panel generates
+                assert by_unit["red_house"][2] not in ("–", "?")  # red sells (its trade meter)
                 tab.wait_for_selector("#chart path.series", timeout=5000)
                 assert tab.locator("#chart path.series").count() == 4
                 tab.wait_for_timeout(400)  # let the dashes move a little for the picture

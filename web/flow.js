@@ -432,6 +432,41 @@
     }
   }
 
+  // Today's energy per unit (the ledger's figures from the store): a figure no channel measures shows "–",
+  // one with no reading yet "?", never 0.
+  const TODAY_FIGURES = ["generated", "used", "sold", "bought"];
+  function todayCell(figure) {
+    if (!figure || figure.not_measured) return "–";
+    if (figure.wh === null || figure.wh === undefined) return "?";
+    return figure.wh < 10 ? figure.wh.toFixed(2) : figure.wh.toFixed(1);
+  }
+  function renderToday(today) {
+    const box = $("today");
+    if (!box) return;
+    box.hidden = !today;
+    if (!today) return;
+    const body = box.querySelector("tbody");
+    const rows = [];
+    for (const [unit, figures] of Object.entries(today.units || {})) {
+      const tr = document.createElement("tr");
+      tr.dataset.unit = unit;
+      const name = document.createElement("td");
+      name.textContent = pretty(unit);
+      tr.appendChild(name);
+      for (const key of TODAY_FIGURES) {
+        const td = document.createElement("td");
+        td.dataset.figure = key;
+        td.textContent = todayCell(figures[key]);
+        if (figures[key] && figures[key].coverage !== null && figures[key].coverage !== undefined) {
+          td.title = `${Math.round(figures[key].coverage * 100)} % of today measured`;
+        }
+        tr.appendChild(td);
+      }
+      rows.push(tr);
+    }
+    body.replaceChildren(...rows);
+  }
+
   // ---- status banner and freshness ------------------------------------------------------------
   let lastData = null;
   let lastVersion = null;
@@ -481,6 +516,7 @@
     renderFlows(data);
     renderStatus();
     renderPiPower(data.pi);
+    renderToday(data.today);
     document.body.dataset.version = String(data.version);
   }
 

@@ -1,0 +1,533 @@
+"""The cooperative's ledger: energy per unit, per local calendar day and hour, integrated from the stored points.
+
+Rules (README "The ledger"): each channel's `power_w` is integrated over time between consecutive readings
+by the trapezoid rule; a gap longer than two intervals is not bridged and counts as unmeasured time. A
+segment is split at local hour boundaries and where the power changes sign (linear interpolation), so the
+energy in and out of a battery, or bought and sold on a trade line, are kept apart. Figures by role:
+solar -> generated, load -> used, battery -> battery_in (+, charging) / battery_out (-), exchange ->
+bought / sold from the unit's own view (a house's trade line reads + when it buys; the plant's, + when it
+sells). Each figure carries its coverage: measured channel-seconds over the period's channel-seconds. A
+role no channel measures is "not measured" (None), never 0.
+
+Daily totals are settled, hour by hour, into the store's `daily_totals` table before the raw points age
+out (`Settler`, called by the store's housekeeping), so a month or a year can be reported later. Pure
+computation except `Settler` and `Today`, which read (and, `Settler`, write) through the Outbox they are
+handed. Not thread-safe: one object per thread.
+"""
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import io
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from schema import ELECTRICITY, parse_line
+
+log = logging.getLogger(__name__)
+
+FIGURES = ("generated", "used", "bought", "sold", "battery_in", "battery_out")
+# Which figures a role's energy in (+) and out (-) go to; the plant's trade line reads + when it sells.
+ROLE_FIGURES = {"solar": ("generated", None), "load": ("used", None), "battery": ("battery_in", "battery_out"),
+                "exchange": ("bought", "sold")}
+PLANT_EXCHANGE = ("sold", "bought")
+FIGURE_ROLE = {"generated": "solar", "used": "load", "bought": "exchange", "sold": "exchange",
+               "battery_in": "battery", "battery_out": "battery"}
+HOUR_MS = 3_600_000
+# Daily totals are settled in slices of 15 minutes, at most 4 per housekeeping pass (every 30 cycles): a
+# slice of the full model (15 channels at 3 s) is ~4,500 lines, about 0.1 s of parsing here, so a pass never
+# stalls a measuring cycle, and a long backlog (a first start on an old store) is worked off over many passes.
+SETTLE_SLICE_MS = 15 * 60_000
+SETTLE_SLICES_PER_PASS = 4
+_SETTLED_KEY = "ledger:settled_ms"
+_POWER = frozenset({"power_w"})
+
+
+def local_zone(env: Mapping[str, str] | None = None) -> dt.tzinfo:
+    """This machine's time zone with its DST rules: $TZ, else /etc/localtime, else UTC."""
+    env = os.environ if env is None else env
+    name = env.get("TZ", "").lstrip(":")
+    if name:
+        try:
+            return ZoneInfo(name)
+        except (ZoneInfoNotFoundError, ValueError):
+            log.warning("TZ=%r is not a known time zone: using /etc/localtime", name)
+    try:
+        with open("/etc/localtime", "rb") as f:
+            return ZoneInfo.from_file(f, key="localtime")
+    except (OSError, ValueError):
+        return dt.timezone.utc
+
+
+@dataclass(frozen=True)
+class Reading:
+    """One channel's power at one time (W, signed as stored)."""
+
+    time_ms: int
+    site: str
+    unit: str
+    channel: str
+    power_w: float
+
+
+# -- where readings come from -------------------------------------------------------------------------------
+def readings_from_store(rows: Iterable[tuple[int, str, str]], site: str | None = None) -> Iterator[Reading]:
+    """Readings of `Outbox.export` rows through the one parser (schema.parse_line). Held (clock not yet
+    trusted) and quarantined lines are left out, as on the page's history; `site` keeps only that site."""
+    for _, line, status in rows:
+        if status not in ("sent", "unsent") or not line.startswith(ELECTRICITY + ","):
+            continue
+        try:
+            point = parse_line(line, fields=_POWER)
+        except ValueError:
+            continue
+        reading = _reading(point.time_ms, point.tags, point.fields.get("power_w"))
+        if reading is not None and (site is None or reading.site == site):
+            yield reading
+
+
+def _reading(time_ms: int, tags: Mapping[str, str], power) -> Reading | None:
+    channel = tags.get("channel", tags.get("unit"))
+    if channel is None or isinstance(power, bool) or not isinstance(power, (int, float)):
+        return None
+    return Reading(time_ms, tags.get("site", ""), tags.get("unit", channel), channel, float(power))
+
+
+class ExportError(ValueError):
+    """An export file that cannot be read: the message names the file and line."""
+
+
+def readings_from_export(path: Path, site: str | None = None) -> Iterator[Reading]:
+    """Readings of a file `main.py export` wrote: line protocol (`--format lp`) or CSV (`--format csv`),
+    told apart by the CSV header. Raises ExportError naming the file and line of the first bad line."""
+    try:
+        f = open(path, encoding="utf-8", newline="")
+    except OSError as exc:
+        raise ExportError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
+    with f:
+        try:
+            first = f.readline()
+        except UnicodeDecodeError as exc:
+            raise ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        f.seek(0)
+        readings = _csv_readings(f, path) if first.startswith("time,measurement") else _lp_readings(f, path)
+        try:
+            for reading in readings:
+                if site is None or reading.site == site:
+                    yield reading
+        except UnicodeDecodeError as exc:
+            raise ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _lp_readings(f, path: Path) -> Iterator[Reading]:
+    for number, line in enumerate(f, 1):
+        line = line.rstrip("\r\n")
+        if not line or line.startswith("#") or not line.startswith(ELECTRICITY + ","):
+            continue
+        try:
+            point = parse_line(line, fields=_POWER)
+        except ValueError:
+            raise ExportError(f"{path}: line {number} is not line protocol: {line[:60]!r}") from None
+        reading = _reading(point.time_ms, point.tags, point.fields.get("power_w"))
+        if reading is not None:
+            yield reading
+
+
+def _csv_readings(f, path: Path) -> Iterator[Reading]:
+    rows = csv.reader(f)
+    header = next(rows)
+    # A tag that clashes with a field name is headed "name (tag)" (reports.export_csv).
+    names = [h.removesuffix(" (tag)") for h in header]
+    if "power_w" not in names:
+        raise ExportError(f"{path}: line 1: no power_w column (not a `main.py export --format csv` file?)")
+    col = {name: names.index(name) for name in ("time", "measurement", "site", "unit", "channel", "power_w")
+           if name in names}
+    for number, row in enumerate(rows, 2):
+        if len(row) != len(header):
+            raise ExportError(f"{path}: line {number} has {len(row)} cells, the header {len(header)}")
+        if row[col["measurement"]] != ELECTRICITY or not row[col["power_w"]]:
+            continue
+        try:
+            when = dt.datetime.fromisoformat(row[col["time"]].replace("Z", "+00:00"))
+            if when.tzinfo is None:
+                raise ValueError("no time zone")
+            power = float(row[col["power_w"]])
+        except ValueError:
+            raise ExportError(f"{path}: line {number}: bad time {row[col['time']]!r} or power_w "
+                              f"{row[col['power_w']]!r}") from None
+        tags = {name: row[i] for name, i in col.items() if name in ("site", "unit", "channel") and row[i]}
+        reading = _reading(round(when.timestamp() * 1000), tags, power)
+        if reading is not None:
+            yield reading
+
+
+# -- integration ---------------------------------------------------------------------------------------------
+class Accumulator:
+    """Integrates readings (in time order per channel) into local-hour buckets inside [lo_ms, hi_ms).
+
+    `roles`: channel name -> role; readings of other channels are counted in `unknown` and left out.
+    `max_gap_ms`: a longer gap between two readings of a channel is not bridged (two intervals).
+    Buckets: (site, unit, role, hour_start_ms) -> [in_wh, out_wh, measured_s].
+    """
+
+    def __init__(self, roles: Mapping[str, str], max_gap_ms: int, tz: dt.tzinfo,
+                 lo_ms: int = -(2**62), hi_ms: int = 2**62) -> None:
+        self.roles = dict(roles)
+        self.max_gap_ms = max_gap_ms
+        self.tz = tz
+        self.lo_ms, self.hi_ms = lo_ms, hi_ms
+        self.buckets: dict[tuple[str, str, str, int], list[float]] = {}
+        self.sites: set[str] = set()
+        self.units: dict[str, set[str]] = {}
+        self.unknown: set[str] = set()
+        self.last_ms: int | None = None
+        self._last: dict[tuple[str, str], tuple[int, float]] = {}
+        self._hour = (0, 0)
+
+    def add_all(self, readings: Iterable[Reading]) -> Accumulator:
+        for reading in readings:
+            self.add(reading)
+        return self
+
+    def add(self, r: Reading) -> None:
+        role = self.roles.get(r.channel)
+        if role is None:
+            self.unknown.add(r.channel)
+            return
+        self.last_ms = r.time_ms if self.last_ms is None else max(self.last_ms, r.time_ms)
+        if self.lo_ms <= r.time_ms < self.hi_ms:
+            self.sites.add(r.site)
+            self.units.setdefault(r.site, set()).add(r.unit)
+        key = (r.site, r.channel)
+        previous = self._last.get(key)
+        if previous is not None and r.time_ms <= previous[0]:
+            return  # not later than the last reading (a re-sent copy, a clock step back): nothing to bridge
+        self._last[key] = (r.time_ms, r.power_w)
+        if previous is None or r.time_ms - previous[0] > self.max_gap_ms:
+            return
+        t0, p0 = previous
+        a, b = max(t0, self.lo_ms), min(r.time_ms, self.hi_ms)
+        slope = (r.power_w - p0) / (r.time_ms - t0)
+        while a < b:
+            hour, hour_end = self._hour_of(a)
+            e = min(b, hour_end)
+            pa, pe = p0 + slope * (a - t0), p0 + slope * (e - t0)
+            cell = self.buckets.setdefault((r.site, r.unit, role, hour), [0.0, 0.0, 0.0])
+            span_h = (e - a) / HOUR_MS
+            if pa * pe >= 0:
+                area = (pa + pe) / 2 * span_h
+                cell[0 if area >= 0 else 1] += abs(area)
+            else:  # the sign changes inside: split where the line crosses zero
+                share = pa / (pa - pe)
+                first, second = pa / 2 * span_h * share, pe / 2 * span_h * (1 - share)
+                cell[0 if first > 0 else 1] += abs(first)
+                cell[0 if second > 0 else 1] += abs(second)
+            cell[2] += (e - a) / 1000
+            a = e
+
+    def _hour_of(self, ms: int) -> tuple[int, int]:
+        if not self._hour[0] <= ms < self._hour[1]:
+            start = hour_start(ms, self.tz)
+            self._hour = (start, start + HOUR_MS)
+        return self._hour
+
+
+def hour_start(ms: int, tz: dt.tzinfo) -> int:
+    """The start (Unix ms) of the local hour holding `ms`."""
+    local = dt.datetime.fromtimestamp(ms / 1000, tz)
+    return round(local.replace(minute=0, second=0, microsecond=0).timestamp() * 1000)
+
+
+def day_bounds(day: dt.date, tz: dt.tzinfo) -> tuple[int, int]:
+    """[start, end) of a local calendar day in Unix ms (23 or 25 hours on a DST change)."""
+    start = dt.datetime.combine(day, dt.time(), tz)
+    end = dt.datetime.combine(day + dt.timedelta(days=1), dt.time(), tz)
+    return round(start.timestamp() * 1000), round(end.timestamp() * 1000)
+
+
+def _figure(wh: float, measured_s: float, period_s: float, channels: int) -> dict:
+    coverage = min(1.0, measured_s / (period_s * channels)) if period_s > 0 and channels else 0.0
+    # Nothing measured: the energy is unknown, never 0.
+    return {"wh": round(wh, 3) if measured_s > 0 else None, "coverage": round(coverage, 4)}
+
+
+NOT_MEASURED = {"wh": None, "coverage": None, "not_measured": True}
+
+
+@dataclass(frozen=True)
+class Layout:
+    """What the config says about the units: channel -> role and unit, the plant, the interval."""
+
+    roles: Mapping[str, str]
+    units: Mapping[str, Mapping[str, int]]  # unit -> role -> how many channels measure it
+    plant: str
+    interval_s: float
+    site: str
+
+    @classmethod
+    def from_config(cls, config) -> Layout:
+        interval_s = config.sampling.interval_s
+        if config.simulation.stamp == "simulated":
+            interval_s *= config.simulation.speed  # the points are this far apart in their own (simulated) time
+        return cls.from_channels(config.channels, config.simulation.plant, interval_s, config.site.name)
+
+    @classmethod
+    def from_channels(cls, channels: Sequence, plant: str, interval_s: float, site: str) -> Layout:
+        """From configured channels (.name, .role, .unit_name)."""
+        units: dict[str, dict[str, int]] = {}
+        for c in channels:
+            per_role = units.setdefault(c.unit_name, {})
+            per_role[c.role] = per_role.get(c.role, 0) + 1
+        return cls({c.name: c.role for c in channels}, units, plant, interval_s, site)
+
+    @property
+    def max_gap_ms(self) -> int:
+        return round(2 * self.interval_s * 1000)
+
+    def figures(self, unit: str, role: str, in_wh: float, out_wh: float) -> dict[str, float]:
+        into, out = PLANT_EXCHANGE if (role == "exchange" and unit == self.plant) else ROLE_FIGURES[role]
+        result = {into: in_wh}
+        if out is not None:
+            result[out] = out_wh
+        return result
+
+
+def unit_figures(layout: Layout, unit: str, cells: Mapping[str, list[float]], period_s: float) -> dict:
+    """One unit's figures over a period from its role cells ([in_wh, out_wh, measured_s] per role)."""
+    roles = layout.units.get(unit, {})
+    result = {}
+    for figure in FIGURES:
+        role = FIGURE_ROLE[figure]
+        if role not in roles:
+            result[figure] = dict(NOT_MEASURED)
+            continue
+        in_wh, out_wh, measured_s = cells.get(role, (0.0, 0.0, 0.0))
+        value = layout.figures(unit, role, in_wh, out_wh).get(figure, 0.0)
+        result[figure] = _figure(value, measured_s, period_s, roles[role])
+    return result
+
+
+def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: int,
+           totals: Mapping[tuple[str, str, str], Mapping[str, Sequence[float]]] | None = None,
+           sites: Iterable[str] = ()) -> dict:
+    """The `report` document: sites -> days -> units -> figures (each {"wh", "coverage"}) and hours.
+
+    `totals`: settled rows from the store, (site, day ISO, unit) -> role -> (in_wh, out_wh, measured_s,
+    channels); a day's role is taken from them where they saw more of it than the remaining points do
+    (the points aged out). The period of today ends at `now_ms`.
+    """
+    totals = totals or {}
+    by_day: dict[tuple[str, str, str], dict[str, list[float]]] = {}
+    by_hour: dict[tuple[str, str, int], dict[str, list[float]]] = {}
+    for (site, unit, role, hour), cell in acc.buckets.items():
+        day = dt.datetime.fromtimestamp(hour / 1000, acc.tz).date().isoformat()
+        day_cells = by_day.setdefault((site, day, unit), {}).setdefault(role, [0.0, 0.0, 0.0])
+        for i in range(3):
+            day_cells[i] += cell[i]
+        by_hour.setdefault((site, unit, hour), {})[role] = cell
+    all_sites = sorted(set(sites) | acc.sites | {k[0] for k in totals})
+    document: dict = {"time_zone": str(getattr(acc.tz, "key", None) or acc.tz), "interval_s": layout.interval_s,
+                      "sites": {}}
+    for site in all_sites:
+        site_days = {}
+        for day in days:
+            start_ms, end_ms = day_bounds(day, acc.tz)
+            period_s = max(0.0, (min(end_ms, now_ms) - start_ms) / 1000)
+            iso = day.isoformat()
+            seen = acc.units.get(site, set()) | {k[2] for k in totals if k[:2] == (site, iso)}
+            units = list(layout.units) + sorted(seen - set(layout.units))  # the config's order, then others
+            units_doc = {}
+            for unit in units:
+                cells = dict(by_day.get((site, iso, unit), {}))
+                source = "points"
+                for role, row in totals.get((site, iso, unit), {}).items():
+                    if row[2] > cells.get(role, (0, 0, 0))[2]:
+                        cells[role] = list(row[:3])
+                        source = "daily totals"
+                doc = unit_figures(layout, unit, cells, period_s)
+                doc["source"] = source
+                hours = {}
+                hour = start_ms
+                while hour < min(end_ms, now_ms):
+                    local = dt.datetime.fromtimestamp(hour / 1000, acc.tz)
+                    label = local.strftime("%H:%M")
+                    if label in hours:  # the hour a DST change repeats: the second one says its offset
+                        label = local.strftime("%H:%M%z")
+                    hour_s = max(0.0, (min(hour + HOUR_MS, now_ms) - hour) / 1000)
+                    hours[label] = unit_figures(layout, unit, by_hour.get((site, unit, hour), {}), hour_s)
+                    hour += HOUR_MS
+                doc["hours"] = hours
+                units_doc[unit] = doc
+            site_days[iso] = {"period_s": period_s, "units": units_doc}
+        document["sites"][site] = {"days": site_days}
+    if acc.unknown:
+        document["unknown_channels"] = sorted(acc.unknown)
+    return document
+
+
+# -- daily totals kept in the store ---------------------------------------------------------------------------
+class Settler:
+    """Settles 15-minute slices into the store's daily_totals before the raw points can age out.
+
+    Called by `Outbox.enforce_limits` (its `before_prune`) in the measuring thread, with that Outbox; returns
+    the time from which raw points must be kept (the retention prune stops there), so pruning never loses a
+    day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later).
+    """
+
+    def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None) -> None:
+        self.layout = layout
+        self.tz = tz
+        self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+
+    def __call__(self, outbox) -> int | None:
+        try:
+            return self.settle(outbox)
+        except Exception as exc:  # noqa: BLE001 - the ledger must never stop the store's housekeeping
+            log.warning("daily totals not settled this time: %s", exc)
+            settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
+            return int(settled) - self.layout.max_gap_ms if settled else -(2**62)
+
+    def settle(self, outbox, max_slices: int = SETTLE_SLICES_PER_PASS) -> int:
+        """Settle up to `max_slices` completed 15-minute slices; returns the keep-from time (Unix ms)."""
+        gap = self.layout.max_gap_ms
+        ready_ms = self._wall_ms() - gap - 60_000  # the reading after a slice must be stored by then
+        ready_ms -= ready_ms % SETTLE_SLICE_MS
+        settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
+        start = int(settled) if settled else None
+        if start is None:
+            oldest = outbox.next_time_ms(-(2**62))
+            if oldest is None:
+                return -(2**62)
+            start = oldest - oldest % SETTLE_SLICE_MS
+        for _ in range(max_slices):
+            end = start + SETTLE_SLICE_MS
+            if end > ready_ms:
+                break
+            acc = Accumulator(self.layout.roles, gap, self.tz, start, end)
+            acc.add_all(readings_from_store(outbox.export(start - gap, end + gap)))
+            rows = []
+            for (site, unit, role, hour), (in_wh, out_wh, measured_s) in acc.buckets.items():
+                day = dt.datetime.fromtimestamp(hour / 1000, self.tz).date().isoformat()
+                channels = self.layout.units.get(unit, {}).get(role, 1)
+                rows.append((day, site, unit, role, in_wh, out_wh, measured_s, channels))
+            if not acc.buckets:  # nothing in this slice: skip the empty ones up to the next reading's
+                following = outbox.next_time_ms(end)
+                target = ready_ms if following is None else min(following - following % SETTLE_SLICE_MS, ready_ms)
+                end = max(end, target)
+            outbox.add_daily_totals(rows, {_SETTLED_KEY: str(end)})
+            start = end
+        return start - gap
+
+
+def stored_totals(outbox, days: Sequence[dt.date], site: str | None = None
+                  ) -> dict[tuple[str, str, str], dict[str, tuple[float, float, float, int]]]:
+    """The settled daily_totals of `days` from the store: (site, day, unit) -> role -> row."""
+    result: dict = {}
+    for day, row_site, unit, role, in_wh, out_wh, measured_s, channels in outbox.daily_totals(
+            [d.isoformat() for d in days]):
+        if site is None or row_site == site:
+            result.setdefault((row_site, day, unit), {})[role] = (in_wh, out_wh, measured_s, channels)
+    return result
+
+
+# -- the live page's "today" ----------------------------------------------------------------------------------
+TODAY_FIGURES = ("generated", "used", "sold", "bought")
+TODAY_CACHE_S = 30.0
+
+
+class Today:
+    """Today's totals per unit for the live page, read from the store incrementally (at most every 30 s).
+
+    `source(since_ms)`: the store's export from that time (its own connection: called in a server thread).
+    Starts afresh at local midnight. Thread-safety: call from one thread at a time (the page holds a lock).
+    """
+
+    def __init__(self, source: Callable[[int], Iterable[tuple[int, str, str]]], layout: Layout, tz: dt.tzinfo,
+                 wall_ms: Callable[[], int] | None = None) -> None:
+        self._source = source
+        self.layout = layout
+        self.tz = tz
+        self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self._acc: Accumulator | None = None
+        self._day: dt.date | None = None
+        self._read_ms: int | None = None
+        self._cached: tuple[int, dict] | None = None
+
+    def totals(self) -> dict:
+        """{"day": ISO, "units": {unit: {generated/used/sold/bought: {"wh", "coverage"}}}}."""
+        now_ms = self._wall_ms()
+        if self._cached and 0 <= now_ms - self._cached[0] < TODAY_CACHE_S * 1000:
+            return self._cached[1]
+        day = dt.datetime.fromtimestamp(now_ms / 1000, self.tz).date()
+        start_ms, _ = day_bounds(day, self.tz)
+        if day != self._day or self._acc is None:
+            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, start_ms)
+            self._day, self._read_ms = day, start_ms - self.layout.max_gap_ms
+        since = self._read_ms
+        for reading in readings_from_store(self._source(since)):
+            if reading.time_ms >= since:
+                self._acc.add(reading)
+        if self._acc.last_ms is not None:
+            self._read_ms = self._acc.last_ms + 1  # a cycle's lines share one time and commit together
+        doc = report(self._acc, self.layout, [day], now_ms, sites=[self.layout.site])
+        units = doc["sites"].get(self.layout.site, {"days": {}})["days"][day.isoformat()]["units"]
+        result = {"day": day.isoformat(),
+                  "units": {u: {f: v[f] for f in TODAY_FIGURES} for u, v in units.items()}}
+        self._cached = (now_ms, result)
+        return result
+
+
+# -- formats -------------------------------------------------------------------------------------------------
+def _cell(figure: dict) -> str:
+    if figure.get("not_measured"):
+        return "not measured"
+    if figure["wh"] is None:
+        return "no data"
+    return f"{figure['wh']:.2f} ({figure['coverage'] * 100:.0f}%)"
+
+
+def as_table(document: dict) -> str:
+    """The report for a person: one block per site and day, one row per unit, Wh (coverage %)."""
+    out = []
+    for site, site_doc in document["sites"].items():
+        for day, day_doc in site_doc["days"].items():
+            out.append(f"{site}  {day}  (Wh, share of the day measured; time zone {document['time_zone']})")
+            head = f"{'unit':<16}" + "".join(f"{f.replace('_', ' '):>18}" for f in FIGURES)
+            out += [head, "-" * len(head)]
+            for unit, figures in day_doc["units"].items():
+                out.append(f"{unit:<16}" + "".join(f"{_cell(figures[f]):>18}" for f in FIGURES))
+            out.append("")
+    if document.get("unknown_channels"):
+        out.append("left out (not in the config): " + ", ".join(document["unknown_channels"]))
+    return "\n".join(out).rstrip() + "\n"
+
+
+def as_csv(document: dict) -> str:
+    """The report for a spreadsheet: one row per site, day, unit and hour ("day" for the whole day);
+    per figure its Wh and coverage (empty Wh: no data; "not measured" in both cells: no channel)."""
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["site", "day", "hour", "unit", *(f"{f}_{k}" for f in FIGURES for k in ("wh", "coverage"))])
+
+    def cells(figures: dict) -> list:
+        row = []
+        for f in FIGURES:
+            v = figures[f]
+            if v.get("not_measured"):
+                row += ["not measured", "not measured"]
+            else:
+                row += ["" if v["wh"] is None else f"{v['wh']:.3f}", f"{v['coverage']:.4f}"]
+        return row
+
+    for site, site_doc in document["sites"].items():
+        for day, day_doc in site_doc["days"].items():
+            for unit, figures in day_doc["units"].items():
+                writer.writerow([site, day, "day", unit, *cells(figures)])
+                for hour, hour_figures in figures["hours"].items():
+                    writer.writerow([site, day, hour, unit, *cells(hour_figures)])
+    return buffer.getvalue()
