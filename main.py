@@ -158,7 +158,8 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     if window_s is not None:
         sampling = dataclasses.replace(sampling, window_s=window_s)
     energy = load_energy(outbox) if outbox else None
-    extra = {"wall_ms": wall_ms} if wall_ms is not None else {}
+    # Points stamped with the simulated time: the energy counters integrate the same (simulated) seconds.
+    extra = {"wall_ms": wall_ms, "energy_time_scale": config.simulation.speed} if wall_ms is not None else {}
     return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus, **extra)
 
 

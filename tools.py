@@ -104,10 +104,10 @@ class EnergyCounter:
     last_s: float | None = field(default=None, compare=False)  # monotonic time of the last good reading
 
     def add(self, power_w: float, now_s: float, max_gap_s: float) -> None:
-        # Integrate on the monotonic clock (immune to NTP steps); a long gap is
-        # capped rather than filled with a guess of what flowed meanwhile.
-        if self.last_s is not None:
-            dt_h = min(now_s - self.last_s, max_gap_s) / 3600.0
+        # Integrate on the monotonic clock (immune to NTP steps). A gap longer than `max_gap_s` is not
+        # bridged (the ledger's rule too): what flowed meanwhile was not measured, so nothing is guessed.
+        if self.last_s is not None and now_s - self.last_s <= max_gap_s:
+            dt_h = (now_s - self.last_s) / 3600.0
             if power_w >= 0:
                 self.in_wh += power_w * dt_h
             else:
@@ -190,8 +190,12 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         wall_ms: Callable[[], int] = lambda: time.time_ns() // 1_000_000,
         driver_factory: Callable = default_driver_factory,
         reopen_bus: Callable[[object], object] | None = None,
+        energy_time_scale: float = 1.0,
     ) -> None:
         self.bus = bus
+        # Seconds of the points' time per second of `clock`: the simulator's speed when points carry the
+        # simulated time, so the energy counters agree with the stamps (and with the ledger integrating them).
+        self._energy_scale = energy_time_scale
         self._reopen_bus = reopen_bus
         self.stuck_cycles = 0  # consecutive cycles in which no sensor answered at all
         self.bus_reopens = 0
@@ -369,14 +373,15 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         shunt_mv = sensor.sum_shunt_mv / n
         current_ma = shunt_mv / channel.shunt_ohms
         power_w = sensor.sum_power_w / n
-        sensor.energy.add(power_w, mid_s, max_gap_s=2 * self.sampling.interval_s)
+        scale = self._energy_scale
+        sensor.energy.add(power_w, mid_s * scale, max_gap_s=2 * self.sampling.interval_s * scale)
         # Each value keeps the digits the chip resolves and no more: digits beyond carry no
         # information and cost bytes on every line sent over a SIM data plan.
         current_step_ma = _SHUNT_LSB_MV / channel.shunt_ohms  # current comes from the shunt register
         power_step_w = (abs(bus_v) * current_step_ma + abs(current_ma) * _BUS_LSB_V) / 1000
         # Energy: what one cycle adds at the power's single-sample step; finer digits would only
         # show the rounding of averages accumulating.
-        energy_step_wh = power_step_w * self.sampling.interval_s / 3600
+        energy_step_wh = power_step_w * self.sampling.interval_s * scale / 3600
         energy_digits = resolved_digits(energy_step_wh, 1)
         return ChannelReading(
             channel.name,

@@ -185,12 +185,13 @@ def test_hardware_averaging_sets_the_adc_fields(clock):
     assert (config_word >> 7) & 0xF == 0xC and (config_word >> 3) & 0xF == 0xC
 
 
-def test_energy_counter_splits_directions_and_caps_gaps():
+def test_energy_counter_splits_directions_and_does_not_bridge_gaps():
     counter = EnergyCounter()
     counter.add(36.0, 0.0, max_gap_s=20)
     counter.add(36.0, 10.0, max_gap_s=20)    # +0.1 Wh
     counter.add(-72.0, 20.0, max_gap_s=20)   # 0.2 Wh out
-    counter.add(36.0, 1000.0, max_gap_s=20)  # a long gap counts as 20 s only
+    counter.add(36.0, 1000.0, max_gap_s=20)  # a long gap: not bridged (the ledger's rule), adds nothing
+    counter.add(36.0, 1020.0, max_gap_s=20)  # two intervals exactly: bridged, +0.2 Wh
     assert counter.in_wh == pytest.approx(0.1 + 0.2)
     assert counter.out_wh == pytest.approx(0.2)
 
