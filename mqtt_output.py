@@ -119,6 +119,9 @@ def make_client(client_id: str):
         def buffered(self) -> bool:
             return bool(self._read_buffer)
 
+        def unacknowledged(self) -> int:
+            return len(self._out_messages)  # qos 1/2 messages without their PUBACK/PUBCOMP yet
+
         def _sock_recv(self, bufsize):
             data = self._read_buffer
             if not data:
@@ -292,6 +295,12 @@ class MqttOutput:
         if self.problem:
             return self.problem
         return f"connected to {self.where}" if self.connected else f"connecting to {self.where}"
+
+    def unacknowledged(self) -> int:
+        """Messages (qos 1 or 2) whose acknowledgement has not been read yet: at most the last cycle's while
+        connected, as the next cycle reads them (or the MQTT thread after `quiet_s`). Any thread."""
+        client = self._client
+        return client.unacknowledged() if client is not None else 0
 
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> None:

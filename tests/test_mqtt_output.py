@@ -331,6 +331,32 @@ def check(config_path, env=None):
                           env={k: v for k, v in {**os.environ, **(env or {})}.items() if k != "SOLAR_CONFIG"})
 
 
+def test_acknowledgements_are_read_with_the_next_cycle_and_none_pile_up(broker):
+    """The MQTT thread writes a cycle's messages and reads their PUBACKs when the next cycle wakes it (or
+    after `quiet_s` without one): never more than one cycle's waiting, none left once the cycles stop."""
+    from types import SimpleNamespace
+
+    from tools import Cycle
+
+    out = _output(f'[sampling]\ninterval_s = 0.3\nwindow_s = 0.05\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\n'
+                  f'port = {broker.port}', ErrorHandler(None))
+    out.start()
+    try:
+        _wait(lambda: out.connected and out.unacknowledged() == 0, "connection, discovery acknowledged")
+        devices = len(out.units) + 1
+        for i in range(40):
+            out.after_cycle(SimpleNamespace(cycle=Cycle(time_ms=1_780_000_000_000 + i, monotonic_s=i, channels=()),
+                                            system=None, queue_depth=0))
+            _wait(lambda: out.states_published == i + 1, f"cycle {i} published")
+            # This cycle's; the last one's were read when this one woke the thread (or, had the broker not
+            # answered by then, once `quiet_s` has passed).
+            _wait(lambda: out.unacknowledged() <= devices, f"cycle {i - 1}'s PUBACKs read")
+        _wait(lambda: out.unacknowledged() == 0, "the last cycle's PUBACKs read", timeout=out.quiet_s + DEADLINE_S)
+        assert out.states_skipped == 0
+    finally:
+        out.stop()
+
+
 def test_a_password_file_others_can_read_is_refused_at_start(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
