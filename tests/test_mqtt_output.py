@@ -344,7 +344,7 @@ def test_acknowledgements_are_read_with_the_next_cycle_and_none_pile_up(broker):
     try:
         _wait(lambda: out.connected and out.unacknowledged() == 0, "connection, discovery acknowledged")
         devices = len(out.units) + 1
-        for i in range(40):
+        for i in range(15):
             out.after_cycle(SimpleNamespace(cycle=Cycle(time_ms=1_780_000_000_000 + i, monotonic_s=i, channels=()),
                                             system=None, queue_depth=0))
             _wait(lambda: out.states_published == i + 1, f"cycle {i} published")
