@@ -421,7 +421,7 @@ class MqttOutput:
                             had_socket, quiet_until = True, 0.0
                         continue
                     self._select([], [], retry_at - now)
-                    self._take_cycle()
+                    self._take_cycle(client)
                     continue
                 listening = now >= quiet_until
                 # Bytes already read (ours, or TLS's decrypted ones) are invisible to select(): don't wait.
@@ -435,14 +435,14 @@ class MqttOutput:
                 if writable and (client.loop_write() or client.socket() is None):
                     continue
                 client.loop_misc()  # keepalive: PINGREQ when due, closes when the broker went silent
-                if self._take_cycle() and client.socket() is not None:
+                if self._take_cycle(client) and client.socket() is not None:
                     quiet_until = time.monotonic() + self.quiet_s
             except Exception:  # noqa: BLE001 - the thread must outlive any surprise; the store is unaffected
                 log.exception("MQTT: unexpected error in the MQTT thread")
                 self._select([], [], RECONNECT_MIN_S)
         self._shutdown(client)
 
-    def _select(self, rlist: list, wlist: list, timeout_s: float) -> list:
+    def _select(self, rlist: list, wlist: list, timeout_s: float) -> tuple[list, list]:
         """Wait for `rlist`/`wlist` or a wake-up (cycle, stop), at most `timeout_s`; (readable, writable)."""
         readable, writable, _ = select.select([self._wake_r, *rlist], wlist, [], max(timeout_s, 0.0))
         if self._wake_r in readable:
@@ -452,13 +452,13 @@ class MqttOutput:
                 pass
         return readable, writable
 
-    def _take_cycle(self) -> bool:
+    def _take_cycle(self, client) -> bool:
         """Publish the pending cycle (True), or count it skipped while not connected."""
         with self._lock:
             pending, self._pending, self._woken = self._pending, None, False
         if pending is None:
             return False
-        client, qos = self._client, self.mqtt.qos
+        qos = self.mqtt.qos
         sock = client.socket()
         if not self.connected or sock is None:
             self.states_skipped += 1
@@ -494,7 +494,7 @@ class MqttOutput:
             client.disconnect()  # sent at once (no loop thread); closes the socket
         self.connected = False
 
-    # -- paho's callbacks (its network thread) ------------------------------------------------------------
+    # -- paho's callbacks (in the MQTT thread, from loop_read) ----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
             self._report(refusal(reason_code, self.where, self.mqtt.username))
