@@ -323,6 +323,11 @@ def test_check_probes_the_broker_naming_it_and_never_the_password(tmp_path):
     assert unreachable.returncode == 1
     assert (f"FAIL  mqtt: MQTT broker {where} unreachable: connection refused (is the broker running on that port?)"
             in unreachable.stdout), unreachable.stdout
+    pw.chmod(0o644)  # what `run` refuses at start (exit 78), `check` names as a failure
+    exposed = check(write_config(tmp_path, secured.port, extra=f'username = "logger"\npassword_file = "{pw}"'))
+    assert exposed.returncode == 1
+    assert "FAIL  mqtt:" in exposed.stdout and "mqtt.password_file" in exposed.stdout, exposed.stdout
+    assert "readable by others" in exposed.stdout and "not-the-" not in exposed.stdout + exposed.stderr
 
 
 def check(config_path, env=None):
