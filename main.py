@@ -225,6 +225,29 @@ def check_mqtt_secret(config: Config) -> None:
         raise ConfigError(config.source, [f"at 'mqtt.password_file': {exc}"]) from None
 
 
+def mqtt_finding(config: Config, timeout_s: float = 5.0):
+    """The boot check of `[mqtt]` for `main.py check`: the broker answers the login within `timeout_s`.
+    Not answering is Short (InfluxDB or the store keeps the record), or Connection when MQTT is the only
+    output, as on the LED when running; a password file that is missing or readable by others is Critical."""
+    from autostart import Finding
+    from credentials import SecretError
+    from mqtt_output import MqttOutput
+    from rpi_errors import ConnectionFailedError, ShortError
+
+    only_output = config.influx.kind == "none"
+    output = MqttOutput(config, ErrorHandler(None), only_output=only_output)
+    try:
+        problem = output.probe(timeout_s)
+    except SecretError as exc:
+        message = f"{config.source}: at 'mqtt.password_file': {exc}"
+        return Finding("mqtt", message, CriticalError(message, key="boot:mqtt"))
+    if problem:
+        error = ConnectionFailedError if only_output else ShortError
+        return Finding("mqtt", problem, error(problem, key="boot:mqtt"))
+    return Finding("mqtt", f"MQTT broker {output.where} accepted the login "
+                           f"(user {config.mqtt.username or '(anonymous)'})")
+
+
 def make_mqtt(config: Config, handler: ErrorHandler, service, outbox: Outbox):
     """The MQTT output (README "Home Assistant"). With [influx] kind = "none", MQTT is the only way the
     readings leave the Pi: its faults then show as Connection, else as Short (InfluxDB holds the record)."""
@@ -407,6 +430,8 @@ def cmd_check(args, config: Config) -> int:
         report(finding)
     if config.influx.kind != "none":  # a TLS failure here says why (expired, hostname mismatch, ...)
         report(autostart.influx_finding(config.influx))
+    if config.mqtt.enabled:  # the broker's answer to the login: refused, TLS failure, unreachable
+        report(mqtt_finding(config))
     reader = make_reader(config, choice.bus, None, window_s=min(config.sampling.window_s, 0.2))
     for r in reader.measure().channels:
         detail = r.error if not r.ok else f"{r.bus_voltage_v:.2f} V, {r.current_ma:.1f} mA, {r.power_w:.2f} W"

@@ -1,9 +1,10 @@
 """MQTT with Home Assistant discovery: every cycle as one JSON state message per device.
 
 `MqttOutput` is a listener of the measuring loop (daemon.Daemon). The listener only hands the cycle's
-report to the publisher thread (the latest cycle wins, nothing queues up); paho-mqtt's own network
-thread (loop_start) connects, reconnects with backoff (1 s doubling to 60 s) and sends. A broker that is
-down, slow or refusing the login never delays a cycle, and never touches the store.
+report to the MQTT thread (the latest cycle wins, nothing queues up). That one thread drives paho-mqtt
+(its loop_read/loop_write/loop_misc, not loop_start): connects, reconnects with backoff (1 s doubling to
+60 s), sends each cycle's messages in one burst and reads the broker's answers, waking about once per cycle.
+A broker that is down, slow or refusing the login never delays a cycle, and never touches the store.
 
 Topics (README "Home Assistant"):
   <topic_prefix>/availability                     `online` (retained) while running; `offline` (the last
@@ -18,10 +19,11 @@ from __future__ import annotations
 import json
 import logging
 import re
+import select
 import socket
 import ssl
-import sys
 import threading
+import time
 from collections.abc import Callable, Mapping
 
 from config import Config
@@ -35,6 +37,9 @@ KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED_MESSAGES = 1000  # paho's own queue while a publish waits for the broker (bounded)
+IDLE_WAKE_S = 15.0  # the MQTT thread's longest sleep while listening: keepalive (60 s) checks in time
+READ_CHUNK = 4096  # bytes read from the broker at once
+QUIET_MAX_S = 5.0  # the longest the broker's answers wait for the next cycle to be read
 MANUFACTURER = "Brampton2Zero"
 LOGGER_NODE = "logger"
 _SLUG = re.compile(r"[^A-Za-z0-9_-]+")
@@ -82,6 +87,74 @@ def describe_failure(exc: BaseException | None, where: str) -> str:
     return f"MQTT broker {where} unreachable: {type(exc).__name__ if exc else 'connection failed'}"
 
 
+def _cork(sock, on: int) -> None:
+    """TCP_CORK (Linux) on or off: while on, small writes wait to leave together."""
+    try:
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, on)
+    except (AttributeError, OSError):
+        pass  # not Linux, or the socket just closed: the messages go out one by one
+
+
+def make_client(client_id: str):
+    """A paho-mqtt client (MQTT 3.1.1, callback API 2, pinned 2.2.0) made cheaper where every cycle pays.
+
+    Reads: paho reads a packet in pieces of 1, 1 and n bytes, a system call each (a PUBACK is 4 bytes:
+    3 calls, 5 PUBACKs a cycle at qos 1); this client reads what waits at once and hands paho the pieces
+    from that buffer (`buffered()` says something is left: select() cannot see it).
+    PUBACKs: paho 2.2 decodes every one into a fresh MQTT 5 reason code and property set (tables of ~40
+    names built per packet: about 60 us each); a 3.1.1 PUBACK is only a message id. Anything else (MQTT 5,
+    PUBCOMP, a malformed length) goes through paho's own code.
+    Not thread-safe: one thread drives it (MqttOutput's).
+    """
+    import paho.mqtt.client as paho
+    from paho.mqtt.packettypes import PacketTypes
+    from paho.mqtt.properties import Properties
+    from paho.mqtt.reasoncodes import ReasonCode
+
+    class Client(paho.Client):
+        _puback_success = ReasonCode(PacketTypes.PUBACK)  # read-only: only an on_publish callback sees them
+        _puback_properties = Properties(PacketTypes.PUBACK)
+        _read_buffer = b""
+
+        def buffered(self) -> bool:
+            return bool(self._read_buffer)
+
+        def unacknowledged(self) -> int:
+            return len(self._out_messages)  # qos 1/2 messages without their PUBACK/PUBCOMP yet
+
+        def _sock_recv(self, bufsize):
+            data = self._read_buffer
+            if not data:
+                data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing waits
+                if len(data) <= bufsize:
+                    return data  # b"" too: the broker closed the connection
+            self._read_buffer = data[bufsize:]
+            return data[:bufsize]
+
+        def _sock_close(self):
+            self._read_buffer = b""  # the rest of a closed connection's bytes mean nothing to the next
+            super()._sock_close()
+
+        def _handle_pubackcomp(self, cmd):
+            packet = self._in_packet["packet"]
+            if cmd != "PUBACK" or self._protocol == paho.MQTTv5 or len(packet) != 2:
+                return super()._handle_pubackcomp(cmd)
+            mid = packet[0] << 8 | packet[1]
+            with self._out_message_mutex:
+                if mid in self._out_messages:
+                    return self._do_on_publish(mid, self._puback_success, self._puback_properties)
+            return paho.MQTT_ERR_SUCCESS
+
+    return Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
+
+
+def refusal(reason_code, where: str, username: str) -> str:
+    """The problem for a CONNACK that refused the connection (paho's ReasonCode `reason_code`)."""
+    why = str(reason_code)
+    cause = "refused the login" if why in ("Bad user name or password", "Not authorized") else "refused the connection"
+    return f"MQTT broker {where} {cause} ({why}) for user {username or '(anonymous)'}"
+
+
 class MqttOutput:
     """Publishes each cycle to an MQTT broker, with Home Assistant discovery. See the module docstring.
 
@@ -109,10 +182,17 @@ class MqttOutput:
         self.availability_topic = f"{self.prefix}/availability"
         self.status_topic = f"{self.mqtt.discovery_prefix}/status"
         self.where = f"{self.mqtt.host}:{self.mqtt.effective_port}"
+        self.client_id = self.mqtt.client_id or f"solarpowerbrampton-{site}"
         self.secret = Secret(PASSWORD_ENV, self.mqtt.password_file, environ)
         self.units: dict[str, list[str]] = {}  # unit -> its channels, in config order
         for channel in config.channels:
             self.units.setdefault(channel.unit_name, []).append(channel.name)
+        # Per unit: its state topic and, per channel, (JSON key, ChannelReading field) of each sensor.
+        self._layout = [(self.state_topic(unit),
+                         [(channel, [(f"{channel}_{field}", field) for field in CHANNEL_SENSORS])
+                          for channel in channels]) for unit, channels in self.units.items()]
+        self._logger_topic = self.state_topic(LOGGER_NODE)
+        self._encode = json.JSONEncoder(separators=(",", ":")).encode  # json.dumps would build one per call
         self.problem: str | None = None  # what is wrong now (None: connected, or not yet tried)
         self.connected = False
         self.states_published = 0  # cycles published
@@ -120,10 +200,16 @@ class MqttOutput:
         self.discovery_sent = 0  # times the whole discovery was (re)sent
         self._password = ""
         self._client = None
-        self._cond = threading.Condition()
+        # After a cycle's burst, the broker's answers wait this long for the next cycle to read them.
+        self.quiet_s = min(1.5 * config.sampling.interval_s, QUIET_MAX_S)
+        self._lock = threading.Lock()
         self._pending = None  # (report, led meaning) of the latest cycle not yet published
+        self._woken = False  # a wake-up byte for _pending is on its way
         self._stopping = False
+        self._stop_timeout_s = 2.0
+        self._delay_s = 0.0  # the reconnect backoff now (0: the last connection attempt succeeded)
         self._thread: threading.Thread | None = None
+        self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
 
     # -- topics and payloads ------------------------------------------------------------------------------
     def state_topic(self, node: str) -> str:
@@ -169,14 +255,15 @@ class MqttOutput:
         """The state messages of one cycle (tools.Cycle in `report.cycle`), by topic. Failed channels: null."""
         cycle = report.cycle
         by_name = {r.name: r for r in cycle.channels}
+        encode = self._encode
         messages = {}
-        for unit, channels in self.units.items():
+        for topic, channels in self._layout:  # topics and keys made once: this runs every cycle
             state: dict = {"time_ms": cycle.time_ms}
-            for channel in channels:
+            for channel, keys in channels:
                 reading = by_name.get(channel)
-                for field in CHANNEL_SENSORS:
-                    state[f"{channel}_{field}"] = getattr(reading, field, None) if reading else None
-            messages[self.state_topic(unit)] = json.dumps(state, separators=(",", ":")).encode()
+                for key, field in keys:
+                    state[key] = getattr(reading, field, None)
+            messages[topic] = encode(state).encode()
         state = {"time_ms": cycle.time_ms, LED_FIELD: led, "queue_depth": report.queue_depth}
         system = report.system
         if system is not None:
@@ -185,15 +272,18 @@ class MqttOutput:
                     state[field] = getattr(system, field)
             state["undervoltage"] = system.undervoltage
             state["throttled"] = system.throttled
-        messages[self.state_topic(LOGGER_NODE)] = json.dumps(state, separators=(",", ":")).encode()
+        messages[self._logger_topic] = encode(state).encode()
         return messages
 
     # -- the loop's side ----------------------------------------------------------------------------------
     def after_cycle(self, report) -> None:
-        """The listener: hand the cycle to the publisher thread (the latest wins). Never blocks on the broker."""
-        with self._cond:
+        """The listener: hand the cycle to the MQTT thread (the latest wins). Never blocks on the broker: at
+        most one byte on a local socket pair wakes that thread."""
+        with self._lock:
             self._pending = (report, self.meaning())
-            self._cond.notify()
+            wake, self._woken = not self._woken, True
+        if wake:
+            self._wake()
         status = self.status
         if self.save_state is not None and status != self._saved_status:
             self._saved_status = status
@@ -206,14 +296,37 @@ class MqttOutput:
             return self.problem
         return f"connected to {self.where}" if self.connected else f"connecting to {self.where}"
 
+    def unacknowledged(self) -> int:
+        """Messages (qos 1 or 2) whose acknowledgement has not been read yet: at most the last cycle's while
+        connected, as the next cycle reads them (or the MQTT thread after `quiet_s`). Any thread."""
+        client = self._client
+        return client.unacknowledged() if client is not None else 0
+
     # -- life cycle ---------------------------------------------------------------------------------------
     def start(self) -> None:
         """Connect in the background (never waits for the broker). Raises SecretError for a bad password file."""
-        import paho.mqtt.client as paho
+        client = self._new_client(self.client_id)
+        client.will_set(self.availability_topic, "offline", qos=self.mqtt.qos, retain=True)
+        client.max_queued_messages_set(MAX_QUEUED_MESSAGES)
+        client.max_inflight_messages_set(0)  # no limit: a cycle's burst and discovery leave at once
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        # Sets host, port and keepalive only: the MQTT thread connects (paho's reconnect()).
+        client.connect_async(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
+        self._client = client
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="mqtt", daemon=True)
+        self._thread.start()
+        log.info("MQTT: publishing to %s under %s (discovery under %s)", self.where, self.prefix,
+                 self.mqtt.discovery_prefix)
 
+    def _new_client(self, client_id: str):
+        """A client with the login and TLS of [mqtt]; raises SecretError for a bad password file."""
         self._password = self.secret.value() if (self.mqtt.password_file or self.mqtt.username) else ""
-        client = paho.Client(paho.CallbackAPIVersion.VERSION2,
-                             client_id=self.mqtt.client_id or f"solarpowerbrampton-{self.site}")
+        client = make_client(client_id)
         if self.mqtt.username:
             client.username_pw_set(self.mqtt.username, self._password or None)
         if self.mqtt.tls:
@@ -221,67 +334,173 @@ class MqttOutput:
             if self.mqtt.ca_file:
                 context.load_verify_locations(self.mqtt.ca_file)
             client.tls_set_context(context)
-        client.will_set(self.availability_topic, "offline", qos=self.mqtt.qos, retain=True)
-        client.reconnect_delay_set(RECONNECT_MIN_S, RECONNECT_MAX_S)
         client.connect_timeout = CONNECT_TIMEOUT_S
-        client.max_queued_messages_set(MAX_QUEUED_MESSAGES)
-        client.on_connect = self._on_connect
-        client.on_connect_fail = self._on_connect_fail
-        client.on_disconnect = self._on_disconnect
-        client.on_message = self._on_message
-        self._client = client
-        client.connect_async(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
-        client.loop_start()
-        self._thread = threading.Thread(target=self._publisher, name="mqtt-publisher", daemon=True)
-        self._thread.start()
-        log.info("MQTT: publishing to %s under %s (discovery under %s)", self.where, self.prefix,
-                 self.mqtt.discovery_prefix)
+        return client
+
+    def probe(self, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
+        """Connect once and wait for the broker's CONNACK (`main.py check`), about `timeout_s` at most.
+
+        None when the broker accepted the login, else why not, naming the broker (never the password).
+        Its own client id (`<client_id>-check`, so a running daemon is not pushed off the broker) and no
+        last will (a probe cut short must not mark the logger offline). Raises SecretError for a bad
+        password file. Blocks the calling thread."""
+        client = self._new_client(f"{self.client_id}-check")
+        client.connect_timeout = min(CONNECT_TIMEOUT_S, timeout_s)
+        answers = []
+        client.on_connect = lambda _client, _userdata, _flags, reason_code, _properties: answers.append(reason_code)
+        deadline = time.monotonic() + timeout_s
+        try:
+            try:
+                client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
+            except OSError as exc:  # refused, unknown host, no answer, TLS failure
+                return scrub(describe_failure(exc, self.where), self._password)
+            while not answers:
+                sock, left = client.socket(), deadline - time.monotonic()
+                if sock is None:
+                    return f"MQTT broker {self.where} closed the connection without answering the login"
+                if left <= 0:
+                    return f"MQTT broker {self.where} unreachable: no answer to the login within {timeout_s:g} s"
+                if not client.buffered():
+                    select.select([sock], [sock] if client.want_write() else [], [], left)
+                if client.want_write():
+                    client.loop_write()
+                client.loop_read()
+            if answers[0].is_failure:
+                return scrub(refusal(answers[0], self.where, self.mqtt.username), self._password)
+            return None
+        finally:
+            if client.socket() is not None:
+                client.disconnect()
 
     def stop(self, timeout_s: float = 2.0) -> None:
-        """Say `offline` (retained) if connected, disconnect, end both threads. Bounded by about `timeout_s`."""
-        with self._cond:
-            self._stopping = True
-            self._cond.notify()
-        if self._thread is not None:
-            self._thread.join(timeout_s)
-        client = self._client
-        if client is None:
-            return
-        if self.connected:
-            info = client.publish(self.availability_topic, "offline", qos=self.mqtt.qos, retain=True)
-            try:
-                info.wait_for_publish(timeout_s)
-            except (RuntimeError, ValueError):
-                pass  # the connection went meanwhile: the broker publishes the will instead
-        client.disconnect()
-        client.loop_stop()
+        """Say `offline` (retained) if connected, disconnect, end the MQTT thread. Bounded by about
+        `timeout_s` (plus a connection attempt in progress, at most CONNECT_TIMEOUT_S)."""
+        self._stop_timeout_s = timeout_s
+        self._stopping = True
+        self._wake()
+        thread = self._thread
+        if thread is not None:
+            thread.join(timeout_s + CONNECT_TIMEOUT_S)
+            if not thread.is_alive():
+                self._wake_r.close()
+                self._wake_w.close()
         self._client = None
 
-    # -- the publisher thread -----------------------------------------------------------------------------
-    def _publisher(self) -> None:
-        while True:
-            with self._cond:
-                while self._pending is None and not self._stopping:
-                    self._cond.wait()
-                if self._stopping:
-                    return
-                (report, led), self._pending = self._pending, None
-            if not self.connected:
-                self.states_skipped += 1
-                continue
-            for topic, payload in self.states(report, led).items():
-                self._client.publish(topic, payload, qos=self.mqtt.qos)
-            self.states_published += 1
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"\0")
+        except (AttributeError, OSError):
+            pass  # not started, stopped, or a byte is already waiting: the thread wakes anyway
 
-    # -- paho's callbacks (its network thread) ------------------------------------------------------------
+    # -- the MQTT thread ----------------------------------------------------------------------------------
+    # paho's loop_start() thread polls with a 1 s timeout and is woken by every publish; this thread drives
+    # paho itself (loop_read/loop_write/loop_misc) and wakes about once per cycle: it reads what arrived
+    # (the last cycle's PUBACKs, a Home Assistant birth message), writes the cycle's messages in one burst,
+    # then leaves the socket alone for a while so the PUBACKs are read with the next cycle instead of each
+    # waking it (bench_outputs.py: the CPU MQTT adds per cycle).
+    def _run(self) -> None:
+        client = self._client
+        retry_at = 0.0  # monotonic time of the next connection attempt
+        had_socket = False
+        quiet_until = 0.0  # until then only a cycle (or stop) wakes the thread, not the broker's answers
+        while not self._stopping:
+            try:
+                sock = client.socket()
+                now = time.monotonic()
+                if sock is None:
+                    if had_socket:  # lost, refused or closed for a missed keepalive: back off, try again
+                        had_socket = False
+                        retry_at = now + self._next_delay()
+                    if now >= retry_at:
+                        try:
+                            client.reconnect()  # blocking, bounded by CONNECT_TIMEOUT_S (TLS handshake too)
+                        except OSError as exc:
+                            self._report(describe_failure(exc, self.where))
+                            retry_at = time.monotonic() + self._next_delay()
+                        else:
+                            had_socket, quiet_until = True, 0.0
+                        continue
+                    self._select([], [], retry_at - now)
+                    self._take_cycle(client)
+                    continue
+                listening = now >= quiet_until
+                # Bytes already read (ours, or TLS's decrypted ones) are invisible to select(): don't wait.
+                waiting = client.buffered() or (hasattr(sock, "pending") and sock.pending())
+                timeout = 0.0 if waiting else (IDLE_WAKE_S if listening else quiet_until - now)
+                _, writable = self._select([sock] if listening else [],
+                                           [sock] if client.want_write() else [], timeout)
+                # One recv when nothing came; with qos 1 this reads the last cycle's PUBACKs.
+                if client.loop_read() or client.socket() is None:
+                    continue
+                if writable and (client.loop_write() or client.socket() is None):
+                    continue
+                client.loop_misc()  # keepalive: PINGREQ when due, closes when the broker went silent
+                if self._take_cycle(client) and client.socket() is not None:
+                    quiet_until = time.monotonic() + self.quiet_s
+            except Exception:  # noqa: BLE001 - the thread must outlive any surprise; the store is unaffected
+                log.exception("MQTT: unexpected error in the MQTT thread")
+                self._select([], [], RECONNECT_MIN_S)
+        self._shutdown(client)
+
+    def _select(self, rlist: list, wlist: list, timeout_s: float) -> tuple[list, list]:
+        """Wait for `rlist`/`wlist` or a wake-up (cycle, stop), at most `timeout_s`; (readable, writable)."""
+        readable, writable, _ = select.select([self._wake_r, *rlist], wlist, [], max(timeout_s, 0.0))
+        if self._wake_r in readable:
+            try:
+                self._wake_r.recv(64)
+            except BlockingIOError:
+                pass
+        return readable, writable
+
+    def _take_cycle(self, client) -> bool:
+        """Publish the pending cycle (True), or count it skipped while not connected."""
+        with self._lock:
+            pending, self._pending, self._woken = self._pending, None, False
+        if pending is None:
+            return False
+        qos = self.mqtt.qos
+        sock = client.socket()
+        if not self.connected or sock is None:
+            self.states_skipped += 1
+            return False
+        report, led = pending
+        # Corked, the burst leaves in one TCP segment instead of one per message: cheaper on both ends.
+        _cork(sock, 1)
+        try:
+            for topic, payload in self.states(report, led).items():
+                client.publish(topic, payload, qos=qos)  # written at once: this thread runs paho's loop
+        finally:
+            _cork(sock, 0)
+        self.states_published += 1
+        return True
+
+    def _next_delay(self) -> float:
+        self._delay_s = min(max(self._delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
+        return self._delay_s
+
+    def _shutdown(self, client) -> None:
+        """`offline` (retained), waited for up to the stop timeout, then DISCONNECT."""
+        if self.connected:
+            info = client.publish(self.availability_topic, "offline", qos=self.mqtt.qos, retain=True)
+            deadline = time.monotonic() + self._stop_timeout_s
+            while not info.is_published() and client.socket() is not None and time.monotonic() < deadline:
+                sock = client.socket()
+                self._select([sock], [sock] if client.want_write() else [], deadline - time.monotonic())
+                if client.loop_read() or client.socket() is None:
+                    break
+                if client.want_write():
+                    client.loop_write()
+        if client.socket() is not None:
+            client.disconnect()  # sent at once (no loop thread); closes the socket
+        self.connected = False
+
+    # -- paho's callbacks (in the MQTT thread, from loop_read) ----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            why = str(reason_code)
-            cause = ("refused the login" if why in ("Bad user name or password", "Not authorized")
-                     else "refused the connection")
-            self._report(f"MQTT broker {self.where} {cause} ({why}) for user {self.mqtt.username or '(anonymous)'}")
+            self._report(refusal(reason_code, self.where, self.mqtt.username))
             return
         self.connected = True
+        self._delay_s = 0.0
         client.subscribe(self.status_topic, qos=self.mqtt.qos)
         client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True)
         self._send_discovery(client)
@@ -296,10 +515,6 @@ class MqttOutput:
         for topic, config in self.discovery().items():
             client.publish(topic, json.dumps(config, separators=(",", ":")), qos=self.mqtt.qos, retain=True)
         self.discovery_sent += 1
-
-    def _on_connect_fail(self, client, userdata) -> None:
-        # paho calls this inside its `except OSError` around the connect: the exception says why.
-        self._report(describe_failure(sys.exc_info()[1], self.where))
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self.connected = self.connected, False

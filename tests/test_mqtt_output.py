@@ -300,6 +300,68 @@ def test_a_wrong_password_is_reported_naming_the_broker_never_the_password(tmp_p
     assert PASSWORD not in caplog.text and "not-the-" not in caplog.text
 
 
+def test_check_probes_the_broker_naming_it_and_never_the_password(tmp_path):
+    """`main.py check` connects to the broker and waits for its CONNACK: accepted, refused login (a warning
+    while InfluxDB is the data of record), unreachable (a failure when MQTT is the only output)."""
+    with Mosquitto(users={"logger": PASSWORD}) as secured:
+        where = f"127.0.0.1:{secured.port}"
+        pw = tmp_path / "pw"
+        pw.write_text("not-the-" + PASSWORD)
+        pw.chmod(0o600)
+        influx = '[influx]\nkind = "local"\nurl = "http://127.0.0.1:9"\napi = "v1"\ndatabase = "x"'
+        cfg = write_config(tmp_path, secured.port, extra=f'username = "logger"\npassword_file = "{pw}"',
+                           influx=influx)
+        wrong = check(cfg)
+        assert wrong.returncode == 0, wrong.stdout + wrong.stderr  # a warning: InfluxDB keeps the record
+        assert f"WARN  mqtt: MQTT broker {where} refused the login (Not authorized) for user logger" in wrong.stdout
+        right = check(write_config(tmp_path, secured.port, extra='username = "logger"', influx=influx),
+                      env={"MQTT_PASSWORD": PASSWORD})
+        assert f"OK    mqtt: MQTT broker {where} accepted the login (user logger)" in right.stdout, right.stdout
+        leaked = [r for r in (wrong, right) if PASSWORD in r.stdout + r.stderr or "not-the-" in r.stdout + r.stderr]
+        assert not leaked
+    unreachable = check(write_config(tmp_path, secured.port))  # stopped now; kind = "none": the only output
+    assert unreachable.returncode == 1
+    assert (f"FAIL  mqtt: MQTT broker {where} unreachable: connection refused (is the broker running on that port?)"
+            in unreachable.stdout), unreachable.stdout
+    pw.chmod(0o644)  # what `run` refuses at start (exit 78), `check` names as a failure
+    exposed = check(write_config(tmp_path, secured.port, extra=f'username = "logger"\npassword_file = "{pw}"'))
+    assert exposed.returncode == 1
+    assert "FAIL  mqtt:" in exposed.stdout and "mqtt.password_file" in exposed.stdout, exposed.stdout
+    assert "readable by others" in exposed.stdout and "not-the-" not in exposed.stdout + exposed.stderr
+
+
+def check(config_path, env=None):
+    return subprocess.run([sys.executable, str(ROOT / "main.py"), "check", "--config", str(config_path)],
+                          capture_output=True, text=True, timeout=120,
+                          env={k: v for k, v in {**os.environ, **(env or {})}.items() if k != "SOLAR_CONFIG"})
+
+
+def test_acknowledgements_are_read_with_the_next_cycle_and_none_pile_up(broker):
+    """The MQTT thread writes a cycle's messages and reads their PUBACKs when the next cycle wakes it (or
+    after `quiet_s` without one): never more than one cycle's waiting, none left once the cycles stop."""
+    from types import SimpleNamespace
+
+    from tools import Cycle
+
+    out = _output(f'[sampling]\ninterval_s = 0.3\nwindow_s = 0.05\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\n'
+                  f'port = {broker.port}', ErrorHandler(None))
+    out.start()
+    try:
+        _wait(lambda: out.connected and out.unacknowledged() == 0, "connection, discovery acknowledged")
+        devices = len(out.units) + 1
+        for i in range(15):
+            out.after_cycle(SimpleNamespace(cycle=Cycle(time_ms=1_780_000_000_000 + i, monotonic_s=i, channels=()),
+                                            system=None, queue_depth=0))
+            _wait(lambda: out.states_published == i + 1, f"cycle {i} published")
+            # This cycle's; the last one's were read when this one woke the thread (or, had the broker not
+            # answered by then, once `quiet_s` has passed).
+            _wait(lambda: out.unacknowledged() <= devices, f"cycle {i - 1}'s PUBACKs read")
+        _wait(lambda: out.unacknowledged() == 0, "the last cycle's PUBACKs read", timeout=out.quiet_s + DEADLINE_S)
+        assert out.states_skipped == 0
+    finally:
+        out.stop()
+
+
 def test_a_password_file_others_can_read_is_refused_at_start(tmp_path):
     pw = tmp_path / "pw"
     pw.write_text(PASSWORD)
@@ -339,6 +401,8 @@ def test_tls_with_a_self_signed_ca(tmp_path):
         base = f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {tls_broker.port}\ntls = true\n'
         handler = ErrorHandler(None)
         untrusting = _output(base, handler)
+        assert untrusting.probe().startswith(f"MQTT broker 127.0.0.1:{tls_broker.port}: TLS failure: "
+                                             "the broker's certificate is not trusted")  # `main.py check`
         untrusting.start()
         try:
             _wait(lambda: untrusting.problem, "TLS failure")
@@ -347,6 +411,7 @@ def test_tls_with_a_self_signed_ca(tmp_path):
         finally:
             untrusting.stop()
         trusting = _output(base + f'ca_file = "{pki.ca_file}"', ErrorHandler(None))
+        assert trusting.probe() is None
         trusting.start()
         try:
             _wait(lambda: trusting.connected and trusting.discovery_sent, "TLS connection with ca_file")
