@@ -178,6 +178,7 @@ class Outbox:
                 self._db = sqlite3.connect(f"file:{self.path}?mode=ro", uri=True, timeout=30,
                                            isolation_level=None, check_same_thread=False)
                 self._db.execute("SELECT 1 FROM points LIMIT 1")
+                self._db.execute("SELECT 1 FROM state LIMIT 1")
             except (sqlite3.Error, UnicodeDecodeError) as exc:
                 error = _sqlite_text_error(exc) if isinstance(exc, UnicodeDecodeError) else exc
                 if isinstance(error, sqlite3.DatabaseError) and _is_corruption(error):
@@ -238,7 +239,9 @@ class Outbox:
                 "ALTER TABLE points ADD COLUMN boot_id TEXT; ALTER TABLE points ADD COLUMN boot_ms INTEGER; "
                 "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
             )
-        db.executescript(_SCHEMA)
+        # One transaction: a reader (`status`, the live page) opening the store while it is being created
+        # sees either no tables or all of them, never `points` without `state`.
+        db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + ";COMMIT;")
         _migrate_schema(db)
         # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
         # (every cycle) never has to count a long backlog. Seeded once from the rows themselves.
