@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from credentials import Secret, SecretError, scrub
@@ -36,7 +37,31 @@ _MAX_DETAIL = 200
 
 def gzip_lines(lines: Sequence[str]) -> bytes:
     """The batch as one gzip'd line-protocol body."""
-    return gzip.compress("\n".join(lines).encode("utf-8"), compresslevel=GZIP_LEVEL, mtime=0)
+    return gzip_text("\n".join(lines).encode("utf-8"))
+
+
+def gzip_text(text: bytes) -> bytes:
+    """Newline-joined UTF-8 line protocol as one gzip'd body (zlib runs without the GIL: another thread
+    can compress the next batch while a request is in flight)."""
+    return gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One batch's request body built ahead of its request (a writer's prepare()): gzip'd line protocol."""
+
+    body: bytes
+
+
+def prepare(text: bytes) -> Prepared:
+    """The body for `text` (newline-joined UTF-8 lines). Pure and thread-safe: the sender calls it in its
+    helper thread while the previous request is in flight."""
+    return Prepared(gzip_text(text))
+
+
+def request_body(lines: "Sequence[str] | Prepared") -> bytes:
+    """What write() sends: the prepared body, or the lines gzip'd now."""
+    return lines.body if isinstance(lines, Prepared) else gzip_lines(lines)
 
 
 def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -227,14 +252,16 @@ class V2Writer:
         self._service = WriteService(self._client.api_client)
         self._client_token = token
 
-    def write(self, lines: Sequence[str]) -> int:
-        """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
+    prepare = staticmethod(prepare)  # the body built ahead, in the sender's helper thread
+
+    def write(self, lines: Sequence[str] | Prepared) -> int:
+        """Send one batch (lines, or prepare()'s body). Returns request-body bytes sent. Raises a delivery error."""
         token = secret_value(self.token)
         if not token:
             raise AuthError(f"no InfluxDB token: set INFLUXDB_TOKEN or [influx] token_file ({self.label})")
         if token != self._client_token:
             self._connect(token)
-        body = gzip_lines(lines)
+        body = request_body(lines)
         what = f"bucket {self.bucket!r} in org {self.org!r}"
         response = self._service.post_write_with_http_info(
             org=self.org, bucket=self.bucket, body=body, precision="ms", content_encoding="gzip",

@@ -151,13 +151,13 @@ def test_the_next_batch_is_read_while_a_request_is_in_flight_oldest_first_each_l
 
     outbox = filled(tmp_path, clock, 23)
     seen_threads = set()
-    pending = outbox.pending
+    pending = outbox.pending_batch
 
     def traced(*args, **kwargs):
         seen_threads.add(threading.current_thread().name)
         return pending(*args, **kwargs)
 
-    outbox.pending = traced
+    outbox.pending_batch = traced
     writer = FakeWriter([None, None, UnreachableError("down")])  # the third request fails
     sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
                     sleep=clock.sleep, rng=MaxRandom())
