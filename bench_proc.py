@@ -427,16 +427,20 @@ def _busy() -> None:
 
 def ceiling_batches(store: Path, batch_lines: int, batch_bytes: int) -> list[tuple[int, bytes]]:
     """The store's unsent lines cut into batches and given their bodies by the very calls the sender makes
-    (Outbox.pending_batch, the writer's prepare): [(points, gzip body)]."""
+    (Outbox.pending_batch, the writer's prepare, the policy's full batch): [(points, gzip body)]."""
     sys.path.insert(0, str(ROOT))
     from influx_http import prepare
     from outbox import Outbox
+    from sender import Policy
+
+    policy = Policy(batch_lines=batch_lines, batch_bytes=batch_bytes)
 
     box = Outbox(store, readonly=True)
     batches, after = [], 0
     try:
         while (batch := box.pending_batch(batch_lines, batch_bytes, after)) is not None:
-            batches.append((len(batch), prepare(batch.text).body))
+            full = policy.full(len(batch), len(batch.text))
+            batches.append((len(batch), prepare(batch.text, backlog=full).body))
             after = batch.last_id
     finally:
         box.close()

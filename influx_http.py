@@ -32,6 +32,11 @@ from rpi_errors import (
 log = logging.getLogger(__name__)
 
 GZIP_LEVEL = 6  # zlib's default: most of level 9's saving on line protocol at a third of the CPU
+# Full batches of a backlog: 2.5x less CPU than level 6 for 22 % more bytes (measured on a simulated 24 h
+# backlog: 0.99 vs 2.47 us and 16.7 vs 13.7 B per point, 7.2 vs 5.9 MB for the day). gzip is then about a
+# third of the drain's CPU, which on a small machine competes with the server or the link; everyday
+# requests (a part batch every flush) keep level 6, so the steady bytes on a SIM do not change.
+GZIP_LEVEL_BACKLOG = 3
 _MAX_DETAIL = 200
 
 
@@ -40,10 +45,10 @@ def gzip_lines(lines: Sequence[str]) -> bytes:
     return gzip_text("\n".join(lines).encode("utf-8"))
 
 
-def gzip_text(text: bytes) -> bytes:
+def gzip_text(text: bytes, level: int = GZIP_LEVEL) -> bytes:
     """Newline-joined UTF-8 line protocol as one gzip'd body (zlib runs without the GIL: another thread
     can compress the next batch while a request is in flight)."""
-    return gzip.compress(text, compresslevel=GZIP_LEVEL, mtime=0)
+    return gzip.compress(text, compresslevel=level, mtime=0)
 
 
 @dataclass(frozen=True)
@@ -53,10 +58,11 @@ class Prepared:
     body: bytes
 
 
-def prepare(text: bytes) -> Prepared:
-    """The body for `text` (newline-joined UTF-8 lines). Pure and thread-safe: the sender calls it in its
-    helper thread while the previous request is in flight."""
-    return Prepared(gzip_text(text))
+def prepare(text: bytes, *, backlog: bool = False) -> Prepared:
+    """The body for `text` (newline-joined UTF-8 lines); `backlog`: a full batch of a backlog, compressed
+    at the faster GZIP_LEVEL_BACKLOG. Pure and thread-safe: the sender calls it in its helper thread while
+    the previous request is in flight."""
+    return Prepared(gzip_text(text, GZIP_LEVEL_BACKLOG if backlog else GZIP_LEVEL))
 
 
 def request_body(lines: "Sequence[str] | Prepared") -> bytes:

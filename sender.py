@@ -57,6 +57,11 @@ class Policy:
     progress_every_s: float = 30.0
     final_flush_s: float = 5.0
 
+    def full(self, lines: int, text_bytes: int) -> bool:
+        """Whether a batch of `lines` lines and `text_bytes` bytes (newlines included) counts as full: a
+        backlog is waiting behind it (the next batch is read ahead; the writer may compress it faster)."""
+        return lines >= self.batch_lines or text_bytes + 1 >= self.batch_bytes // 2
+
 
 @runtime_checkable
 class Writer(Protocol):
@@ -69,6 +74,9 @@ class Writer(Protocol):
     network); a refused request carries its `bytes_sent`. `timeout_s`: its per-request deadline, seconds.
     `abort()` cuts a write in flight from another thread; `close()` releases the connection (idempotent).
     `label` names the database for logs and `status` (never a secret). Not thread-safe otherwise.
+    Optional: `prepare(text, backlog=False)` builds the request for a batch of newline-joined UTF-8 lines
+    ahead of its write (pure and thread-safe: the sender's helper thread calls it while the previous request
+    is in flight) and write() then takes what it returned instead of the lines.
     """
 
     label: str
@@ -159,6 +167,7 @@ class Sender:
         self._next_send_allowed = 0.0
         self._last_progress = 0.0
         self._stop_deadline: float | None = None  # set by stop(): no request starts after it
+        self._mark_failed: StoreError | None = None  # a mark of this flush failed (the helper thread's)
         self.total_delivered = 0
         self.total_requests = 0
         self.total_bytes = 0
@@ -247,15 +256,17 @@ class Sender:
         # thread marks the previous batch delivered, then reads the next one from the store and builds its
         # body (SQLite and zlib both run without the GIL). The helper is the only thread on the store's
         # connection during a drain; this thread touches the store only after waiting for it (`_idle`).
+        # A mark that fails stops the drain after at most one more request; what was acknowledged but not
+        # marked goes again (InfluxDB overwrites a point with the same series and time).
         helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
+        self._mark_failed = None
         marks: list[Future] = []
         failed: Exception | None = None
         try:
             try:
                 batch, request = helper.submit(self._read, 0).result()
                 while batch is not None and not self._past(deadline):
-                    full = (len(batch) >= self.policy.batch_lines
-                            or len(batch.text) + 1 >= self.policy.batch_bytes // 2)
+                    full = self.policy.full(len(batch), len(batch.text))
                     # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
                     # released by a clock sync meanwhile have older ids: the next flush takes them first.)
                     ahead = helper.submit(self._read, batch.last_id) if full else None
@@ -271,7 +282,7 @@ class Sender:
                 raise
             finally:
                 helper.shutdown(wait=True)  # the last mark lands before the flush ends
-                if failed is None:
+                if failed is None or isinstance(failed, _OutOfBudget):
                     _raise_failed(marks)
                 elif any(f.exception() for f in marks):
                     log.error("delivered points could not be marked (they go again): %s",
@@ -300,16 +311,25 @@ class Sender:
 
     def _read(self, after_id: int) -> tuple[Batch | None, object]:
         """The helper thread's read: the next batch after `after_id` and its request, built ahead when the
-        writer offers prepare() (its gzip'd body), else the lines."""
+        writer offers prepare() (its gzip'd body; `backlog` for a full batch), else the lines."""
         batch = self.outbox.pending_batch(self.policy.batch_lines, self.policy.batch_bytes, after_id)
         if batch is None:
             return None, None
         prepare = getattr(self.writer, "prepare", None)
-        return batch, (prepare(batch.text) if prepare is not None else batch.lines())
+        if prepare is None:
+            return batch, batch.lines()
+        return batch, prepare(batch.text, backlog=self.policy.full(len(batch), len(batch.text)))
 
     def _mark(self, batch: Batch, result: FlushResult) -> None:
-        """The helper thread's mark: the server acknowledged `batch`."""
-        self.outbox.mark_sent(batch.ids)
+        """The helper thread's mark: the server acknowledged `batch`. After a mark failed in this flush none
+        is made (the same error again), so the unmarked batches go again oldest first."""
+        if self._mark_failed is not None:
+            raise self._mark_failed
+        try:
+            self.outbox.mark_sent(batch.ids)
+        except StoreError as exc:
+            self._mark_failed = exc
+            raise
         result.delivered += len(batch)
 
     def _deliver(self, batch: Batch, request: object, result: FlushResult, deadline: float | None,
