@@ -14,9 +14,7 @@ connection to the same file.
 """
 from __future__ import annotations
 
-import bisect
 import functools
-import itertools
 import logging
 import os
 import sqlite3
@@ -400,20 +398,26 @@ class Outbox:
         The drain's read: the lines come out of SQLite as bytes and are joined in C, with no object per
         line (pending()'s Pending objects cost about as much CPU as the request's gzip)."""
         self._follow_replacement()
-        rows = self._db.execute(
+        cursor = self._db.execute(
             "SELECT id, CAST(line AS BLOB) FROM points WHERE sent_ms IS NULL AND held = 0 AND id > ? "
             "ORDER BY id LIMIT ?",
             (after_id, max_lines),
-        ).fetchall()
-        if not rows:
-            return None
-        ids, lines = zip(*rows)
-        # Sizes in bytes (+1 for each newline); at least one line, however long, so the queue moves.
-        ends = list(itertools.accumulate(len(line) + 1 for line in lines))
-        keep = max(bisect.bisect_right(ends, max_bytes), 1)
-        if keep < len(ids):
-            ids, lines = ids[:keep], lines[:keep]
-        return Batch(ids, b"\n".join(lines))
+        )
+        ids: list[int] = []
+        lines: list[bytes] = []
+        size = 0
+        try:
+            # In chunks, stopping at the byte cap: the rows after it are never read (SQLite steps lazily).
+            while chunk := cursor.fetchmany(512):
+                for row_id, line in chunk:
+                    size += len(line) + 1
+                    if ids and size > max_bytes:  # at least one line, however long, so the queue moves
+                        return Batch(tuple(ids), b"\n".join(lines))
+                    ids.append(row_id)
+                    lines.append(line)
+        finally:
+            cursor.close()
+        return Batch(tuple(ids), b"\n".join(lines)) if ids else None
 
     @_store_errors
     def rows(self, batch: Batch) -> list[Pending]:
