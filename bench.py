@@ -326,8 +326,13 @@ def drain(influx: dict, store: Path, tmp: Path, name: str, server_pid: int | Non
     backlog: points/s from its first delivered batch until the backlog is gone, cycles measured meanwhile,
     peak RSS, and CPU per drained point over the same span: the daemon's and (with `server_pid`) the
     server's, since on 2 cores the two compete."""
+    import sqlite3
+
     tables = bench_proc.daemon_tables(store, interval_s=1.0, window_s=0.1, influx=influx, flush_interval_s=1.0)
     cfg = bench_proc.write_config(tmp / f"drain-{name}.toml", tables)
+    db = sqlite3.connect(store / "outbox.db")
+    backlog_id = db.execute("SELECT coalesce(max(id), 0) FROM points").fetchone()[0]  # cycles come after it
+    db.close()
     daemon = bench_proc.DaemonProcess(cfg, store, 1.0, log_path=tmp / f"drain-{name}.log")
 
     def cpu_ms() -> tuple[float, float]:
@@ -342,7 +347,7 @@ def drain(influx: dict, store: Path, tmp: Path, name: str, server_pid: int | Non
             left = daemon.unsent()
             now = time.monotonic()
             if first is None and left is not None and left < initial:
-                first = (now, left, daemon.cycles(), cpu_ms())
+                first = (now, left, daemon.cycles(backlog_id), cpu_ms())
             if first is not None and left <= 50:  # what is left is this second's own cycle
                 break
             time.sleep(0.02)
@@ -350,7 +355,7 @@ def drain(influx: dict, store: Path, tmp: Path, name: str, server_pid: int | Non
             raise TimeoutError(f"{name}: the backlog did not drain in 900 s ({left} points left)")
         (daemon_ms, server_ms), drained = cpu_ms(), first[1] - left
         return {"points": initial, "points_per_s": drained / (now - first[0]),
-                "seconds": now - first[0], "cycles_measured": daemon.cycles() - first[2],
+                "seconds": now - first[0], "cycles_measured": daemon.cycles(backlog_id) - first[2],
                 "peak_rss_mb": bench_proc.proc_peak_rss_mb(daemon.pid),
                 "cpu_us_per_point": (daemon_ms - first[3][0]) * 1000 / drained,
                 "server_cpu_us_per_point": (server_ms - first[3][1]) * 1000 / drained if server_pid else None}

@@ -204,9 +204,10 @@ class DaemonProcess:
             return None  # the schema is not there yet
         return None if row is None or row[0] is None else int(row[0])
 
-    def cycles(self) -> int:
-        """Cycles stored so far."""
-        return self._query("SELECT count(*) FROM points WHERE line LIKE 'system,%'") or 0
+    def cycles(self, after_id: int = 0) -> int:
+        """Cycles stored so far (with `after_id`: in rows after that id only, e.g. after a backlog, so the
+        count does not scan the backlog while the daemon drains it)."""
+        return self._query(f"SELECT count(*) FROM points WHERE id > {int(after_id)} AND line LIKE 'system,%'") or 0
 
     def unsent(self) -> int | None:
         """Unsent points (the store's running counter)."""
