@@ -324,13 +324,24 @@ def fill_backlog(store: Path, hours: float, interval_s: float = 1.0) -> int:
     return total
 
 
-def drain(influx: dict, store: Path, tmp: Path, name: str) -> dict:
+def drain(influx: dict, store: Path, tmp: Path, name: str, server_pid: int | None = None) -> dict:
     """The real daemon process (`run --simulate`, constant scenario, 1 s cycles) started on a store holding a
     backlog: points/s from its first delivered batch until the backlog is gone, cycles measured meanwhile,
-    peak RSS."""
+    peak RSS, and CPU per drained point over the same span: the daemon's and (with `server_pid`) the
+    server's, since on 2 cores the two compete."""
+    import sqlite3
+
     tables = bench_proc.daemon_tables(store, interval_s=1.0, window_s=0.1, influx=influx, flush_interval_s=1.0)
     cfg = bench_proc.write_config(tmp / f"drain-{name}.toml", tables)
+    db = sqlite3.connect(store / "outbox.db")
+    backlog_id = db.execute("SELECT coalesce(max(id), 0) FROM points").fetchone()[0]  # cycles come after it
+    db.close()
     daemon = bench_proc.DaemonProcess(cfg, store, 1.0, log_path=tmp / f"drain-{name}.log")
+
+    def cpu_ms() -> tuple[float, float]:
+        return (bench_proc.proc_cpu_ms(daemon.pid),
+                bench_proc.proc_cpu_ms(server_pid) if server_pid else 0.0)
+
     try:
         initial = daemon.unsent()
         deadline = time.monotonic() + 900
@@ -339,22 +350,26 @@ def drain(influx: dict, store: Path, tmp: Path, name: str) -> dict:
             left = daemon.unsent()
             now = time.monotonic()
             if first is None and left is not None and left < initial:
-                first = (now, left, daemon.cycles())
+                first = (now, left, daemon.cycles(backlog_id), cpu_ms())
             if first is not None and left <= 50:  # what is left is this second's own cycle
                 break
             time.sleep(0.02)
         else:
             raise TimeoutError(f"{name}: the backlog did not drain in 900 s ({left} points left)")
-        return {"points": initial, "points_per_s": (first[1] - left) / (now - first[0]),
-                "seconds": now - first[0], "cycles_measured": daemon.cycles() - first[2],
-                "peak_rss_mb": bench_proc.proc_peak_rss_mb(daemon.pid)}
+        (daemon_ms, server_ms), drained = cpu_ms(), first[1] - left
+        return {"points": initial, "points_per_s": drained / (now - first[0]),
+                "seconds": now - first[0], "cycles_measured": daemon.cycles(backlog_id) - first[2],
+                "peak_rss_mb": bench_proc.proc_peak_rss_mb(daemon.pid),
+                "cpu_us_per_point": (daemon_ms - first[3][0]) * 1000 / drained,
+                "server_cpu_us_per_point": (server_ms - first[3][1]) * 1000 / drained if server_pid else None}
     finally:
         daemon.stop()
 
 
-def drains(vm_url: str, influx, hours: float, tmp: Path) -> dict:
+def drains(vm_url: str, influx, hours: float, tmp: Path, vm_pid: int | None = None) -> dict:
     """Drain the same realistic backlog into VictoriaMetrics (v2) and InfluxDB 1.6.7 (v1), then replay its
-    gzip batches to InfluxDB 1.6.7 with a bare HTTP client: the server's own ceiling."""
+    gzip batches to InfluxDB 1.6.7 with a bare HTTP client: the server's own ceiling. CPU per point of the
+    daemon and of each server are reported too (the daemon's and the server's CPU share 2 cores)."""
     import shutil
 
     store = tmp / "backlog"
@@ -364,21 +379,49 @@ def drains(vm_url: str, influx, hours: float, tmp: Path) -> dict:
         copies[name] = tmp / f"drain-{name}"
         copies[name].mkdir()
         shutil.copy(store / "outbox.db", copies[name] / "outbox.db")
-    v2 = drain({"kind": "local", "api": "v2", "url": vm_url, "org": "o", "bucket": "b"}, copies["v2"], tmp, "v2")
+    v2 = drain({"kind": "local", "api": "v2", "url": vm_url, "org": "o", "bucket": "b"}, copies["v2"], tmp, "v2",
+               vm_pid)
     influx.create_database("bench")
-    v1 = drain({"kind": "local", "api": "v1", "url": influx.url, "database": "bench"}, copies["v1"], tmp, "v1")
+    v1 = drain({"kind": "local", "api": "v1", "url": influx.url, "database": "bench"}, copies["v1"], tmp, "v1",
+               influx.pid)
     influx.create_database("ceiling")
+    ceiling = replay_ceiling(influx, "ceiling", copies["ceiling"])
+    figures = {"drain_points": points, "drain_hours": hours,
+               "drain_points_per_s_v2": v2["points_per_s"], "drain_points_per_s_v1": v1["points_per_s"],
+               "drain_ceiling_points_per_s_v1": ceiling["points_per_s"],
+               "drain_v1_of_ceiling": v1["points_per_s"] / ceiling["points_per_s"],
+               "drain_cycles_measured_v2": v2["cycles_measured"], "drain_cycles_measured_v1": v1["cycles_measured"],
+               "drain_peak_rss_mb": max(v1["peak_rss_mb"], v2["peak_rss_mb"]),
+               "drain_cpu_us_per_point_v2": v2["cpu_us_per_point"], "drain_cpu_us_per_point_v1": v1["cpu_us_per_point"],
+               "drain_server_cpu_us_per_point_v1": v1["server_cpu_us_per_point"],
+               "drain_ceiling_server_cpu_us_per_point_v1": ceiling["server_cpu_us_per_point"]}
+    if v2["server_cpu_us_per_point"] is not None:
+        figures["drain_server_cpu_us_per_point_v2"] = v2["server_cpu_us_per_point"]
+    return figures
+
+
+def replay_ceiling(influx, database: str, store: Path) -> dict:
+    """bench_proc.py's bare-client replay of `store`'s batches to InfluxDB 1.x `database`, in its own process;
+    with the server's CPU per point over the timed requests."""
     policy = config_mod.InfluxConfig()
-    out = subprocess.run([sys.executable, str(ROOT / "bench_proc.py"), "ceiling", influx.url, "ceiling",
-                          str(copies["ceiling"]), str(policy.batch_lines), str(policy.batch_bytes)],
-                         capture_output=True, text=True, check=True, timeout=900, cwd=str(ROOT))
-    ceiling = json.loads(out.stdout.strip().splitlines()[-1])
-    return {"drain_points": points, "drain_hours": hours,
-            "drain_points_per_s_v2": v2["points_per_s"], "drain_points_per_s_v1": v1["points_per_s"],
-            "drain_ceiling_points_per_s_v1": ceiling["points_per_s"],
-            "drain_v1_of_ceiling": v1["points_per_s"] / ceiling["points_per_s"],
-            "drain_cycles_measured_v2": v2["cycles_measured"], "drain_cycles_measured_v1": v1["cycles_measured"],
-            "drain_peak_rss_mb": max(v1["peak_rss_mb"], v2["peak_rss_mb"])}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "bench_proc.py"), "ceiling", influx.url, database,
+                             str(store), str(policy.batch_lines), str(policy.batch_bytes), "--handshake"],
+                            stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+    try:
+        # The child builds every gzip body first, says "ready", and times only the requests after "go".
+        if proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the ceiling replay stopped early (status {proc.poll()})")
+        before = bench_proc.proc_cpu_ms(influx.pid)
+        proc.stdin.write("go\n")
+        proc.stdin.flush()
+        result = json.loads(proc.stdout.readline())
+        result["server_cpu_us_per_point"] = (bench_proc.proc_cpu_ms(influx.pid) - before) * 1000 / result["points"]
+    finally:
+        proc.stdin.close()
+        if proc.wait(900):
+            raise RuntimeError(f"the ceiling replay failed (status {proc.returncode})")
+        proc.stdout.close()
+    return result
 
 
 def schedule(cycles: int, tmp: Path, interval_s: float = 0.2) -> dict:
@@ -524,7 +567,7 @@ def run(quick: bool) -> dict:
         figures.update(process_cpu(vm.url, proxies, n["process"], tmp))
         figures.update(seed2023(vm.url, proxies, n["seed"], figures["daemon_cpu_ms_per_cycle"]))
         figures["seed2023_bytes_ratio"] = figures["seed2023_bytes_per_cycle"] / figures["process_bytes_per_cycle"]
-        figures.update(drains(vm.url, influx, n["backlog_h"], tmp))
+        figures.update(drains(vm.url, influx, n["backlog_h"], tmp, vm.pid))
         figures.update(schedule(n["schedule"], tmp))
         # Micro-benchmarks: the pipeline in this process on a fake clock (tight loop, caches warm).
         figures.update(cycle_cpu(vm.url, n["cycles"], tmp))
@@ -596,6 +639,10 @@ _AS_THE_PI = [
      [("drain_points_per_s_v1", "points/s"), ("drain_ceiling_points_per_s_v1", "points/s")]),
     ("v1 drain as a share of the ceiling", [("drain_v1_of_ceiling", "")]),
     ("peak RSS of the draining daemon", [("drain_peak_rss_mb", "MB")]),
+    ("CPU per drained point: the daemon, into VictoriaMetrics / into InfluxDB 1.6.7",
+     [("drain_cpu_us_per_point_v2", "µs"), ("drain_cpu_us_per_point_v1", "µs")]),
+    ("CPU per point of InfluxDB 1.6.7 itself: during the daemon's drain / during the ceiling replay",
+     [("drain_server_cpu_us_per_point_v1", "µs"), ("drain_ceiling_server_cpu_us_per_point_v1", "µs")]),
     ("cycle start vs the grid under load, p50 / p99",
      [("schedule_p50_error_ms", "ms"), ("schedule_p99_error_ms", "ms")]),
     ("drift of the grid under load / overruns (cycles that ran into the next slot)",

@@ -11,7 +11,8 @@ Child entry points (used by bench.py, not by people):
                                                             # on a register-replay bus, cycle starts traced
     python bench_proc.py proxy        # counting proxies (tests/proxy.py), driven by JSON lines on stdin
     python bench_proc.py busy         # one core of background load, until killed
-    python bench_proc.py ceiling URL DB STORE BATCH_LINES BATCH_BYTES   # bare-client replay to InfluxDB 1.x
+    python bench_proc.py ceiling URL DB STORE BATCH_LINES BATCH_BYTES [--handshake]   # bare-client replay
+                                                            # to InfluxDB 1.x
 """
 from __future__ import annotations
 
@@ -206,9 +207,10 @@ class DaemonProcess:
             return None  # the schema is not there yet
         return None if row is None or row[0] is None else int(row[0])
 
-    def cycles(self) -> int:
-        """Cycles stored so far."""
-        return self._query("SELECT count(*) FROM points WHERE line LIKE 'system,%'") or 0
+    def cycles(self, after_id: int = 0) -> int:
+        """Cycles stored so far (with `after_id`: in rows after that id only, e.g. after a backlog, so the
+        count does not scan the backlog while the daemon drains it)."""
+        return self._query(f"SELECT count(*) FROM points WHERE id > {int(after_id)} AND line LIKE 'system,%'") or 0
 
     def unsent(self) -> int | None:
         """Unsent points (the store's running counter)."""
@@ -428,32 +430,40 @@ def _busy() -> None:
 
 
 def ceiling_batches(store: Path, batch_lines: int, batch_bytes: int) -> list[tuple[int, bytes]]:
-    """The store's lines cut into batches as the sender cuts them (lines and bytes caps), gzip'd as the
-    writer gzips them: [(points, body)]."""
+    """The store's unsent lines cut into batches and given their bodies by the very calls the sender makes
+    (Outbox.pending_batch, the writer's prepare, the policy's full batch): [(points, gzip body)]."""
     sys.path.insert(0, str(ROOT))
-    from influx_http import gzip_lines
+    from influx_http import prepare
+    from outbox import Outbox
+    from sender import Policy
 
-    db = sqlite3.connect(f"file:{store / 'outbox.db'}?mode=ro", uri=True)
-    batches, batch, size = [], [], 0
-    for (line,) in db.execute("SELECT line FROM points ORDER BY id"):
-        size += len(line) + 1
-        if batch and (len(batch) >= batch_lines or size > batch_bytes):
-            batches.append((len(batch), gzip_lines(batch)))
-            batch, size = [], len(line) + 1
-        batch.append(line)
-    if batch:
-        batches.append((len(batch), gzip_lines(batch)))
-    db.close()
+    policy = Policy(batch_lines=batch_lines, batch_bytes=batch_bytes)
+
+    box = Outbox(store, readonly=True)
+    batches, after = [], 0
+    try:
+        while (batch := box.pending_batch(batch_lines, batch_bytes, after)) is not None:
+            full = policy.full(len(batch), len(batch.text))
+            batches.append((len(batch), prepare(batch.text, backlog=full).body))
+            after = batch.last_id
+    finally:
+        box.close()
     return batches
 
 
-def _ceiling(url: str, database: str, store: str, batch_lines: int, batch_bytes: int) -> None:
+def _ceiling(url: str, database: str, store: str, batch_lines: int, batch_bytes: int,
+             handshake: bool) -> None:
     """Replay the backlog's gzip batches to InfluxDB 1.x /write with a bare keep-alive HTTP client;
-    print {"points", "seconds", "points_per_s"}. Only the requests are timed."""
+    print {"points", "seconds", "points_per_s"}. Only the requests are timed. With `handshake`, print
+    "ready" once the bodies are built and wait for a line on stdin before the first request (the caller
+    samples the server's CPU in between)."""
     import http.client
     import urllib.parse
 
     batches = ceiling_batches(Path(store), batch_lines, batch_bytes)
+    if handshake:
+        print("ready", flush=True)
+        sys.stdin.readline()
     target = urllib.parse.urlsplit(url)
     conn = http.client.HTTPConnection(target.hostname, target.port, timeout=60)
     path = f"/write?{urllib.parse.urlencode({'db': database, 'precision': 'ms'})}"
@@ -469,7 +479,7 @@ def _ceiling(url: str, database: str, store: str, batch_lines: int, batch_bytes:
         points += n
     seconds = time.perf_counter() - t0
     conn.close()
-    print(json.dumps({"points": points, "seconds": seconds, "points_per_s": points / seconds}))
+    print(json.dumps({"points": points, "seconds": seconds, "points_per_s": points / seconds}), flush=True)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -487,6 +497,7 @@ def main(argv: list[str] | None = None) -> int:
     ceiling.add_argument("store")
     ceiling.add_argument("batch_lines", type=int)
     ceiling.add_argument("batch_bytes", type=int)
+    ceiling.add_argument("--handshake", action="store_true", help="print ready, wait for a line on stdin")
     args = parser.parse_args(argv)
     if args.mode == "daemon":
         main_args = args.main_args[1:] if args.main_args[:1] == ["--"] else args.main_args
@@ -496,7 +507,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "busy":
         _busy()
     else:
-        _ceiling(args.url, args.database, args.store, args.batch_lines, args.batch_bytes)
+        _ceiling(args.url, args.database, args.store, args.batch_lines, args.batch_bytes, args.handshake)
     return 0
 
 

@@ -13,6 +13,7 @@ import json
 import logging
 import time
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from urllib.parse import urlencode, urlsplit
 
 from credentials import Secret, SecretError, scrub
@@ -31,12 +32,42 @@ from rpi_errors import (
 log = logging.getLogger(__name__)
 
 GZIP_LEVEL = 6  # zlib's default: most of level 9's saving on line protocol at a third of the CPU
+# Full batches of a backlog: 2.5x less CPU than level 6 for 22 % more bytes (measured on a simulated 24 h
+# backlog: 0.99 vs 2.47 us and 16.7 vs 13.7 B per point, 7.2 vs 5.9 MB for the day). gzip is then about a
+# third of the drain's CPU, which on a small machine competes with the server or the link; everyday
+# requests (a part batch every flush) keep level 6, so the steady bytes on a SIM do not change.
+GZIP_LEVEL_BACKLOG = 3
 _MAX_DETAIL = 200
 
 
 def gzip_lines(lines: Sequence[str]) -> bytes:
     """The batch as one gzip'd line-protocol body."""
-    return gzip.compress("\n".join(lines).encode("utf-8"), compresslevel=GZIP_LEVEL, mtime=0)
+    return gzip_text("\n".join(lines).encode("utf-8"))
+
+
+def gzip_text(text: bytes, level: int = GZIP_LEVEL) -> bytes:
+    """Newline-joined UTF-8 line protocol as one gzip'd body (zlib runs without the GIL: another thread
+    can compress the next batch while a request is in flight)."""
+    return gzip.compress(text, compresslevel=level, mtime=0)
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """One batch's request body built ahead of its request (a writer's prepare()): gzip'd line protocol."""
+
+    body: bytes
+
+
+def prepare(text: bytes, *, backlog: bool = False) -> Prepared:
+    """The body for `text` (newline-joined UTF-8 lines); `backlog`: a full batch of a backlog, compressed
+    at the faster GZIP_LEVEL_BACKLOG. Pure and thread-safe: the sender calls it in its helper thread while
+    the previous request is in flight."""
+    return Prepared(gzip_text(text, GZIP_LEVEL_BACKLOG if backlog else GZIP_LEVEL))
+
+
+def request_body(lines: "Sequence[str] | Prepared") -> bytes:
+    """What write() sends: the prepared body, or the lines gzip'd now."""
+    return lines.body if isinstance(lines, Prepared) else gzip_lines(lines)
 
 
 def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
@@ -227,14 +258,16 @@ class V2Writer:
         self._service = WriteService(self._client.api_client)
         self._client_token = token
 
-    def write(self, lines: Sequence[str]) -> int:
-        """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
+    prepare = staticmethod(prepare)  # the body built ahead, in the sender's helper thread
+
+    def write(self, lines: Sequence[str] | Prepared) -> int:
+        """Send one batch (lines, or prepare()'s body). Returns request-body bytes sent. Raises a delivery error."""
         token = secret_value(self.token)
         if not token:
             raise AuthError(f"no InfluxDB token: set INFLUXDB_TOKEN or [influx] token_file ({self.label})")
         if token != self._client_token:
             self._connect(token)
-        body = gzip_lines(lines)
+        body = request_body(lines)
         what = f"bucket {self.bucket!r} in org {self.org!r}"
         response = self._service.post_write_with_http_info(
             org=self.org, bucket=self.bucket, body=body, precision="ms", content_encoding="gzip",

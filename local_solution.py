@@ -13,7 +13,7 @@ from urllib.parse import urlencode
 
 from config import InfluxConfig
 from credentials import PASSWORD_ENV, TOKEN_ENV, Secret, basic_auth, basic_auth_pair
-from influx_http import V2Writer, error_for_answer, gzip_lines, secret_value
+from influx_http import Prepared, V2Writer, error_for_answer, prepare, request_body, secret_value
 from transport import MIN_UPLOAD_BYTES_PER_S, Transport
 
 log = logging.getLogger(__name__)
@@ -42,9 +42,11 @@ class V1Writer:
         self.label = f"InfluxDB 1.x at {url}, database {database!r}"
         self.transport = Transport(url, timeout_s, min_upload_bytes_per_s=min_upload_bytes_per_s, ca_file=ca_file)
 
-    def write(self, lines: Sequence[str]) -> int:
-        """Send one batch. Returns request-body bytes sent. Raises a delivery error."""
-        body = gzip_lines(lines)
+    prepare = staticmethod(prepare)  # the body built ahead, in the sender's helper thread
+
+    def write(self, lines: Sequence[str] | Prepared) -> int:
+        """Send one batch (lines, or prepare()'s body). Returns request-body bytes sent. Raises a delivery error."""
+        body = request_body(lines)
         headers = {"Content-Type": "text/plain; charset=utf-8", "Content-Encoding": "gzip"}
         secrets: tuple[str, ...] = ()
         if self.username:

@@ -21,13 +21,13 @@ import random
 import threading
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
 from clock import now_iso
 
-from outbox import Outbox, Pending, StoreError
+from outbox import Batch, Outbox, Pending, StoreError
 from rpi_errors import (
     ErrorHandler,
     RefusedError,
@@ -57,6 +57,11 @@ class Policy:
     progress_every_s: float = 30.0
     final_flush_s: float = 5.0
 
+    def full(self, lines: int, text_bytes: int) -> bool:
+        """Whether a batch of `lines` lines and `text_bytes` bytes (newlines included) counts as full: a
+        backlog is waiting behind it (the next batch is read ahead; the writer may compress it faster)."""
+        return lines >= self.batch_lines or text_bytes + 1 >= self.batch_bytes // 2
+
 
 @runtime_checkable
 class Writer(Protocol):
@@ -69,6 +74,9 @@ class Writer(Protocol):
     network); a refused request carries its `bytes_sent`. `timeout_s`: its per-request deadline, seconds.
     `abort()` cuts a write in flight from another thread; `close()` releases the connection (idempotent).
     `label` names the database for logs and `status` (never a secret). Not thread-safe otherwise.
+    Optional: `prepare(text, backlog=False)` builds the request for a batch of newline-joined UTF-8 lines
+    ahead of its write (pure and thread-safe: the sender's helper thread calls it while the previous request
+    is in flight) and write() then takes what it returned instead of the lines.
     """
 
     label: str
@@ -159,6 +167,7 @@ class Sender:
         self._next_send_allowed = 0.0
         self._last_progress = 0.0
         self._stop_deadline: float | None = None  # set by stop(): no request starts after it
+        self._mark_failed: StoreError | None = None  # a mark of this flush failed (the helper thread's)
         self.total_delivered = 0
         self.total_requests = 0
         self.total_bytes = 0
@@ -243,27 +252,41 @@ class Sender:
         with self._lock:
             self._estimate = 0
         started = self._clock()
-        # One helper thread reads the next batch from the store while the current request is in flight
-        # (the request waits on the network, the read on SQLite: they overlap). Store reads and writes
-        # still never overlap each other: _send waits for the read before it marks the batch.
-        prefetcher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
+        # A pipeline: while a request is in flight (waiting on the network and the server), one helper
+        # thread marks the previous batch delivered, then reads the next one from the store and builds its
+        # body (SQLite and zlib both run without the GIL). The helper is the only thread on the store's
+        # connection during a drain; this thread touches the store only after waiting for it (`_idle`).
+        # A mark that fails stops the drain after at most one more request; what was acknowledged but not
+        # marked goes again (InfluxDB overwrites a point with the same series and time).
+        helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
+        self._mark_failed = None
+        marks: list[Future] = []
+        failed: Exception | None = None
         try:
-            batch = self.outbox.pending(self.policy.batch_lines, self.policy.batch_bytes)
-            while batch and not self._past(deadline):
-                full = len(batch) >= self.policy.batch_lines or _size(batch) >= self.policy.batch_bytes // 2
-                ahead = (prefetcher.submit(self.outbox.pending, self.policy.batch_lines, self.policy.batch_bytes,
-                                           batch[-1].id) if full else None)
-                try:
-                    self._send(batch, result, deadline, ahead)
-                finally:
-                    if ahead is not None:
-                        wait([ahead])
-                self._log_progress(result, started)
-                if not full:
-                    break  # caught up: the rest waits for the next flush, so requests stay big
-                # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
-                # released by a clock sync meanwhile have older ids: the next flush takes them first.)
-                batch = ahead.result()
+            try:
+                batch, request = helper.submit(self._read, 0).result()
+                while batch is not None and not self._past(deadline):
+                    full = self.policy.full(len(batch), len(batch.text))
+                    # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
+                    # released by a clock sync meanwhile have older ids: the next flush takes them first.)
+                    ahead = helper.submit(self._read, batch.last_id) if full else None
+                    if self._deliver(batch, request, result, deadline, helper):
+                        marks.append(helper.submit(self._mark, batch, result))
+                    _raise_failed(marks)
+                    self._log_progress(result, started, helper)
+                    if not full:
+                        break  # caught up: the rest waits for the next flush, so requests stay big
+                    batch, request = ahead.result()
+            except BaseException as exc:
+                failed = exc
+                raise
+            finally:
+                helper.shutdown(wait=True)  # the last mark lands before the flush ends
+                if failed is None or isinstance(failed, _OutOfBudget):
+                    _raise_failed(marks)
+                elif any(f.exception() for f in marks):
+                    log.error("delivered points could not be marked (they go again): %s",
+                              next(f.exception() for f in marks if f.exception()))
         except _OutOfBudget:
             pass  # the upload cap or the deadline: the rest goes at the next flush
         except (RefusedError, UnreachableError) as exc:
@@ -273,8 +296,6 @@ class Sender:
             result.error = exc
             log.error("delivery paused: %s", exc)
             self._next_attempt = self._clock() + self.policy.refused_retry_s
-        finally:
-            prefetcher.shutdown(wait=True)
         if result.error is None and result.requests:
             self._on_success(result)
         self.total_delivered += result.delivered
@@ -288,41 +309,82 @@ class Sender:
             return True
         return self._stop_deadline is not None and self._stop.is_set() and now >= self._stop_deadline
 
-    def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None,
-              ahead: Future | None = None) -> None:
-        """Write `batch`; on refused lines or 413 split it in two and recurse. Every request, the
-        halves' included, waits for the upload budget (raises _OutOfBudget when it cannot). `ahead`:
-        the store read running meanwhile, waited for before this touches the store."""
+    def _read(self, after_id: int) -> tuple[Batch | None, object]:
+        """The helper thread's read: the next batch after `after_id` and its request, built ahead when the
+        writer offers prepare() (its gzip'd body; `backlog` for a full batch), else the lines."""
+        batch = self.outbox.pending_batch(self.policy.batch_lines, self.policy.batch_bytes, after_id)
+        if batch is None:
+            return None, None
+        prepare = getattr(self.writer, "prepare", None)
+        if prepare is None:
+            return batch, batch.lines()
+        return batch, prepare(batch.text, backlog=self.policy.full(len(batch), len(batch.text)))
+
+    def _mark(self, batch: Batch, result: FlushResult) -> None:
+        """The helper thread's mark: the server acknowledged `batch`. After a mark failed in this flush none
+        is made (the same error again), so the unmarked batches go again oldest first."""
+        if self._mark_failed is not None:
+            raise self._mark_failed
+        try:
+            self.outbox.mark_sent(batch.ids)
+        except StoreError as exc:
+            self._mark_failed = exc
+            raise
+        result.delivered += len(batch)
+
+    def _deliver(self, batch: Batch, request: object, result: FlushResult, deadline: float | None,
+                 helper: ThreadPoolExecutor) -> bool:
+        """Write one batch read by the helper. True when the server acknowledged it all (the caller has it
+        marked). Refused lines or 413: the halving search (_send) on the batch's rows, with the store to
+        this thread alone. Raises the writer's other errors, _OutOfBudget."""
         if self._past(deadline) or not self._rate_wait(deadline):
             raise _OutOfBudget
         result.requests += 1
         try:
-            try:
-                sent = self.writer.write([p.line for p in batch])
-            finally:
-                if ahead is not None:
-                    wait([ahead])  # one thread at a time on the store's connection
+            sent = self.writer.write(request)
         except (RejectedError, TooLargeError) as exc:
-            self._account(exc.bytes_sent)  # refused requests cost upload too
-            result.bytes_sent += exc.bytes_sent
-            decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
-            if decision.action is Action.QUARANTINE:
-                reason = str(exc)
-                self.outbox.quarantine(batch, reason)
-                result.quarantined += 1
-                log.warning("quarantined 1 line the server refused: %s | %.200s", reason, batch[0].line)
-                self.handler.report(SendingError(
-                    f"the server refused {result.quarantined} line(s); they are quarantined in the store "
-                    f"(`main.py export`): {reason}", key="quarantine"))
-                return
-            half = len(batch) // 2
-            self._send(batch[:half], result, deadline)
-            self._send(batch[half:], result, deadline)
+            _idle(helper)
+            self._refused(exc, self.outbox.rows(batch), result, deadline)
+            return False
+        self._account(sent)
+        result.bytes_sent += sent
+        return True
+
+    def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None) -> None:
+        """Write `batch`; on refused lines or 413 split it in two and recurse. Every request, the
+        halves' included, waits for the upload budget (raises _OutOfBudget when it cannot)."""
+        if self._past(deadline) or not self._rate_wait(deadline):
+            raise _OutOfBudget
+        result.requests += 1
+        try:
+            sent = self.writer.write([p.line for p in batch])
+        except (RejectedError, TooLargeError) as exc:
+            self._refused(exc, batch, result, deadline)
             return
         self._account(sent)
         self.outbox.mark_sent(p.id for p in batch)
         result.delivered += len(batch)
         result.bytes_sent += sent
+
+    def _refused(self, exc: RejectedError | TooLargeError, batch: list[Pending], result: FlushResult,
+                 deadline: float | None) -> None:
+        """The server refused lines of `batch` (or it was too large): quarantine a single line, else
+        send the halves."""
+        self._account(exc.bytes_sent)  # refused requests cost upload too
+        result.bytes_sent += exc.bytes_sent
+        decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
+        if decision.action is Action.QUARANTINE:
+            reason = str(exc)
+            self.outbox.quarantine(batch, reason)
+            result.quarantined += 1
+            log.warning("quarantined 1 line the server refused: %s | %.200s", reason, batch[0].line)
+            self.handler.report(SendingError(
+                f"the server refused {result.quarantined} line(s); they are quarantined in the store "
+                f"(`main.py export`): {reason}", key="quarantine"))
+            return
+        half = len(batch) // 2
+        self._send(batch[:half], result, deadline)
+        self._send(batch[half:], result, deadline)
 
     def _account(self, sent_bytes: int) -> None:
         rate = self.policy.max_upload_bytes_per_s
@@ -341,11 +403,11 @@ class Sender:
         self._sleep(delay)
         return self._clock() >= self._next_send_allowed - 1e-6
 
-    def _log_progress(self, result: FlushResult, started: float) -> None:
+    def _log_progress(self, result: FlushResult, started: float, helper: ThreadPoolExecutor) -> None:
         now = self._clock()
         if now - self._last_progress < self.policy.progress_every_s:
             return
-        left = self.outbox.queue_stats().queue_depth
+        left = helper.submit(self.outbox.queue_stats).result().queue_depth  # in the store's thread
         if left <= self.policy.batch_lines:
             return
         self._last_progress = now
@@ -384,6 +446,17 @@ class _OutOfBudget(Exception):
     """No request may go out now (upload cap, deadline or stopping); not an error."""
 
 
-def _size(batch: list[Pending]) -> int:
-    return sum(len(p.line) + 1 for p in batch)
+def _idle(helper: ThreadPoolExecutor) -> None:
+    """Wait until the helper thread has done everything submitted so far (it runs one task at a time, in
+    order): the store's connection is then free for this thread."""
+    helper.submit(lambda: None).result()
+
+
+def _raise_failed(marks: list[Future]) -> None:
+    """Raise the error of a mark that failed (StoreError): delivery stops there, the batch goes again.
+    Marks that are done and fine are dropped from `marks`."""
+    for future in marks:
+        if future.done() and future.exception() is not None:
+            raise future.exception()
+    marks[:] = [future for future in marks if not future.done()]
 

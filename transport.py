@@ -88,8 +88,8 @@ class Transport:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None  # the socket of the request in flight, for the watchdog
         self._cut: str | None = None  # why the watchdog or abort() cut it
-        self._timer: threading.Timer | None = None
-        self._armed: object | None = None  # the live watchdog timer's identity (a cancelled one may still fire)
+        self._watchdog = _Watchdog(self._expire)
+        self._armed: object | None = None  # the live deadline's identity (one already replaced may still fire)
 
     def post(self, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         """POST `body` to `target` (path and query, below the URL's own path). Raises UnreachableError."""
@@ -175,8 +175,9 @@ class Transport:
 
     def close(self) -> None:
         """Close the connection (idempotent); the next post() opens a new one. The TLS session is kept,
-        so that one resumes."""
+        so that one resumes. The watchdog's thread ends (the next request starts it again)."""
         self._disarm()
+        self._watchdog.close()
         self._drop()
 
     # -- internals ------------------------------------------------------------------------------------------
@@ -240,18 +241,13 @@ class Transport:
             return _SEND_BUFFER_BYTES * 2
 
     def _arm(self, seconds: float) -> None:
-        self._disarm()
-        timer = threading.Timer(seconds, self._expire, (timer_id := object(),))
-        timer.daemon = True
+        timer_id = object()
         with self._lock:
             self._armed = timer_id
-        self._timer = timer
-        timer.start()
+        self._watchdog.arm(seconds, timer_id)
 
     def _disarm(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self._watchdog.disarm()
         with self._lock:
             self._armed = None
 
@@ -286,6 +282,62 @@ class Transport:
             tls = " and TLS handshake" if self._https else ""
             return UnreachableError(f"cannot reach {target}: no connection{tls} within {timeout_s:g} s")
         return error_for_exception(exc, target, timeout_s, phase)
+
+
+class _Watchdog:
+    """Calls `expire(token)` once the armed deadline passes, from one thread of its own.
+
+    Arming (or disarming) is a few lock operations: a threading.Timer per phase started a thread per phase,
+    two or three per request, which on a drain of many requests was CPU and wall time on the request's
+    path. The thread starts at the first arm() and ends at close() (a later arm() starts it again).
+    `expire` runs without the watchdog's lock held and must check the token is still the live one.
+    Thread-safe.
+    """
+
+    def __init__(self, expire) -> None:
+        self._expire = expire
+        self._cond = threading.Condition()
+        self._deadline: float | None = None
+        self._token: object | None = None
+        self._thread: threading.Thread | None = None
+        self._closing = False
+
+    def arm(self, seconds: float, token: object) -> None:
+        with self._cond:
+            earlier = self._deadline is None or time.monotonic() + seconds < self._deadline
+            self._deadline = time.monotonic() + seconds
+            self._token = token
+            if self._thread is None or not self._thread.is_alive():
+                self._closing = False
+                self._thread = threading.Thread(target=self._run, name="transport-watchdog", daemon=True)
+                self._thread.start()
+            elif earlier:
+                self._cond.notify()  # it sleeps until a later deadline, or without one
+
+    def disarm(self) -> None:
+        with self._cond:
+            self._deadline = None  # the thread wakes at the old deadline, finds none and sleeps on
+            self._token = None
+
+    def close(self) -> None:
+        with self._cond:
+            self._closing = True
+            self._deadline = None
+            self._token = None
+            self._cond.notify_all()
+            thread, self._thread = self._thread, None
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(5)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closing and (self._deadline is None or time.monotonic() < self._deadline):
+                    self._cond.wait(None if self._deadline is None else self._deadline - time.monotonic())
+                if self._closing:
+                    return
+                token, self._deadline, self._token = self._token, None, None
+            self._expire(token)
 
 
 class _Coalescing:

@@ -71,16 +71,22 @@ def test_replay_bus_answers_like_the_chip_without_asking_it_again(clock):
 
 
 def test_ceiling_batches_are_the_senders_batches(tmp_path):
+    from influx_http import prepare
+
     box = Outbox(tmp_path)
     lines = [f"m,k=v f={i}i,pad=\"{'x' * (i % 300)}\" {1_000 + i}" for i in range(12_345)]
     box.append([(1_000 + i, line) for i, line in enumerate(lines)])
-    cuts = []
+    batches = bench_proc.ceiling_batches(tmp_path, 5000, 400_000)  # replays the unsent lines
+    cuts, bodies = [], []
     while batch := box.pending(5000, 400_000):
         cuts.append(len(batch))
+        drained = box.pending_batch(5000, 400_000)  # what the sender reads and sends
+        bodies.append(prepare(drained.text, backlog=len(drained) == 5000 or len(drained.text) + 1 >= 200_000).body)
+        assert drained.ids == tuple(p.id for p in batch)
         box.mark_sent(p.id for p in batch)
     box.close()
-    batches = bench_proc.ceiling_batches(tmp_path, 5000, 400_000)
     assert [n for n, _ in batches] == cuts and len(cuts) > 3
+    assert [body for _, body in batches] == bodies  # the same gzip bodies, byte for byte
     import gzip
 
     assert gzip.decompress(batches[0][1]).decode().splitlines() == lines[:cuts[0]]

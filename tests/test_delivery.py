@@ -262,3 +262,72 @@ def test_draining_a_backlog_logs_progress_with_eta(victoria, outbox, clock, capl
     assert sender.flush().delivered == 6000
     progress = [r.getMessage() for r in caplog.records if "delivering backlog" in r.getMessage()]
     assert progress and "points left" in progress[0] and "ETA" in progress[0]
+
+
+# -- draining a backlog: the pipeline (mark, read and gzip the next batch while a request is in flight) ---------
+def delivered_lines(proxy) -> list[str]:
+    """The lines of every request the server acknowledged (204), in the order they went out."""
+    return [line for r in proxy.log if r.status == 204 for line in r.text.splitlines()]
+
+
+def test_a_backlog_drained_while_new_readings_arrive_goes_oldest_first_each_point_once(
+        victoria, make_proxy, outbox, clock, tmp_path):
+    proxy = make_proxy(victoria.url)
+    old = fill(outbox, 12_000, "drain-order", start_ms=int(time.time() * 1000) - 600_000)
+    measuring = Outbox(tmp_path / "store")  # the measuring thread's own connection, as in the daemon
+    new = []
+    writer = v2_writer(proxy.url)
+    write = writer.write
+
+    def write_while_measuring(request):
+        # A cycle is stored while each of the first requests is in flight (ids after the backlog's).
+        if len(new) < 3 * 5:
+            t = old[-1][0] + 1000 * (len(new) + 1)
+            rows = [(t + k, f"electricity,site=test,unit=drain-order current_ma={k}.25,samples=1i {t + k}")
+                    for k in range(5)]
+            measuring.append(rows)
+            new.extend(rows)
+        return write(request)
+
+    writer.write = write_while_measuring
+    sender = make_sender(writer, outbox, clock)
+    while sender.flush().delivered:
+        pass
+    measuring.close()
+    sent = delivered_lines(proxy)
+    assert sent == [line for _, line in old + new]  # old before new, each line once, nothing left out
+    assert outbox.stats().queue_depth == 0 and len(new) == 15
+    assert vm_samples(victoria, "drain-order") == lp.samples(sent)
+
+
+def test_a_request_failing_mid_drain_loses_and_duplicates_nothing(victoria, make_proxy, outbox, clock):
+    proxy = make_proxy(victoria.url)
+    rows = fill(outbox, 23_000, "drain-fail")
+    proxy.fail_when_request(lambda request: len(proxy.log) == 3, 500)  # the third request of the drain fails
+    sender = make_sender(v2_writer(proxy.url), outbox, clock)
+    first = sender.flush()
+    assert isinstance(first.error, UnreachableError) and first.delivered == 10_000  # the two before it, marked
+    assert outbox.stats().queue_depth == 13_000  # the failed batch and the one read ahead stay unsent
+    proxy.clear()
+    assert sender.flush().delivered == 13_000
+    assert [r.status for r in proxy.log] == [204, 204, 500, 204, 204, 204]
+    assert delivered_lines(proxy) == [line for _, line in rows]  # each line acknowledged exactly once, in order
+    assert outbox.stats().queue_depth == 0
+
+
+def test_influxdb_keeps_the_good_lines_of_a_partly_refused_batch_and_stores_each_point_once(
+        influxdb1, make_proxy, outbox, clock):
+    # InfluxDB 1.6.7 answers a batch with a bad line 400 "partial write" and stores the good lines; the
+    # halving search sends them again (the same points: overwritten, not added) and quarantines the bad one.
+    influxdb1.create_database("partial")
+    proxy = make_proxy(influxdb1.url)
+    rows = fill(outbox, 12_000, "partial", bad_at={7_321})
+    result = make_sender(v1_writer(proxy.url, "partial"), outbox, clock).flush()
+    assert result.error is None and result.quarantined == 1 and result.delivered == 11_999
+    assert [r.status for r in proxy.log[:2]] == [204, 400]  # the second batch holds the bad line
+    assert [line for _, line, s in outbox.export() if s == "quarantined"] == [rows[7_321][1]]
+    series = influxdb1.query("partial", "SELECT count(current_ma) FROM electricity")
+    assert series[0]["values"][0][1] == 11_999
+    assert outbox.stats().queue_depth == 0
+    firsts = [int(r.text.splitlines()[0].rsplit(" ", 1)[1]) for r in proxy.log if r.status == 204]
+    assert firsts == sorted(firsts)  # still oldest first around the refused batch

@@ -193,3 +193,21 @@ def test_mark_sent_marks_a_run_of_ids_in_one_range_and_never_a_row_outside_the_b
     assert left == [1000, 1001, 1006, 1008]
     assert box.queue_stats().queue_depth == 4  # the running counter agrees
     assert [p.time_ms for p in box.pending(10, 10**6, after_id=ids[1])] == [1006, 1008]  # the batch after
+
+
+def test_pending_batch_is_pendings_lines_joined_held_and_sent_left_out(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(3))
+    box.append([(2000, "held v=1i 2000")], boot_id="b", boot_ms=5, held=True)  # waits for the clock
+    box.append(lines(4, 3) + [(1007, "m,t=é v=7i 1007")])
+    box.mark_sent([2])
+    batch = box.pending_batch(100, 10**6)
+    assert batch.ids == tuple(p.id for p in box.pending(100, 10**6)) == (1, 3, 5, 6, 7, 8, 9)
+    assert batch.text.decode() == "\n".join(p.line for p in box.pending(100, 10**6))
+    assert batch.lines()[-1] == "m,t=é v=7i 1007" and len(batch) == 7
+    assert box.pending_batch(3, 10**6, after_id=5).ids == (6, 7, 8)  # the batch after one not yet marked
+    # The byte cap counts UTF-8 bytes and a newline per line; one line always goes, however long.
+    assert box.pending_batch(100, 25).ids == (1, 3) and box.pending_batch(100, 1).ids == (1,)
+    assert [p.id for p in box.rows(box.pending_batch(100, 10**6))] == [1, 3, 5, 6, 7, 8, 9]
+    box.mark_sent(batch.ids)
+    assert box.pending_batch(100, 10**6) is None and box.queue_stats().queue_depth == 1  # the held line

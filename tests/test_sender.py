@@ -151,13 +151,13 @@ def test_the_next_batch_is_read_while_a_request_is_in_flight_oldest_first_each_l
 
     outbox = filled(tmp_path, clock, 23)
     seen_threads = set()
-    pending = outbox.pending
+    pending = outbox.pending_batch
 
     def traced(*args, **kwargs):
         seen_threads.add(threading.current_thread().name)
         return pending(*args, **kwargs)
 
-    outbox.pending = traced
+    outbox.pending_batch = traced
     writer = FakeWriter([None, None, UnreachableError("down")])  # the third request fails
     sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
                     sleep=clock.sleep, rng=MaxRandom())
@@ -169,3 +169,29 @@ def test_the_next_batch_is_read_while_a_request_is_in_flight_oldest_first_each_l
     expected = [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(23)]
     assert writer.delivered == expected  # oldest first, every line exactly once
     assert [len(b) for b in writer.batches] == [5, 5, 5, 5, 5, 3]  # the failed one again, then the rest
+
+
+def test_a_mark_that_fails_stops_the_drain_and_the_unmarked_lines_go_again_oldest_first(tmp_path, clock):
+    from outbox import StoreError
+
+    outbox = filled(tmp_path, clock, 23)
+    mark_sent = outbox.mark_sent
+    calls = []
+
+    def failing_second(ids):
+        calls.append(ids)
+        if len(calls) == 2:
+            raise StoreError("store: disk I/O error")
+        return mark_sent(ids)
+
+    outbox.mark_sent = failing_second
+    writer = FakeWriter()
+    sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
+                    sleep=clock.sleep)
+    result = sender.flush()
+    assert isinstance(result.error, StoreError) and result.delivered == 5
+    assert len(writer.batches) in (2, 3)  # the failure is seen before the next request, or just after it
+    assert outbox.queue_stats().queue_depth == 18  # no batch after the failed mark was marked either
+    writer.delivered.clear()
+    assert sender.flush().delivered == 18
+    assert writer.delivered == [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(5, 23)]  # oldest first, once
