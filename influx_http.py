@@ -195,7 +195,12 @@ class _TransportRest:
     def POST(self, url, headers=None, query_params=None, post_params=None, body=None,  # noqa: N802
              _preload_content=True, _request_timeout=None, **_urlopen_kw):
         parts = urlsplit(url)
-        target = parts.path + ("?" + urlencode(query_params) if query_params else "")
+        # influxdb-client already put the configured URL's path in front (`http://host/influx` ->
+        # /influx/api/v2/write); the transport adds it too, so it goes here once, not twice.
+        path, prefix = parts.path, self.transport.path_prefix
+        if prefix and (path == prefix or path.startswith(prefix + "/")):
+            path = path[len(prefix):]
+        target = path + ("?" + urlencode(query_params) if query_params else "")
         # Only what the server needs: influxdb-client's User-Agent, Accept and the like go with every
         # request on a metered link for nobody (http.client adds Host and Content-Length).
         kept = {name: value for name, value in (headers or {}).items() if name.lower() in _WRITE_HEADERS}

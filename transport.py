@@ -91,6 +91,11 @@ class Transport:
         self._watchdog = _Watchdog(self._expire)
         self._armed: object | None = None  # the live deadline's identity (one already replaced may still fire)
 
+    @property
+    def path_prefix(self) -> str:
+        """The URL's own path without its trailing slash ("" for none): put before every target."""
+        return self._prefix
+
     def post(self, target: str, body: bytes, headers: Mapping[str, str]) -> Answer:
         """POST `body` to `target` (path and query, below the URL's own path). Raises UnreachableError."""
         return self.request("POST", target, body, headers)

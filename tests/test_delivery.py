@@ -80,6 +80,24 @@ def test_delivers_oldest_first_in_full_batches_and_marks_sent(victoria, make_pro
     assert vm_samples(victoria, "oldest-first") == lp.samples(line for _, line in rows)
 
 
+@pytest.mark.parametrize("api", ["v1", "v2"])
+def test_a_url_with_a_path_is_written_below_that_path_once(victoria, make_proxy, outbox, clock, api):
+    """`url = "http://host:8428/influx"` (VictoriaMetrics' InfluxDB prefix, or a reverse proxy's path): the
+    requests go to /influx/write and /influx/api/v2/write, the path once (influxdb-client composes the v2 URL
+    from the configured one and the transport adds the path too; it used to be /influx/influx/...)."""
+    proxy = make_proxy(victoria.url)
+    unit = f"url-path-{api}"
+    rows = fill(outbox, 20, unit)
+    writer = v2_writer(proxy.url + "/influx/") if api == "v2" else v1_writer(proxy.url + "/influx/", "solar")
+    result = make_sender(writer, outbox, clock).flush()
+    assert result.error is None and result.delivered == 20
+    (path,) = {r.path.split("?")[0] for r in proxy.log}
+    assert path == ("/influx/api/v2/write" if api == "v2" else "/influx/write")
+    stored = {(name, tuple(kv for kv in labels if kv[0] != "db"), ts): value  # v1's db=solar becomes a label
+              for (name, labels, ts), value in vm_samples(victoria, unit).items()}
+    assert stored == lp.samples(line for _, line in rows)
+
+
 def test_a_partial_batch_waits_for_the_next_flush(victoria, outbox, clock):
     fill(outbox, 10, "small")
     sender = make_sender(v2_writer(victoria.url), outbox, clock)
