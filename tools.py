@@ -578,6 +578,8 @@ class KeptFile:
             except OSError:
                 pass
 
+    __del__ = close  # a raw descriptor is not closed by the garbage collector on its own
+
 
 def _kb_field(text: bytes, key: bytes) -> int | None:
     """The number after `key` in /proc/meminfo's text (kB), or None."""
