@@ -371,7 +371,7 @@ def _fake_proc(root, stat=_STAT, meminfo=_MEMINFO, net_dev=_NET_DEV):
 
 
 def test_proc_parsers_give_what_psutil_computes():
-    from tools import cpu_percent, cpu_ticks, memory_used_bytes, net_bytes
+    from procfs import cpu_percent, cpu_ticks, memory_used_bytes, net_bytes
 
     before = cpu_ticks(_STAT)
     assert before == (100, 5, 50, 800, 20, 3, 2, 0, 10, 0)
