@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -81,7 +82,15 @@ def cycle_points(config: Config, cycle, system=None, stats=None) -> list[Point]:
 
 
 def energy_state(energy: dict[str, tuple[float, float]]) -> dict[str, str]:
-    return {f"energy:{name}": json.dumps({"in_wh": e[0], "out_wh": e[1]}) for name, e in energy.items()}
+    """The store's `energy:<channel>` values: JSON {"in_wh": .., "out_wh": ..} (written every cycle: formatted
+    directly, as json.dumps writes a finite float: its repr)."""
+    return {f"energy:{name}": _energy_json(e[0], e[1]) for name, e in energy.items()}
+
+
+def _energy_json(in_wh: float, out_wh: float) -> str:
+    if math.isfinite(in_wh) and math.isfinite(out_wh):
+        return f'{{"in_wh": {float(in_wh)!r}, "out_wh": {float(out_wh)!r}}}'
+    return json.dumps({"in_wh": in_wh, "out_wh": out_wh})
 
 
 def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:

@@ -53,6 +53,13 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
+_QUEUE_STATS_SQL = (
+    "SELECT (SELECT value FROM state WHERE key = 'unsent_count'), "
+    "(SELECT value FROM state WHERE key = 'quarantined_count'), "
+    "(SELECT value FROM state WHERE key = 'dropped_points'), "
+    "(SELECT count(*) FROM points WHERE held = 1)"
+)
+
 # The WAL is checkpointed into the database every this many pages (SQLite's default, 1000 pages, lets
 # it reach about 4 MB between checkpoints: on a small or nearly full card that eats the space freed
 # for held cycles before they land), and cut back to this size after each checkpoint.
@@ -561,12 +568,9 @@ class Outbox:
     @_store_errors
     def queue_stats(self) -> QueueStats:
         """The counts the `system` point carries every cycle, from the running counters: no table scan."""
-        counters = dict(self._db.execute(
-            "SELECT key, value FROM state WHERE key IN ('unsent_count', 'quarantined_count', 'dropped_points')"
-        ).fetchall())
-        held = self._db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]  # usually none
-        return QueueStats(int(counters.get("unsent_count", 0)), int(counters.get("quarantined_count", 0)),
-                          int(counters.get("dropped_points", 0)), held)
+        # One statement (this runs every cycle); held rows are usually none (one probe of their index).
+        unsent, quarantined, dropped, held = self._db.execute(_QUEUE_STATS_SQL).fetchone()
+        return QueueStats(int(unsent or 0), int(quarantined or 0), int(dropped or 0), held)
 
     @_store_errors
     def stats(self) -> OutboxStats:

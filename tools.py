@@ -12,10 +12,10 @@ corrupt a reading. The chip's config and calibration are still checked (every
 _SETTINGS_CHECK_CYCLES cycles, and at the next cycle after any failed transaction)
 and restored, so its own current/power registers stay meaningful too.
 
-Each sample is two I2C transactions (shunt, then bus register), each one
-write_then_readinto through the driver's own i2c_device into a buffer kept per
-channel: the driver still owns the chip (it is attached and sets calibration),
-but its per-register property layers are not paid 80 times a cycle.
+Each sample is two I2C transactions (bus, then shunt register), each one
+writeto_then_readfrom on the bus into a buffer kept per channel: the driver
+still owns the chip (it is attached and sets config and calibration), but its
+per-register property and i2c_device layers are not paid 80 times a cycle.
 """
 from __future__ import annotations
 
@@ -28,6 +28,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from config import ADC_SAMPLES, ChannelConfig, SamplingConfig
+from procfs import KeptFile, cpu_percent, cpu_ticks, memory_used_bytes, net_bytes
 from rpi_errors import MeasuringError
 
 log = logging.getLogger(__name__)
@@ -156,14 +157,17 @@ class _Sensor:
         self.restores = 0
         self.cycles_to_check = 0  # cycles until the chip's settings are read back (0: at the next cycle)
         self.buffer = bytearray(3)  # [register, msb, lsb]: reused by every transaction of this channel
+        self.address = channel.address
+        self.shunt_full_scale = setup.shunt_full_scale
         self.reset_sums()
 
     def reset_sums(self) -> None:
+        # Raw register counts, summed as integers (exact); scaled to volts and watts once per cycle.
         self.good = 0
         self.failed = 0
-        self.sum_bus_v = 0.0
-        self.sum_shunt_mv = 0.0
-        self.sum_power_w = 0.0
+        self.sum_bus = 0  # bus register, 4 mV counts
+        self.sum_shunt = 0  # shunt register, 10 uV counts (signed)
+        self.sum_bus_x_shunt = 0  # per-sample products: the power's sum
         self.last_error = ""
 
 
@@ -244,8 +248,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             while not bus.try_lock():
                 self._sleep(0)
             try:
-                for sensor in self._sensors:
-                    self._sample(sensor)
+                self._sample_pass(bus.writeto_then_readfrom)
             finally:
                 bus.unlock()
         mid_s = start_s + self.sampling.window_s / 2
@@ -314,49 +317,55 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         sensor.driver._current_lsb = setup.current_lsb_ma  # noqa: SLF001 - the driver has no setter for custom shunts
         sensor.driver._power_lsb = 20 * setup.current_lsb_ma / 1000  # noqa: SLF001
 
-    def _sample(self, sensor: _Sensor) -> None:
-        if sensor.driver is None:
-            sensor.failed += 1
-            return
-        buf = sensor.buffer
-        device = sensor.driver.i2c_device  # the caller (measure) holds the bus for the whole pass
-        try:
-            # Bus register first: its CNVR bit says a conversion has finished since the last
-            # reset or config write, so the shunt register read after it holds a real result.
-            buf[0] = _REG_BUS
-            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
-            raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
-            converted = buf[2] & _CNVR
-            buf[0] = _REG_SHUNT
-            device.write_then_readinto(buf, buf, out_end=1, in_start=1)
-            raw_shunt = (buf[1] << 8) | buf[2]
-        except OSError as exc:
-            sensor.failed += 1
-            sensor.last_error = _describe(exc)
-            sensor.cycles_to_check = 0  # a failed transaction may be a brownout: check the settings next cycle
-            return
+    def _sample_pass(self, transfer: Callable) -> None:
+        """One sample of every channel: `transfer` is the bus's writeto_then_readfrom, which the caller
+        (measure) holds for the whole pass. This runs 10 times a cycle: kept to plain local work."""
+        for sensor in self._sensors:
+            if sensor.driver is None:
+                sensor.failed += 1
+                continue
+            buf = sensor.buffer
+            address = sensor.address
+            try:
+                # Bus register first: its CNVR bit says a conversion has finished since the last
+                # reset or config write, so the shunt register read after it holds a real result.
+                # Straight to the bus, as the driver's i2c_device would pass it (that layer only fills
+                # in the slice ends).
+                buf[0] = _REG_BUS
+                transfer(address, buf, buf, out_end=1, in_start=1)
+                raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
+                converted = buf[2] & _CNVR
+                buf[0] = _REG_SHUNT
+                transfer(address, buf, buf, out_end=1, in_start=1)
+                raw_shunt = (buf[1] << 8) | buf[2]
+            except OSError as exc:
+                sensor.failed += 1
+                sensor.last_error = _describe(exc)
+                sensor.cycles_to_check = 0  # a failed transaction may be a brownout: check the settings next cycle
+                continue
+            if raw_shunt & 0x8000:
+                raw_shunt -= 0x10000  # two's complement
+            if not converted or not -sensor.shunt_full_scale < raw_shunt < sensor.shunt_full_scale:
+                self._bad_sample(sensor, converted, raw_shunt)
+                continue
+            sensor.good += 1
+            sensor.sum_bus += raw_bus
+            sensor.sum_shunt += raw_shunt
+            sensor.sum_bus_x_shunt += raw_bus * raw_shunt
+
+    @staticmethod
+    def _bad_sample(sensor: _Sensor, converted: int, raw_shunt: int) -> None:
+        sensor.failed += 1
         if not converted:
             # Nothing converted since a config write or a power-on reset (a brownout: its registers read
             # 0 until the first conversion): not a reading. The settings are checked at the next cycle.
-            sensor.failed += 1
             sensor.last_error = "no finished conversion (the chip was reset or reconfigured)"
             sensor.cycles_to_check = 0
-            return
-        if raw_shunt & 0x8000:
-            raw_shunt -= 0x10000  # two's complement
-        bus_v = raw_bus * _BUS_LSB_V
-        if abs(raw_shunt) >= sensor.setup.shunt_full_scale:
-            sensor.failed += 1
+        else:
             sensor.last_error = (
                 f"shunt voltage at the end of its range ({raw_shunt * _SHUNT_LSB_MV:.2f} mV): "
                 f"current above {sensor.channel.max_current_a} A"
             )
-            return
-        shunt_mv = raw_shunt * _SHUNT_LSB_MV
-        sensor.good += 1
-        sensor.sum_bus_v += bus_v
-        sensor.sum_shunt_mv += shunt_mv
-        sensor.sum_power_w += bus_v * shunt_mv / sensor.channel.shunt_ohms / 1000
 
     def _average(self, sensor: _Sensor, mid_s: float) -> ChannelReading:
         channel = sensor.channel
@@ -369,10 +378,11 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                       f"{self.sampling.samples}: {why}",
             )
         n = sensor.good
-        bus_v = sensor.sum_bus_v / n
-        shunt_mv = sensor.sum_shunt_mv / n
+        bus_v = sensor.sum_bus * _BUS_LSB_V / n
+        shunt_mv = sensor.sum_shunt * _SHUNT_LSB_MV / n
         current_ma = shunt_mv / channel.shunt_ohms
-        power_w = sensor.sum_power_w / n
+        # The mean of each sample's power (bus x shunt current), not the product of the means.
+        power_w = sensor.sum_bus_x_shunt * (_BUS_LSB_V * _SHUNT_LSB_MV) / channel.shunt_ohms / 1000 / n
         scale = self._energy_scale
         sensor.energy.add(power_w, mid_s * scale, max_gap_s=2 * self.sampling.interval_s * scale)
         # Each value keeps the digits the chip resolves and no more: digits beyond carry no
@@ -544,44 +554,81 @@ class SystemReading:
 
 
 class SystemMonitor:
-    """psutil readings and the firmware's power flags; network bytes are counted since the previous call.
+    """The Pi's health readings and the firmware's power flags; network bytes are counted since the
+    previous call.
 
-    `power` reads the flags (default: a PowerFlagReader on this machine's sysfs). The CPU temperature is
-    one small file read a cycle: `thermal_path` (millidegrees C) where it exists, else the first CPU
-    temperature file of the hwmon devices under `hwmon_dir`, looked up once (none: cpu_temp_c None).
-    Only psutil's cheap readings run every cycle. Not thread-safe.
+    CPU load, memory and network come from /proc/stat, /proc/meminfo and /proc/net/dev under `proc_dir`,
+    kept open and re-read each cycle (the values psutil gives, at a fraction of its cost); where one
+    cannot be read, psutil (`psutil_module`) reads it. `power` reads the flags (default: a
+    PowerFlagReader on this machine's sysfs). The CPU temperature is one small file read a cycle:
+    `thermal_path` (millidegrees C) where it exists, else the first CPU temperature file of the hwmon
+    devices under `hwmon_dir`, looked up once (none: cpu_temp_c None). Not thread-safe.
     """
 
+    # /proc/net/dev holds a ~130-byte line per interface: 16 KiB is room for over a hundred.
+    _NET_DEV_LIMIT_BYTES = 16384
+
     def __init__(self, disk_path: str, psutil_module=None, *, power: PowerFlagReader | None = None,
-                 thermal_path: str = THERMAL_PATH, hwmon_dir: str = HWMON_DIR) -> None:
+                 thermal_path: str = THERMAL_PATH, hwmon_dir: str = HWMON_DIR, proc_dir: str = "/proc") -> None:
         if psutil_module is None:
             import psutil as psutil_module
         self._psutil = psutil_module
         self._disk_path = disk_path
         self._power = power if power is not None else PowerFlagReader()
-        self._temp_path = thermal_path if os.path.isfile(thermal_path) else _cpu_hwmon_temp(hwmon_dir)
-        self._psutil.cpu_percent(interval=None)  # the first call only primes the counter
+        temp_path = thermal_path if os.path.isfile(thermal_path) else _cpu_hwmon_temp(hwmon_dir)
+        self._temp = KeptFile(temp_path, 64) if temp_path else None
+        self._stat = KeptFile(os.path.join(proc_dir, "stat"), 1024)
+        self._meminfo = KeptFile(os.path.join(proc_dir, "meminfo"), 8192)
+        self._net_dev = KeptFile(os.path.join(proc_dir, "net", "dev"), self._NET_DEV_LIMIT_BYTES)
+        self._ticks = self._cpu_ticks()
         self._net = self._net_counters()
 
+    def close(self) -> None:
+        """Close the files kept open (idempotent)."""
+        for kept in (self._temp, self._stat, self._meminfo, self._net_dev):
+            if kept is not None:
+                kept.close()
+
+    def _cpu_ticks(self) -> tuple[int, ...] | None:
+        text = self._stat.read()
+        ticks = cpu_ticks(text) if text else None
+        if ticks is None:
+            self._psutil.cpu_percent(interval=None)  # psutil keeps its own previous reading: prime it
+        return ticks
+
+    def _cpu_percent(self) -> float:
+        before, self._ticks = self._ticks, self._cpu_ticks()
+        if before is None or self._ticks is None or len(before) != len(self._ticks):
+            return float(self._psutil.cpu_percent(interval=None))
+        return cpu_percent(before, self._ticks)
+
+    def _memory_used_bytes(self) -> int:
+        text = self._meminfo.read()
+        used = memory_used_bytes(text) if text else None
+        return used if used is not None else self._psutil.virtual_memory().used
+
     def _net_counters(self) -> tuple[int, int]:
+        text = self._net_dev.read()
+        counted = net_bytes(text) if text and len(text) < self._NET_DEV_LIMIT_BYTES else None
+        if counted is not None:
+            return counted
         counters = self._psutil.net_io_counters()
         return (counters.bytes_sent, counters.bytes_recv) if counters else (0, 0)
 
     def read(self) -> SystemReading:
-        ps = self._psutil
         sent, recv = self._net_counters()
         # Counters can wrap or reset (interface down/up): never report a negative delta.
         delta = (max(sent - self._net[0], 0), max(recv - self._net[1], 0))
         self._net = (sent, recv)
         flags = self._power.read()
         return SystemReading(
-            cpu_percent=float(ps.cpu_percent(interval=None)),
+            cpu_percent=self._cpu_percent(),
             cpu_temp_c=self._cpu_temp(),
-            memory_used_mb=ps.virtual_memory().used / 1_048_576,
-            disk_free_mb=ps.disk_usage(self._disk_path).free / 1_048_576,
+            memory_used_mb=self._memory_used_bytes() / 1_048_576,
+            disk_free_mb=self._psutil.disk_usage(self._disk_path).free / 1_048_576,
             net_sent_bytes=delta[0],
             net_recv_bytes=delta[1],
-            uptime_s=_uptime_s(ps),
+            uptime_s=_uptime_s(self._psutil),
             undervoltage=flags.undervoltage,
             throttled=flags.throttled,
             undervoltage_since_boot=flags.undervoltage_since_boot,
@@ -589,11 +636,11 @@ class SystemMonitor:
         )
 
     def _cpu_temp(self) -> float | None:
-        if self._temp_path is None:
+        if self._temp is None:
             return None
-        text = _read_small(self._temp_path)
+        text = self._temp.read()
         try:
-            value = int(text.strip()) / 1000 if text is not None else None
+            value = int(text.strip()) / 1000 if text else None
         except ValueError:
             return None
         return value if value is not None and -60 <= value <= 150 else None  # else not a CPU's temperature

@@ -352,3 +352,79 @@ def test_values_carry_no_digits_beyond_what_the_chip_resolves(clock):
             assert _decimals(r.energy_in_wh) <= energy_digits and _decimals(r.energy_out_wh) <= energy_digits, r
     # ... and no fewer: averages that need the extra digit keep it.
     assert all(True in seen for seen in used.values()), used
+
+
+# -- the Pi's health from kept-open /proc files (issue 13) ------------------------------------------------
+_STAT = b"cpu  100 5 50 800 20 3 2 0 10 0\ncpu0 50 2 25 400 10 1 1 0 5 0\nintr 1\n"
+_MEMINFO = b"MemTotal:        1000000 kB\nMemFree:          100000 kB\nMemAvailable:     400000 kB\nBuffers: 1 kB\n"
+_NET_DEV = (b"Inter-|   Receive                                                |  Transmit\n"
+            b" face |bytes    packets errs drop fifo frame compressed multicast|bytes    packets errs drop fifo colls carrier compressed\n"
+            b"    lo:    1000      10    0    0    0     0          0         0     1000      10    0    0    0     0       0          0\n"
+            b"  eth0:  500000     300    0    0    0     0          0         0    70000     200    0    0    0     0       0          0\n")
+
+
+def _fake_proc(root, stat=_STAT, meminfo=_MEMINFO, net_dev=_NET_DEV):
+    (root / "net").mkdir(parents=True, exist_ok=True)
+    for name, data in (("stat", stat), ("meminfo", meminfo), ("net/dev", net_dev)):
+        if data is not None:
+            (root / name).write_bytes(data)
+    return root
+
+
+def test_proc_parsers_give_what_psutil_computes():
+    from procfs import cpu_percent, cpu_ticks, memory_used_bytes, net_bytes
+
+    before = cpu_ticks(_STAT)
+    assert before == (100, 5, 50, 800, 20, 3, 2, 0, 10, 0)
+    # +30 user (of which 10 guest, already inside user), +10 system, +50 idle, +10 iowait, +10 guest:
+    # total 110 - 10 guest = 100; busy = 100 - 50 idle - 10 iowait = 40 -> 40.0 %
+    after = cpu_ticks(b"cpu  130 5 60 850 30 3 2 0 20 0\n")
+    assert cpu_percent(before, after) == 40.0
+    assert cpu_percent(after, after) == 0.0  # no time passed: psutil says 0.0 too
+    assert cpu_percent(after, before) == 0.0  # counters that went backwards count 0
+    assert cpu_ticks(b"intr 1\n") is None and cpu_ticks(b"cpu  1 2 x 4 5\n") is None
+    assert memory_used_bytes(_MEMINFO) == 600000 * 1024  # psutil: total - available
+    assert memory_used_bytes(b"MemTotal: 1000 kB\nMemAvailable: 0 kB\n") is None  # psutil estimates then
+    assert memory_used_bytes(b"MemTotal: 1000 kB\n") is None
+    assert net_bytes(_NET_DEV) == (71000, 501000)  # (sent, received), every interface
+    assert net_bytes(_NET_DEV + b"  bad: x\n") is None
+
+
+def test_system_monitor_reads_kept_open_proc_files_and_falls_back_to_psutil(tmp_path):
+    import psutil
+
+    from tools import PowerFlagReader, SystemMonitor
+
+    no_power = PowerFlagReader(str(tmp_path / "x"), str(tmp_path / "y"))
+    proc = _fake_proc(tmp_path / "proc")
+    monitor = SystemMonitor(str(tmp_path), power=no_power, thermal_path=str(tmp_path / "none"),
+                            hwmon_dir=str(tmp_path / "none"), proc_dir=str(proc))
+    first = monitor.read()
+    assert first.memory_used_mb == pytest.approx(600000 / 1024)
+    assert (first.net_sent_bytes, first.net_recv_bytes, first.cpu_percent) == (0, 0, 0.0)
+    # the same open files give the new values: the kernel (here: the file) is read again from offset 0
+    (proc / "stat").write_bytes(b"cpu  130 5 60 850 30 3 2 0 20 0\n")
+    (proc / "net" / "dev").write_bytes(_NET_DEV.replace(b"500000", b"500300").replace(b"70000", b"70050"))
+    (proc / "meminfo").write_bytes(_MEMINFO.replace(b"400000", b"300000"))
+    second = monitor.read()
+    assert (second.cpu_percent, second.net_sent_bytes, second.net_recv_bytes) == (40.0, 50, 300)
+    assert second.memory_used_mb == pytest.approx(700000 / 1024)
+    monitor.close()
+    # files that cannot be read: psutil reads this machine's values instead
+    bare = SystemMonitor(str(tmp_path), power=no_power, thermal_path=str(tmp_path / "none"),
+                         hwmon_dir=str(tmp_path / "none"), proc_dir=str(tmp_path / "no-proc"))
+    reading = bare.read()
+    assert reading.memory_used_mb == pytest.approx(psutil.virtual_memory().used / 1_048_576, rel=0.05)
+    assert reading.net_sent_bytes >= 0 and 0.0 <= reading.cpu_percent <= 100.0
+
+
+def test_system_monitor_on_this_machine_agrees_with_psutil(tmp_path):
+    import psutil
+
+    from tools import SystemMonitor
+
+    monitor = SystemMonitor(str(tmp_path))
+    counters = psutil.net_io_counters()
+    sent, recv = monitor._net_counters()
+    assert sent >= counters.bytes_sent and recv >= counters.bytes_recv  # read after psutil: never less
+    assert monitor._memory_used_bytes() == pytest.approx(psutil.virtual_memory().used, rel=0.05)
