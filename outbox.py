@@ -26,33 +26,6 @@ from pathlib import Path
 log = logging.getLogger(__name__)
 
 DB_NAME = "outbox.db"
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS points (
-    id INTEGER PRIMARY KEY,
-    time_ms INTEGER NOT NULL,
-    line TEXT NOT NULL,
-    sent_ms INTEGER,
-    boot_id TEXT,
-    boot_ms INTEGER,
-    held INTEGER NOT NULL DEFAULT 0
-);
-CREATE INDEX IF NOT EXISTS points_ready ON points(id) WHERE sent_ms IS NULL AND held = 0;
-CREATE INDEX IF NOT EXISTS points_held ON points(boot_id) WHERE held = 1;
-CREATE INDEX IF NOT EXISTS points_time ON points(time_ms);
-CREATE TABLE IF NOT EXISTS quarantine (
-    id INTEGER PRIMARY KEY,
-    time_ms INTEGER NOT NULL,
-    line TEXT NOT NULL,
-    reason TEXT NOT NULL,
-    quarantined_ms INTEGER NOT NULL
-);
-CREATE TABLE IF NOT EXISTS state (
-    key TEXT PRIMARY KEY,
-    value TEXT NOT NULL
-);
-"""
-
-
 _QUEUE_STATS_SQL = (
     "SELECT (SELECT value FROM state WHERE key = 'unsent_count'), "
     "(SELECT value FROM state WHERE key = 'quarantined_count'), "
@@ -268,7 +241,9 @@ class Outbox:
             )
         # One transaction: a reader (`status`, the live page) opening the store while it is being created
         # sees either no tables or all of them, never `points` without `state`.
-        db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + ";COMMIT;")
+        from store_schema import BASE_SCHEMA
+
+        db.executescript("BEGIN IMMEDIATE;" + BASE_SCHEMA + ";COMMIT;")
         _migrate_schema(db)
         # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
         # (every cycle) never has to count a long backlog. Seeded once from the rows themselves.

@@ -1,7 +1,7 @@
 """Versioned schema migrations for the store (outbox.db) that a rollback can undo.
 
 Standard library only; no project imports. The store's version is SQLite's `PRAGMA user_version`
-(0 or 1: the base schema outbox.py creates). A release that changes the schema adds a Migration
+(0 or 1: BASE_SCHEMA below, which outbox.py creates). A release that changes the schema adds a Migration
 to MIGRATIONS with its `up` SQL and the `down` SQL that undoes it without losing readings (drop an
 added column or table, never a row of `points`). Applying a migration stores its `down` SQL in the
 database itself (table schema_migrations), in the same transaction: an older release, started
@@ -19,6 +19,33 @@ from dataclasses import dataclass
 log = logging.getLogger(__name__)
 
 BASE_VERSION = 1
+
+# Version 1, the base schema (outbox.py creates it when it opens a store).
+BASE_SCHEMA = """
+CREATE TABLE IF NOT EXISTS points (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    sent_ms INTEGER,
+    boot_id TEXT,
+    boot_ms INTEGER,
+    held INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS points_ready ON points(id) WHERE sent_ms IS NULL AND held = 0;
+CREATE INDEX IF NOT EXISTS points_held ON points(boot_id) WHERE held = 1;
+CREATE INDEX IF NOT EXISTS points_time ON points(time_ms);
+CREATE TABLE IF NOT EXISTS quarantine (
+    id INTEGER PRIMARY KEY,
+    time_ms INTEGER NOT NULL,
+    line TEXT NOT NULL,
+    reason TEXT NOT NULL,
+    quarantined_ms INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS state (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
 
 
 @dataclass(frozen=True)
