@@ -457,8 +457,10 @@ role = "solar"
 """
 
 
-def run_daemon(influxdb1, tmp: Path, site: str, cycles: int, channels_toml: str = "") -> None:
-    """The real daemon on the simulator (a pinned June noon) into DATABASE for `cycles` cycles as `site`."""
+def daemon_config(influxdb1, tmp: Path, site: str, *, database: str = DATABASE, channels_toml: str = "",
+                  simulation: str = "speed = 600\nstart = 2025-06-21T12:00:00") -> Path:
+    """A config for the real daemon on the simulator's day (by default a pinned June noon, so the panels give
+    energy whatever the hour the suite runs), writing to `database` of InfluxDB 1.6.7 as `site`."""
     config = tmp / f"{site}.toml"
     config.write_text(f"""
 [site]
@@ -471,22 +473,29 @@ dir = "{tmp / site}"
 [simulation]
 enabled = true
 scenario = "day"
-speed = 600
-start = 2025-06-21T12:00:00   # pinned: the panels give energy whatever the hour the suite runs
+{simulation}
 [led]
 enabled = false
 [influx]
 kind = "local"
 api = "v1"
 url = "{influxdb1.url}"
-database = "{DATABASE}"
+database = "{database}"
 flush_interval_s = 0.3
-timeout_s = 2
+timeout_s = 5
 {channels_toml}""")
     config.chmod(0o600)
+    return config
+
+
+def run_daemon(influxdb1, tmp: Path, site: str, cycles: int, channels_toml: str = "", **kwargs) -> Path:
+    """The real daemon for `cycles` cycles with daemon_config(...); returns the config's path."""
+    config = daemon_config(influxdb1, tmp, site, channels_toml=channels_toml, **kwargs)
     result = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(config),
-                             "--cycles", str(cycles)], capture_output=True, text=True, timeout=120)
+                             "--cycles", str(cycles)], capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "TZ": "Europe/London"})
     assert result.returncode == 0, result.stderr[-3000:]
+    return config
 
 
 @pytest.fixture(scope="module")
@@ -641,37 +650,10 @@ def test_grafana_daily_energy_equals_reports_daily_totals(influxdb1, tmp_path):
     measured, `report` integrates `power_w` between the stored readings by the trapezoid rule. The
     simulated day runs 03:00-23:00, so both ends are at night and the two rules meet; a cycle that runs late on
     a busy machine leaves a gap both rules leave unbridged."""
-    config = tmp_path / "ledger.toml"
-    config.write_text(f"""
-[site]
-name = "{LEDGER_SITE}"
-[sampling]
-interval_s = 0.2
-window_s = 0.05
-[store]
-dir = "{tmp_path / 'store'}"
-[simulation]
-enabled = true
-scenario = "day"
-speed = 2400
-start = 2025-06-21T03:00:00
-stamp = "simulated"
-[led]
-enabled = false
-[influx]
-kind = "local"
-api = "v1"
-url = "{influxdb1.url}"
-database = "{LEDGER_DATABASE}"
-flush_interval_s = 0.5
-timeout_s = 5
-""")
-    config.chmod(0o600)
     influxdb1.create_database(LEDGER_DATABASE)
+    config = run_daemon(influxdb1, tmp_path, LEDGER_SITE, 150, database=LEDGER_DATABASE,
+                        simulation='speed = 2400\nstart = 2025-06-21T03:00:00\nstamp = "simulated"')
     env = {**os.environ, "TZ": "Europe/London"}
-    run = subprocess.run([sys.executable, str(ROOT / "main.py"), "run", "--config", str(config), "--cycles", "150"],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert run.returncode == 0, run.stderr[-3000:]
     report = subprocess.run([sys.executable, str(ROOT / "main.py"), "report", "--config", str(config),
                              "--day", "2025-06-21", "--format", "json"], capture_output=True, text=True,
                             timeout=120, env=env)
