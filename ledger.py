@@ -44,6 +44,9 @@ HOUR_MS = 3_600_000
 # stalls a measuring cycle, and a long backlog (a first start on an old store) is worked off over many passes.
 SETTLE_SLICE_MS = 15 * 60_000
 SETTLE_SLICES_PER_PASS = 4
+# Settling runs in the measuring thread (the store's housekeeping): a pass stops starting slices once it has
+# spent this long, so catching up on an old store (or a slow Pi) never holds a cycle up for more than ~a slice.
+SETTLE_BUDGET_S = 0.05
 _SETTLED_KEY = "ledger:settled_ms"
 _POWER = frozenset({"power_w"})
 
@@ -379,10 +382,12 @@ class Settler:
     day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later).
     """
 
-    def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None) -> None:
+    def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None,
+                 clock: Callable[[], float] = time.monotonic) -> None:
         self.layout = layout
         self.tz = tz
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
+        self._clock = clock  # for the pass's time budget (SETTLE_BUDGET_S)
 
     def __call__(self, outbox) -> int | None:
         try:
@@ -393,7 +398,8 @@ class Settler:
             return int(settled) - self.layout.max_gap_ms if settled else -(2**62)
 
     def settle(self, outbox, max_slices: int = SETTLE_SLICES_PER_PASS) -> int:
-        """Settle up to `max_slices` completed 15-minute slices; returns the keep-from time (Unix ms)."""
+        """Settle up to `max_slices` completed 15-minute slices (fewer once SETTLE_BUDGET_S is spent; always at
+        least one that is ready); returns the keep-from time (Unix ms)."""
         gap = self.layout.max_gap_ms
         ready_ms = self._wall_ms() - gap - 60_000  # the reading after a slice must be stored by then
         ready_ms -= ready_ms % SETTLE_SLICE_MS
@@ -404,9 +410,10 @@ class Settler:
             if oldest is None:
                 return -(2**62)
             start = oldest - oldest % SETTLE_SLICE_MS
-        for _ in range(max_slices):
+        began_s = self._clock()
+        for done in range(max_slices):
             end = start + SETTLE_SLICE_MS
-            if end > ready_ms:
+            if end > ready_ms or (done and self._clock() - began_s > SETTLE_BUDGET_S):
                 break
             acc = Accumulator(self.layout.roles, gap, self.tz, start, end)
             acc.add_all(readings_from_store(outbox.export(start - gap, end + gap)))

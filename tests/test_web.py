@@ -1,6 +1,7 @@
 """The live energy-flow page (web.py): a real FlowPage on a free port, a real Outbox, a real browser."""
 from __future__ import annotations
 
+import datetime as dt
 import http.client
 import json
 import math
@@ -554,8 +555,14 @@ def test_browser_shows_live_flows(start_page, tmp_path):
 
     now_ms = int(time.time() * 1000)
     fill_demo_history(tmp_path / "store", now_ms)
+    # "Today" as of the last 14:00 in London (within the 24 h filled): its panels have generated, at any hour
+    # the suite runs (before dawn, today so far would rightly be 0.00).
+    london = ledger.ZoneInfo("Europe/London")
+    afternoon = dt.datetime.now(london).replace(hour=14, minute=0, second=0, microsecond=0)
+    if afternoon.timestamp() * 1000 > now_ms:
+        afternoon = (afternoon - dt.timedelta(days=1)).replace(hour=14)
     page = start_page(history=store_history(tmp_path / "store"),
-                      today=today_for(tmp_path / "store", lambda: int(time.time() * 1000)))
+                      today=today_for(tmp_path / "store", lambda: int(afternoon.timestamp() * 1000)))
     stop = threading.Event()
 
     def feed():
