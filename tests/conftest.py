@@ -18,6 +18,31 @@ SLOW_FILES = {"test_end_to_end.py", "test_install.py", "test_network_lies.py", "
               "test_servers.py", "test_updater.py", "test_mqtt_output.py"}
 
 
+PINNED_DAY = "speed = 600\nstart = 2026-06-21T11:00:00  # pinned: the same sun whatever the hour CI runs"
+
+
+def simulated_config(path: Path, site: str, store: Path, *, interval_s: float, simulation: str = PINNED_DAY,
+                     tables: str = "") -> Path:
+    """A config for the real daemon on the simulated model (0.05 s window, no LED), written 0600:
+    `simulation` is the [simulation] table's lines besides `enabled`, `tables` what follows [led]."""
+    path.write_text(f"""
+[site]
+name = "{site}"
+[sampling]
+interval_s = {interval_s}
+window_s = 0.05
+[store]
+dir = "{store}"
+[simulation]
+enabled = true
+{simulation}
+[led]
+enabled = false
+{tables}""")
+    path.chmod(0o600)
+    return path
+
+
 def pytest_collection_modifyitems(config, items):
     for item in items:
         if SERVER_FIXTURES & set(getattr(item, "fixturenames", ())) or item.path.name in SLOW_FILES:

@@ -103,9 +103,9 @@ def binaries_available() -> str | None:
             "(run scripts/install-test-tools.sh as root: Debian packages influxdb, victoria-metrics)")
 
 
-def require_binaries() -> None:
-    """For tests: pytest.skip with the reason when a binary is missing, or pytest.fail when CI=true."""
-    reason = binaries_available()
+def require(reason: str | None) -> None:
+    """For tests: nothing when `reason` is None; else pytest.skip with it, or pytest.fail when CI=true (CI must
+    run every test, so a missing part there is a failure, not a skip)."""
     if reason is None:
         return
     import pytest  # lazy: this module is also used by bench.py without pytest
@@ -113,6 +113,11 @@ def require_binaries() -> None:
     if os.environ.get("CI") == "true":
         pytest.fail(f"CI=true but {reason}", pytrace=False)
     pytest.skip(reason)
+
+
+def require_binaries() -> None:
+    """For tests: require() influxd and victoria-metrics."""
+    require(binaries_available())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -19,7 +19,9 @@ from pathlib import Path
 
 import pytest
 
+from conftest import simulated_config
 from schema import ELECTRICITY, FIELD_TYPES, SYSTEM
+from servers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 INFLUX2_PATH = ROOT / "dashboards" / "influxdb2-solarpowerbrampton.json"
@@ -256,10 +258,7 @@ def flux_parse():
         reason = "node is not installed (scripts/install-test-tools.sh installs Debian's nodejs and npm)"
     elif not (FLUX_DIR / "node_modules" / "@influxdata" / "flux" / "flux_bg.wasm").exists():
         reason = "@influxdata/flux is not installed in tests/flux (scripts/install-test-tools.sh runs npm ci there)"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(reason)
 
     def parse(queries: list[str]) -> list[list[str]]:
         result = subprocess.run([node, str(FLUX_DIR / "parse.mjs")], input=json.dumps(queries), capture_output=True,
@@ -461,31 +460,10 @@ def daemon_config(influxdb1, tmp: Path, site: str, *, database: str = DATABASE, 
                   simulation: str = "speed = 600\nstart = 2025-06-21T12:00:00") -> Path:
     """A config for the real daemon on the simulator's day (by default a pinned June noon, so the panels give
     energy whatever the hour the suite runs), writing to `database` of InfluxDB 1.6.7 as `site`."""
-    config = tmp / f"{site}.toml"
-    config.write_text(f"""
-[site]
-name = "{site}"
-[sampling]
-interval_s = 0.2
-window_s = 0.05
-[store]
-dir = "{tmp / site}"
-[simulation]
-enabled = true
-scenario = "day"
-{simulation}
-[led]
-enabled = false
-[influx]
-kind = "local"
-api = "v1"
-url = "{influxdb1.url}"
-database = "{database}"
-flush_interval_s = 0.3
-timeout_s = 5
-{channels_toml}""")
-    config.chmod(0o600)
-    return config
+    influx = (f'[influx]\nkind = "local"\napi = "v1"\nurl = "{influxdb1.url}"\ndatabase = "{database}"\n'
+              "flush_interval_s = 0.3\ntimeout_s = 5\n")
+    return simulated_config(tmp / f"{site}.toml", site, tmp / site, interval_s=0.2,
+                            simulation=f'scenario = "day"\n{simulation}', tables=influx + channels_toml)
 
 
 def run_daemon(influxdb1, tmp: Path, site: str, cycles: int, channels_toml: str = "", **kwargs) -> Path:

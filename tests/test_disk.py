@@ -23,17 +23,12 @@ from config import parse_config
 from daemon import Daemon, load_energy
 from outbox import Outbox, StoreError
 from rpi_errors import ErrorHandler, Tier
+from servers import require
 from simulator import build_simulated_bus
 from tools import SystemMonitor, read_data
 
 ROOT = Path(__file__).resolve().parent.parent
 _HOLD = 360  # daemon._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written
-
-
-def _cannot(reason: str):
-    if os.environ.get("CI") == "true":
-        pytest.fail(f"CI=true but {reason}", pytrace=False)
-    pytest.skip(reason)
 
 
 def _run(*cmd: str) -> subprocess.CompletedProcess:
@@ -47,7 +42,7 @@ def small_fs(tmp_path):
     mnt.mkdir()
     result = _run("mount", "-t", "tmpfs", "-o", "size=1m,mode=0755", "tmpfs", str(mnt))
     if result.returncode != 0:
-        _cannot(f"cannot mount a 1 MB tmpfs here ({result.stderr.strip() or 'mount failed'}): needs root")
+        require(f"cannot mount a 1 MB tmpfs here ({result.stderr.strip() or 'mount failed'}): needs root")
     yield mnt
     _run("umount", "-l", str(mnt))
 
@@ -271,10 +266,10 @@ def card(tmp_path):
     with open(image, "wb") as f:
         f.truncate(8 * 1024 * 1024)
     if _run("mkfs.ext4", "-q", "-F", str(image)).returncode != 0:
-        _cannot("mkfs.ext4 failed (package e2fsprogs)")
+        require("mkfs.ext4 failed (package e2fsprogs)")
     result = _run("mount", "-o", "loop,errors=remount-ro", str(image), str(mnt))
     if result.returncode != 0:
-        _cannot(f"cannot mount an ext4 image on a loop device here ({result.stderr.strip()}): needs root")
+        require(f"cannot mount an ext4 image on a loop device here ({result.stderr.strip()}): needs root")
     mounted = [str(mnt)]
     device = next(line.split()[0] for line in Path("/proc/mounts").read_text().splitlines()
                   if line.split()[1] == str(mnt))
@@ -282,7 +277,7 @@ def card(tmp_path):
 
     def go_read_only():
         if not trigger.exists():
-            _cannot(f"{trigger} is missing: this kernel cannot turn ext4 read-only on demand")
+            require(f"{trigger} is missing: this kernel cannot turn ext4 read-only on demand")
         trigger.write_text("test: the card failed")
 
     def mount_again():

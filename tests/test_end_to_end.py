@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 import lp
+from conftest import simulated_config
 from outbox import Outbox
 from servers import VictoriaMetrics
 
@@ -22,30 +23,10 @@ TOKEN = "e2e-token-Secret"
 
 
 def write_config(tmp_path, site, influx: str, *, interval_s=0.2, flush_interval_s=0.3, scenario="day", speed=600):
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-[site]
-name = "{site}"
-[sampling]
-interval_s = {interval_s}
-window_s = 0.05
-[store]
-dir = "{tmp_path / 'store'}"
-[simulation]
-enabled = true
-scenario = "{scenario}"
-speed = {speed}
-start = 2026-06-21T11:00:00  # pinned: the same sun whatever the hour CI runs
-[led]
-enabled = false
-[influx]
-flush_interval_s = {flush_interval_s}
-batch_lines = 40
-timeout_s = 2
-{influx}
-""")
-    path.chmod(0o600)
-    return path
+    return simulated_config(
+        tmp_path / "config.toml", site, tmp_path / "store", interval_s=interval_s,
+        simulation=f'scenario = "{scenario}"\nspeed = {speed}\nstart = 2026-06-21T11:00:00  # pinned: the same sun',
+        tables=f"[influx]\nflush_interval_s = {flush_interval_s}\nbatch_lines = 40\ntimeout_s = 2\n{influx}\n")
 
 
 def run_daemon(config, *args, timeout=120):

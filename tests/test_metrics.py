@@ -2,7 +2,6 @@
 (/api/v1/query) equal what the store holds for that cycle; the names follow Prometheus' conventions."""
 from __future__ import annotations
 
-import os
 import signal
 import subprocess
 import sys
@@ -14,8 +13,9 @@ from pathlib import Path
 import pytest
 
 import lp
+from conftest import simulated_config
 from outbox import Outbox
-from servers import Prometheus, free_port, mqtt_binaries_available
+from servers import Prometheus, free_port, mqtt_binaries_available, require
 
 ROOT = Path(__file__).resolve().parent.parent
 SITE = "prom-test"
@@ -25,34 +25,12 @@ DEADLINE_S = 90.0
 @pytest.fixture
 def _need_prometheus():
     reason = mqtt_binaries_available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(reason)
 
 
 def write_config(tmp_path, web_port):
-    path = tmp_path / "config.toml"
-    path.write_text(f"""
-[site]
-name = "{SITE}"
-[sampling]
-interval_s = 0.5
-window_s = 0.05
-[store]
-dir = "{tmp_path / 'store'}"
-[simulation]
-enabled = true
-speed = 600
-start = 2026-06-21T11:00:00  # pinned: the same sun whatever the hour CI runs
-[led]
-enabled = false
-[web]
-enabled = true
-listen = "127.0.0.1:{web_port}"
-""")
-    path.chmod(0o600)
-    return path
+    return simulated_config(tmp_path / "config.toml", SITE, tmp_path / "store", interval_s=0.5,
+                            tables=f'[web]\nenabled = true\nlisten = "127.0.0.1:{web_port}"\n')
 
 
 def scrape(url: str) -> str:

@@ -23,6 +23,7 @@ from config import ConfigError, parse_config
 from outbox import Outbox
 from rpi_errors import ErrorHandler, UnreachableError
 from sender import Policy, Sender
+from servers import require
 from test_end_to_end import ROOT, assert_same, influx_samples, stored_lines, vm_series, write_config
 from tls import CONNECTIONS, LEGACY_TLS, ByteRelay, TLSProxy, make_pki, openssl_available
 
@@ -33,10 +34,7 @@ TOKEN = "tls-token-Very-Secret-42"
 def pki(tmp_path_factory):
     """Root CA, intermediate and server chains (good, expired, mismatch, unknown issuer) for the session."""
     reason = openssl_available()
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(reason)
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 

@@ -21,6 +21,7 @@ import web
 from config import ChannelConfig
 from outbox import Outbox
 from schema import ELECTRICITY, SYSTEM, Point, typed_fields
+from servers import require
 
 ROOT = Path(__file__).resolve().parent.parent
 CHROMIUM = "/usr/bin/chromium"
@@ -511,10 +512,7 @@ def _browser_or_skip():
             import playwright.sync_api  # noqa: F401
         except ImportError:
             reason = "playwright is not installed (pip install -r requirements-dev.txt)"
-    if reason:
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"CI=true but {reason}", pytrace=False)
-        pytest.skip(reason)
+    require(reason)
 
 
 def demo_snapshot(t: float, time_ms: int) -> dict:
