@@ -235,6 +235,24 @@ def process_cpu(vm_url: str, proxies, cycles: int, tmp: Path) -> dict:
     }
 
 
+def floor_cpu(cycles: int) -> dict:
+    """The least a cycle can cost on this machine (bench_proc.py floor): the ten spread wake-ups with their
+    register reads, the stoppable wait and one durable commit, and nothing else, at the same cadence as
+    process_cpu; on the replay bus (compare with the daemon) and on the emulated chip (compare with the
+    whole process), the two side by side as the daemons were."""
+    procs = {name: subprocess.Popen([sys.executable, str(ROOT / "bench_proc.py"), "floor", str(cycles),
+                                     str(PROCESS_INTERVAL_S), str(PROCESS_WINDOW_S), *extra],
+                                    stdout=subprocess.PIPE, text=True, cwd=str(ROOT))
+             for name, extra in (("floor", []), ("floor_process", ["--emulated"]))}
+    figures = {}
+    for name, proc in procs.items():
+        out, _ = proc.communicate(timeout=120 + cycles * PROCESS_INTERVAL_S * 4)
+        if proc.returncode:
+            raise RuntimeError(f"bench_proc.py floor exited with status {proc.returncode}")
+        figures[f"{name}_cpu_ms_per_cycle"] = json.loads(out.strip().splitlines()[-1])["cpu_ms_per_cycle"]
+    return figures
+
+
 def seed2023(vm_url: str, proxies, cycles: int, daemon_cpu_ms: float | None) -> dict:
     """The 2023 path (bench_seed2023.py) as its own process on the register-replay bus, like the daemon's
     figure, through a counting proxy process to VictoriaMetrics. /proc is read after each cycle."""
@@ -565,6 +583,7 @@ def run(quick: bool) -> dict:
         tmp = Path(tmp_name)
         # As the Pi runs it: separate processes, real time, /proc.
         figures.update(process_cpu(vm.url, proxies, n["process"], tmp))
+        figures.update(floor_cpu(n["process"]))
         figures.update(seed2023(vm.url, proxies, n["seed"], figures["daemon_cpu_ms_per_cycle"]))
         figures["seed2023_bytes_ratio"] = figures["seed2023_bytes_per_cycle"] / figures["process_bytes_per_cycle"]
         figures.update(drains(vm.url, influx, n["backlog_h"], tmp, vm.pid))
@@ -624,6 +643,9 @@ _AS_THE_PI = [
      [("daemon_cpu_ms_per_cycle", "ms")]),
     ("the emulated chip's own cost per cycle (the difference; a Pi does not pay it)",
      [("simulator_cpu_ms_per_cycle", "ms")]),
+    ("the floor: the least a cycle can cost here (`bench_proc.py floor`: 10 spread wake-ups with their 8 "
+     "register reads, the cycle's wait, one durable commit; nothing else) on the replay bus / on the emulated "
+     "chip", [("floor_cpu_ms_per_cycle", "ms"), ("floor_process_cpu_ms_per_cycle", "ms")]),
     ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
      [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
     ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",

@@ -13,6 +13,7 @@ Child entry points (used by bench.py, not by people):
     python bench_proc.py busy         # one core of background load, until killed
     python bench_proc.py ceiling URL DB STORE BATCH_LINES BATCH_BYTES [--handshake]   # bare-client replay
                                                             # to InfluxDB 1.x
+    python bench_proc.py floor CYCLES INTERVAL_S WINDOW_S [--emulated]   # the least a cycle can cost here
 """
 from __future__ import annotations
 
@@ -432,6 +433,71 @@ def _serve_proxies() -> None:
             proxy.stop()
 
 
+def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool) -> None:
+    """The least CPU a cycle can cost on this machine, whatever the code: only the work no daemon doing the
+    job can skip, at the daemon's cadence. Per cycle: one stoppable wait for the slot (threading.Event, as
+    the daemon's, so a stop is seen at once), ten samples spread over the window, each a wake-up and the
+    four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's, or
+    the emulated chip with `emulated`), and one durable commit (SQLite WAL, synchronous=FULL) of five lines
+    into a table with no index. Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
+    (this process's CPU, one thread, over `cycles` cycles after ten to warm up)."""
+    import tempfile
+    import threading
+
+    sys.path.insert(0, str(ROOT))
+    import config as config_mod
+    import simulator
+    from tools import read_data
+
+    config = config_mod.parse_config({"simulation": {"enabled": True, "scenario": "constant"},
+                                      "sampling": {"interval_s": interval_s, "window_s": window_s}})
+    bus = simulator.build_simulated_bus(config, time.monotonic)
+    if not emulated:
+        bus = ReplayBus(bus)
+    read_data(bus, config.channels, config.sampling).measure()  # the real driver configures the chips
+    addresses = [channel.address for channel in config.channels]
+    samples = config.sampling.samples
+    raw = {address: bytearray(4 * samples) for address in addresses}
+    point_bus, point_shunt = bytes((2,)), bytes((1,))
+    line = ("electricity,site=brampton,unit=house1,role=solar bus_voltage_v=13.52,shunt_voltage_mv=1.23,"
+            "current_ma=123.4,power_w=1.667,energy_in_wh=12.3456,energy_out_wh=0 1700000000000")
+    with tempfile.TemporaryDirectory() as tmp:
+        db = sqlite3.connect(os.path.join(tmp, "floor.db"), isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("CREATE TABLE points (id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, line TEXT NOT NULL)")
+        stop = threading.Event()
+        step_s = window_s / samples
+
+        def cycle(slot_s: float) -> None:
+            for k in range(samples):
+                delay = slot_s + (k + 0.5) * step_s - time.monotonic()
+                if delay > 0:
+                    time.sleep(delay)
+                bus.try_lock()
+                transfer = bus.writeto_then_readfrom
+                for address in addresses:
+                    transfer(address, point_bus, raw[address], in_start=4 * k, in_end=4 * k + 2)
+                    transfer(address, point_shunt, raw[address], in_start=4 * k + 2, in_end=4 * k + 4)
+                bus.unlock()
+            db.execute("BEGIN IMMEDIATE")
+            db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", [(1700000000000, line)] * 5)
+            db.execute("COMMIT")
+
+        start = time.monotonic()
+        cpu0 = 0.0
+        for n in range(10 + cycles):
+            if n == 10:
+                cpu0 = time.process_time()
+            delay = start + n * interval_s - time.monotonic()
+            if delay > 0:
+                stop.wait(delay)
+            cycle(start + n * interval_s)
+        cpu_ms = (time.process_time() - cpu0) * 1000
+        db.close()
+    print(json.dumps({"cpu_ms_per_cycle": cpu_ms / cycles}), flush=True)
+
+
 def _busy() -> None:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     x = 0
@@ -501,6 +567,11 @@ def main(argv: list[str] | None = None) -> int:
     daemon.add_argument("main_args", nargs=argparse.REMAINDER)
     sub.add_parser("proxy")
     sub.add_parser("busy")
+    floor = sub.add_parser("floor")
+    floor.add_argument("cycles", type=int)
+    floor.add_argument("interval_s", type=float)
+    floor.add_argument("window_s", type=float)
+    floor.add_argument("--emulated", action="store_true")
     ceiling = sub.add_parser("ceiling")
     ceiling.add_argument("url")
     ceiling.add_argument("database")
@@ -516,6 +587,8 @@ def main(argv: list[str] | None = None) -> int:
         _serve_proxies()
     elif args.mode == "busy":
         _busy()
+    elif args.mode == "floor":
+        _floor(args.cycles, args.interval_s, args.window_s, args.emulated)
     else:
         _ceiling(args.url, args.database, args.store, args.batch_lines, args.batch_bytes, args.handshake)
     return 0

@@ -110,7 +110,9 @@ class Daemon:
 
     After each cycle every listener gets its CycleReport (in the measuring thread: keep it cheap).
     `wait(s)` sleeps up to s seconds and returns True when asked to stop
-    (threading.Event.wait in production, a fake in tests). Runs in one thread.
+    (threading.Event.wait in production, a fake in tests). A reader with a `lead_s` (read_data) is woken
+    at its first sample, `lead_s` into the slot, and told the slot's start (`measure(window_start_s)`):
+    one wake-up a cycle fewer. Runs in one thread.
     """
 
     def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
@@ -133,6 +135,7 @@ class Daemon:
         self.last_store_ok = False
         self.last_system = None
         self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
+        self._window_start_s: float | None = None  # the slot run() woke this cycle for (None: begin now)
         self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
         self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
         self._failed_attempts = 0  # consecutive cycles whose store attempt failed
@@ -156,7 +159,8 @@ class Daemon:
     def run_cycle(self):
         """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
         began = self.clock()
-        cycle = self.reader.measure()
+        window_start, self._window_start_s = self._window_start_s, None
+        cycle = self.reader.measure() if window_start is None else self.reader.measure(window_start)
         for reading in cycle.channels:
             if reading.ok:
                 self.handler.clear(f"measure:{reading.name}")
@@ -308,15 +312,20 @@ class Daemon:
     def run(self, cycles: int | None = None) -> None:
         """Run until stopped or `cycles` cycles are done."""
         interval = self.config.sampling.interval_s
+        lead = getattr(self.reader, "lead_s", 0.0)  # a reader without one begins its window when called
         start = self.clock()
         slot = 0
         while cycles is None or self.cycles_done < cycles:
-            delay = start + slot * interval - self.clock()
+            slot_s = start + slot * interval
+            delay = slot_s + lead - self.clock()
             if delay > 0 and self.wait(delay):
                 break
             if self.stop_event.is_set():
                 break
             began = self.clock()
+            # Woken in time for the first sample: the window keeps the slot's start. Woken late (a busy
+            # machine): the window begins now, so its samples stay spread rather than taken back to back.
+            self._window_start_s = slot_s if lead and began - slot_s < 2 * lead else None
             done_before = self.cycles_done
             try:
                 self.run_cycle()

@@ -23,6 +23,7 @@ import functools
 import logging
 import math
 import os
+import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -49,6 +50,12 @@ _REG_CALIBRATION = 0x05
 # registers at the same LSBs (only the hardware averaging and the range differ until restored).
 _SETTINGS_CHECK_CYCLES = 10
 _CNVR = 0x02  # bus register bit 1: a conversion finished since the last reset or config write
+# The register pointers a sample pass writes (constants: no buffer to fill before each transaction).
+_POINT_AT_BUS = bytes((_REG_BUS,))
+_POINT_AT_SHUNT = bytes((_REG_SHUNT,))
+_SAMPLE = struct.Struct(">Hh")  # one sample as the pass stores it: bus register, shunt register (signed)
+# One ADC result per hardware-averaging setting, s (SBOS448); a chip just configured converts shunt, then bus.
+_ADC_TIME_S = dict(zip(ADC_SAMPLES, (532e-6, 1.06e-3, 2.13e-3, 4.26e-3, 8.51e-3, 17.02e-3, 34.05e-3, 68.10e-3)))
 # A bus on which no sensor answered for this many cycles in a row is stuck (e.g. SDA held low):
 # it is re-opened then, and again every _BUS_REOPEN_EVERY_CYCLES cycles while it stays stuck.
 _BUS_STUCK_CYCLES = 3
@@ -147,16 +154,18 @@ def default_driver_factory(bus, address: int):
 
 
 class _Sensor:
-    """One channel's driver and running sums for the current cycle."""
+    """One channel's driver, the raw registers of the current window and their sums."""
 
-    def __init__(self, channel: ChannelConfig, setup: ChannelSetup, energy: EnergyCounter) -> None:
+    def __init__(self, channel: ChannelConfig, setup: ChannelSetup, energy: EnergyCounter, samples: int) -> None:
         self.channel = channel
         self.setup = setup
         self.energy = energy
         self.driver = None
         self.restores = 0
         self.cycles_to_check = 0  # cycles until the chip's settings are read back (0: at the next cycle)
-        self.buffer = bytearray(3)  # [register, msb, lsb]: reused by every transaction of this channel
+        self.buffer = bytearray(3)  # [register, msb, lsb]: reused by the settings checks
+        self.raw = bytearray(_SAMPLE.size * samples)  # sample k's bus, shunt registers at [4k:4k+4], big-endian
+        self.lost: list[int] = []  # samples of this window whose transaction failed
         self.address = channel.address
         self.shunt_full_scale = setup.shunt_full_scale
         self.reset_sums()
@@ -169,6 +178,7 @@ class _Sensor:
         self.sum_shunt = 0  # shunt register, 10 uV counts (signed)
         self.sum_bus_x_shunt = 0  # per-sample products: the power's sum
         self.last_error = ""
+        self.lost.clear()
 
 
 class read_data:  # noqa: N801 - the name is fixed by the design card
@@ -210,7 +220,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         self._driver_factory = driver_factory
         energy = energy or {}
         self._sensors = [
-            _Sensor(c, ChannelSetup.for_channel(c, sampling.adc_samples), EnergyCounter(*energy.get(c.name, (0.0, 0.0))))
+            _Sensor(c, ChannelSetup.for_channel(c, sampling.adc_samples), EnergyCounter(*energy.get(c.name, (0.0, 0.0))),
+                    sampling.samples)
             for c in channels
         ]
 
@@ -224,34 +235,52 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         """How often each channel's config/calibration had to be restored (brownouts)."""
         return {s.channel.name: s.restores for s in self._sensors}
 
-    def measure(self) -> Cycle:
+    @property
+    def lead_s(self) -> float:  # s from a window's start to its first sample (half a sample's slice)
+        return self.sampling.window_s / self.sampling.samples / 2
+
+    def measure(self, window_start_s: float | None = None) -> Cycle:
         """Run one sampling window and return the averages.
 
-        Never raises for a sensor fault: a channel with no good sample has None
+        `window_start_s` (clock s): when the window began, for a caller that woke at its first sample
+        (`window_start_s + lead_s`). None: it begins now. Never raises for a sensor fault: a channel with no good sample has None
         values and its MeasuringError is in `Cycle.errors`; the others go on.
         """
+        configured = False
         for sensor in self._sensors:
             sensor.reset_sums()
-            self._prepare(sensor)
+            configured |= self._prepare(sensor)
+        start_wall_ms = self._wall_ms()
+        start_s = self._clock()
+        # A chip set up just now has a result only after its first conversion: no sample before then.
+        settled_s = start_s + 2.5 * _ADC_TIME_S[self.sampling.adc_samples] if configured else start_s
+        if window_start_s is not None:
+            start_wall_ms -= round((start_s - window_start_s) * 1000)
+            start_s = window_start_s
+        live = [sensor for sensor in self._sensors if sensor.driver is not None]
         n = self.sampling.samples
         step_s = self.sampling.window_s / n
-        start_s = self._clock()
-        start_wall_ms = self._wall_ms()
+        clock, sleep, sample_pass = self._clock, self._sleep, self._sample_pass
         for k in range(n):
             # Sample k sits in the middle of its slice of the window, so the
             # average is centred on the window's middle, where the point is stamped.
-            delay = start_s + (k + 0.5) * step_s - self._clock()
+            delay = max(start_s + (k + 0.5) * step_s, settled_s) - clock()
             if delay > 0:
-                self._sleep(delay)
+                sleep(delay)
             # One sample pass holds the bus once (busio's try_lock/unlock) for every channel's reads.
             bus = self.bus
             while not bus.try_lock():
-                self._sleep(0)
+                sleep(0)
             try:
-                self._sample_pass(bus.writeto_then_readfrom)
+                sample_pass(bus.writeto_then_readfrom, live, 4 * k)
             finally:
                 bus.unlock()
         mid_s = start_s + self.sampling.window_s / 2
+        for sensor in self._sensors:
+            if sensor.driver is None:
+                sensor.failed = n  # not attached: every sample failed
+            else:
+                self._tally(sensor, n)
         readings = tuple(self._average(sensor, mid_s) for sensor in self._sensors)
         return Cycle(start_wall_ms + round(self.sampling.window_s * 500), mid_s, readings, self._check_bus(readings))
 
@@ -283,18 +312,19 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         for sensor in self._sensors:
             sensor.driver = None  # attached again (and set up) on the new bus at the next cycle
 
-    def _prepare(self, sensor: _Sensor) -> None:
-        """Attach the driver if needed and, on its schedule, make sure the chip holds our settings."""
+    def _prepare(self, sensor: _Sensor) -> bool:
+        """Attach the driver if needed and, on its schedule, make sure the chip holds our settings.
+        True when the chip's config was written (its conversions start again)."""
         try:
             if sensor.driver is None:
                 sensor.driver = self._driver_factory(self.bus, sensor.channel.address)
                 self._restore(sensor)
                 sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
                 log.info("%s: INA219 at 0x%02X answered", sensor.channel.name, sensor.channel.address)
-                return
+                return True
             if sensor.cycles_to_check > 0:
                 sensor.cycles_to_check -= 1
-                return
+                return False
             sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
             config = _read_register(sensor.driver, _REG_CONFIG, sensor.buffer)
             calibration = _read_register(sensor.driver, _REG_CALIBRATION, sensor.buffer)
@@ -304,9 +334,11 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 log.info("%s: INA219 settings lost (config 0x%04X, calibration %d): restored",
                          sensor.channel.name, config, calibration)
                 self._restore(sensor)
+                return True
         except (OSError, ValueError) as exc:
             sensor.last_error = _describe(exc)
             sensor.cycles_to_check = 0
+        return False
 
     def _restore(self, sensor: _Sensor) -> None:
         setup = sensor.setup
@@ -317,41 +349,41 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         sensor.driver._current_lsb = setup.current_lsb_ma  # noqa: SLF001 - the driver has no setter for custom shunts
         sensor.driver._power_lsb = 20 * setup.current_lsb_ma / 1000  # noqa: SLF001
 
-    def _sample_pass(self, transfer: Callable) -> None:
-        """One sample of every channel: `transfer` is the bus's writeto_then_readfrom, which the caller
-        (measure) holds for the whole pass. This runs 10 times a cycle: kept to plain local work."""
-        for sensor in self._sensors:
-            if sensor.driver is None:
-                sensor.failed += 1
-                continue
-            buf = sensor.buffer
-            address = sensor.address
+    @staticmethod
+    def _sample_pass(transfer: Callable, live: Sequence[_Sensor], at: int) -> None:
+        """One sample of every channel in `live`: bus and shunt registers into raw[at:at + 4], straight from
+        the bus (`transfer`: its writeto_then_readfrom, held by the caller). Runs right after each wake-up:
+        only the transactions; the registers are checked and summed after the window (_tally)."""
+        for sensor in live:
             try:
                 # Bus register first: its CNVR bit says a conversion has finished since the last
                 # reset or config write, so the shunt register read after it holds a real result.
-                # Straight to the bus, as the driver's i2c_device would pass it (that layer only fills
-                # in the slice ends).
-                buf[0] = _REG_BUS
-                transfer(address, buf, buf, out_end=1, in_start=1)
-                raw_bus = (buf[1] << 5) | (buf[2] >> 3)  # bits 15..3: 4 mV steps
-                converted = buf[2] & _CNVR
-                buf[0] = _REG_SHUNT
-                transfer(address, buf, buf, out_end=1, in_start=1)
-                raw_shunt = (buf[1] << 8) | buf[2]
+                transfer(sensor.address, _POINT_AT_BUS, sensor.raw, in_start=at, in_end=at + 2)
+                transfer(sensor.address, _POINT_AT_SHUNT, sensor.raw, in_start=at + 2, in_end=at + 4)
             except OSError as exc:
-                sensor.failed += 1
+                sensor.lost.append(at)
                 sensor.last_error = _describe(exc)
                 sensor.cycles_to_check = 0  # a failed transaction may be a brownout: check the settings next cycle
+
+    @staticmethod
+    def _tally(sensor: _Sensor, n: int) -> None:
+        """Check and sum the window's `n` raw samples of `sensor` (a lost one counts as failed)."""
+        lost, full_scale, size = sensor.lost, sensor.shunt_full_scale, _SAMPLE.size
+        sensor.failed = len(lost)
+        good = sum_bus = sum_shunt = sum_product = 0
+        for at, (bus_word, raw_shunt) in zip(range(0, size * n, size), _SAMPLE.iter_unpack(sensor.raw[:size * n])):
+            if lost and at in lost:
                 continue
-            if raw_shunt & 0x8000:
-                raw_shunt -= 0x10000  # two's complement
-            if not converted or not -sensor.shunt_full_scale < raw_shunt < sensor.shunt_full_scale:
-                self._bad_sample(sensor, converted, raw_shunt)
+            converted = bus_word & _CNVR
+            if not converted or not -full_scale < raw_shunt < full_scale:
+                read_data._bad_sample(sensor, converted, raw_shunt)
                 continue
-            sensor.good += 1
-            sensor.sum_bus += raw_bus
-            sensor.sum_shunt += raw_shunt
-            sensor.sum_bus_x_shunt += raw_bus * raw_shunt
+            raw_bus = bus_word >> 3  # bits 15..3: 4 mV steps
+            good += 1
+            sum_bus += raw_bus
+            sum_shunt += raw_shunt
+            sum_product += raw_bus * raw_shunt
+        sensor.good, sensor.sum_bus, sensor.sum_shunt, sensor.sum_bus_x_shunt = good, sum_bus, sum_shunt, sum_product
 
     @staticmethod
     def _bad_sample(sensor: _Sensor, converted: int, raw_shunt: int) -> None:

@@ -135,6 +135,22 @@ def test_proc_readings_of_a_running_process():
     assert bench_proc.proc_write_bytes(pid) >= 0
 
 
+@pytest.mark.parametrize("emulated", [False, True])
+def test_the_floor_runs_its_cycles_at_real_time_and_reports_its_cpu(emulated):
+    import json
+    import subprocess
+    import sys
+
+    began = time.monotonic()
+    out = subprocess.run([sys.executable, str(bench_proc.ROOT / "bench_proc.py"), "floor", "6", "0.05", "0.02",
+                          *(["--emulated"] if emulated else [])], capture_output=True, text=True, timeout=120,
+                         check=True).stdout
+    elapsed = time.monotonic() - began
+    cpu_ms = json.loads(out.strip().splitlines()[-1])["cpu_ms_per_cycle"]
+    assert elapsed >= 16 * 0.05 - 0.05  # ten warm-up and six measured cycles on the grid: not a tight loop
+    assert 0 < cpu_ms < 50  # measured (not a placeholder), and one thread cannot spend more than its 50 ms cycle
+
+
 HEADLINE_KEYS = ("daemon_cpu_ms_per_cycle", "simulator_cpu_ms_per_cycle", "seed2023_cpu_ms_per_cycle",
                  "seed2023_requests_per_cycle", "seed2023_bytes_per_cycle", "drain_points_per_s_v2",
                  "drain_points_per_s_v1", "drain_ceiling_points_per_s_v1", "disk_bytes_per_day",

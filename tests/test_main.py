@@ -48,6 +48,68 @@ def test_cycles_start_on_a_fixed_grid_without_drift(tmp_path, clock):
     assert starts == pytest.approx([t0 + 3 * k for k in range(50)], abs=1e-9)  # the default 3 s
 
 
+def _sample_times(bus, clock):
+    """The clock at each sample pass (the first register read of the first channel in it)."""
+    times = []
+    transfer = bus.writeto_then_readfrom
+
+    def recording(address, out, into, **kw):
+        if address == 0x40 and out[kw.get("out_start", 0)] == 0x02:  # the bus register opens a pass
+            times.append(clock())
+        return transfer(address, out, into, **kw)
+
+    bus.writeto_then_readfrom = recording
+    return times
+
+
+def test_the_daemon_wakes_once_a_cycle_at_its_first_sample_and_the_samples_keep_their_instants(tmp_path, clock):
+    daemon, bus, _, starts = make_daemon(tmp_path, clock)
+    daemon.run(cycles=1)  # drivers attached and chips set up
+    times = _sample_times(bus, clock)
+    clock.sleeps.clear()
+    daemon.run(cycles=5)  # four more cycles, on a grid that starts now
+    t0 = starts[1]
+    step = daemon.config.sampling.window_s / daemon.config.sampling.samples
+    assert times == pytest.approx([t0 + 3 * c + (k + 0.5) * step for c in range(4) for k in range(10)], abs=1e-9)
+    assert len(clock.sleeps) == 40  # one wait per cycle (to its first sample) and 9 sleeps between samples
+    assert [s - t0 for s in starts[1:]] == pytest.approx([0, 3, 6, 9], abs=1e-9)
+
+
+def test_a_cycle_that_sets_a_chip_up_leaves_it_a_conversion_before_the_first_sample(tmp_path, clock):
+    daemon, bus, outbox, _ = make_daemon(tmp_path, clock, {"sampling": {"interval_s": 0.05, "window_s": 0.01,
+                                                                        "samples": 2}})
+    failed = []
+    daemon.listeners.append(lambda report: failed.append(sum(r.failed_samples for r in report.cycle.channels)))
+    daemon.run(cycles=1)  # the drivers attach and write each chip's config in this cycle
+    bus.inject(0x41, "brownout")  # power-on values: the settings check restores them, conversions restart
+    daemon.run(cycles=13)
+    assert daemon.reader.restores["green_house"] == 1
+    # The brownout itself costs cycle 2 a sample (the chip resets mid-window); the restore in cycle 3 does not.
+    assert failed == [0, 1] + [0] * 11  # no sample read before its chip had converted once
+    assert sum(1 for _, line, _ in outbox.export() if line.startswith("electricity,")) == 4 * 13
+
+
+def test_woken_late_the_window_begins_when_the_cycle_does_so_its_samples_stay_spread(tmp_path, clock):
+    daemon, bus, _, starts = make_daemon(tmp_path, clock)
+    daemon.run(cycles=1)
+    times = _sample_times(bus, clock)
+    waits = []
+    late_wait = clock.wait
+
+    def wait(seconds):  # the machine is busy: this wake-up comes 0.5 s late
+        waits.append(seconds)
+        late_wait(seconds)
+        clock.advance(0.5)
+        return False
+
+    daemon.wait = wait
+    daemon.run(cycles=2)
+    step = daemon.config.sampling.window_s / daemon.config.sampling.samples
+    gaps = [b - a for a, b in zip(times, times[1:])]
+    assert gaps == pytest.approx([step] * 9, abs=1e-9)  # not ten back-to-back reads
+    assert times[0] - starts[-1] == pytest.approx(step / 2, abs=1e-9)  # the window starts when woken
+
+
 def test_overrun_skips_to_the_next_slot_with_a_short_error(tmp_path, clock):
     daemon, _, _, starts = make_daemon(tmp_path, clock)
     def slow_second_cycle(report):

@@ -83,6 +83,28 @@ def test_failed_samples_are_left_out_and_counted(clock):
     assert reading.current_ma == pytest.approx(-250.0, abs=0.05)
 
 
+def test_a_lost_sample_never_reuses_the_previous_windows_registers(clock):
+    cfg = constant_config()
+    reader, bus = make_reader(cfg, clock)
+    reader.measure()
+    reader.measure()  # every sample slot now holds green_house's registers at -250 mA
+    bus.model._truths["green_house"] = (13.1, 0.5)  # the current turns round: +500 mA from now on
+    sleep = reader._sleep
+    passes = []
+
+    def sleep_and_fail(seconds):  # samples 3 and 7 (of 0..9) are lost: their first transaction times out
+        sleep(seconds)
+        passes.append(seconds)
+        if len(passes) in (4, 8):
+            bus.inject(0x41, "timeout", count=1)
+
+    reader._sleep = sleep_and_fail
+    reading = {r.name: r for r in reader.measure().channels}["green_house"]
+    assert reading.failed_samples == 2 and reading.samples == 8
+    assert reading.current_ma == pytest.approx(500.0, abs=0.05)  # no stale -250 mA sample in the average
+    assert reading.bus_voltage_v == pytest.approx(13.1, abs=0.004)
+
+
 def test_a_sample_is_two_transactions_and_settings_are_checked_on_a_schedule(clock):
     from tools import _SETTINGS_CHECK_CYCLES
 
