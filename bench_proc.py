@@ -13,7 +13,8 @@ Child entry points (used by bench.py, not by people):
     python bench_proc.py busy         # one core of background load, until killed
     python bench_proc.py ceiling URL DB STORE BATCH_LINES BATCH_BYTES [--handshake]   # bare-client replay
                                                             # to InfluxDB 1.x
-    python bench_proc.py floor CYCLES INTERVAL_S WINDOW_S [--emulated]   # the least a cycle can cost here
+    python bench_proc.py floor CYCLES INTERVAL_S WINDOW_S [--emulated] [--no-commit]   # the least a cycle
+                                                            # can cost here
 """
 from __future__ import annotations
 
@@ -259,9 +260,13 @@ class DaemonProcess:
         finally:
             self._log.close()
 
-    def trace_starts(self) -> list[float]:
-        """Monotonic start time of every cycle (after stop(); only with `trace`)."""
-        return json.loads(self.trace.read_text()) if self.trace and self.trace.exists() else []
+    def trace_starts(self) -> tuple[float | None, list[float]]:
+        """(where the loop's grid puts the first cycle's start, the monotonic start time of every cycle),
+        after stop(), only with `trace`; (None, []) without one."""
+        if not (self.trace and self.trace.exists()):
+            return None, []
+        traced = json.loads(self.trace.read_text())
+        return traced["grid_s"], traced["starts"]
 
 
 def measure_together(daemons: dict[str, tuple[DaemonProcess, Callable[[], dict] | None]], warmup: int,
@@ -290,16 +295,17 @@ def measure_together(daemons: dict[str, tuple[DaemonProcess, Callable[[], dict] 
     return results
 
 
-def schedule_errors(starts: list[float], interval_s: float, skip: int = 0) -> dict:
+def schedule_errors(starts: list[float], interval_s: float, skip: int = 0, grid_s: float | None = None) -> dict:
     """How late cycles started against the daemon's grid, in ms (p50, p99, drift), and the slots skipped.
 
-    `starts` is every cycle's start from the first on: the first cycle starts the grid (the loop runs it
-    at once), and a start is never early, so each error is the lateness after the last grid slot. The
-    first `skip` cycles (warm-up) are left out of the figures. Raises ValueError for fewer than 3 starts.
+    `starts` is every cycle's start from the first on; `grid_s` is where the grid puts the first one (the
+    loop's start plus the reader's lead: a start is never earlier, so each error is the lateness after the
+    last grid slot). Without it the first start stands for the grid. The first `skip` cycles (warm-up)
+    are left out of the figures. Raises ValueError for fewer than 3 starts.
     """
     if len(starts) - skip < 3:
         raise ValueError(f"{len(starts) - skip} cycle starts are too few to judge the schedule")
-    t0 = starts[0]
+    t0 = starts[0] if grid_s is None else grid_s
     slots = [math.floor((s - t0) / interval_s + 1e-9) for s in starts[skip:]]
     errors_ms = [(s - (t0 + k * interval_s)) * 1000 for s, k in zip(starts[skip:], slots)]
     overruns = sum(1 for a, b in zip(slots, slots[1:]) if b - a > 1)
@@ -394,19 +400,25 @@ def _run_daemon(replay: bool, trace: str | None, main_args: list[str]) -> int:
         # main.open_bus imports build_simulated_bus when it runs, so it picks this one up.
         simulator.build_simulated_bus = lambda config, clock, **kw: ReplayBus(build(config, clock, **kw))
     starts: list[float] = []
+    grid: list[float] = []
     if trace:
-        run_cycle = main.Daemon.run_cycle
+        run, run_cycle = main.Daemon.run, main.Daemon.run_cycle
+
+        def traced_run(self, *args, **kwargs):
+            # The loop's grid: its slots begin where run() starts, and each cycle at its first sample.
+            grid.append(time.monotonic() + getattr(self.reader, "lead_s", 0.0))
+            return run(self, *args, **kwargs)
 
         def traced(self):
             starts.append(time.monotonic())
             return run_cycle(self)
 
-        main.Daemon.run_cycle = traced
+        main.Daemon.run, main.Daemon.run_cycle = traced_run, traced
     try:
         return main.main(main_args)
     finally:
         if trace:
-            Path(trace).write_text(json.dumps(starts))
+            Path(trace).write_text(json.dumps({"grid_s": grid[0] if grid else None, "starts": starts}))
 
 
 def _serve_proxies() -> None:
@@ -433,13 +445,13 @@ def _serve_proxies() -> None:
             proxy.stop()
 
 
-def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool) -> None:
+def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, commit: bool = True) -> None:
     """The least CPU a cycle can cost on this machine, whatever the code: only the work no daemon doing the
     job can skip, at the daemon's cadence. Per cycle: one stoppable wait for the slot (threading.Event, as
     the daemon's, so a stop is seen at once), ten samples spread over the window, each a wake-up and the
     four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's, or
     the emulated chip with `emulated`), and one durable commit (SQLite WAL, synchronous=FULL) of five lines
-    into a table with no index. Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
+    into a table with no index (none without `commit`). Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
     (this process's CPU, one thread, over `cycles` cycles after ten to warm up)."""
     import tempfile
     import threading
@@ -480,9 +492,10 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool) -> N
                     transfer(address, point_bus, raw[address], in_start=4 * k, in_end=4 * k + 2)
                     transfer(address, point_shunt, raw[address], in_start=4 * k + 2, in_end=4 * k + 4)
                 bus.unlock()
-            db.execute("BEGIN IMMEDIATE")
-            db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", [(1700000000000, line)] * 5)
-            db.execute("COMMIT")
+            if commit:
+                db.execute("BEGIN IMMEDIATE")
+                db.executemany("INSERT INTO points (time_ms, line) VALUES (?, ?)", [(1700000000000, line)] * 5)
+                db.execute("COMMIT")
 
         start = time.monotonic()
         cpu0 = 0.0
@@ -572,6 +585,7 @@ def main(argv: list[str] | None = None) -> int:
     floor.add_argument("interval_s", type=float)
     floor.add_argument("window_s", type=float)
     floor.add_argument("--emulated", action="store_true")
+    floor.add_argument("--no-commit", action="store_true")
     ceiling = sub.add_parser("ceiling")
     ceiling.add_argument("url")
     ceiling.add_argument("database")
@@ -588,7 +602,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "busy":
         _busy()
     elif args.mode == "floor":
-        _floor(args.cycles, args.interval_s, args.window_s, args.emulated)
+        _floor(args.cycles, args.interval_s, args.window_s, args.emulated, not args.no_commit)
     else:
         _ceiling(args.url, args.database, args.store, args.batch_lines, args.batch_bytes, args.handshake)
     return 0

@@ -107,6 +107,32 @@ def test_schedule_errors_are_lateness_after_the_grid_the_first_cycle_starts_and_
         bench_proc.schedule_errors(starts[:2], interval)
 
 
+def test_schedule_errors_measure_against_the_loops_grid_when_the_first_cycle_was_late_too():
+    interval, grid = 0.2, 50.002  # the loop started at 50.0; each cycle begins at its first sample, 2 ms in
+    late_ms = [0.3, 0.1, 0.0, 0.2, 0.1]  # the first wake-up was later than the third
+    starts = [grid + k * interval + ms / 1000 for k, ms in enumerate(late_ms)]
+    result = bench_proc.schedule_errors(starts, interval, grid_s=grid)
+    assert result["overruns"] == 0
+    assert result["p99_ms"] == pytest.approx(0.3, abs=1e-6)
+    # Anchored at the first start instead, the third cycle would look a whole slot late and the slot skipped.
+    assert bench_proc.schedule_errors(starts, interval)["p99_ms"] > 190
+
+
+def test_a_traced_daemon_reports_its_grid_and_cycle_starts_on_it(tmp_path):
+    store = tmp_path / "store"
+    cfg = bench_proc.write_config(tmp_path / "c.toml", bench_proc.daemon_tables(store, interval_s=0.1, window_s=0.02))
+    daemon = bench_proc.DaemonProcess(cfg, store, 0.1, trace=tmp_path / "trace.json")
+    try:
+        daemon.wait_cycles(8, 60)
+    finally:
+        assert daemon.stop() == 0
+    grid_s, starts = daemon.trace_starts()
+    assert len(starts) >= 8 and grid_s is not None
+    result = bench_proc.schedule_errors(starts, 0.1, skip=2, grid_s=grid_s)
+    assert 0 <= result["p50_ms"] < 100  # every start on or after its own slot: none counted a slot early
+    assert min(s - grid_s for s in starts) >= 0
+
+
 def test_backlog_is_a_simulated_day_not_one_cycle_repeated(tmp_path):
     points = bench.fill_backlog(tmp_path, hours=0.5, interval_s=1.0)
     assert points == 1800 * 5
@@ -135,15 +161,15 @@ def test_proc_readings_of_a_running_process():
     assert bench_proc.proc_write_bytes(pid) >= 0
 
 
-@pytest.mark.parametrize("emulated", [False, True])
-def test_the_floor_runs_its_cycles_at_real_time_and_reports_its_cpu(emulated):
+@pytest.mark.parametrize("options", [[], ["--emulated"], ["--no-commit"]])
+def test_the_floor_runs_its_cycles_at_real_time_and_reports_its_cpu(options):
     import json
     import subprocess
     import sys
 
     began = time.monotonic()
     out = subprocess.run([sys.executable, str(bench_proc.ROOT / "bench_proc.py"), "floor", "6", "0.05", "0.02",
-                          *(["--emulated"] if emulated else [])], capture_output=True, text=True, timeout=120,
+                          *options], capture_output=True, text=True, timeout=120,
                          check=True).stdout
     elapsed = time.monotonic() - began
     cpu_ms = json.loads(out.strip().splitlines()[-1])["cpu_ms_per_cycle"]
