@@ -13,8 +13,8 @@ Child entry points (used by bench.py, not by people):
     python bench_proc.py busy         # one core of background load, until killed
     python bench_proc.py ceiling URL DB STORE BATCH_LINES BATCH_BYTES [--handshake]   # bare-client replay
                                                             # to InfluxDB 1.x
-    python bench_proc.py floor CYCLES INTERVAL_S WINDOW_S [--emulated] [--no-commit]   # the least a cycle
-                                                            # can cost here
+    python bench_proc.py floor CYCLES INTERVAL_S WINDOW_S [--warmup N] [--emulated] [--no-commit]   # the
+                                                            # least a cycle can cost here
 """
 from __future__ import annotations
 
@@ -445,14 +445,15 @@ def _serve_proxies() -> None:
             proxy.stop()
 
 
-def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, commit: bool = True) -> None:
+def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, commit: bool = True,
+           warmup: int = 10) -> None:
     """The least CPU a cycle can cost on this machine, whatever the code: only the work no daemon doing the
     job can skip, at the daemon's cadence. Per cycle: one stoppable wait for the slot (threading.Event, as
     the daemon's, so a stop is seen at once), ten samples spread over the window, each a wake-up and the
     four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's, or
     the emulated chip with `emulated`), and one durable commit (SQLite WAL, synchronous=FULL) of five lines
     into a table with no index (none without `commit`). Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
-    (this process's CPU, one thread, over `cycles` cycles after ten to warm up)."""
+    (this process's CPU, one thread, over `cycles` cycles after `warmup` cycles)."""
     import tempfile
     import threading
 
@@ -499,8 +500,8 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
 
         start = time.monotonic()
         cpu0 = 0.0
-        for n in range(10 + cycles):
-            if n == 10:
+        for n in range(warmup + cycles):
+            if n == warmup:
                 cpu0 = time.process_time()
             delay = start + n * interval_s - time.monotonic()
             if delay > 0:
@@ -586,6 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     floor.add_argument("window_s", type=float)
     floor.add_argument("--emulated", action="store_true")
     floor.add_argument("--no-commit", action="store_true")
+    floor.add_argument("--warmup", type=int, default=10)
     ceiling = sub.add_parser("ceiling")
     ceiling.add_argument("url")
     ceiling.add_argument("database")
@@ -602,7 +604,7 @@ def main(argv: list[str] | None = None) -> int:
     elif args.mode == "busy":
         _busy()
     elif args.mode == "floor":
-        _floor(args.cycles, args.interval_s, args.window_s, args.emulated, not args.no_commit)
+        _floor(args.cycles, args.interval_s, args.window_s, args.emulated, not args.no_commit, args.warmup)
     else:
         _ceiling(args.url, args.database, args.store, args.batch_lines, args.batch_bytes, args.handshake)
     return 0
