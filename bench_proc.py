@@ -409,9 +409,9 @@ def _run_daemon(replay: bool, trace: str | None, main_args: list[str]) -> int:
             grid.append(time.monotonic() + getattr(self.reader, "lead_s", 0.0))
             return run(self, *args, **kwargs)
 
-        def traced(self):
+        def traced(self, *args):
             starts.append(time.monotonic())
-            return run_cycle(self)
+            return run_cycle(self, *args)
 
         main.Daemon.run, main.Daemon.run_cycle = traced_run, traced
     try:

@@ -135,7 +135,6 @@ class Daemon:
         self.last_store_ok = False
         self.last_system = None
         self._may_hold = True  # held readings of this boot may be in the store (e.g. from an earlier run)
-        self._window_start_s: float | None = None  # the slot run() woke this cycle for (None: begin now)
         self._evicted_lines = 0  # lines of held-in-memory cycles evicted while the store could not be written
         self.lost_cycles = 0  # cycles evicted from memory unstored since the start (each one logged)
         self._failed_attempts = 0  # consecutive cycles whose store attempt failed
@@ -156,11 +155,11 @@ class Daemon:
         """Cycles held in memory because the store could not be written (bounded, oldest evicted first)."""
         return len(self._unstored)
 
-    def run_cycle(self):
-        """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one)."""
+    def run_cycle(self, window_start_s: float | None = None):
+        """Measure, store, report. Returns the Cycle (stamped by the trusted clock where there is one).
+        `window_start_s`: the slot run() woke this cycle for (the reader's window keeps it); None: begin now."""
         began = self.clock()
-        window_start, self._window_start_s = self._window_start_s, None
-        cycle = self.reader.measure() if window_start is None else self.reader.measure(window_start)
+        cycle = self.reader.measure() if window_start_s is None else self.reader.measure(window_start_s)
         for reading in cycle.channels:
             if reading.ok:
                 self.handler.clear(f"measure:{reading.name}")
@@ -325,10 +324,10 @@ class Daemon:
             began = self.clock()
             # Woken in time for the first sample: the window keeps the slot's start. Woken late (a busy
             # machine): the window begins now, so its samples stay spread rather than taken back to back.
-            self._window_start_s = slot_s if lead and began - slot_s < 2 * lead else None
+            window_start_s = slot_s if lead and began - slot_s < 2 * lead else None
             done_before = self.cycles_done
             try:
-                self.run_cycle()
+                self.run_cycle(window_start_s)
             except Exception as exc:  # noqa: BLE001 - one bad cycle must not stop measuring
                 log.exception("a measuring cycle failed")
                 self.cycles_done = done_before + 1

@@ -394,8 +394,8 @@ class Settler:
             return self.settle(outbox)
         except Exception as exc:  # noqa: BLE001 - the ledger must never stop the store's housekeeping
             log.warning("daily totals not settled this time: %s", exc)
-            settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
-            return int(settled) - self.layout.max_gap_ms if settled else -(2**62)
+            settled = _settled_mark(outbox)
+            return settled - self.layout.max_gap_ms if settled is not None else -(2**62)
 
     def settle(self, outbox, max_slices: int = SETTLE_SLICES_PER_PASS) -> int:
         """Settle up to `max_slices` completed 15-minute slices (fewer once SETTLE_BUDGET_S is spent; always at
@@ -403,8 +403,7 @@ class Settler:
         gap = self.layout.max_gap_ms
         ready_ms = self._wall_ms() - gap - 60_000  # the reading after a slice must be stored by then
         ready_ms -= ready_ms % SETTLE_SLICE_MS
-        settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
-        start = int(settled) if settled else None
+        start = _settled_mark(outbox)
         if start is None:
             oldest = outbox.next_time_ms(-(2**62))
             if oldest is None:
@@ -429,6 +428,17 @@ class Settler:
             outbox.add_daily_totals(rows, {_SETTLED_KEY: str(end)})
             start = end
         return start - gap
+
+
+def _settled_mark(outbox) -> int | None:
+    """The stored settled-up-to time (Unix ms); None when there is none or it does not read as a whole
+    number (a damaged row: settling starts again from the oldest point, which re-writes the same totals)."""
+    settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
+    try:
+        return int(settled) if settled else None
+    except ValueError:
+        log.warning("ignoring the store's unreadable %s value %r", _SETTLED_KEY, settled[:40])
+        return None
 
 
 def stored_totals(outbox, days: Sequence[dt.date], site: str | None = None

@@ -483,13 +483,16 @@ class MqttOutput:
         if self.connected:
             info = client.publish(self.availability_topic, "offline", qos=self.mqtt.qos, retain=True)
             deadline = time.monotonic() + self._stop_timeout_s
-            while not info.is_published() and client.socket() is not None and time.monotonic() < deadline:
-                sock = client.socket()
-                self._select([sock], [sock] if client.want_write() else [], deadline - time.monotonic())
-                if client.loop_read() or client.socket() is None:
-                    break
-                if client.want_write():
-                    client.loop_write()
+            try:
+                while not info.is_published() and client.socket() is not None and time.monotonic() < deadline:
+                    sock = client.socket()
+                    self._select([sock], [sock] if client.want_write() else [], deadline - time.monotonic())
+                    if client.loop_read() or client.socket() is None:
+                        break
+                    if client.want_write():
+                        client.loop_write()
+            except (RuntimeError, ValueError):
+                pass  # paho: the `offline` could not be queued or the connection is gone; DISCONNECT anyway
         if client.socket() is not None:
             client.disconnect()  # sent at once (no loop thread); closes the socket
         self.connected = False

@@ -165,7 +165,7 @@ class _Sensor:
         self.cycles_to_check = 0  # cycles until the chip's settings are read back (0: at the next cycle)
         self.buffer = bytearray(3)  # [register, msb, lsb]: reused by the settings checks
         self.raw = bytearray(_SAMPLE.size * samples)  # sample k's bus, shunt registers at [4k:4k+4], big-endian
-        self.lost: list[int] = []  # samples of this window whose transaction failed
+        self.lost: list[int] = []  # offsets in `raw` of this window's samples whose transaction failed
         self.address = channel.address
         self.shunt_full_scale = setup.shunt_full_scale
         self.reset_sums()
@@ -272,7 +272,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             while not bus.try_lock():
                 sleep(0)
             try:
-                sample_pass(bus.writeto_then_readfrom, live, 4 * k)
+                sample_pass(bus.writeto_then_readfrom, live, _SAMPLE.size * k)
             finally:
                 bus.unlock()
         mid_s = start_s + self.sampling.window_s / 2

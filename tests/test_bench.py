@@ -131,6 +131,7 @@ def test_a_traced_daemon_reports_its_grid_and_cycle_starts_on_it(tmp_path):
     result = bench_proc.schedule_errors(starts, 0.1, skip=2, grid_s=grid_s)
     assert 0 <= result["p50_ms"] < 100  # every start on or after its own slot: none counted a slot early
     assert min(s - grid_s for s in starts) >= 0
+    assert all(s >= grid_s + k * 0.1 - 1e-6 for k, s in enumerate(starts))  # cycle k never before slot k
 
 
 def test_backlog_is_a_simulated_day_not_one_cycle_repeated(tmp_path):

@@ -255,6 +255,20 @@ def test_a_settling_pass_stops_starting_slices_once_its_time_budget_is_spent(tmp
     box.close()
 
 
+def test_an_unreadable_settled_mark_is_ignored_and_housekeeping_goes_on(tmp_path):
+    lay = layout({"u": {"solar": 1}})
+    box = Outbox(tmp_path, wall_ms=lambda: 10 * 3_600_000, local_only=True)
+    box.append([(t * 60_000, f"electricity,channel=u_solar,site={SITE},unit=u power_w=1.0 {t * 60_000}")
+                for t in range(30)])
+    box.set_state({"ledger:settled_ms": "12x"})
+    settler = ledger.Settler(lay, LONDON, lambda: 10 * 3_600_000, clock=lambda: 0.0)
+    keep_from = settler(box)  # no ValueError out of the store's housekeeping
+    mark = int(box.state("ledger:")["ledger:settled_ms"])  # settled again from the oldest point
+    assert mark >= 30 * 60_000 and keep_from == mark - lay.max_gap_ms
+    assert box.daily_totals(["1970-01-01"])  # the two slices with readings are in the totals
+    box.close()
+
+
 def _raw(cfg: config_mod.Config) -> dict:
     data = tomllib.loads((ROOT / "examples" / "demo-full-model.toml").read_text())
     data.pop("web")

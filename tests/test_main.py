@@ -453,11 +453,11 @@ def test_a_failing_cycle_is_reported_and_measuring_goes_on(tmp_path, clock):
     calls = []
     original = daemon.run_cycle
 
-    def sometimes_broken():
+    def sometimes_broken(*args):
         calls.append(1)
         if len(calls) == 2:
             raise RuntimeError("boom")
-        return original()
+        return original(*args)
     daemon.run_cycle = sometimes_broken
     daemon.run(cycles=4)
     assert len(calls) == 4 and outbox.stats().stored_total == 3 * 5
