@@ -257,7 +257,11 @@ def floor_figures(procs: dict[str, subprocess.Popen], cycles: int, warmup: int) 
         out, _ = proc.communicate(timeout=120 + (warmup + cycles) * PROCESS_INTERVAL_S * 4)
         if proc.returncode:
             raise RuntimeError(f"bench_proc.py floor exited with status {proc.returncode}")
-        figures[f"{name}_cpu_ms_per_cycle"] = json.loads(out.strip().splitlines()[-1])["cpu_ms_per_cycle"]
+        result = json.loads(out.strip().splitlines()[-1])
+        figures[f"{name}_cpu_ms_per_cycle"] = result["cpu_ms_per_cycle"]
+        for key in ("wakeup_cpu_us", "wakeups_per_cycle"):  # the sampling floor's (no commit)
+            if key in result:
+                figures[key] = result[key]
     return figures
 
 
@@ -667,6 +671,8 @@ _AS_THE_PI = [
      "register reads, the cycle's wait, one durable commit; nothing else) on the replay bus / on the emulated "
      "chip / the sampling alone (no commit); beside the two daemons, over the same span", [("floor_cpu_ms_per_cycle", "ms"), ("floor_process_cpu_ms_per_cycle", "ms"),
                                                 ("floor_sampling_cpu_ms_per_cycle", "ms")]),
+    ("one timed wake-up's CPU on this machine (the sampling floor's sleeps and waits, from the thread's CPU "
+     "clock around each) / wake-ups per cycle (the daemon's: 10)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
     ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
      [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
     ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",

@@ -453,7 +453,10 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
     four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's, or
     the emulated chip with `emulated`), and one durable commit (SQLite WAL, synchronous=FULL) of five lines
     into a table with no index (none without `commit`). Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
-    (this process's CPU, one thread, over `cycles` cycles after `warmup` cycles)."""
+    (this process's CPU, one thread, over `cycles` cycles after `warmup` cycles); without `commit` also
+    "wakeup_cpu_us" and "wakeups_per_cycle": the CPU this machine charges for one timed wake-up (a sample's
+    sleep or the slot's wait, read from the thread's CPU clock around each: a hypervisor's timer and idle
+    exits land here), the part of the floor no code can shed."""
     import tempfile
     import threading
 
@@ -481,12 +484,22 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
         db.execute("CREATE TABLE points (id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, line TEXT NOT NULL)")
         stop = threading.Event()
         step_s = window_s / samples
+        wakeups = [0, 0]  # timed waits, their CPU (ns): counted only without the commit (`commit` False)
+
+        def wait(pause: Callable[[float], object], delay: float) -> None:
+            if commit:
+                pause(delay)
+                return
+            before = time.thread_time_ns()
+            pause(delay)
+            wakeups[0] += 1
+            wakeups[1] += time.thread_time_ns() - before
 
         def cycle(slot_s: float) -> None:
             for k in range(samples):
                 delay = slot_s + (k + 0.5) * step_s - time.monotonic()
                 if delay > 0:
-                    time.sleep(delay)
+                    wait(time.sleep, delay)
                 bus.try_lock()
                 transfer = bus.writeto_then_readfrom
                 for address in addresses:
@@ -503,13 +516,17 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
         for n in range(warmup + cycles):
             if n == warmup:
                 cpu0 = time.process_time()
+                wakeups[:] = [0, 0]
             delay = start + n * interval_s - time.monotonic()
             if delay > 0:
-                stop.wait(delay)
+                wait(stop.wait, delay)
             cycle(start + n * interval_s)
         cpu_ms = (time.process_time() - cpu0) * 1000
         db.close()
-    print(json.dumps({"cpu_ms_per_cycle": cpu_ms / cycles}), flush=True)
+    result = {"cpu_ms_per_cycle": cpu_ms / cycles}
+    if not commit and wakeups[0]:
+        result.update(wakeup_cpu_us=wakeups[1] / wakeups[0] / 1000, wakeups_per_cycle=wakeups[0] / cycles)
+    print(json.dumps(result), flush=True)
 
 
 def _busy() -> None:

@@ -80,8 +80,9 @@ class Reading:
 
 # -- where readings come from -------------------------------------------------------------------------------
 def readings_from_store(rows: Iterable[tuple[int, str, str]], site: str | None = None) -> Iterator[Reading]:
-    """Readings of `Outbox.export` rows through the one parser (schema.parse_line). Held (clock not yet
-    trusted) and quarantined lines are left out, as on the page's history; `site` keeps only that site."""
+    """Readings of `Outbox.export` (or `timed_points`) rows through the one parser (schema.parse_line). Held
+    (clock not yet trusted) and quarantined lines are left out, as on the page's history; `site` keeps only
+    that site."""
     for _, line, status in rows:
         if status not in ("sent", "unsent") or not line.startswith(ELECTRICITY + ","):
             continue
@@ -379,7 +380,8 @@ class Settler:
 
     Called by `Outbox.enforce_limits` (its `before_prune`) in the measuring thread, with that Outbox; returns
     the time from which raw points must be kept (the retention prune stops there), so pruning never loses a
-    day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later).
+    day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later),
+    and none while the store holds lines waiting for the clock to sync (their time is not known yet).
     """
 
     def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None,
@@ -404,6 +406,10 @@ class Settler:
         ready_ms = self._wall_ms() - gap - 60_000  # the reading after a slice must be stored by then
         ready_ms -= ready_ms % SETTLE_SLICE_MS
         start = _settled_mark(outbox)
+        if outbox.queue_stats().held:
+            # Lines held for the clock get their true time only once it syncs, and it may fall in a slice
+            # settled meanwhile (a wall clock running ahead): no slice is settled until they have one.
+            return -(2**62) if start is None else start - gap
         if start is None:
             oldest = outbox.next_time_ms(-(2**62))
             if oldest is None:
@@ -415,7 +421,7 @@ class Settler:
             if end > ready_ms or (done and self._clock() - began_s > SETTLE_BUDGET_S):
                 break
             acc = Accumulator(self.layout.roles, gap, self.tz, start, end)
-            acc.add_all(readings_from_store(outbox.export(start - gap, end + gap)))
+            acc.add_all(readings_from_store(outbox.timed_points(start - gap, end + gap)))
             rows = []
             for (site, unit, role, hour), (in_wh, out_wh, measured_s) in acc.buckets.items():
                 day = dt.datetime.fromtimestamp(hour / 1000, self.tz).date().isoformat()

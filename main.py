@@ -563,8 +563,8 @@ def cmd_report(args, config: Config) -> int:
         else:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
-                acc.add_all(ledger.readings_from_store(outbox.export(lo_ms - layout.max_gap_ms,
-                                                                     hi_ms + layout.max_gap_ms), args.site))
+                acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
+                                                                           hi_ms + layout.max_gap_ms), args.site))
                 totals = ledger.stored_totals(outbox, days, args.site)
             finally:
                 outbox.close()

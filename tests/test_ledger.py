@@ -269,6 +269,48 @@ def test_an_unreadable_settled_mark_is_ignored_and_housekeeping_goes_on(tmp_path
     box.close()
 
 
+def _solar_line(t_ms: int) -> str:
+    return f"electricity,channel=u_solar,site={SITE},unit=u power_w=1.0 {t_ms}"
+
+
+def test_nothing_is_settled_while_lines_wait_for_the_clock_and_once_released_they_count(tmp_path):
+    """A wall clock running ahead (no RTC, a bad fake-hwclock): the held lines carry its wrong time, and their
+    true one, known at the sync, lies in a slice the settler would have passed by then. So no slice is
+    settled until the clock syncs; after it, the released readings are in the day's totals, counted once."""
+    lay = layout({"u": {"solar": 1}})  # 60 s interval: a gap over 120 s is not bridged
+    wall = [10 * 3_600_000]  # the untrusted wall clock: 10:00, hours ahead of the true time
+    box = Outbox(tmp_path, wall_ms=lambda: wall[0], local_only=True)
+    box.append([(t * 60_000, _solar_line(t * 60_000)) for t in range(61)])  # 00:00-01:00, a synced earlier run
+    for k in range(31):  # this boot, 30 minutes held: stamped by the wrong clock, truly 01:30-02:00
+        wrong_ms = wall[0] - (30 - k) * 60_000
+        box.append([(wrong_ms, _solar_line(wrong_ms))], boot_id="b1", boot_ms=k * 60_000, held=True)
+    settler = ledger.Settler(lay, LONDON, lambda: wall[0], clock=lambda: 0.0)
+    assert settler(box) == -(2**62)  # nothing settled yet, so nothing may be pruned either
+    assert "ledger:settled_ms" not in box.state("ledger:") and not box.daily_totals(["1970-01-01"])
+    assert box.release_held("b1", 90 * 60_000) == 31  # the clock synced: the true times are known
+    for _ in range(20):
+        keep_from = settler(box)
+    mark = int(box.state("ledger:")["ledger:settled_ms"])
+    assert mark >= 9 * 3_600_000 and keep_from == mark - lay.max_gap_ms
+    rows = {(day, role): (in_wh, measured_s) for day, _, _, role, in_wh, _, measured_s, _
+            in box.daily_totals(["1970-01-01"])}
+    in_wh, measured_s = rows[("1970-01-01", "solar")]
+    assert in_wh == pytest.approx(1.5) and measured_s == pytest.approx(5400)  # 1 h + 30 min at 1 W, once each
+    box.close()
+
+
+def test_the_ledger_reads_only_points_whose_time_is_known_in_time_order(tmp_path):
+    box = Outbox(tmp_path, wall_ms=lambda: 10 * 3_600_000)
+    box.append([(3_000, _solar_line(3_000)), (1_000, _solar_line(1_000))])
+    box.append([(2_000, _solar_line(2_000))], boot_id="b1", boot_ms=5, held=True)
+    box.quarantine(box.pending(10, 10_000)[:1], "refused")  # the line at 3 s (stored first)
+    box.append([(5_000, _solar_line(5_000))])
+    assert [(t, status) for t, _, status in box.timed_points(0, 5_000)] == [(1_000, "unsent")]
+    assert [t for t, _, _ in box.timed_points(0, 6_000)] == [1_000, 5_000]
+    assert sorted(t for t, _, _ in box.export()) == [1_000, 2_000, 3_000, 5_000]  # export still has them all
+    box.close()
+
+
 def _raw(cfg: config_mod.Config) -> dict:
     data = tomllib.loads((ROOT / "examples" / "demo-full-model.toml").read_text())
     data.pop("web")
