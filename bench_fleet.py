@@ -114,9 +114,21 @@ def _wait(what: str, done, timeout_s: float, poll_s: float = 0.5) -> None:
 
 
 def start_sites(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path, scale: float) -> list[Site]:
-    """N daemons, each with its own config, site name, seed, store and counting proxy."""
+    """N daemons, each with its own config, site name, seed, store and counting proxy. If one cannot be
+    started, those already running are stopped before the error goes on (no daemon outlives the run)."""
     interval_s, flush_s = DEFAULT_INTERVAL_S / scale, DEFAULT_FLUSH_S / scale
-    sites = []
+    sites: list[Site] = []
+    try:
+        _start_sites(sites, n, vm_url, proxies, tmp, interval_s, flush_s, scale)
+    except BaseException:
+        for site in sites:
+            site.daemon.stop()
+        raise
+    return sites
+
+
+def _start_sites(sites: list[Site], n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path,
+                 interval_s: float, flush_s: float, scale: float) -> None:
     for k in range(1, n + 1):
         name = site_name(k)
         store = tmp / name
@@ -129,7 +141,6 @@ def start_sites(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path
         cfg = bench_proc.write_config(tmp / f"{name}.toml", tables)
         sites.append(Site(name, store, url, bench_proc.DaemonProcess(cfg, store, interval_s,
                                                                      log_path=tmp / f"{name}.log")))
-    return sites
 
 
 def fleet_figures(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path, *, scale: float = 10.0,

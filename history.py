@@ -12,7 +12,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
-from schema import ELECTRICITY, parse_line
+from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
 log = logging.getLogger(__name__)
 
@@ -28,19 +28,12 @@ _CHART_ROLES = ("battery", "exchange", "solar", "load")
 # -- history ------------------------------------------------------------------------------------------------
 def _channel_and_power(line: str) -> tuple[str, float] | None:
     """(channel name, power_w) of an `electricity` line; None for a line that is not line protocol or has
-    no power. The name is in the `channel` tag; lines stored before that tag existed carried it in `unit`."""
+    no power (schema.channel_power)."""
     try:
-        point = parse_line(line, fields=_POWER)
+        point = parse_line(line, fields=POWER_FIELDS)
     except ValueError:
         return None
-    name = point.tags.get("channel", point.tags.get("unit"))
-    power = point.fields.get("power_w")
-    if name is None or isinstance(power, bool) or not isinstance(power, (int, float)):
-        return None
-    return name, float(power)
-
-
-_POWER = frozenset({"power_w"})
+    return channel_power(point.tags, point.fields.get("power_w"))
 
 
 class History:

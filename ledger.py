@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from schema import ELECTRICITY, parse_line
+from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,6 @@ SETTLE_SLICES_PER_PASS = 4
 # spent this long, so catching up on an old store (or a slow Pi) never holds a cycle up for more than ~a slice.
 SETTLE_BUDGET_S = 0.05
 _SETTLED_KEY = "ledger:settled_ms"
-_POWER = frozenset({"power_w"})
 
 
 def local_zone(env: Mapping[str, str] | None = None) -> dt.tzinfo:
@@ -87,7 +86,7 @@ def readings_from_store(rows: Iterable[tuple[int, str, str]], site: str | None =
         if status not in ("sent", "unsent") or not line.startswith(ELECTRICITY + ","):
             continue
         try:
-            point = parse_line(line, fields=_POWER)
+            point = parse_line(line, fields=POWER_FIELDS)
         except ValueError:
             continue
         reading = _reading(point.time_ms, point.tags, point.fields.get("power_w"))
@@ -96,10 +95,11 @@ def readings_from_store(rows: Iterable[tuple[int, str, str]], site: str | None =
 
 
 def _reading(time_ms: int, tags: Mapping[str, str], power) -> Reading | None:
-    channel = tags.get("channel", tags.get("unit"))
-    if channel is None or isinstance(power, bool) or not isinstance(power, (int, float)):
+    found = channel_power(tags, power)
+    if found is None:
         return None
-    return Reading(time_ms, tags.get("site", ""), tags.get("unit", channel), channel, float(power))
+    channel, power_w = found
+    return Reading(time_ms, tags.get("site", ""), tags.get("unit", channel), channel, power_w)
 
 
 class ExportError(ValueError):
@@ -134,7 +134,7 @@ def _lp_readings(f, path: Path) -> Iterator[Reading]:
         if not line or line.startswith("#") or not line.startswith(ELECTRICITY + ","):
             continue
         try:
-            point = parse_line(line, fields=_POWER)
+            point = parse_line(line, fields=POWER_FIELDS)
         except ValueError:
             raise ExportError(f"{path}: line {number} is not line protocol: {line[:60]!r}") from None
         reading = _reading(point.time_ms, point.tags, point.fields.get("power_w"))
@@ -274,9 +274,11 @@ class Layout:
     site: str
 
     @classmethod
-    def from_config(cls, config) -> Layout:
+    def from_config(cls, config, simulated_time: bool) -> Layout:
+        """`simulated_time`: the points carry the simulated model's time (`[simulation] stamp = "simulated"`
+        while the model is measured, as main.stamp_clock decides), so they are `speed` times further apart."""
         interval_s = config.sampling.interval_s
-        if config.simulation.stamp == "simulated":
+        if simulated_time:
             interval_s *= config.simulation.speed  # the points are this far apart in their own (simulated) time
         return cls.from_channels(config.channels, config.simulation.plant, interval_s, config.site.name)
 
@@ -439,12 +441,21 @@ class Settler:
 def _settled_mark(outbox) -> int | None:
     """The stored settled-up-to time (Unix ms); None when there is none or it does not read as a whole
     number (a damaged row: settling starts again from the oldest point, which re-writes the same totals)."""
-    settled = outbox.state(_SETTLED_KEY).get(_SETTLED_KEY)
+    return _mark_ms(outbox.state(_SETTLED_KEY).get(_SETTLED_KEY))
+
+
+def _mark_ms(settled: str | None) -> int | None:
     try:
         return int(settled) if settled else None
     except ValueError:
         log.warning("ignoring the store's unreadable %s value %r", _SETTLED_KEY, settled[:40])
         return None
+
+
+def settled_day(outbox, day: dt.date) -> tuple[int | None, list[tuple]]:
+    """(settled mark, the day's daily_totals rows) from one snapshot of the store (`Today`'s `settled`)."""
+    mark, rows = outbox.settled_totals([day.isoformat()], _SETTLED_KEY)
+    return _mark_ms(mark), rows
 
 
 def stored_totals(outbox, days: Sequence[dt.date], site: str | None = None
@@ -466,19 +477,26 @@ TODAY_CACHE_S = 30.0
 class Today:
     """Today's totals per unit for the live page, read from the store incrementally (at most every 30 s).
 
-    `source(since_ms)`: the store's export from that time (its own connection: called in a server thread).
-    Starts afresh at local midnight. Thread-safety: call from one thread at a time (the page holds a lock).
+    `source(since_ms)`: the store's rows from that time, as Outbox.export gives them (its own connection:
+    called in a server thread). `settled(day)`: (settled mark, the day's daily_totals rows), as
+    `settled_day` reads them (None: none are used). The part of the day the settler has already summed
+    is taken from its totals, so the first call late in the day reads only the points after the mark
+    (minutes), not the whole day. Starts afresh at local midnight. Thread-safety: call from one thread at a
+    time (the page holds a lock).
     """
 
     def __init__(self, source: Callable[[int], Iterable[tuple[int, str, str]]], layout: Layout, tz: dt.tzinfo,
-                 wall_ms: Callable[[], int] | None = None) -> None:
+                 wall_ms: Callable[[], int] | None = None, *,
+                 settled: Callable[[dt.date], tuple[int | None, list[tuple]]] | None = None) -> None:
         self._source = source
+        self._settled = settled
         self.layout = layout
         self.tz = tz
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._acc: Accumulator | None = None
         self._day: dt.date | None = None
         self._read_ms: int | None = None
+        self._base: dict[str, dict[str, list[float]]] = {}  # unit -> role -> settled [in_wh, out_wh, measured_s]
         self._cached: tuple[int, dict] | None = None
 
     def totals(self) -> dict:
@@ -487,22 +505,41 @@ class Today:
         if self._cached and 0 <= now_ms - self._cached[0] < TODAY_CACHE_S * 1000:
             return self._cached[1]
         day = dt.datetime.fromtimestamp(now_ms / 1000, self.tz).date()
-        start_ms, _ = day_bounds(day, self.tz)
+        start_ms, end_ms = day_bounds(day, self.tz)
         if day != self._day or self._acc is None:
-            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, start_ms)
-            self._day, self._read_ms = day, start_ms - self.layout.max_gap_ms
-        since = self._read_ms
-        for reading in readings_from_store(self._source(since)):
-            if reading.time_ms >= since:
-                self._acc.add(reading)
+            begin_ms, self._base = self._settled_part(day, start_ms, end_ms)
+            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, begin_ms, end_ms)
+            self._day, self._read_ms = day, begin_ms - self.layout.max_gap_ms
+        for reading in readings_from_store(self._source(self._read_ms), self.layout.site):
+            self._acc.add(reading)
         if self._acc.last_ms is not None:
             self._read_ms = self._acc.last_ms + 1  # a cycle's lines share one time and commit together
-        doc = report(self._acc, self.layout, [day], now_ms, sites=[self.layout.site])
-        units = doc["sites"].get(self.layout.site, {"days": {}})["days"][day.isoformat()]["units"]
+        cells = {unit: {role: list(cell) for role, cell in roles.items()} for unit, roles in self._base.items()}
+        for (_, unit, role, _), cell in self._acc.buckets.items():
+            total = cells.setdefault(unit, {}).setdefault(role, [0.0, 0.0, 0.0])
+            for i in range(3):
+                total[i] += cell[i]
+        period_s = max(0.0, (min(end_ms, now_ms) - start_ms) / 1000)
+        seen = set(cells) | self._acc.units.get(self.layout.site, set())
+        units = list(self.layout.units) + sorted(seen - set(self.layout.units))  # the config's order, then others
         result = {"day": day.isoformat(),
-                  "units": {u: {f: v[f] for f in TODAY_FIGURES} for u, v in units.items()}}
+                  "units": {u: {f: v[f] for f in TODAY_FIGURES}
+                            for u in units for v in (unit_figures(self.layout, u, cells.get(u, {}), period_s),)}}
         self._cached = (now_ms, result)
         return result
+
+    def _settled_part(self, day: dt.date, start_ms: int, end_ms: int) -> tuple[int, dict]:
+        """(where the points take over from the settled totals, those totals per unit and role)."""
+        if self._settled is None:
+            return start_ms, {}
+        mark, rows = self._settled(day)
+        if mark is None or mark <= start_ms:
+            return start_ms, {}  # nothing of today settled yet
+        base: dict[str, dict[str, list[float]]] = {}
+        for _, site, unit, role, in_wh, out_wh, measured_s, _ in rows:
+            if site == self.layout.site:
+                base.setdefault(unit, {})[role] = [in_wh, out_wh, measured_s]
+        return min(mark, end_ms), base
 
 
 # -- formats -------------------------------------------------------------------------------------------------

@@ -50,11 +50,14 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
     """
     from simulator import build_simulated_bus
 
-    if simulate or config.simulation.enabled:
-        why = "--simulate" if simulate else f"[simulation] enabled in {config.source}"
-        return BusChoice(build_simulated_bus(config, clock), True,
-                         f"using the simulated model ({config.simulation.scenario} scenario, {why})")
     device = Path(f"/dev/i2c-{config.i2c.bus}")
+    if _measures_model(config, simulate):
+        if simulate or config.simulation.enabled:
+            why = "--simulate" if simulate else f"[simulation] enabled in {config.source}"
+            note = f"using the simulated model ({config.simulation.scenario} scenario, {why})"
+        else:
+            note = f"no {device} and this is not a Raspberry Pi: using the simulated model"
+        return BusChoice(build_simulated_bus(config, clock), True, note)
     if device.exists():
         try:
             from adafruit_extended_bus import ExtendedI2C  # Blinka: only loaded where a real bus exists
@@ -62,13 +65,24 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
             return BusChoice(ExtendedI2C(config.i2c.bus, frequency=None), False, f"using I2C bus {device}")
         except Exception as exc:  # noqa: BLE001 - Blinka's board detection raises several kinds
             raise CriticalError(f"cannot open I2C bus {device}: {type(exc).__name__}: {exc}", key="i2c") from None
-    if not is_raspberry_pi():
-        return BusChoice(build_simulated_bus(config, clock), True,
-                         f"no {device} and this is not a Raspberry Pi: using the simulated model")
     raise CriticalError(
         f"I2C bus {device} is missing: enable I2C (sudo raspi-config nonint do_i2c 0) and reboot",
         key="i2c",
     )
+
+
+def _measures_model(config: Config, simulate: bool) -> bool:
+    """Whether open_bus measures the simulated model (found without opening anything): asked to, or no I2C
+    bus on a machine that is no Pi."""
+    if simulate or config.simulation.enabled:
+        return True
+    return not Path(f"/dev/i2c-{config.i2c.bus}").exists() and not is_raspberry_pi()
+
+
+def simulated_stamps(config: Config, measures_model: bool) -> bool:
+    """Whether points carry the simulated time: `[simulation] stamp = "simulated"` and the model is what is
+    measured (a Pi on its real bus stamps the real clock whatever the config says)."""
+    return measures_model and config.simulation.stamp == "simulated"
 
 
 def bus_reopener(config: Config, choice: BusChoice) -> Callable[[object], object]:
@@ -127,7 +141,7 @@ def open_store(config: Config, check_integrity: bool = True, *, wall_ms: Callabl
     if settle:
         from ledger import Layout, Settler, local_zone
 
-        settler = Settler(Layout.from_config(config), local_zone(), wall_ms)
+        settler = Settler(Layout.from_config(config, simulated_time=wall_ms is not None), local_zone(), wall_ms)
     extra = {"wall_ms": wall_ms} if wall_ms is not None else {}
     return Outbox(config.store.dir, max_mb=config.store.max_mb, retention_days=config.store.retention_days,
                   check_integrity=check_integrity, local_only=config.influx.kind == "none", before_prune=settler,
@@ -137,7 +151,7 @@ def open_store(config: Config, check_integrity: bool = True, *, wall_ms: Callabl
 def stamp_clock(config: Config, choice: BusChoice) -> Callable[[], int] | None:
     """The simulated time as Unix ms when `[simulation] stamp = "simulated"` and the simulated model is
     measured; None: points carry the wall clock."""
-    if not (choice.simulated and config.simulation.stamp == "simulated"):
+    if not simulated_stamps(config, choice.simulated):
         return None
     from simulator import simulated_wall_ms
 
@@ -552,7 +566,8 @@ def cmd_report(args, config: Config) -> int:
     if isinstance(days, str):
         print(f"error: {days}", file=sys.stderr)
         return EXIT_USAGE
-    layout = ledger.Layout.from_config(config)
+    # The points in the store carry the simulated time when the daemon, run with this config, measured the model.
+    layout = ledger.Layout.from_config(config, simulated_stamps(config, _measures_model(config, simulate=False)))
     lo_ms, hi_ms = ledger.day_bounds(days[0], tz)[0], ledger.day_bounds(days[-1], tz)[1]
     acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
     totals = {}

@@ -614,12 +614,26 @@ class Outbox:
     def daily_totals(self, days: Sequence[str]) -> list[tuple]:
         """The settled rows of `days` (ISO dates): (day, site, unit, role, in_wh, out_wh, measured_s, channels);
         none from a store older than the table."""
+        return self._daily_totals(days)
+
+    def _daily_totals(self, days: Sequence[str]) -> list[tuple]:
         if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daily_totals'"
                                 ).fetchone():
             return []
         marks = ",".join("?" * len(days))
         return self._db.execute(f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
                                 f"WHERE day IN ({marks}) ORDER BY day, site, unit, role", list(days)).fetchall()
+
+    @_store_errors
+    def settled_totals(self, days: Sequence[str], mark_key: str) -> tuple[str | None, list[tuple]]:
+        """The state value `mark_key` (the ledger's settled mark) and daily_totals(days), read in one
+        snapshot: a settling pass that commits between the two reads cannot make them disagree."""
+        self._db.execute("BEGIN")
+        try:
+            mark = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone()
+            return (mark[0] if mark else None), self._daily_totals(days)
+        finally:
+            self._db.execute("COMMIT")
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)

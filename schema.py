@@ -134,6 +134,18 @@ def _value(value: float | int | bool | str) -> str:
     return '"' + value.translate(_STRING_ESCAPES) + '"'
 
 
+POWER_FIELDS = frozenset({"power_w"})  # parse_line(fields=...) for the readers that need only the power
+
+
+def channel_power(tags: Mapping[str, str], power: object) -> tuple[str, float] | None:
+    """(channel name, power_w) of an `electricity` point from its tags and its power_w value; None without a
+    name or a number. The name is in the `channel` tag; lines stored before that tag existed had it in `unit`."""
+    name = tags.get("channel", tags.get("unit"))
+    if name is None or isinstance(power, bool) or not isinstance(power, (int, float)):
+        return None
+    return name, float(power)
+
+
 def parse_line(line: str, fields: Container[str] | None = None) -> Point:
     """Read back one line this module wrote (the web page's history, `export --format csv`, tests).
 

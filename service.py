@@ -93,11 +93,25 @@ class ServiceHooks:
             finally:
                 box.close()
 
-        from ledger import Layout, Today, local_zone
+        from ledger import Layout, Today, local_zone, settled_day
+
+        def settled(day):
+            try:
+                box = Outbox(config.store.dir, readonly=True)
+            except StoreError:
+                return None, []
+            try:
+                return settled_day(box, day)
+            except StoreError as exc:
+                log.warning("live page: today's settled totals unreadable, reading the day's points: %s", exc)
+                return None, []
+            finally:
+                box.close()
 
         wall_ms = self.wall_ms or (lambda: time.time_ns() // 1_000_000)
         # Today's totals per unit beside the diagram, from the store (its own connection, the server's thread).
-        today = Today(history, Layout.from_config(config), local_zone(), wall_ms)
+        today = Today(history, Layout.from_config(config, simulated_time=self.wall_ms is not None), local_zone(),
+                      wall_ms, settled=settled)
         page = FlowPage(config.web.listen, channels=config.channels, site=config.site.name, history=history,
                         plant_unit=config.simulation.plant, metrics=self.metrics, today=today.totals,
                         clock=lambda: wall_ms() / 1000)

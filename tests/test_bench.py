@@ -211,6 +211,32 @@ def test_the_table_says_met_or_not_met_against_the_targets():
     assert "≥ 100,000" in drain and drain.rstrip(" |").endswith("met") and "not met" not in drain
 
 
+def test_a_fleet_site_that_cannot_start_stops_the_sites_already_running(tmp_path, monkeypatch):
+    """No daemon outlives a fleet run that failed while starting its sites (here the second proxy)."""
+    import bench_fleet
+
+    started = []
+
+    class Daemon(bench_proc.DaemonProcess):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    class Proxies:
+        calls = 0
+
+        def start(self, url):
+            self.calls += 1
+            if self.calls == 2:
+                raise RuntimeError("the proxy helper died")
+            return "http://127.0.0.1:9"  # nothing listens: the first site runs and keeps its readings
+
+    monkeypatch.setattr(bench_proc, "DaemonProcess", Daemon)
+    with pytest.raises(RuntimeError, match="proxy helper died"):
+        bench_fleet.start_sites(3, "http://127.0.0.1:9", Proxies(), tmp_path, scale=10.0)
+    assert len(started) == 1 and started[0].proc.poll() is not None  # stopped, not orphaned
+
+
 def test_fleet_of_three_sites_arrives_under_each_sites_own_tag_and_the_figures_agree(own_victoria, tmp_path):
     """bench.py --fleet 3, shortened: three daemon processes, one VictoriaMetrics (slow: real processes)."""
     import bench_fleet

@@ -9,6 +9,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 import tomllib
 from pathlib import Path
 from zoneinfo import ZoneInfo
@@ -131,7 +132,7 @@ def run_simulated(cfg: config_mod.Config, cycles: int, listeners=()) -> tuple[Ou
     wall = simulator.simulated_wall_ms(cfg, bus, clock)
     reader = tools.read_data(bus, cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep, wall_ms=wall)
     box = Outbox(cfg.store.dir, wall_ms=wall, local_only=True, retention_days=cfg.store.retention_days,
-                 before_prune=ledger.Settler(Layout.from_config(cfg), LONDON, wall))
+                 before_prune=ledger.Settler(Layout.from_config(cfg, simulated_time=True), LONDON, wall))
     Daemon(cfg, reader, box, ErrorHandler(None), clock=clock, wait=clock.wait,
            listeners=[lambda report, f=f: f(bus) for f in listeners]).run(cycles)
     return box, bus
@@ -168,7 +169,7 @@ def test_each_house_balances_over_a_simulated_day_with_the_models_own_losses(sim
     state), so only the controller's losses are sampled differently: under 0.2 % of the flow.
     Measured here: within 0.011 Wh of the model's 0.625 Wh for each house."""
     cfg, box, accounts = simulated_day
-    lay = Layout.from_config(cfg)
+    lay = Layout.from_config(cfg, simulated_time=True)
     lo, hi = ledger.day_bounds(DAY, LONDON)
     acc = Accumulator(lay.roles, lay.max_gap_ms, LONDON, lo, hi).add_all(
         ledger.readings_from_store(box.export(lo - lay.max_gap_ms, hi + lay.max_gap_ms)))
@@ -206,7 +207,7 @@ def test_daily_totals_are_settled_before_pruning_and_report_after_the_points_age
     full_cfg, full_box, _ = simulated_day
     cfg = config_mod.parse_config({**_raw(full_cfg), "store": {"dir": str(tmp_path), "retention_days": 0.25}})
     box, _ = run_simulated(cfg, 2 + 24 * 60 + 6 * 60 + 45)
-    lay = Layout.from_config(cfg)
+    lay = Layout.from_config(cfg, simulated_time=True)
     lo, hi = ledger.day_bounds(DAY, LONDON)
     assert not list(box.export(lo, hi - 3 * 3_600_000)), "the day's points should have aged out"
     from_points = ledger.report(
@@ -296,6 +297,71 @@ def test_nothing_is_settled_while_lines_wait_for_the_clock_and_once_released_the
             in box.daily_totals(["1970-01-01"])}
     in_wh, measured_s = rows[("1970-01-01", "solar")]
     assert in_wh == pytest.approx(1.5) and measured_s == pytest.approx(5400)  # 1 h + 30 min at 1 W, once each
+    box.close()
+
+
+def test_a_pi_on_its_real_bus_settles_on_its_real_interval_whatever_the_stamp_setting(tmp_path, monkeypatch):
+    """`[simulation] stamp = "simulated"` left in the config of a Pi that measures its real bus: the points
+    carry the real clock (main.stamp_clock), and the settler must bridge gaps of two real intervals (6 s),
+    not of two simulated ones (6 minutes at speed 60), or an hour the logger was stopped counts as measured."""
+    import main
+
+    cfg = config_mod.parse_config({"simulation": {"stamp": "simulated", "speed": 60}, "store": {"dir": str(tmp_path)}})
+    monkeypatch.setattr(main, "is_raspberry_pi", lambda: True)  # a Pi ...
+    monkeypatch.setattr(main.Path, "exists", lambda self: str(self).startswith("/dev/i2c-") or Path.exists(self))
+    assert not main._measures_model(cfg, simulate=False)  # ... with its I2C bus: the real one is measured
+    assert not main.simulated_stamps(cfg, main._measures_model(cfg, simulate=False))
+    assert main.simulated_stamps(cfg, main._measures_model(cfg, simulate=True))
+    monkeypatch.undo()
+    box = main.open_store(cfg, settle=True)  # the daemon's store on the real bus: wall-clock stamps
+    now_ms = time.time_ns() // 1_000_000
+    t0 = now_ms - 3 * 3_600_000
+    t0 -= t0 % ledger.SETTLE_SLICE_MS
+    box.append([(t, f"electricity,channel=red_house,site={cfg.site.name},unit=red_house power_w=10.0 {t}")
+                for t in range(t0, t0 + 3_600_000, 60_000)])  # a reading a minute: every gap is 20 intervals
+    for _ in range(10):
+        box.enforce_limits()
+    assert int(box.state("ledger:")["ledger:settled_ms"]) >= t0 + 3_600_000
+    days = {dt.datetime.fromtimestamp(t / 1000, ledger.local_zone()).date() for t in (t0, t0 + 3_600_000)}
+    assert sum(row[4] for row in box.daily_totals([d.isoformat() for d in days])) == 0  # none bridged
+    box.close()
+
+
+def test_todays_totals_start_from_the_settled_part_of_the_day_and_read_only_the_points_after_it(tmp_path):
+    """The live page's first "today" late in the day: what the settler has summed comes from daily_totals,
+    and only the points after its mark are read (here the earlier ones have even aged out already)."""
+    lay = layout({"u": {"solar": 1}})  # 60 s interval
+    start_ms, _ = ledger.day_bounds(DAY, LONDON)
+    now = [start_ms + 16 * 3_600_000 + 30 * 60_000]  # 16:30
+    box = Outbox(tmp_path, wall_ms=lambda: now[0], local_only=True, retention_days=0,
+                 before_prune=ledger.Settler(lay, LONDON, lambda: now[0], clock=lambda: 0.0))
+    noon = start_ms + 12 * 3_600_000
+    box.append([(t, _solar_line(t).replace("power_w=1.0", "power_w=10.0"))
+                for t in range(noon, noon + 4 * 3_600_000 + 1, 60_000)])
+    for _ in range(20):  # housekeeping passes: settled up to 16:15, the points before it pruned
+        box.enforce_limits()
+    mark = int(box.state("ledger:")["ledger:settled_ms"])
+    assert mark == start_ms + 16 * 3_600_000 + 15 * 60_000
+    assert box.next_time_ms(0) is None  # every point aged out: the totals alone know the day
+
+    asked = []
+
+    def source(since_ms):
+        asked.append(since_ms)
+        return box.export(since_ms)
+
+    today = ledger.Today(source, lay, LONDON, lambda: now[0], settled=lambda day: ledger.settled_day(box, day))
+    generated = today.totals()["units"]["u"]["generated"]
+    assert generated["wh"] == pytest.approx(40.0)  # 12:00-16:00 at 10 W
+    assert generated["coverage"] == pytest.approx(4 / 16.5, abs=1e-4)
+    assert asked == [mark - lay.max_gap_ms]  # not midnight: the day's settled part is not read again
+    # later points add to the settled part, counted once
+    box.append([(t, _solar_line(t).replace("power_w=1.0", "power_w=10.0"))
+                for t in range(mark, mark + 15 * 60_000 + 1, 60_000)])  # 16:15-16:30
+    now[0] += 60_000
+    assert today.totals()["units"]["u"]["generated"]["wh"] == pytest.approx(42.5)
+    without = ledger.Today(source, lay, LONDON, lambda: now[0])  # no settled totals: only what is still stored
+    assert without.totals()["units"]["u"]["generated"]["wh"] == pytest.approx(2.5)
     box.close()
 
 
