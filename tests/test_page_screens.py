@@ -158,6 +158,11 @@ def test_the_demo_shows_energy_moving_and_is_the_readme_picture(demo, tmp_path):
             today = tab.eval_on_selector_all("#today tbody tr", "rows => rows.map(r => r.dataset.unit)")
             assert today == ["red_house", "green_house", "blue_house", "power_plant"]
             assert tab.locator('#today tr[data-unit="power_plant"] td[data-figure="sold"]').text_content() == "–"
+            # The demo's points carry its simulated June day: within a few readings its panels have generated.
+            tab.wait_for_function(
+                "() => /^[0-9]+[.][0-9]{2}$/.test(document.querySelector("
+                "'#today tr[data-unit=\"red_house\"] td[data-figure=\"generated\"]').textContent.trim())",
+                timeout=30_000)
             shot = tmp_path / "flow-page.png"
             tab.screenshot(path=str(shot))
             _save(shot, "flow-page.png")
