@@ -672,7 +672,8 @@ _AS_THE_PI = [
      "chip / the sampling alone (no commit); beside the two daemons, over the same span", [("floor_cpu_ms_per_cycle", "ms"), ("floor_process_cpu_ms_per_cycle", "ms"),
                                                 ("floor_sampling_cpu_ms_per_cycle", "ms")]),
     ("one timed wake-up's CPU on this machine (the sampling floor's sleeps and waits, from the thread's CPU "
-     "clock around each) / wake-ups per cycle (the daemon's: 10)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
+     "clock around each) / that floor's wake-ups per cycle (10 samples and the slot's wait; the daemon's wait "
+     "ends at its first sample: 10)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
     ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
      [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
     ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",
