@@ -122,7 +122,10 @@ def start_sites(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path
         _start_sites(sites, n, vm_url, proxies, tmp, interval_s, flush_s, scale)
     except BaseException:
         for site in sites:
-            site.daemon.stop()
+            try:
+                site.daemon.stop()
+            except Exception:  # noqa: BLE001 - stop the others; the start's error is the one to report
+                pass
         raise
     return sites
 

@@ -416,7 +416,7 @@ class Settler:
             oldest = outbox.next_time_ms(-(2**62))
             if oldest is None:
                 return -(2**62)
-            start = oldest - oldest % SETTLE_SLICE_MS
+            start = self._restart_from(outbox, oldest)
         began_s = self._clock()
         for done in range(max_slices):
             end = start + SETTLE_SLICE_MS
@@ -438,9 +438,22 @@ class Settler:
         return start - gap
 
 
+    def _restart_from(self, outbox, oldest_ms: int) -> int:
+        """Where settling starts without a mark. A store that never settled: the oldest point's slice. One
+        whose mark was lost (a damaged row) while totals exist: totals are added up, so settling the same
+        slices again would count them twice; the oldest point's day is kept as it stands (its earlier
+        readings may have aged out, so only its totals hold them) and every later day is settled again,
+        from its points, after its totals are dropped."""
+        next_day = dt.datetime.fromtimestamp(oldest_ms / 1000, self.tz).date() + dt.timedelta(days=1)
+        if outbox.drop_daily_totals_from(next_day.isoformat()):
+            log.warning("the ledger's settled mark was lost: daily totals from %s on are settled again", next_day)
+            return day_bounds(next_day, self.tz)[0]
+        return oldest_ms - oldest_ms % SETTLE_SLICE_MS
+
+
 def _settled_mark(outbox) -> int | None:
     """The stored settled-up-to time (Unix ms); None when there is none or it does not read as a whole
-    number (a damaged row: settling starts again from the oldest point, which re-writes the same totals)."""
+    number (a damaged row: Settler._restart_from says where settling starts again)."""
     return _mark_ms(outbox.state(_SETTLED_KEY).get(_SETTLED_KEY))
 
 
@@ -507,7 +520,7 @@ class Today:
         day = dt.datetime.fromtimestamp(now_ms / 1000, self.tz).date()
         start_ms, end_ms = day_bounds(day, self.tz)
         if day != self._day or self._acc is None:
-            begin_ms, self._base = self._settled_part(day, start_ms, end_ms)
+            begin_ms, self._base = self._settled_part(day, start_ms, now_ms)
             self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, begin_ms, end_ms)
             self._day, self._read_ms = day, begin_ms - self.layout.max_gap_ms
         for reading in readings_from_store(self._source(self._read_ms), self.layout.site):
@@ -528,18 +541,20 @@ class Today:
         self._cached = (now_ms, result)
         return result
 
-    def _settled_part(self, day: dt.date, start_ms: int, end_ms: int) -> tuple[int, dict]:
+    def _settled_part(self, day: dt.date, start_ms: int, now_ms: int) -> tuple[int, dict]:
         """(where the points take over from the settled totals, those totals per unit and role)."""
         if self._settled is None:
             return start_ms, {}
         mark, rows = self._settled(day)
-        if mark is None or mark <= start_ms:
-            return start_ms, {}  # nothing of today settled yet
+        if mark is None or not start_ms < mark <= now_ms:
+            # Nothing of today settled yet; or a mark ahead of now (the clock stepped back, a demo run again on
+            # its store): the totals cannot say which readings they hold, so the day is read from its points.
+            return start_ms, {}
         base: dict[str, dict[str, list[float]]] = {}
         for _, site, unit, role, in_wh, out_wh, measured_s, _ in rows:
             if site == self.layout.site:
                 base.setdefault(unit, {})[role] = [in_wh, out_wh, measured_s]
-        return min(mark, end_ms), base
+        return mark, base
 
 
 # -- formats -------------------------------------------------------------------------------------------------

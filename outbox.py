@@ -1,16 +1,13 @@
 """The durable local store: every reading as line protocol in SQLite.
 
-One file, ``outbox.db`` in the state directory. Rows are appended one
-transaction per cycle and leave only in three ways: delivered (kept as local
-history for `retention_days`, then pruned), quarantined (a line the server
-refused, kept in its own table) or dropped by the size cap (counted). With no
-database to deliver to (`local_only`), every reading is local history: it ages
-out after `retention_days` (or goes first under the size cap) without being
-counted as dropped, since "dropped" means lost before it could be delivered.
+One file, ``outbox.db`` in the state directory. Rows are appended one transaction per cycle and leave only
+in three ways: delivered (kept as local history for `retention_days`, then pruned), quarantined (a line the
+server refused, kept in its own table) or dropped by the size cap (counted). With no database to deliver to
+(`local_only`), every reading is local history: it ages out after `retention_days` (or goes first under the
+size cap) without being counted as dropped, since "dropped" means lost before it could be delivered.
 
-Thread-safety: one Outbox per thread. SQLite's WAL lets the measuring thread
-append while the sender thread reads and acknowledges, each on its own
-connection to the same file.
+Thread-safety: one Outbox per thread. SQLite's WAL lets the measuring thread append while the sender thread
+reads and acknowledges, each on its own connection to the same file.
 """
 from __future__ import annotations
 
@@ -142,9 +139,8 @@ class OutboxStats:
 class Outbox:
     """SQLite outbox in `directory`.
 
-    Raises StoreError when the directory or file cannot be used. A file that
-    fails SQLite's integrity check is moved aside and a fresh one started, so
-    measuring never stops because of the store.
+    Raises StoreError when the directory or file cannot be used. A file that fails SQLite's integrity check
+    is moved aside and a fresh one started, so measuring never stops because of the store.
     """
 
     def __init__(
@@ -327,12 +323,10 @@ class Outbox:
                dropped: int = 0) -> None:
         """Store one cycle: (time_ms, line) pairs and state values, in one transaction.
 
-        `boot_id`/`boot_ms` record when the cycle was measured relative to
-        boot; `held` keeps the lines from delivery until `release_held` gives
-        them a trusted timestamp; `dropped` adds lines lost before they could
-        be stored to the dropped counter. Raises StoreError if it could not be
-        committed (nothing is half-written).
-        """
+        `boot_id`/`boot_ms` record when the cycle was measured relative to boot; `held` keeps the lines from
+        delivery until `release_held` gives them a trusted timestamp; `dropped` adds lines lost before they
+        could be stored to the dropped counter. Raises StoreError if it could not be committed (nothing is
+        half-written)."""
         self._follow_replacement()
         with self._transaction() as db:
             db.executemany(
@@ -354,10 +348,8 @@ class Outbox:
     @_store_errors
     def state(self, prefix: str = "") -> dict[str, str]:
         """The stored key/value facts whose key starts with `prefix`."""
-        rows = self._db.execute(
-            "SELECT key, value FROM state WHERE substr(key, 1, ?) = ?", (len(prefix), prefix)
-        )
-        return dict(rows.fetchall())
+        return dict(self._db.execute("SELECT key, value FROM state WHERE substr(key, 1, ?) = ?",
+                                     (len(prefix), prefix)).fetchall())
 
     # -- delivering ------------------------------------------------------
     @_store_errors
@@ -484,12 +476,9 @@ class Outbox:
     # -- housekeeping ----------------------------------------------------
     @_store_errors
     def enforce_limits(self) -> int:
-        """Prune delivered history past retention, then apply the size cap.
-
-        Over the cap, delivered history goes first (it is already safe in
-        InfluxDB), then the oldest unsent lines, which are counted as dropped.
-        Returns how many unsent lines were dropped now.
-        """
+        """Prune delivered history past retention, then apply the size cap. Over the cap, delivered history
+        goes first (it is already safe in InfluxDB), then the oldest unsent lines, which are counted as
+        dropped. Returns how many unsent lines were dropped now."""
         cutoff = self._wall_ms() - self.retention_ms
         keep_from = self._before_prune(self) if self._before_prune is not None else None
         if keep_from is not None:
@@ -576,7 +565,7 @@ class Outbox:
     def timed_points(self, since_ms: int, until_ms: int) -> Iterator[tuple[int, str, str]]:
         """The points in [since_ms, until_ms) whose time is known, oldest first, as export() gives them
         (time_ms, line, "sent" | "unsent"): held and quarantined lines left out, read along the time index
-        (its time index: no sort, no quarantine scan; the ledger reads a slice every housekeeping pass). Raises StoreError."""
+        (no sort, no quarantine scan; the ledger reads a slice every housekeeping pass). Raises StoreError."""
         return self._rows(
             "SELECT time_ms, line, CASE WHEN sent_ms IS NULL THEN 'unsent' ELSE 'sent' END FROM points "
             "WHERE time_ms >= ? AND time_ms < ? AND held = 0 ORDER BY time_ms",
@@ -614,26 +603,37 @@ class Outbox:
     def daily_totals(self, days: Sequence[str]) -> list[tuple]:
         """The settled rows of `days` (ISO dates): (day, site, unit, role, in_wh, out_wh, measured_s, channels);
         none from a store older than the table."""
-        return self._daily_totals(days)
-
-    def _daily_totals(self, days: Sequence[str]) -> list[tuple]:
-        if not self._db.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'daily_totals'"
-                                ).fetchone():
-            return []
-        marks = ",".join("?" * len(days))
-        return self._db.execute(f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
-                                f"WHERE day IN ({marks}) ORDER BY day, site, unit, role", list(days)).fetchall()
+        return self.settled_totals(days)[1]
 
     @_store_errors
-    def settled_totals(self, days: Sequence[str], mark_key: str) -> tuple[str | None, list[tuple]]:
-        """The state value `mark_key` (the ledger's settled mark) and daily_totals(days), read in one
-        snapshot: a settling pass that commits between the two reads cannot make them disagree."""
+    def settled_totals(self, days: Sequence[str], mark_key: str | None = None) -> tuple[str | None, list[tuple]]:
+        """The state value `mark_key` (the ledger's settled mark; None: not read) and daily_totals(days), in
+        one snapshot: a settling pass that commits between the two reads cannot make them disagree."""
         self._db.execute("BEGIN")
         try:
-            mark = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone()
-            return (mark[0] if mark else None), self._daily_totals(days)
+            mark = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone() if mark_key else None
+            if not self._has_totals():
+                return (mark[0] if mark else None), []
+            marks = ",".join("?" * len(days))
+            return (mark[0] if mark else None), self._db.execute(
+                f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
+                f"WHERE day IN ({marks}) ORDER BY day, site, unit, role", list(days)).fetchall()
         finally:
-            self._db.execute("COMMIT")
+            if self._db.in_transaction:  # SQLite may have rolled it back on its own (I/O error, no memory)
+                self._db.execute("COMMIT")
+
+    @_store_errors
+    def drop_daily_totals_from(self, day: str) -> int:
+        """Delete the daily_totals rows of `day` (ISO date) and later, to settle those days again; returns
+        how many rows of earlier days remain (0: the ledger never settled anything before `day`)."""
+        if not self._has_totals():
+            return 0
+        with self._transaction() as db:
+            db.execute("DELETE FROM daily_totals WHERE day >= ?", (day,))
+            return db.execute("SELECT count(*) FROM daily_totals").fetchone()[0]
+
+    def _has_totals(self) -> bool:  # a store from before store_schema migration 2 has no such table
+        return bool(self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'daily_totals'").fetchone())
 
     def _transaction(self) -> _Transaction:
         return _Transaction(self._db)
@@ -677,11 +677,8 @@ def format_mb(size_bytes: float) -> str:
 
 
 def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
-    db.execute(
-        "INSERT INTO state (key, value) VALUES (?, ?) "
-        "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?",
-        (key, str(amount), amount),
-    )
+    db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
+               "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?", (key, str(amount), amount))
 
 
 def _inode(path: Path) -> tuple[int, int] | None:
