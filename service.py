@@ -7,13 +7,14 @@ listener beside it.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import logging
 import math
 import os
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 from config import Config
@@ -27,6 +28,23 @@ log = logging.getLogger(__name__)
 GOOD_AFTER_CYCLES = 5
 GOOD_AFTER_S = 900.0
 ROLLBACK_NOTICE_CHECK_S = 60.0
+
+
+@contextlib.contextmanager
+def _page_store(directory: str, what: str) -> Iterator[Outbox | None]:
+    """A read-only connection to the store for the page's server thread (None when there is no store yet);
+    a StoreError while reading is logged as `what` and ends the read. Closed on leaving."""
+    try:
+        box = Outbox(directory, readonly=True)
+    except StoreError:
+        yield None
+        return
+    try:
+        yield box
+    except StoreError as exc:
+        log.warning("%s: %s", what, exc)
+    finally:
+        box.close()
 
 
 class ServiceHooks:
@@ -82,31 +100,18 @@ class ServiceHooks:
         config = self.config
 
         def history(since_ms: int):
-            try:
-                box = Outbox(config.store.dir, readonly=True)  # its own connection: the server's thread
-            except StoreError:
-                return
-            try:
-                yield from box.export(since_ms)
-            except StoreError as exc:
-                log.warning("live page history cut short: %s", exc)
-            finally:
-                box.close()
+            with _page_store(config.store.dir, "live page history cut short") as box:
+                if box is not None:
+                    yield from box.export(since_ms)
 
         from ledger import Layout, Today, local_zone, settled_day
 
         def settled(day):
-            try:
-                box = Outbox(config.store.dir, readonly=True)
-            except StoreError:
-                return None, []
-            try:
-                return settled_day(box, day)
-            except StoreError as exc:
-                log.warning("live page: today's settled totals unreadable, reading the day's points: %s", exc)
-                return None, []
-            finally:
-                box.close()
+            with _page_store(config.store.dir, "live page: today's settled totals unreadable, reading the day's "
+                                               "points") as box:
+                if box is not None:
+                    return settled_day(box, day)
+            return None, []
 
         wall_ms = self.wall_ms or (lambda: time.time_ns() // 1_000_000)
         # Today's totals per unit beside the diagram, from the store (its own connection, the server's thread).
