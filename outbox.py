@@ -611,13 +611,12 @@ class Outbox:
         one snapshot: a settling pass that commits between the two reads cannot make them disagree."""
         self._db.execute("BEGIN")
         try:
-            mark = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone() if mark_key else None
-            if not self._has_totals():
-                return (mark[0] if mark else None), []
-            marks = ",".join("?" * len(days))
-            return (mark[0] if mark else None), self._db.execute(
+            row = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone()
+            rows = self._db.execute(
                 f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
-                f"WHERE day IN ({marks}) ORDER BY day, site, unit, role", list(days)).fetchall()
+                f"WHERE day IN ({','.join('?' * len(days))}) ORDER BY day, site, unit, role", list(days)
+            ).fetchall() if self._has_totals() else []
+            return (row[0] if row else None), rows
         finally:
             if self._db.in_transaction:  # SQLite may have rolled it back on its own (I/O error, no memory)
                 self._db.execute("COMMIT")
