@@ -119,7 +119,18 @@ def start_sites(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path
     interval_s, flush_s = DEFAULT_INTERVAL_S / scale, DEFAULT_FLUSH_S / scale
     sites: list[Site] = []
     try:
-        _start_sites(sites, n, vm_url, proxies, tmp, interval_s, flush_s, scale)
+        for k in range(1, n + 1):
+            name = site_name(k)
+            store = tmp / name
+            url = proxies.start(vm_url)
+            influx = {"kind": "local", "api": "v2", "url": url, "org": "cooperative", "bucket": "solar"}
+            tables = bench_proc.daemon_tables(store, interval_s=interval_s, window_s=DEFAULT_WINDOW_S / scale,
+                                              scenario="day", influx=influx, flush_interval_s=flush_s)
+            tables["site"] = {"name": name}
+            tables["simulation"].update({"seed": k, "start": SIM_START, "speed": scale})
+            cfg = bench_proc.write_config(tmp / f"{name}.toml", tables)
+            sites.append(Site(name, store, url, bench_proc.DaemonProcess(cfg, store, interval_s,
+                                                                         log_path=tmp / f"{name}.log")))
     except BaseException:
         for site in sites:
             try:
@@ -128,22 +139,6 @@ def start_sites(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path
                 pass
         raise
     return sites
-
-
-def _start_sites(sites: list[Site], n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path,
-                 interval_s: float, flush_s: float, scale: float) -> None:
-    for k in range(1, n + 1):
-        name = site_name(k)
-        store = tmp / name
-        url = proxies.start(vm_url)
-        influx = {"kind": "local", "api": "v2", "url": url, "org": "cooperative", "bucket": "solar"}
-        tables = bench_proc.daemon_tables(store, interval_s=interval_s, window_s=DEFAULT_WINDOW_S / scale,
-                                          scenario="day", influx=influx, flush_interval_s=flush_s)
-        tables["site"] = {"name": name}
-        tables["simulation"].update({"seed": k, "start": SIM_START, "speed": scale})
-        cfg = bench_proc.write_config(tmp / f"{name}.toml", tables)
-        sites.append(Site(name, store, url, bench_proc.DaemonProcess(cfg, store, interval_s,
-                                                                     log_path=tmp / f"{name}.log")))
 
 
 def fleet_figures(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Path, *, scale: float = 10.0,
