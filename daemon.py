@@ -239,7 +239,7 @@ class Daemon:
 
         try:
             self.outbox.enforce_limits()
-            self.outbox.checkpoint()  # pruned pages become free space in the file, and the WAL goes to 0
+            self.outbox.checkpoint()  # pruned pages become free space in the file
             disk = disk_finding(self.outbox.directory)
         except (StoreError, OSError) as exc:
             log.warning("store housekeeping failed: %s", exc)
@@ -289,7 +289,7 @@ class Daemon:
             self._unstored.popleft()
         if backlog:
             log.info("the store can be written again: every held cycle is stored")
-            self.outbox.checkpoint()  # give the space the backlog's WAL took back at once
+            self.outbox.checkpoint(truncate=True)  # give the space the backlog's WAL took back at once
 
     def store_held_at_exit(self) -> int:
         """At shutdown: one more try to store the cycles held in memory. Logs and returns how many

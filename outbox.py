@@ -30,11 +30,13 @@ _QUEUE_STATS_SQL = (
     "(SELECT count(*) FROM points WHERE held = 1)"
 )
 
-# The WAL is checkpointed into the database every this many pages (SQLite's default, 1000 pages, lets
-# it reach about 4 MB between checkpoints: on a small or nearly full card that eats the space freed
-# for held cycles before they land), and cut back to this size after each checkpoint.
-_WAL_AUTOCHECKPOINT_PAGES = 32
-_WAL_SIZE_LIMIT_BYTES = 128 * 1024
+# The WAL holds up to wal_pages(..) pages between checkpoints (SQLite's 1000, ~4 MB, would eat the space a
+# small card frees for held cycles) and is kept at that size, written over from its start: fewer, larger
+# checkpoints copy each hot page once, and a commit that grows the file also journals its size.
+def wal_pages(max_bytes: int, free_bytes: int, page_bytes: int = 4096) -> int:
+    """Pages the WAL may hold for a store capped at `max_bytes` on a disk with `free_bytes` free: a 256th of
+    the smaller, 32 to 256."""
+    return min(256, max(32, min(max_bytes, free_bytes) // 256 // page_bytes))
 
 
 class StoreError(Exception):
@@ -65,6 +67,20 @@ def _migrate_schema(db: sqlite3.Connection) -> None:
         store_schema.migrate(db)
     except store_schema.SchemaError as exc:
         log.error("%s: %s", DB_NAME, exc)
+
+
+def _size_wal(db: sqlite3.Connection, max_bytes: int, directory: Path) -> int:
+    """Set the WAL's checkpoint size (wal_pages) for the cap and the free space; returns the bytes it is
+    kept at."""
+    try:
+        disk = os.statvfs(directory)
+    except OSError:
+        disk = None
+    pages = wal_pages(max_bytes, disk.f_bavail * disk.f_frsize if disk else max_bytes)
+    db.execute(f"PRAGMA wal_autocheckpoint={pages}")
+    limit = (pages + 16) * 4120  # a frame is a page and its header; a commit may pass the threshold
+    db.execute(f"PRAGMA journal_size_limit={limit}")
+    return limit
 
 
 def _store_errors(method):
@@ -220,25 +236,16 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        # A small WAL: checkpointed often and cut back after each checkpoint, so the store's working
-        # set stays small (a store on a 1 MB file system runs for hours with a matching max_mb).
-        db.execute(f"PRAGMA wal_autocheckpoint={_WAL_AUTOCHECKPOINT_PAGES}")
-        db.execute(f"PRAGMA journal_size_limit={_WAL_SIZE_LIMIT_BYTES}")
+        self._wal_limit_bytes = _size_wal(db, self.max_bytes, self.directory)
         # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a
         # power cut could lose the last cycles even though they were committed.
         # One fsync per cycle (every few seconds) costs nothing on an SD card.
         db.execute("PRAGMA synchronous=FULL")
-        columns = {row[1] for row in db.execute("PRAGMA table_info(points)")}
-        if columns and "held" not in columns:
-            # A store from before the clock columns: add them (no data changes).
-            db.executescript(
-                "ALTER TABLE points ADD COLUMN boot_id TEXT; ALTER TABLE points ADD COLUMN boot_ms INTEGER; "
-                "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
-            )
+        from store_schema import BASE_SCHEMA, add_clock_columns
+
+        add_clock_columns(db)
         # One transaction: a reader (`status`, the live page) opening the store while it is being created
         # sees either no tables or all of them, never `points` without `state`.
-        from store_schema import BASE_SCHEMA
-
         db.executescript("BEGIN IMMEDIATE;" + BASE_SCHEMA + ";COMMIT;")
         _migrate_schema(db)
         # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
@@ -304,11 +311,16 @@ class Outbox:
             self._reopen()
 
     @_store_errors
-    def checkpoint(self) -> bool:
-        """Copy the WAL into the database and truncate it to 0 bytes (frees its space at once).
-
-        Gives up after 0.1 s when another connection is mid-transaction (the WAL is then cut back at
-        a later checkpoint). Returns True when the whole WAL was checkpointed."""
+    def checkpoint(self, truncate: bool = False) -> bool:
+        """Copy the WAL into the database (the next commit writes it over from its start); `truncate`: also
+        cut it to 0 bytes (frees its space at once, after a backlog). Never waits for a connection
+        mid-transaction (`truncate`: 0.1 s at most). Returns True when the whole WAL was copied. The WAL is
+        sized again for the free space, and cut to that size if it grew past it (a large delete)."""
+        self._wal_limit_bytes = _size_wal(self._db, self.max_bytes, self.directory)
+        wal = Path(f"{self.path}-wal")
+        if not truncate and (wal.stat().st_size if wal.exists() else 0) <= self._wal_limit_bytes:
+            busy, logged, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
+            return not busy and logged == copied
         self._db.execute("PRAGMA busy_timeout=100")
         try:
             busy = self._db.execute("PRAGMA wal_checkpoint(TRUNCATE)").fetchone()[0]
@@ -352,29 +364,15 @@ class Outbox:
                                      (len(prefix), prefix)).fetchall())
 
     # -- delivering ------------------------------------------------------
-    @_store_errors
     def pending(self, max_lines: int, max_bytes: int, after_id: int = 0) -> list[Pending]:
-        """The oldest unsent lines (with an id above `after_id`: the batch after one not yet marked),
-        at most `max_lines` and about `max_bytes` of text."""
-        self._follow_replacement()
-        rows = self._db.execute(
-            "SELECT id, time_ms, line FROM points WHERE sent_ms IS NULL AND held = 0 AND id > ? "
-            "ORDER BY id LIMIT ?",
-            (after_id, max_lines),
-        ).fetchall()
-        batch: list[Pending] = []
-        size = 0
-        for row in rows:
-            size += len(row[2]) + 1
-            if batch and size > max_bytes:
-                break
-            batch.append(Pending(*row))
-        return batch
+        """pending_batch()'s lines as Pending rows, oldest first (for tools and tests: one object a line)."""
+        batch = self.pending_batch(max_lines, max_bytes, after_id)
+        return self.rows(batch) if batch else []
 
     @_store_errors
     def pending_batch(self, max_lines: int, max_bytes: int, after_id: int = 0) -> Batch | None:
-        """The same lines as pending() (the oldest unsent with an id above `after_id`, at most `max_lines`,
-        about `max_bytes` counting a newline after each line), as one Batch; None when there are none.
+        """The oldest unsent lines with an id above `after_id` (the batch after one not yet marked), at most
+        `max_lines` and about `max_bytes` counting a newline after each, as one Batch; None when there are none.
 
         The drain's read: the lines come out of SQLite as bytes and are joined in C, with no object per
         line (pending()'s Pending objects cost about as much CPU as the request's gzip)."""

@@ -48,6 +48,16 @@ CREATE TABLE IF NOT EXISTS state (
 """
 
 
+def add_clock_columns(db: sqlite3.Connection) -> None:
+    """A store from before the clock columns (and before versions): add them (no data changes)."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(points)")}
+    if columns and "held" not in columns:
+        db.executescript(
+            "ALTER TABLE points ADD COLUMN boot_id TEXT; ALTER TABLE points ADD COLUMN boot_ms INTEGER; "
+            "ALTER TABLE points ADD COLUMN held INTEGER NOT NULL DEFAULT 0; DROP INDEX IF EXISTS points_unsent;"
+        )
+
+
 @dataclass(frozen=True)
 class Migration:
     """Schema `version` (2, 3, ...): `up` brings version-1 to version, `down` undoes it."""

@@ -5,7 +5,7 @@ import sqlite3
 
 import pytest
 
-from outbox import Outbox, StoreError
+from outbox import Outbox, StoreError, wal_pages
 
 
 def lines(n, start=0):
@@ -35,6 +35,31 @@ def test_wal_and_full_sync(tmp_path):
     box = Outbox(tmp_path)
     assert box._db.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
     assert box._db.execute("PRAGMA synchronous").fetchone()[0] == 2  # FULL
+
+
+def test_the_wal_is_sized_by_the_cap_and_written_over_from_its_start_after_a_checkpoint(tmp_path):
+    mb = 1024 * 1024
+    assert [wal_pages(int(cap * mb), 10_000 * mb) for cap in (0.5, 20, 100, 200, 10_000)] == [32, 32, 100, 200, 256]
+    assert [wal_pages(200 * mb, int(free * mb)) for free in (0.3, 50, 100)] == [32, 50, 100]  # a nearly full card
+    box = Outbox(tmp_path, max_mb=200)
+    assert box._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 200
+    wal = tmp_path / "outbox.db-wal"
+    for i in range(30):  # the daemon checkpoints every 30 cycles: about 180 pages of WAL
+        box.append(lines(5, 5 * i), {"energy:a": str(i)})
+    assert box.checkpoint()
+    size = wal.stat().st_size
+    assert size > 60 * 4096  # kept, not cut to 0 (growing it again would journal its size every commit)
+    box.append(lines(5, 150))
+    assert wal.stat().st_size == size  # the next commit wrote it over from its start
+    reader = sqlite3.connect(tmp_path / "outbox.db")
+    reader.execute("BEGIN")
+    reader.execute("SELECT count(*) FROM points").fetchone()  # a snapshot: later frames cannot be copied
+    box.append(lines(5, 155))
+    assert not box.checkpoint()
+    reader.rollback()
+    assert box.checkpoint(truncate=True) and wal.stat().st_size == 0  # after a backlog: space back at once
+    assert box.stats().stored_total == 160
+    reader.close()
 
 
 def test_data_survives_reopen(tmp_path):
@@ -163,7 +188,7 @@ def test_a_locked_store_is_never_moved_aside_and_readers_never_write(tmp_path):
 
         with pytest.raises(StoreError, match="locked"):
             opened = Outbox.__new__(Outbox)
-            opened.directory, opened.path = tmp_path, tmp_path / "outbox.db"
+            opened.directory, opened.path, opened.max_bytes = tmp_path, tmp_path / "outbox.db", 1 << 20
             opened._wall_ms = lambda: 0
             original = sqlite3.connect
             outbox_mod.sqlite3.connect = lambda *a, **k: original(*a, **{**k, "timeout": 0.1})
