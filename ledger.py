@@ -382,8 +382,9 @@ class Settler:
 
     Called by `Outbox.enforce_limits` (its `before_prune`) in the measuring thread, with that Outbox; returns
     the time from which raw points must be kept (the retention prune stops there), so pruning never loses a
-    day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later),
-    and none while the store holds lines waiting for the clock to sync (their time is not known yet).
+    day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later);
+    while the store holds lines waiting for the clock to sync (their time is not known yet), only the slices
+    before the newest point whose time is known. Not thread-safe (one Settler per store).
     """
 
     def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None,
@@ -392,6 +393,7 @@ class Settler:
         self.tz = tz
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._clock = clock  # for the pass's time budget (SETTLE_BUDGET_S)
+        self._known_until_ms: int | None = None  # while lines are held for the clock: see settle()
 
     def __call__(self, outbox) -> int | None:
         try:
@@ -409,9 +411,18 @@ class Settler:
         ready_ms -= ready_ms % SETTLE_SLICE_MS
         start = _settled_mark(outbox)
         if outbox.queue_stats().held:
-            # Lines held for the clock get their true time only once it syncs, and it may fall in a slice
-            # settled meanwhile (a wall clock running ahead): no slice is settled until they have one.
-            return -(2**62) if start is None else start - gap
+            # Lines held for the clock get their true time only once it syncs, and the wall clock may be
+            # anywhere. They were measured after every point whose time is known, so the slices whose
+            # interpolation ends before the newest of those are settled; the rest wait for the sync.
+            if start is None:  # never settled, or the mark lost: where to start waits for the sync too
+                return -(2**62)
+            if self._known_until_ms is None:  # new points are all held until the sync: read once
+                newest = outbox.newest_known_time_ms()
+                self._known_until_ms = -(2**62) if newest is None else newest
+            known_ms = self._known_until_ms - gap
+            ready_ms = min(ready_ms, known_ms - known_ms % SETTLE_SLICE_MS)
+        else:
+            self._known_until_ms = None
         if start is None:
             oldest = outbox.next_time_ms(-(2**62))
             if oldest is None:

@@ -585,6 +585,11 @@ class Outbox:
         return self._db.execute("SELECT min(time_ms) FROM points WHERE time_ms >= ?", (since_ms,)).fetchone()[0]
 
     @_store_errors
+    def newest_known_time_ms(self) -> int | None:
+        """The newest time among the points not held for the clock (their time is known), or None."""
+        return self._db.execute("SELECT max(time_ms) FROM points WHERE held = 0").fetchone()[0]
+
+    @_store_errors
     def add_daily_totals(self, rows: Iterable[tuple], state: Mapping[str, str]) -> None:
         """Add (day, site, unit, role, in_wh, out_wh, measured_s, channels) rows to the daily totals and set
         `state` (the settled mark), in one transaction."""

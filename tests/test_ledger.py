@@ -303,8 +303,8 @@ def _solar_line(t_ms: int) -> str:
 
 def test_nothing_is_settled_while_lines_wait_for_the_clock_and_once_released_they_count(tmp_path):
     """A wall clock running ahead (no RTC, a bad fake-hwclock): the held lines carry its wrong time, and their
-    true one, known at the sync, lies in a slice the settler would have passed by then. So no slice is
-    settled until the clock syncs; after it, the released readings are in the day's totals, counted once."""
+    true one, known at the sync, lies in a slice the settler would have passed by then. A store that never
+    settled starts only once the clock syncs; after it, the released readings are in the day's totals, once."""
     lay = layout({"u": {"solar": 1}})  # 60 s interval: a gap over 120 s is not bridged
     wall = [10 * 3_600_000]  # the untrusted wall clock: 10:00, hours ahead of the true time
     box = Outbox(tmp_path, wall_ms=lambda: wall[0], local_only=True)
@@ -324,6 +324,36 @@ def test_nothing_is_settled_while_lines_wait_for_the_clock_and_once_released_the
             in box.daily_totals(["1970-01-01"])}
     in_wh, measured_s = rows[("1970-01-01", "solar")]
     assert in_wh == pytest.approx(1.5) and measured_s == pytest.approx(5400)  # 1 h + 30 min at 1 W, once each
+    box.close()
+
+
+def test_a_boot_that_never_syncs_still_settles_every_slice_before_its_first_held_reading(tmp_path):
+    """A Pi offline for days without an RTC: its readings wait for the clock, and the size cap may drop the
+    oldest points meanwhile. The held readings were measured after every point whose time is known, so the
+    slices before the newest of those are settled (no later: a held reading may truly sit right after it);
+    the rest, once the clock syncs, counted once."""
+    lay = layout({"u": {"solar": 1}})  # 60 s interval: gap 120 s
+    wall = [3 * 3_600_000 + 10 * 60_000]  # 03:10, synced
+    box = Outbox(tmp_path, wall_ms=lambda: wall[0], local_only=True)
+    box.append([(t * 60_000, _solar_line(t * 60_000)) for t in range(181)])  # 00:00-03:00, a reading a minute
+    settler = ledger.Settler(lay, LONDON, lambda: wall[0], clock=lambda: 0.0)
+    settler(box)
+    assert int(box.state("ledger:")["ledger:settled_ms"]) == 3_600_000  # four slices a pass: up to 01:00
+    wall[0] = 10 * 3_600_000  # a new boot, its clock hours ahead and never synced
+    for k in range(31):  # truly 03:30-04:00
+        wrong_ms = wall[0] - (30 - k) * 60_000
+        box.append([(wrong_ms, _solar_line(wrong_ms))], boot_id="b1", boot_ms=k * 60_000, held=True)
+    for _ in range(10):
+        keep_from = settler(box)
+    mark = int(box.state("ledger:")["ledger:settled_ms"])
+    assert mark == 2 * 3_600_000 + 45 * 60_000  # 02:45: the slice to 03:00 needs the readings up to 03:02
+    assert keep_from == mark - lay.max_gap_ms  # the prune keeps what is not settled
+    assert box.release_held("b1", 3 * 3_600_000 + 30 * 60_000) == 31
+    for _ in range(30):
+        settler(box)
+    assert int(box.state("ledger:")["ledger:settled_ms"]) >= 9 * 3_600_000
+    [(_, _, _, role, in_wh, _, measured_s, _)] = box.daily_totals(["1970-01-01"])
+    assert role == "solar" and in_wh == pytest.approx(3.5) and measured_s == pytest.approx(12_600)  # once each
     box.close()
 
 
