@@ -48,6 +48,9 @@ SETTLE_SLICES_PER_PASS = 4
 # spent this long, so catching up on an old store (or a slow Pi) never holds a cycle up for more than ~a slice.
 SETTLE_BUDGET_S = 0.05
 _SETTLED_KEY = "ledger:settled_ms"
+# The interval the settler bridged gaps with, in the points' own time (the simulated time's with
+# `stamp = "simulated"`): stored with each settled mark, so `report` need not guess how the daemon stamped.
+_INTERVAL_KEY = "ledger:interval_s"
 
 
 def local_zone(env: Mapping[str, str] | None = None) -> dt.tzinfo:
@@ -444,7 +447,7 @@ class Settler:
                 following = outbox.next_time_ms(end)
                 target = ready_ms if following is None else min(following - following % SETTLE_SLICE_MS, ready_ms)
                 end = max(end, target)
-            outbox.add_daily_totals(rows, {_SETTLED_KEY: str(end)})
+            outbox.add_daily_totals(rows, {_SETTLED_KEY: str(end), _INTERVAL_KEY: repr(self.layout.interval_s)})
             start = end
         return start - gap
 
@@ -474,6 +477,21 @@ def _mark_ms(settled: str | None) -> int | None:
     except ValueError:
         log.warning("ignoring the store's unreadable %s value %r", _SETTLED_KEY, settled[:40])
         return None
+
+
+def stamped_interval_s(outbox) -> float | None:
+    """The interval (s, in the points' own time) the daemon's settler last used, from the store; None when
+    it has settled nothing yet or the value does not read as one (a damaged row: `report` then decides from
+    the config)."""
+    text = outbox.state(_INTERVAL_KEY).get(_INTERVAL_KEY)
+    try:
+        value = float(text) if text else None
+    except ValueError:
+        value = -1.0
+    if value is not None and not 0 < value <= 86_400 * 1000:  # never a finite interval beyond this (nan too)
+        log.warning("ignoring the store's unreadable %s value %r", _INTERVAL_KEY, (text or "")[:40])
+        return None
+    return value
 
 
 def settled_day(outbox, day: dt.date) -> tuple[int | None, list[tuple]]:

@@ -566,18 +566,24 @@ def cmd_report(args, config: Config) -> int:
     if isinstance(days, str):
         print(f"error: {days}", file=sys.stderr)
         return EXIT_USAGE
-    # The points in the store carry the simulated time when the daemon, run with this config, measured the model.
+    # The points carry the simulated time when the daemon, run with this config, measured the model: the store
+    # says which interval its settler used; an export (or a store not settled yet) is judged from the config.
     layout = ledger.Layout.from_config(config, simulated_stamps(config, _measures_model(config, simulate=False)))
     lo_ms, hi_ms = ledger.day_bounds(days[0], tz)[0], ledger.day_bounds(days[-1], tz)[1]
-    acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
     totals = {}
     try:
         if args.source:
+            acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
             acc.add_all(ledger.readings_from_export(Path(args.source), args.site))
             sites = []
         else:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
+                stamped_s = ledger.stamped_interval_s(outbox)
+                if stamped_s is not None:
+                    layout = ledger.Layout.from_channels(config.channels, config.simulation.plant, stamped_s,
+                                                         config.site.name)
+                acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
                 acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
                                                                            hi_ms + layout.max_gap_ms), args.site))
                 totals = ledger.stored_totals(outbox, days, args.site)

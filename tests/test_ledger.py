@@ -385,6 +385,36 @@ def test_a_pi_on_its_real_bus_settles_on_its_real_interval_whatever_the_stamp_se
     box.close()
 
 
+def test_report_bridges_gaps_with_the_interval_the_daemon_settled_with_not_a_guess(tmp_path, monkeypatch, capsys):
+    """`report` on a Pi whose daemon ran the model with `--simulate` and `stamp = "simulated"` (the config says
+    `enabled = false`): judged from the config it would bridge gaps of two real intervals (2 s) between points
+    60 s apart in their own time, and count nothing it had not settled yet. The settler stored its interval."""
+    import main
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(f'[store]\ndir = "{tmp_path / "store"}"\n[sampling]\ninterval_s = 1.0\nwindow_s = 0.5\n'
+                        '[simulation]\nenabled = false\nstamp = "simulated"\nspeed = 60\n')
+    cfg = config_mod.load_config(cfg_path)
+    tz = ledger.local_zone()
+    t0 = ledger.day_bounds(DAY, tz)[0] + 12 * 3_600_000
+    wall = [t0 + 3_600_000 + 3 * 60_000]  # an hour in, plus two intervals and a minute: the first hour is ready
+    box = Outbox(cfg.store.dir, wall_ms=lambda: wall[0], local_only=True,
+                 before_prune=ledger.Settler(Layout.from_config(cfg, simulated_time=True), tz, lambda: wall[0]))
+    box.append([(t, f"electricity,channel=red_house,site={cfg.site.name},unit=red_house power_w=10.0 {t}")
+                for t in range(t0, t0 + 2 * 3_600_000 + 1, 60_000)])  # two hours, a point a simulated minute
+    box.enforce_limits()
+    assert int(box.state("ledger:")["ledger:settled_ms"]) == t0 + 3_600_000  # only the first hour settled
+    box.close()
+    monkeypatch.setattr(main, "is_raspberry_pi", lambda: True)  # a Pi with its I2C bus: the guess says real stamps
+    real_exists = Path.exists
+    monkeypatch.setattr(main.Path, "exists", lambda self: str(self).startswith("/dev/i2c-") or real_exists(self))
+    assert main.main(["report", "--config", str(cfg_path), "--day", DAY.isoformat(), "--format", "json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["interval_s"] == 60.0  # the stored one, not 1.0
+    generated = doc["sites"][cfg.site.name]["days"][DAY.isoformat()]["units"]["red_house"]["generated"]
+    assert generated["wh"] == pytest.approx(20.0)  # both hours (from the points), not the settled hour's 10 Wh
+
+
 def test_todays_totals_start_from_the_settled_part_of_the_day_and_read_only_the_points_after_it(tmp_path):
     """The live page's first "today" late in the day: what the settler has summed comes from daily_totals,
     and only the points after its mark are read (here the earlier ones have even aged out already)."""
