@@ -387,7 +387,7 @@ class Settler:
     the time from which raw points must be kept (the retention prune stops there), so pruning never loses a
     day's totals. A slice is settled once the reading after it must be in (two intervals and a minute later);
     while the store holds lines waiting for the clock to sync (their time is not known yet), only the slices
-    before the newest point whose time is known. Not thread-safe (one Settler per store).
+    before the newest point with a known time stored before them. Not thread-safe (one Settler per store).
     """
 
     def __init__(self, layout: Layout, tz: dt.tzinfo, wall_ms: Callable[[], int] | None = None,
@@ -396,7 +396,6 @@ class Settler:
         self.tz = tz
         self._wall_ms = wall_ms or (lambda: time.time_ns() // 1_000_000)
         self._clock = clock  # for the pass's time budget (SETTLE_BUDGET_S)
-        self._known_until_ms: int | None = None  # while lines are held for the clock: see settle()
 
     def __call__(self, outbox) -> int | None:
         try:
@@ -415,17 +414,15 @@ class Settler:
         start = _settled_mark(outbox)
         if outbox.queue_stats().held:
             # Lines held for the clock get their true time only once it syncs, and the wall clock may be
-            # anywhere. They were measured after every point whose time is known, so the slices whose
-            # interpolation ends before the newest of those are settled; the rest wait for the sync.
+            # anywhere. They were measured after every point stored before the first of them, so the slices
+            # whose interpolation ends before the newest of those are settled; the rest wait for the sync.
+            # (Not the newest known point: a release that failed leaves held lines older than later ones.)
             if start is None:  # never settled, or the mark lost: where to start waits for the sync too
                 return -(2**62)
-            if self._known_until_ms is None:  # new points are all held until the sync: read once
-                newest = outbox.newest_known_time_ms()
-                self._known_until_ms = -(2**62) if newest is None else newest
-            known_ms = self._known_until_ms - gap
+            # Read every pass (a scan of the held lines' index, as queue_stats' count every cycle).
+            newest = outbox.newest_known_time_ms()
+            known_ms = -(2**62) if newest is None else newest - gap
             ready_ms = min(ready_ms, known_ms - known_ms % SETTLE_SLICE_MS)
-        else:
-            self._known_until_ms = None
         if start is None:
             oldest = outbox.next_time_ms(-(2**62))
             if oldest is None:
@@ -488,7 +485,7 @@ def stamped_interval_s(outbox) -> float | None:
         value = float(text) if text else None
     except ValueError:
         value = -1.0
-    if value is not None and not 0 < value <= 86_400 * 1000:  # never a finite interval beyond this (nan too)
+    if value is not None and not 0 < value <= 86_400 * 100_000:  # interval_s x speed at most (nan fails too)
         log.warning("ignoring the store's unreadable %s value %r", _INTERVAL_KEY, (text or "")[:40])
         return None
     return value

@@ -586,8 +586,9 @@ class Outbox:
 
     @_store_errors
     def newest_known_time_ms(self) -> int | None:
-        """The newest time among the points not held for the clock (their time is known), or None."""
-        return self._db.execute("SELECT max(time_ms) FROM points WHERE held = 0").fetchone()[0]
+        """The newest time of the points not held stored before the first line held for the clock, or None."""
+        return self._db.execute("SELECT max(time_ms) FROM points WHERE held = 0 AND id < (SELECT min(id) FROM "
+                                "points INDEXED BY points_held WHERE held = 1)").fetchone()[0]  # not all rows
 
     @_store_errors
     def add_daily_totals(self, rows: Iterable[tuple], state: Mapping[str, str]) -> None:

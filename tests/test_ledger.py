@@ -385,6 +385,32 @@ def test_a_pi_on_its_real_bus_settles_on_its_real_interval_whatever_the_stamp_se
     box.close()
 
 
+def test_readings_stored_after_held_ones_whose_release_failed_do_not_move_the_settled_mark_past_them(tmp_path):
+    """The clock synced but re-stamping the held readings failed (a full card): the next cycles are stored
+    with their true time, after the held ones. Those are newer than every held reading, so only the points
+    stored before the first held one bound what may be settled; once released, everything counts once."""
+    lay = layout({"u": {"solar": 1}})  # 60 s interval: gap 120 s
+    wall = [3_600_000 + 10 * 60_000]  # 01:10
+    box = Outbox(tmp_path, wall_ms=lambda: wall[0], local_only=True)
+    box.append([(t * 60_000, _solar_line(t * 60_000)) for t in range(61)])  # 00:00-01:00
+    settler = ledger.Settler(lay, LONDON, lambda: wall[0], clock=lambda: 0.0)
+    settler(box)
+    assert int(box.state("ledger:")["ledger:settled_ms"]) == 3_600_000
+    for k in range(31):  # this boot, held: truly 01:30-02:00, stamped by a wrong clock
+        box.append([(36_000_000 + k, _solar_line(36_000_000 + k))], boot_id="b1", boot_ms=k * 60_000, held=True)
+    box.append([(t * 60_000, _solar_line(t * 60_000)) for t in range(120, 181)])  # 02:00-03:00, stored after
+    wall[0] = 3 * 3_600_000 + 10 * 60_000
+    for _ in range(5):
+        settler(box)
+    assert int(box.state("ledger:")["ledger:settled_ms"]) == 3_600_000  # not into the held readings' hour
+    assert box.release_held("b1", 90 * 60_000) == 31
+    for _ in range(5):
+        settler(box)
+    [(_, _, _, _, in_wh, _, measured_s, _)] = box.daily_totals(["1970-01-01"])
+    assert in_wh == pytest.approx(2.5) and measured_s == pytest.approx(9000)  # 1 h + 30 min + 1 h, once each
+    box.close()
+
+
 def test_report_bridges_gaps_with_the_interval_the_daemon_settled_with_not_a_guess(tmp_path, monkeypatch, capsys):
     """`report` on a Pi whose daemon ran the model with `--simulate` and `stamp = "simulated"` (the config says
     `enabled = false`): judged from the config it would bridge gaps of two real intervals (2 s) between points
@@ -597,3 +623,14 @@ def test_run_stamps_points_with_the_simulated_time_when_asked(tmp_path):
     # on a busy machine moves by 15 simulated s, one that overran its slot by whole minutes.
     gaps = [(b - a).total_seconds() for a, b in zip(stamps, stamps[1:])]
     assert all(g >= 45 and min(g % 60, 60 - g % 60) <= 15 for g in gaps), times
+
+
+def test_the_stored_interval_is_read_only_as_the_config_could_have_made_it(tmp_path, caplog):
+    box = Outbox(tmp_path, local_only=True)
+    assert ledger.stamped_interval_s(box) is None  # nothing settled yet: report decides from the config
+    for text, expected in (("180.0", 180.0), (repr(86_400 * 100_000.0), 8.64e9), ("nan", None), ("-3", None),
+                           ("inf", None), ("1e400", None), ("three", None)):
+        box.set_state({"ledger:interval_s": text})
+        assert ledger.stamped_interval_s(box) == expected, text
+    assert "ignoring the store's unreadable ledger:interval_s value 'three'" in caplog.text
+    box.close()
