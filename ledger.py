@@ -20,6 +20,7 @@ import csv
 import datetime as dt
 import io
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -51,6 +52,7 @@ _SETTLED_KEY = "ledger:settled_ms"
 # The interval the settler bridged gaps with, in the points' own time (the simulated time's with
 # `stamp = "simulated"`): stored with each settled mark, so `report` need not guess how the daemon stamped.
 _INTERVAL_KEY = "ledger:interval_s"
+_MAX_STAMPED_INTERVAL_S = 86_400 * 100_000  # the config's largest interval_s times its largest speed
 
 
 def local_zone(env: Mapping[str, str] | None = None) -> dt.tzinfo:
@@ -481,14 +483,16 @@ def stamped_interval_s(outbox) -> float | None:
     it has settled nothing yet or the value does not read as one (a damaged row: `report` then decides from
     the config)."""
     text = outbox.state(_INTERVAL_KEY).get(_INTERVAL_KEY)
-    try:
-        value = float(text) if text else None
-    except ValueError:
-        value = -1.0
-    if value is not None and not 0 < value <= 86_400 * 100_000:  # interval_s x speed at most (nan fails too)
-        log.warning("ignoring the store's unreadable %s value %r", _INTERVAL_KEY, (text or "")[:40])
+    if not text:
         return None
-    return value
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if 0 < value <= _MAX_STAMPED_INTERVAL_S:  # nan and inf fail too
+        return value
+    log.warning("ignoring the store's unreadable %s value %r", _INTERVAL_KEY, text[:40])
+    return None
 
 
 def settled_day(outbox, day: dt.date) -> tuple[int | None, list[tuple]]:

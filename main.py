@@ -579,10 +579,7 @@ def cmd_report(args, config: Config) -> int:
         else:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
-                stamped_s = ledger.stamped_interval_s(outbox)
-                if stamped_s is not None:
-                    layout = ledger.Layout.from_channels(config.channels, config.simulation.plant, stamped_s,
-                                                         config.site.name)
+                layout = dataclasses.replace(layout, interval_s=ledger.stamped_interval_s(outbox) or layout.interval_s)
                 acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
                 acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
                                                                            hi_ms + layout.max_gap_ms), args.site))

@@ -11,9 +11,11 @@ reads and acknowledges, each on its own connection to the same file.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 import os
+import shutil
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -30,13 +32,15 @@ _QUEUE_STATS_SQL = (
     "(SELECT count(*) FROM points WHERE held = 1)"
 )
 
-# The WAL holds up to wal_pages(..) pages between checkpoints (SQLite's 1000, ~4 MB, would eat the space a
-# small card frees for held cycles) and is kept at that size, written over from its start: fewer, larger
-# checkpoints copy each hot page once, and a commit that grows the file also journals its size.
-def wal_pages(max_bytes: int, free_bytes: int, page_bytes: int = 4096) -> int:
-    """Pages the WAL may hold for a store capped at `max_bytes` on a disk with `free_bytes` free: a 256th of
-    the smaller, 32 to 256."""
-    return min(256, max(32, min(max_bytes, free_bytes) // 256 // page_bytes))
+_PAGE_BYTES = 4096  # SQLite's default page size, which the store keeps; a WAL frame is a page and 24 bytes
+
+
+def wal_pages(max_bytes: int, free_bytes: int) -> int:
+    """Pages the WAL may hold between checkpoints for a store capped at `max_bytes` on a disk with `free_bytes`
+    free: a 256th of the smaller, 32 to 256 (SQLite's 1000, ~4 MB, would eat the space a small card frees for
+    held cycles). It is kept at that size, written over from its start: fewer, larger checkpoints copy each
+    hot page once, and a commit that grows the file also journals its size."""
+    return min(256, max(32, min(max_bytes, free_bytes) // 256 // _PAGE_BYTES))
 
 
 class StoreError(Exception):
@@ -59,26 +63,15 @@ def _sqlite_text_error(exc: UnicodeDecodeError) -> sqlite3.DatabaseError:
     return sqlite3.DatabaseError(f"database disk image is malformed: {raw.decode('utf-8', 'backslashreplace')}")
 
 
-def _migrate_schema(db: sqlite3.Connection) -> None:
-    # Versioned migrations (store_schema.py): up for a newer release, down after a rollback.
-    import store_schema
-
-    try:
-        store_schema.migrate(db)
-    except store_schema.SchemaError as exc:
-        log.error("%s: %s", DB_NAME, exc)
-
-
 def _size_wal(db: sqlite3.Connection, max_bytes: int, directory: Path) -> int:
     """Set the WAL's checkpoint size (wal_pages) for the cap and the free space; returns the bytes it is
     kept at."""
     try:
-        disk = os.statvfs(directory)
+        pages = wal_pages(max_bytes, shutil.disk_usage(directory).free)
     except OSError:
-        disk = None
-    pages = wal_pages(max_bytes, disk.f_bavail * disk.f_frsize if disk else max_bytes)
+        pages = wal_pages(max_bytes, max_bytes)
     db.execute(f"PRAGMA wal_autocheckpoint={pages}")
-    limit = (pages + 16) * 4120  # a frame is a page and its header; a commit may pass the threshold
+    limit = 32 + (pages + 16) * (_PAGE_BYTES + 24)  # the header, and the frames (a commit may pass the threshold)
     db.execute(f"PRAGMA journal_size_limit={limit}")
     return limit
 
@@ -236,18 +229,20 @@ class Outbox:
     def _open(self) -> sqlite3.Connection:
         db = sqlite3.connect(self.path, timeout=30, isolation_level=None, check_same_thread=False)
         db.execute("PRAGMA journal_mode=WAL")
-        self._wal_limit_bytes = _size_wal(db, self.max_bytes, self.directory)
-        # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a
-        # power cut could lose the last cycles even though they were committed.
-        # One fsync per cycle (every few seconds) costs nothing on an SD card.
+        _size_wal(db, self.max_bytes, self.directory)
+        # FULL, not NORMAL: in WAL mode NORMAL skips the fsync at commit, so a power cut could lose the last
+        # cycles even though they were committed (the fsync costs about 0.17 ms of CPU a cycle on the bench VM).
         db.execute("PRAGMA synchronous=FULL")
-        from store_schema import BASE_SCHEMA, add_clock_columns
+        from store_schema import BASE_SCHEMA, SchemaError, add_clock_columns, migrate
 
         add_clock_columns(db)
         # One transaction: a reader (`status`, the live page) opening the store while it is being created
         # sees either no tables or all of them, never `points` without `state`.
         db.executescript("BEGIN IMMEDIATE;" + BASE_SCHEMA + ";COMMIT;")
-        _migrate_schema(db)
+        try:  # versioned migrations (store_schema.py): up for a newer release, down after a rollback
+            migrate(db)
+        except SchemaError as exc:
+            log.error("%s: %s", DB_NAME, exc)
         # Running counts, kept in the same transactions as the rows they count, so `queue_stats`
         # (every cycle) never has to count a long backlog. Seeded once from the rows themselves.
         db.execute("INSERT OR IGNORE INTO state (key, value) "
@@ -315,10 +310,11 @@ class Outbox:
         """Copy the WAL into the database (the next commit writes it over from its start); `truncate`: also
         cut it to 0 bytes (frees its space at once, after a backlog). Never waits for a connection
         mid-transaction (`truncate`: 0.1 s at most). Returns True when the whole WAL was copied. The WAL is
-        sized again for the free space, and cut to that size if it grew past it (a large delete)."""
-        self._wal_limit_bytes = _size_wal(self._db, self.max_bytes, self.directory)
-        wal = Path(f"{self.path}-wal")
-        if not truncate and (wal.stat().st_size if wal.exists() else 0) <= self._wal_limit_bytes:
+        sized again for the free space first, and cut to 0 also when it grew past that size (a large delete)."""
+        limit_bytes = _size_wal(self._db, self.max_bytes, self.directory)
+        with contextlib.suppress(FileNotFoundError):
+            truncate = truncate or os.stat(f"{self.path}-wal").st_size > limit_bytes
+        if not truncate:
             busy, logged, copied = self._db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
             return not busy and logged == copied
         self._db.execute("PRAGMA busy_timeout=100")
@@ -615,7 +611,7 @@ class Outbox:
         one snapshot: a settling pass that commits between the two reads cannot make them disagree."""
         self._db.execute("BEGIN")
         try:
-            row = self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone()
+            row = mark_key and self._db.execute("SELECT value FROM state WHERE key = ?", (mark_key,)).fetchone()
             rows = self._db.execute(
                 f"SELECT day, site, unit, role, in_wh, out_wh, measured_s, channels FROM daily_totals "
                 f"WHERE day IN ({','.join('?' * len(days))}) ORDER BY day, site, unit, role", list(days)
@@ -629,8 +625,8 @@ class Outbox:
     def drop_daily_totals_from(self, day: str) -> int:
         """Delete the daily_totals rows of `day` (ISO date) and later, to settle those days again; returns
         how many rows of earlier days remain (0: the ledger never settled anything before `day`)."""
-        if not self._has_totals():
-            return 0
+        if not self._has_totals() or not self._db.execute("SELECT 1 FROM daily_totals LIMIT 1").fetchone():
+            return 0  # nothing settled ever: no write transaction (a store that never settled asks every pass)
         with self._transaction() as db:
             db.execute("DELETE FROM daily_totals WHERE day >= ?", (day,))
             return db.execute("SELECT count(*) FROM daily_totals").fetchone()[0]
