@@ -1,6 +1,7 @@
 """The SQLite outbox: one transaction per cycle, oldest first, cap, retention, corruption."""
 from __future__ import annotations
 
+import shutil
 import sqlite3
 
 import pytest
@@ -42,13 +43,14 @@ def test_the_wal_is_sized_by_the_cap_and_written_over_from_its_start_after_a_che
     assert [wal_pages(int(cap * mb), 10_000 * mb) for cap in (0.5, 20, 100, 200, 10_000)] == [32, 32, 100, 200, 256]
     assert [wal_pages(200 * mb, int(free * mb)) for free in (0.3, 50, 100)] == [32, 50, 100]  # a nearly full card
     box = Outbox(tmp_path, max_mb=200)
-    assert box._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == 200
+    pages = wal_pages(200 * mb, shutil.disk_usage(tmp_path).free)  # 200 with 200 MB free, fewer on a fuller disk
+    assert box._db.execute("PRAGMA wal_autocheckpoint").fetchone()[0] == pages
     wal = tmp_path / "outbox.db-wal"
     for i in range(30):  # the daemon checkpoints every 30 cycles: about 180 pages of WAL
         box.append(lines(5, 5 * i), {"energy:a": str(i)})
     assert box.checkpoint()
     size = wal.stat().st_size
-    assert size > 60 * 4096  # kept, not cut to 0 (growing it again would journal its size every commit)
+    assert size > min(60, pages // 2) * 4096  # kept, not cut to 0 (growing it again would journal its size every commit)
     box.append(lines(5, 150))
     assert wal.stat().st_size == size  # the next commit wrote it over from its start
     reader = sqlite3.connect(tmp_path / "outbox.db")
