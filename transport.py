@@ -305,7 +305,10 @@ class _Watchdog:
         self._deadline: float | None = None
         self._token: object | None = None
         self._thread: threading.Thread | None = None
-        self._closing = False
+        # Each thread serves one generation; close() starts the next. A thread told to close while it ran
+        # `expire` (or close() called from `expire` itself) then ends even when arm() has started its
+        # successor, where a shared closing flag, cleared by that arm(), would have kept both running.
+        self._generation = 0
 
     def arm(self, seconds: float, token: object) -> None:
         with self._cond:
@@ -313,8 +316,9 @@ class _Watchdog:
             self._deadline = time.monotonic() + seconds
             self._token = token
             if self._thread is None or not self._thread.is_alive():
-                self._closing = False
-                self._thread = threading.Thread(target=self._run, name="transport-watchdog", daemon=True)
+                self._generation += 1
+                self._thread = threading.Thread(target=self._run, args=(self._generation,),
+                                                name="transport-watchdog", daemon=True)
                 self._thread.start()
             elif earlier:
                 self._cond.notify()  # it sleeps until a later deadline, or without one
@@ -326,7 +330,7 @@ class _Watchdog:
 
     def close(self) -> None:
         with self._cond:
-            self._closing = True
+            self._generation += 1
             self._deadline = None
             self._token = None
             self._cond.notify_all()
@@ -334,12 +338,13 @@ class _Watchdog:
         if thread is not None and thread is not threading.current_thread():
             thread.join(5)
 
-    def _run(self) -> None:
+    def _run(self, generation: int) -> None:
         while True:
             with self._cond:
-                while not self._closing and (self._deadline is None or time.monotonic() < self._deadline):
+                while generation == self._generation and (
+                        self._deadline is None or time.monotonic() < self._deadline):
                     self._cond.wait(None if self._deadline is None else self._deadline - time.monotonic())
-                if self._closing:
+                if generation != self._generation:
                     return
                 token, self._deadline, self._token = self._token, None, None
             self._expire(token)

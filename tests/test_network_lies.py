@@ -343,3 +343,39 @@ def test_an_echoed_credential_never_reaches_the_log_status_or_the_live_page(infl
         assert form not in log, f"{form!r} in the log"
         assert form not in status_text, f"{form!r} in status --json"
         assert form not in now, f"{form!r} in /api/now"
+
+
+def test_the_transport_watchdog_closed_from_its_own_expiry_and_armed_again_leaves_one_thread():
+    # A deadline that expires may close the connection, and with it the watchdog, from the watchdog's own
+    # thread; the next request arms it again. The thread that ran the expiry must then end, not serve on
+    # beside the new one.
+    import threading
+
+    from transport import _Watchdog
+
+    fired = threading.Event()
+    watchdog = None
+
+    def expire(token):
+        if token == "first":
+            watchdog.close()
+            watchdog.arm(3600, "second")
+            fired.set()
+
+    def watchdogs():  # this test's: other tests' writers may leave theirs idle
+        return [t for t in threading.enumerate()
+                if t.name == "transport-watchdog" and t.is_alive() and t not in others]
+
+    others = set(threading.enumerate())
+    watchdog = _Watchdog(expire)
+    watchdog.arm(0.01, "first")
+    assert fired.wait(10), "the first deadline never expired"
+
+    deadline = time.monotonic() + 10
+    while len(watchdogs()) > 1 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        assert len(watchdogs()) == 1
+    finally:
+        watchdog.close()
+    assert not watchdogs()
