@@ -151,7 +151,7 @@ class EmulatedINA219:
             return shunt & 0xFFFF  # the shunt register needs none of the calibrated math
         key = (shunt, bus, self._calibration)
         if key != self._math_key:  # the results change once a conversion, the reads come more often
-            self._math_key, self._math_result = key, self._math(shunt, bus)
+            self._math_result, self._math_key = self._math(shunt, bus), key
         current, power, overflow = self._math_result
         if pointer == REG_BUS:
             return (bus << 3) | (int(self._ready) << 1) | int(overflow or self.force_overflow)
@@ -309,7 +309,7 @@ class SimulatedBus:
             in_end = len(buffer_in)
         with self._guard:
             device = self._devices.get(address)
-            if device is not None and not self._faults and (
+            if device is not None and not self._faults and 0 <= out_start < len(buffer_out) and (
                     len(buffer_out) if out_end is None else out_end) == out_start + 1:
                 # The common case, a register read, without the fault bookkeeping (the same steps as
                 # _transaction's). The pointer is read out before buffer_in (maybe the same bytearray,

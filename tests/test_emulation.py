@@ -15,7 +15,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import adafruit_ina219  # noqa: E402
 
 from conftest import FakeClock  # noqa: E402
-from emulation import EmulatedINA219, SimulatedBus  # noqa: E402
+from emulation import REG_CALIBRATION, EmulatedINA219, SimulatedBus  # noqa: E402
 
 UNITS = ("red_house", "green_house", "blue_house", "power_plant")
 
@@ -373,6 +373,13 @@ def test_shared_buffer_slices_are_honoured(bus):
     assert buffer == bytearray([0xEE, 0x39, 0x9F])
     bus.writeto(0x40, bytearray([0xFF, 0x05, 0x10, 0x00, 0xFF]), start=1, end=4)
     assert bus.device(0x40).calibration == 0x1000
+
+    # An empty write range is a probe: the pointer stays (the register read's fast path must not take a
+    # byte from outside the range).
+    bus.writeto_then_readfrom(0x40, bytes([REG_CALIBRATION]), buffer, in_end=2)
+    for out, start, end in ((b"", 0, 1), (bytes([0, 2]), 5, 6), (bytes([2]), -1, 0)):
+        bus.writeto_then_readfrom(0x40, out, buffer, out_start=start, out_end=end, in_end=2)
+        assert buffer[:2] == bytes([0x10, 0x00])  # still the calibration register
 
 
 def test_probe_scan_lock_and_hotplug(bus, truth, clock):
