@@ -597,7 +597,8 @@ def run(quick: bool) -> dict:
 
     n = {"cycles": 300 if quick else 1500, "naive": 60 if quick else 300, "rss": 2000 if quick else 10_000,
          "web": 200 if quick else 1000, "process": 60 if quick else 480, "seed": 30 if quick else 200,
-         "backlog_h": 6 if quick else 24, "schedule": 120 if quick else 1500}
+         "backlog_h": 6 if quick else 24, "schedule": 120 if quick else 1500,
+         "paced": bench_outputs.PACED_CYCLES // 2 if quick else bench_outputs.PACED_CYCLES}
     figures: dict = {"quick": quick, "machine": _machine(), "load": _load()}
     with tempfile.TemporaryDirectory() as tmp_name, VictoriaMetrics() as vm, InfluxDB1() as influx, \
             bench_proc.ProxyProcess() as proxies:
@@ -625,7 +626,7 @@ def run(quick: bool) -> dict:
         figures.update(web_cost(n["web"], tmp))
         figures.update(startup(tmp))
         figures.update(bench_wire.wire_figures(vm.url, tmp, quick))  # issue 14: keys wire_*
-        figures.update(bench_outputs.output_figures(n["web"], tmp))  # issue 15: MQTT, /metrics
+        figures.update(bench_outputs.output_figures(n["web"], tmp, n["paced"]))  # issue 15: MQTT, /metrics
     figures["load_after"] = _load()
     return figures
 
