@@ -79,6 +79,10 @@ class ChannelConfig:
         return self.unit or self.name
 
 
+MAX_INTERVAL_S = 86_400  # [sampling] interval_s's upper bound
+MAX_SPEED = 100_000  # [simulation] speed's upper bound
+
+
 @dataclass(frozen=True)
 class SiteConfig:
     name: str = key("brampton2zero", lambda v: v.name_text, "the `site` tag")
@@ -86,7 +90,7 @@ class SiteConfig:
 
 @dataclass(frozen=True)
 class SamplingConfig:
-    interval_s: float = key(3.0, lambda v: v.between(0.01, 86_400), "seconds between cycle starts (2023: 3 s)")
+    interval_s: float = key(3.0, lambda v: v.between(0.01, MAX_INTERVAL_S), "seconds between cycle starts (2023: 3 s)")
     window_s: float = key(1.0, lambda v: v.between(0.001, 3600), "the samples are spread over this window, s")
     samples: int = key(10, lambda v: v.whole_between(1, 1000), "samples per channel per cycle")
     adc_samples: int = key(1, lambda v: v.count, "INA219 hardware averaging per sample: one of ADC_SAMPLES")
@@ -114,7 +118,7 @@ class StoreConfig:
 class SimulationConfig:
     enabled: bool = key(False, lambda v: v.boolean, "measure the simulated model")
     scenario: str = key("day", lambda v: v.choice(SCENARIOS), "day (the model) or constant (pinned channels)")
-    speed: float = key(1.0, lambda v: v.between(0.001, 100_000), "simulated time runs this much faster")
+    speed: float = key(1.0, lambda v: v.between(0.001, MAX_SPEED), "simulated time runs this much faster")
     seed: int = key(1, lambda v: v.whole_between(0, 2**63 - 1), "seed of clouds, loads and initial charge")
     start: dt.datetime | None = key(None, lambda v: v.datetime, "simulated start (UK local); none: now")
     plant: str = key("power_plant", lambda v: v.identifier, "the unit that houses buy from / sell to")

@@ -307,10 +307,12 @@ class SimulatedBus:
         """Write then read with a repeated start (one transaction). Raises OSError."""
         if in_end is None:
             in_end = len(buffer_in)
+        if out_end is None:
+            out_end = len(buffer_out)
+        one_byte = out_end == out_start + 1 and 0 <= out_start < len(buffer_out)  # the pointer alone
         with self._guard:
             device = self._devices.get(address)
-            if device is not None and not self._faults and 0 <= out_start < len(buffer_out) and (
-                    len(buffer_out) if out_end is None else out_end) == out_start + 1:
+            if device is not None and not self._faults and one_byte:
                 # The common case, a register read, without the fault bookkeeping (the same steps as
                 # _transaction's). The pointer is read out before buffer_in (maybe the same bytearray,
                 # as adafruit_register passes it) is written.

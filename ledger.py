@@ -28,6 +28,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
+from config import MAX_INTERVAL_S, MAX_SPEED
 from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ _SETTLED_KEY = "ledger:settled_ms"
 # The interval the settler bridged gaps with, in the points' own time (the simulated time's with
 # `stamp = "simulated"`): stored with each settled mark, so `report` need not guess how the daemon stamped.
 _INTERVAL_KEY = "ledger:interval_s"
-_MAX_STAMPED_INTERVAL_S = 86_400 * 100_000  # the config's largest interval_s times its largest speed
+_MAX_STAMPED_INTERVAL_S = MAX_INTERVAL_S * MAX_SPEED  # the largest the config can make it
 
 
 def local_zone(env: Mapping[str, str] | None = None) -> dt.tzinfo:
