@@ -29,7 +29,8 @@ _QUEUE_STATS_SQL = (
     "SELECT (SELECT value FROM state WHERE key = 'unsent_count'), "
     "(SELECT value FROM state WHERE key = 'quarantined_count'), "
     "(SELECT value FROM state WHERE key = 'dropped_points'), "
-    "(SELECT count(*) FROM points WHERE held = 1)"
+    # The running count (store_schema migration 3); a read-only opener of a store not migrated yet counts.
+    "coalesce((SELECT value FROM state WHERE key = 'held_count'), (SELECT count(*) FROM points WHERE held = 1))"
 )
 
 _PAGE_BYTES = 4096  # SQLite's default page size, which the store keeps; a WAL frame is a page and 24 bytes
@@ -173,6 +174,7 @@ class Outbox:
         # Called first by enforce_limits (ledger.Settler: settles daily totals); returns the time from which
         # raw points must be kept, so the retention prune never loses what is not settled yet.
         self._before_prune = before_prune
+        self._newest_known: tuple[int, int | None] | None = None  # (first held id, newest_known_time_ms)
         if readonly:
             # Readers (`status`, `export`, the live page) never write, never move a file aside and
             # never hold a write lock against the daemon.
@@ -289,6 +291,7 @@ class Outbox:
             pass
         if check_integrity is None:
             check_integrity = _inode(self.path) == self._inode
+        self._newest_known = None  # maybe another file now
         self._db = self._connect(check_integrity)
 
     def reopen(self) -> None:
@@ -341,9 +344,7 @@ class Outbox:
                 "INSERT INTO points (time_ms, line, boot_id, boot_ms, held) VALUES (?, ?, ?, ?, ?)",
                 ((t, line, boot_id, boot_ms, int(held)) for t, line in lines),
             )
-            _add_counter(db, "unsent_count", len(lines))
-            if dropped:
-                _add_counter(db, "dropped_points", dropped)
+            _count(db, unsent_count=len(lines), held_count=len(lines) if held else 0, dropped_points=dropped)
             if state:
                 db.executemany("INSERT OR REPLACE INTO state (key, value) VALUES (?, ?)", state.items())
 
@@ -418,7 +419,7 @@ class Outbox:
             else:
                 marked = db.executemany("UPDATE points SET sent_ms = ? WHERE id = ? AND sent_ms IS NULL",
                                         ((now, i) for i in ids)).rowcount
-            _add_counter(db, "unsent_count", -marked)
+            _count(db, unsent_count=-marked)
 
     @_store_errors
     def quarantine(self, rows: Iterable[Pending], reason: str) -> int:
@@ -432,8 +433,7 @@ class Outbox:
             )
             removed = db.executemany("DELETE FROM points WHERE id = ? AND sent_ms IS NULL",
                                      ((r.id,) for r in rows)).rowcount
-            _add_counter(db, "unsent_count", -removed)
-            _add_counter(db, "quarantined_count", len(rows))
+            _count(db, unsent_count=-removed, quarantined_count=len(rows))
         return len(rows)
 
     # -- the clock -------------------------------------------------------
@@ -443,12 +443,14 @@ class Outbox:
         with self._transaction() as db:
             # In SQL, not in Python: a Pi that was offline for days may hold hundreds of thousands of
             # lines. A line always ends with its time_ms, so that suffix is replaced.
-            return db.execute(
+            released = db.execute(
                 "UPDATE points SET time_ms = boot_ms + :offset, held = 0, "
                 "line = substr(line, 1, length(line) - length(CAST(time_ms AS TEXT))) || CAST(boot_ms + :offset AS TEXT) "
                 "WHERE held = 1 AND boot_id = :boot",
                 {"offset": offset_ms, "boot": boot_id},
             ).rowcount
+            _count(db, held_count=-released)
+        return released
 
     @_store_errors
     def quarantine_stale_held(self, current_boot_id: str) -> int:
@@ -463,8 +465,7 @@ class Outbox:
             ).rowcount
             removed = db.execute("DELETE FROM points WHERE held = 1 AND boot_id IS NOT ? AND sent_ms IS NULL",
                                  (current_boot_id,)).rowcount
-            _add_counter(db, "unsent_count", -removed)
-            _add_counter(db, "quarantined_count", moved)
+            _count(db, unsent_count=-removed, held_count=-removed, quarantined_count=moved)
         return moved
 
     # -- housekeeping ----------------------------------------------------
@@ -480,31 +481,25 @@ class Outbox:
         with self._transaction() as db:
             if self.local_only:
                 # Nothing is ever delivered: every reading is history, and ages out as such.
-                unsent = db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NULL", (cutoff,)).rowcount
-                _add_counter(db, "unsent_count", -unsent)
+                aged_out = "DELETE FROM points WHERE time_ms < ? AND sent_ms IS NULL"
+                held = db.execute(aged_out + " AND held = 1", (cutoff,)).rowcount
+                unsent = db.execute(aged_out, (cutoff,)).rowcount
+                _count(db, unsent_count=-(held + unsent), held_count=-held)
             # A line is always sent after it was measured, so `time_ms < cutoff` holds for every row
             # to prune and lets the time index narrow the scan to old rows.
             db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NOT NULL AND sent_ms < ?",
                        (cutoff, cutoff))
-        dropped = 0
-        aged = 0
+        dropped = aged = 0
+        oldest = "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS {}NULL ORDER BY id LIMIT 1000)"
         while self.used_bytes() > self.max_bytes:
             with self._transaction() as db:
-                removed = db.execute(
-                    "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NOT NULL "
-                    "ORDER BY id LIMIT 1000)"
-                ).rowcount
-                if not removed:
-                    removed = db.execute(
-                        "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NULL "
-                        "ORDER BY id LIMIT 1000)"
-                    ).rowcount
-                    _add_counter(db, "unsent_count", -removed)
-                    if self.local_only:
-                        aged += removed
-                    else:
-                        dropped += removed
-                        _add_counter(db, "dropped_points", removed)
+                removed = db.execute(oldest.format("NOT ")).rowcount
+                if not removed:  # RETURNING: the oldest unsent lines may include lines held for the clock
+                    gone = db.execute(oldest.format("") + " RETURNING held").fetchall()
+                    removed = len(gone)
+                    lost = 0 if self.local_only else removed  # local history ages out; it is not lost
+                    _count(db, unsent_count=-removed, held_count=-sum(held for held, in gone), dropped_points=lost)
+                    aged, dropped = aged + removed - lost, dropped + lost
             if not removed:
                 break
         if dropped:
@@ -528,7 +523,7 @@ class Outbox:
         """The counts the `system` point carries every cycle, from the running counters: no table scan."""
         # One statement (this runs every cycle); held rows are usually none (one probe of their index).
         unsent, quarantined, dropped, held = self._db.execute(_QUEUE_STATS_SQL).fetchone()
-        return QueueStats(int(unsent or 0), int(quarantined or 0), int(dropped or 0), held)
+        return QueueStats(int(unsent or 0), int(quarantined or 0), int(dropped or 0), int(held or 0))
 
     @_store_errors
     def stats(self) -> OutboxStats:
@@ -582,9 +577,15 @@ class Outbox:
 
     @_store_errors
     def newest_known_time_ms(self) -> int | None:
-        """The newest time of the points not held stored before the first line held for the clock, or None."""
-        return self._db.execute("SELECT max(time_ms) FROM points WHERE held = 0 AND id < (SELECT min(id) FROM "
-                                "points INDEXED BY points_held WHERE held = 1)").fetchone()[0]  # not all rows
+        """The newest time of the points not held stored before the first line held for the clock, or None.
+        Kept per first held line: new rows come after it, and a row deleted later was still measured then."""
+        first = self._db.execute("SELECT min(id) FROM points WHERE held = 1").fetchone()[0]  # migration 3's index
+        if first is not None and (self._newest_known or (None,))[0] != first:
+            # Held lines stamped after the newest known one (a clock restored by fake-hwclock) sit on this scan
+            # of the time index: once per first held line, not every housekeeping pass.
+            self._newest_known = (first, self._db.execute(
+                "SELECT max(time_ms) FROM points WHERE held = 0 AND id < ?", (first,)).fetchone()[0])
+        return None if first is None else self._newest_known[1]
 
     @_store_errors
     def add_daily_totals(self, rows: Iterable[tuple], state: Mapping[str, str]) -> None:
@@ -675,9 +676,12 @@ def format_mb(size_bytes: float) -> str:
     return f"{mb:.2g} MB"
 
 
-def _add_counter(db: sqlite3.Connection, key: str, amount: int) -> None:
-    db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
-               "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?", (key, str(amount), amount))
+def _count(db: sqlite3.Connection, **changes: int) -> None:
+    """Add to the running counters kept in `state` (a change of 0 writes nothing)."""
+    for key, amount in changes.items():
+        if amount:
+            db.execute("INSERT INTO state (key, value) VALUES (?, ?) "
+                       "ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + ?", (key, str(amount), amount))
 
 
 def _inode(path: Path) -> tuple[int, int] | None:

@@ -77,6 +77,14 @@ MIGRATIONS: tuple[Migration, ...] = (
                  "measured_s REAL NOT NULL, channels INTEGER NOT NULL, PRIMARY KEY (day, site, unit, role)) "
                  "WITHOUT ROWID",
               "DROP TABLE IF EXISTS daily_totals"),
+    # 3: lines held for the clock, found without a scan of them all (a Pi offline for days holds hundreds of
+    # thousands): a running count, kept by outbox.py in the transactions that hold, release, quarantine or
+    # drop them, for the count every cycle needs; and an index by id, for the first of them (the ledger, every
+    # housekeeping pass). Seeded from the rows; undone by removing both, so a release that does not keep the
+    # count never leaves a stale one for the next release to trust.
+    Migration(3, "CREATE INDEX IF NOT EXISTS points_held_id ON points(id) WHERE held = 1; "
+                 "INSERT OR REPLACE INTO state (key, value) SELECT 'held_count', count(*) FROM points WHERE held = 1",
+              "DROP INDEX IF EXISTS points_held_id; DELETE FROM state WHERE key = 'held_count'"),
 )
 
 

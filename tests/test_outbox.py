@@ -6,6 +6,7 @@ import sqlite3
 
 import pytest
 
+import store_schema
 from outbox import Outbox, StoreError, wal_pages
 
 
@@ -152,23 +153,92 @@ def test_running_counters_agree_with_the_rows_through_every_operation(tmp_path):
         db = db or box._db
         unsent = db.execute("SELECT count(*) FROM points WHERE sent_ms IS NULL").fetchone()[0]
         quarantined = db.execute("SELECT count(*) FROM quarantine").fetchone()[0]
-        return unsent, quarantined
+        held = db.execute("SELECT count(*) FROM points WHERE held = 1").fetchone()[0]
+        return unsent, quarantined, held
+
+    def counted(box=box):
+        stats = box.queue_stats()
+        return stats.queue_depth, stats.quarantined, stats.held
 
     box.append(lines(100))
     box.append(lines(10, 100), boot_id="old", boot_ms=5, held=True)
+    box.append(lines(6, 110), boot_id="now", boot_ms=5, held=True)
+    box.append(lines(4, 116), boot_id="now", boot_ms=9, held=True)
+    assert counted() == exact() and counted()[2] == 20
     box.mark_sent(p.id for p in box.pending(30, 10**6))
     box.mark_sent(p.id for p in box.pending(5, 10**6)[:2])
     box.mark_sent([1, 2, 3])  # already sent: not counted twice
     box.quarantine(box.pending(4, 10**6), "bad")
-    box.quarantine_stale_held("new")
+    box.quarantine_stale_held("now")
+    assert counted() == exact() and counted()[2] == 10
+    box.release_held("now", 1_000)
+    box.append(lines(5, 120), boot_id="now", boot_ms=20, held=True)
+    assert counted() == exact() and counted()[2] == 5
+    # over the cap, the oldest unsent lines go, held ones among them
     box.append([(i, f"m s=\"{'x' * 300}\" {i}") for i in range(1000)], dropped=7)
+    box.append(lines(3, 2000), boot_id="now", boot_ms=30, held=True)
     box.enforce_limits()
+    assert counted() == exact()
     stats = box.queue_stats()
-    assert (stats.queue_depth, stats.quarantined) == exact()
     assert stats.dropped == box.stats().dropped >= 7
     box.close()
     reopened = Outbox(tmp_path)  # the counters persist with the rows
-    assert (reopened.queue_stats().queue_depth, reopened.queue_stats().quarantined) == exact(reopened._db)
+    assert counted(reopened) == exact(reopened._db)
+    reopened.close()
+    # local history ages out by time, held lines with it
+    local = Outbox(tmp_path / "local", local_only=True, retention_days=1, wall_ms=lambda: now[0])
+    local.append(lines(4), boot_id="b", boot_ms=1, held=True)
+    local.append(lines(4, 10**10))
+    local.enforce_limits()
+    assert counted(local) == exact(local._db) == (4, 0, 0)
+
+
+def test_lines_held_for_the_clock_are_counted_and_found_without_a_scan_of_them(tmp_path):
+    """A Pi offline for days holds hundreds of thousands of lines: the count every cycle reads and the
+    ledger's first-held probe must cost the same with 10 or 20,000 of them (SQLite's own instruction
+    counter, not a timing)."""
+    def steps(box, call):
+        counter = [0]
+        box._db.set_progress_handler(lambda: counter.__setitem__(0, counter[0] + 1), 1)
+        result = call()
+        box._db.set_progress_handler(None, 1)
+        return counter[0], result
+
+    box = Outbox(tmp_path)
+    box.append(lines(10))
+    box.append(lines(10, 10), boot_id="b", boot_ms=1, held=True)
+    few = steps(box, lambda: box.queue_stats().held), steps(box, box.newest_known_time_ms)
+    assert [result for _, result in few] == [10, 1009]
+    again = steps(box, box.newest_known_time_ms)
+    assert again[1] == 1009 and again[0] < 100
+    # stamped later than every known line, as a clock restored by fake-hwclock stamps them
+    box.append(lines(20_000, 20), boot_id="b", boot_ms=2, held=True)
+    many = steps(box, lambda: box.queue_stats().held), steps(box, box.newest_known_time_ms)
+    assert [result for _, result in many] == [20_010, 1009]
+    assert many[0][0] == few[0][0] < 100 and many[1][0] == again[0]
+    box.release_held("b", 1_000_000)  # released: the next held line starts a new search
+    box.append(lines(5, 30_000), boot_id="b", boot_ms=3, held=True)
+    assert box.newest_known_time_ms() == 1_000_002
+
+
+def test_a_rollback_and_a_new_update_leave_the_held_count_exact(tmp_path):
+    """A release from before the count (store_schema migration 3) does not keep it: the rollback removes it,
+    the next update counts the rows again."""
+    box = Outbox(tmp_path)
+    box.append(lines(5), boot_id="b", boot_ms=1, held=True)
+    box.close()
+    db = sqlite3.connect(tmp_path / "outbox.db", isolation_level=None)
+    store_schema.migrate(db, store_schema.MIGRATIONS[:1])  # rolled back to the release before the count
+    assert db.execute("SELECT value FROM state WHERE key = 'held_count'").fetchone() is None
+    db.execute("INSERT INTO points (time_ms, line, boot_id, boot_ms, held) VALUES (1, 'm v=1i 1', 'b', 1, 1)")
+    db.close()
+    reader = Outbox(tmp_path, readonly=True)  # `status` before the daemon migrated: it counts
+    assert reader.queue_stats().held == 6
+    reader.close()
+    box = Outbox(tmp_path)
+    assert box.queue_stats().held == 6
+    box.release_held("b", 1_000)
+    assert box.queue_stats().held == 0
 
 
 def test_release_held_restamps_in_sql(tmp_path):
