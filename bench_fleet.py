@@ -89,20 +89,28 @@ def vm_counters(url: str) -> dict[str, float]:
     return found
 
 
-def _snapshot(sites: list[Site], proxies: bench_proc.ProxyProcess, vm_url: str, tries: int = 20) -> dict:
-    """Every site's counters and the server's, taken while no request landed (the server's point counter
-    unchanged across the reading of the sites), so the sites' and the server's figures cover the same span."""
+def _snapshot(sites: list[Site], proxies: bench_proc.ProxyProcess, vm_url: str, tries: int = 40) -> dict:
+    """Every site's counters and the server's, taken at a settled moment: no site has a request unanswered,
+    each store has marked sent exactly the lines its proxy saw answered 2xx, and the server's point counter
+    is unchanged across the reading, so the proxies', the stores' and the server's figures cover the same
+    span. Tries again until then; after `tries`, the last reading with "settled" False (a large fleet
+    may never be idle all at once)."""
     for _ in range(tries):
         before = vm_counters(vm_url)
         per_site = {}
+        settled = True
         for site in sites:
-            counts = proxies.counts(site.proxy_url)
-            per_site[site.name] = {"delivered": site.delivered(), "cpu_ms": bench_proc.proc_cpu_ms(site.daemon.pid),
+            counts = proxies.counts(site.proxy_url, lines=True)  # read before the store: a later mark shows
+            delivered = site.delivered()
+            settled = settled and counts["unanswered"] == 0 and counts["ok_lines"] == delivered
+            per_site[site.name] = {"delivered": delivered, "cpu_ms": bench_proc.proc_cpu_ms(site.daemon.pid),
                                    "cycles": site.daemon.cycles(), **counts}
         after = vm_counters(vm_url)
-        if after["points"] == before["points"]:
+        settled = settled and after["points"] == before["points"]
+        if settled:
             break
-    return {"t": time.monotonic(), "vm": after, "sites": per_site}
+        time.sleep(0.1)
+    return {"t": time.monotonic(), "vm": after, "sites": per_site, "settled": settled}
 
 
 def _wait(what: str, done, timeout_s: float, poll_s: float = 0.5) -> None:
@@ -202,6 +210,7 @@ def fleet_figures(n: int, vm_url: str, proxies: bench_proc.ProxyProcess, tmp: Pa
                                          for s in sites),
         "fleet_server_points_in_span": points,
         "fleet_exit_statuses_nonzero": sum(1 for s in statuses if s != 0),
+        "fleet_snapshots_settled": int(a["settled"]) + int(b["settled"]),
     }
     if export is not None:
         figures.update(check_sites(sites, export))

@@ -335,9 +335,10 @@ class ProxyProcess:
         """A new proxy in front of `upstream`; returns its URL."""
         return self._call(op="start", upstream=upstream)["url"]
 
-    def counts(self, url: str) -> dict:
-        """{"requests": n, "bytes_in": n} that clients sent through the proxy at `url`."""
-        return self._call(op="counts", url=url)
+    def counts(self, url: str, lines: bool = False) -> dict:
+        """{"requests": n, "bytes_in": n} that clients sent through the proxy at `url`; with `lines` also
+        "unanswered" (requests not answered yet) and "ok_lines" (lines of the requests answered 2xx)."""
+        return self._call(op="counts", url=url, lines=lines)
 
     def reset(self, url: str) -> None:
         self._call(op="reset", url=url)
@@ -435,7 +436,8 @@ def _serve_proxies() -> None:
                 answer = {"url": proxy.url}
             elif request["op"] == "counts":
                 proxy = proxies[request["url"]]
-                answer = {"requests": proxy.requests, "bytes_in": proxy.bytes_in}
+                answer = (proxy.answered_counts() if request.get("lines")
+                          else {"requests": proxy.requests, "bytes_in": proxy.bytes_in})
             else:
                 proxies[request["url"]].reset_counts()
                 answer = {}

@@ -470,6 +470,19 @@ class FaultProxy:
             entries = list(self.log)
         return [e.text for e in entries]
 
+    def answered_counts(self) -> dict[str, int]:
+        """`requests` and `bytes_in`, with `unanswered` (requests not answered yet) and `ok_lines` (the lines of
+        the bodies answered 2xx), all from one moment: a client that marks what a 2xx acknowledged has marked
+        exactly `ok_lines` once `unanswered` is 0."""
+        with self._lock:
+            entries = list(self.log)
+            counts = {"requests": self.requests, "bytes_in": self.bytes_in}
+        statuses = [e.status for e in entries]  # read once each: a handler may be answering meanwhile
+        counts["unanswered"] = statuses.count(None)
+        counts["ok_lines"] = sum(len(e.text.splitlines()) for e, status in zip(entries, statuses)
+                                 if status is not None and 200 <= status < 300)
+        return counts
+
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> bool:
         """Block until at least `n` requests arrived (for clients that write from background threads)."""
         deadline = time.monotonic() + timeout

@@ -252,7 +252,9 @@ def test_fleet_of_three_sites_arrives_under_each_sites_own_tag_and_the_figures_a
     series = own_victoria.export('{__name__="electricity_power_w"}')
     assert {s["metric"]["site"] for s in series} == {"site001", "site002", "site003"}
     assert len(series) == 3 * 4  # four channels per site
-    # the server's own counter saw exactly the points the sites' stores marked sent in the measured span
+    # both readings at a settled moment (every answered line marked), so the server's own counter saw
+    # exactly the points the sites' stores marked sent in the measured span
+    assert fig["fleet_snapshots_settled"] == 2
     assert fig["fleet_server_points_in_span"] == fig["fleet_points_sent_in_span"] > 0
     assert fig["fleet_server_points_per_s"] == pytest.approx(fig["fleet_server_points_in_span"]
                                                              / fig["fleet_measured_s"])
