@@ -349,17 +349,28 @@ class MqttOutput:
         answers = []
         client.on_connect = lambda _client, _userdata, _flags, reason_code, _properties: answers.append(reason_code)
         deadline = time.monotonic() + timeout_s
+        silent = f"MQTT broker {self.where} unreachable: no answer to the login within {timeout_s:g} s"
+        # paho bounds the TCP connect and the TLS handshake each (per address, where a name has several) and
+        # the name lookup not at all (a SIM link's DNS can hang for tens of seconds): connect in a thread,
+        # so the whole probe keeps to timeout_s. One still connecting then is left to paho's own timeouts.
+        outcome: list[BaseException | None] = []
+        connecting = threading.Thread(target=self._connect_once, args=(client, outcome), name="mqtt-probe",
+                                      daemon=True)
+        connecting.start()
+        connecting.join(timeout_s)
+        if not outcome:
+            return silent
         try:
-            try:
-                client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
-            except OSError as exc:  # refused, unknown host, no answer, TLS failure
-                return scrub(describe_failure(exc, self.where), self._password)
+            if isinstance(outcome[0], OSError):  # refused, unknown host, no answer, TLS failure
+                return scrub(describe_failure(outcome[0], self.where), self._password)
+            if outcome[0] is not None:
+                raise outcome[0]
             while not answers:
                 sock, left = client.socket(), deadline - time.monotonic()
                 if sock is None:
                     return f"MQTT broker {self.where} closed the connection without answering the login"
                 if left <= 0:
-                    return f"MQTT broker {self.where} unreachable: no answer to the login within {timeout_s:g} s"
+                    return silent
                 if not client.buffered():
                     select.select([sock], [sock] if client.want_write() else [], [], left)
                 if client.want_write():
@@ -371,6 +382,13 @@ class MqttOutput:
         finally:
             if client.socket() is not None:
                 client.disconnect()
+
+    def _connect_once(self, client, outcome: list) -> None:
+        try:
+            client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
+            outcome.append(None)
+        except BaseException as exc:  # noqa: BLE001 - handed to probe(), which raises what is not an OSError
+            outcome.append(exc)
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Say `offline` (retained) if connected, disconnect, end the MQTT thread. Bounded by about

@@ -368,6 +368,30 @@ def test_an_unreachable_broker_is_connection_when_mqtt_is_the_only_output():
             out.stop()
 
 
+def test_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
+    """paho bounds the TCP connect and the TLS handshake, not the name lookup, which a SIM link's DNS can
+    hold for tens of seconds. No resolver that hangs can run here, so the system's getaddrinfo is replaced
+    by one that answers only when the test lets it: the probe must give up at its own deadline first."""
+    import socket
+
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "broker.example":
+            answered.wait(30)  # set only after probe() returned; 30 s: a probe that waits fails the test
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    out = _output('[mqtt]\nenabled = true\nhost = "broker.example"', ErrorHandler(None))
+    try:
+        problem = out.probe(0.5)
+    finally:
+        answered.set()
+    assert problem == "MQTT broker broker.example:1883 unreachable: no answer to the login within 0.5 s"
+
+
 def test_tls_with_a_self_signed_ca(tmp_path):
     from tls import make_pki, openssl_available
 
