@@ -90,11 +90,12 @@ def vm_counters(url: str) -> dict[str, float]:
 
 
 def _snapshot(sites: list[Site], proxies: bench_proc.ProxyProcess, vm_url: str, tries: int = 40) -> dict:
-    """Every site's counters and the server's, taken at a settled moment: no site has a request unanswered,
-    each store has marked sent exactly the lines its proxy saw answered 2xx, and the server's point counter
-    is unchanged across the reading, so the proxies', the stores' and the server's figures cover the same
-    span. Tries again until then; after `tries`, the last reading with "settled" False (a large fleet
-    may never be idle all at once)."""
+    """Every site's counters and the server's, taken at a settled moment: no site has a request in flight,
+    each store has marked sent exactly the lines its proxy saw answered 2xx (a store's sent rows are all
+    still there: a run is far shorter than retention and far below the size cap), and the server's point
+    counter is unchanged across the reading, so the proxies', the stores' and the server's figures cover
+    the same span. Tries again until then; after `tries`, the last reading with "settled" False (a large
+    fleet may never be idle all at once)."""
     for _ in range(tries):
         before = vm_counters(vm_url)
         per_site = {}
@@ -102,7 +103,7 @@ def _snapshot(sites: list[Site], proxies: bench_proc.ProxyProcess, vm_url: str, 
         for site in sites:
             counts = proxies.counts(site.proxy_url, lines=True)  # read before the store: a later mark shows
             delivered = site.delivered()
-            settled = settled and counts["unanswered"] == 0 and counts["ok_lines"] == delivered
+            settled = settled and counts["in_flight"] == 0 and counts["ok_lines"] == delivered
             per_site[site.name] = {"delivered": delivered, "cpu_ms": bench_proc.proc_cpu_ms(site.daemon.pid),
                                    "cycles": site.daemon.cycles(), **counts}
         after = vm_counters(vm_url)

@@ -337,7 +337,7 @@ class ProxyProcess:
 
     def counts(self, url: str, lines: bool = False) -> dict:
         """{"requests": n, "bytes_in": n} that clients sent through the proxy at `url`; with `lines` also
-        "unanswered" (requests not answered yet) and "ok_lines" (lines of the requests answered 2xx)."""
+        "in_flight" (requests being handled) and "ok_lines" (distinct lines of the requests answered 2xx)."""
         return self._call(op="counts", url=url, lines=lines)
 
     def reset(self, url: str) -> None:

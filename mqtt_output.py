@@ -354,12 +354,15 @@ class MqttOutput:
         # the name lookup not at all (a SIM link's DNS can hang for tens of seconds): connect in a thread,
         # so the whole probe keeps to timeout_s. One still connecting then is left to paho's own timeouts.
         outcome: list[BaseException | None] = []
-        connecting = threading.Thread(target=self._connect_once, args=(client, outcome), name="mqtt-probe",
+        lock = threading.Lock()
+        connecting = threading.Thread(target=self._connect_once, args=(client, outcome, lock), name="mqtt-probe",
                                       daemon=True)
         connecting.start()
         connecting.join(timeout_s)
-        if not outcome:
-            return silent
+        with lock:
+            if not outcome:
+                outcome.append(None)  # given up: a connect that still succeeds is closed by the thread
+                return silent
         try:
             if isinstance(outcome[0], OSError):  # refused, unknown host, no answer, TLS failure
                 return scrub(describe_failure(outcome[0], self.where), self._password)
@@ -383,12 +386,20 @@ class MqttOutput:
             if client.socket() is not None:
                 client.disconnect()
 
-    def _connect_once(self, client, outcome: list) -> None:
+    def _connect_once(self, client, outcome: list, lock: threading.Lock) -> None:
+        """probe()'s connect: its result goes into `outcome`, unless probe() gave up first (`outcome` not empty):
+        then a connection made late is closed here."""
         try:
             client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
-            outcome.append(None)
+            result = None
         except BaseException as exc:  # noqa: BLE001 - handed to probe(), which raises what is not an OSError
-            outcome.append(exc)
+            result = exc
+        with lock:
+            if not outcome:
+                outcome.append(result)
+                return
+        if result is None and client.socket() is not None:
+            client.disconnect()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Say `offline` (retained) if connected, disconnect, end the MQTT thread. Bounded by about

@@ -490,15 +490,16 @@ class Outbox:
             db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NOT NULL AND sent_ms < ?",
                        (cutoff, cutoff))
         dropped = aged = 0
-        oldest = "DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS {}NULL ORDER BY id LIMIT 1000)"
         while self.used_bytes() > self.max_bytes:
             with self._transaction() as db:
-                removed = db.execute(oldest.format("NOT ")).rowcount
-                if not removed:  # RETURNING: the oldest unsent lines may include lines held for the clock
-                    gone = db.execute(oldest.format("") + " RETURNING held").fetchall()
-                    removed = len(gone)
+                removed = db.execute("DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NOT NULL "
+                                     "ORDER BY id LIMIT 1000)").rowcount
+                if not removed:  # the 1000 oldest unsent lines, some maybe held for the clock
+                    gone = db.execute("SELECT id, held FROM points WHERE sent_ms IS NULL ORDER BY id LIMIT 1000")
+                    gone = gone.fetchall() or [(-1, 0)]
+                    removed = db.execute("DELETE FROM points WHERE sent_ms IS NULL AND id <= ?", (gone[-1][0],)).rowcount
                     lost = 0 if self.local_only else removed  # local history ages out; it is not lost
-                    _count(db, unsent_count=-removed, held_count=-sum(held for held, in gone), dropped_points=lost)
+                    _count(db, unsent_count=-removed, held_count=-sum(held for _, held in gone), dropped_points=lost)
                     aged, dropped = aged + removed - lost, dropped + lost
             if not removed:
                 break
@@ -521,7 +522,6 @@ class Outbox:
     @_store_errors
     def queue_stats(self) -> QueueStats:
         """The counts the `system` point carries every cycle, from the running counters: no table scan."""
-        # One statement (this runs every cycle); held rows are usually none (one probe of their index).
         unsent, quarantined, dropped, held = self._db.execute(_QUEUE_STATS_SQL).fetchone()
         return QueueStats(int(unsent or 0), int(quarantined or 0), int(dropped or 0), int(held or 0))
 

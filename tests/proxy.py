@@ -217,6 +217,16 @@ class _Handler(http.server.BaseHTTPRequestHandler):
 
     def _proxy(self) -> None:
         proxy = self.server.proxy
+        with proxy._lock:
+            proxy.in_flight += 1
+        try:
+            self._handle()
+        finally:
+            with proxy._lock:
+                proxy.in_flight -= 1
+
+    def _handle(self) -> None:
+        proxy = self.server.proxy
         if proxy._refusing:  # e.g. the next request on an idle keep-alive connection
             self._reset()
             return
@@ -401,6 +411,7 @@ class FaultProxy:
         self.requests = 0
         self.bytes_in = 0
         self.refused = 0
+        self.in_flight = 0  # requests being handled now (read, forwarded, answered), whatever their end
         self.log: list[LoggedRequest] = []
 
     # -- life cycle ---------------------------------------------------------------------------------------
@@ -471,16 +482,18 @@ class FaultProxy:
         return [e.text for e in entries]
 
     def answered_counts(self) -> dict[str, int]:
-        """`requests` and `bytes_in`, with `unanswered` (requests not answered yet) and `ok_lines` (the lines of
-        the bodies answered 2xx), all from one moment: a client that marks what a 2xx acknowledged has marked
-        exactly `ok_lines` once `unanswered` is 0."""
+        """`requests` and `bytes_in`, with `in_flight` (requests being handled now) and `ok_lines` (the distinct
+        lines of the bodies answered 2xx: a retried body counts once), all from one moment: a client that
+        marks what a 2xx acknowledged has marked exactly `ok_lines` once `in_flight` is 0."""
         with self._lock:
             entries = list(self.log)
-            counts = {"requests": self.requests, "bytes_in": self.bytes_in}
-        statuses = [e.status for e in entries]  # read once each: a handler may be answering meanwhile
-        counts["unanswered"] = statuses.count(None)
-        counts["ok_lines"] = sum(len(e.text.splitlines()) for e, status in zip(entries, statuses)
-                                 if status is not None and 200 <= status < 300)
+            counts = {"requests": self.requests, "bytes_in": self.bytes_in, "in_flight": self.in_flight}
+        lines: set[str] = set()
+        for entry in entries:
+            status = entry.status
+            if status is not None and 200 <= status < 300 and entry.body:
+                lines.update(filter(None, entry.text.split("\n")))
+        counts["ok_lines"] = len(lines)
         return counts
 
     def wait_for_requests(self, n: int, timeout: float = 5.0) -> bool:

@@ -371,25 +371,37 @@ def test_an_unreachable_broker_is_connection_when_mqtt_is_the_only_output():
 def test_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
     """paho bounds the TCP connect and the TLS handshake, not the name lookup, which a SIM link's DNS can
     hold for tens of seconds. No resolver that hangs can run here, so the system's getaddrinfo is replaced
-    by one that answers only when the test lets it: the probe must give up at its own deadline first."""
+    by one that answers only when the test lets it: the probe must give up at its own deadline first, and
+    the connection made after it gave up must be closed, not left open on the broker (a real listening
+    socket here, reading what paho sends)."""
     import socket
 
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(10)
+    port = listener.getsockname()[1]
     answered = threading.Event()
     real = socket.getaddrinfo
 
     def hanging(host, *args, **kwargs):
         if host == "broker.example":
-            answered.wait(30)  # set only after probe() returned; 30 s: a probe that waits fails the test
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            if not answered.wait(30):  # set only after probe() returned: a probe that waits fails the test
+                raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+            return real("127.0.0.1", port, *args[1:], **kwargs)
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging)
-    out = _output('[mqtt]\nenabled = true\nhost = "broker.example"', ErrorHandler(None))
+    out = _output(f'[mqtt]\nenabled = true\nhost = "broker.example"\nport = {port}', ErrorHandler(None))
     try:
         problem = out.probe(0.5)
     finally:
         answered.set()
-    assert problem == "MQTT broker broker.example:1883 unreachable: no answer to the login within 0.5 s"
+    assert problem == f"MQTT broker broker.example:{port} unreachable: no answer to the login within 0.5 s"
+    with listener, listener.accept()[0] as late:  # the lookup answered: paho connects after all
+        late.settimeout(10)
+        received = b""
+        while chunk := late.recv(4096):  # until the probe's thread closes it (a timeout fails the test)
+            received += chunk
+    assert received[:1] == b"\x10" and received.endswith(b"\xe0\x00")  # CONNECT ... DISCONNECT, then closed
 
 
 def test_tls_with_a_self_signed_ca(tmp_path):
