@@ -14,6 +14,7 @@ import select
 import socket
 import threading
 import time
+import weakref
 from collections.abc import Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
@@ -88,7 +89,10 @@ class Transport:
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None  # the socket of the request in flight, for the watchdog
         self._cut: str | None = None  # why the watchdog or abort() cut it
-        self._watchdog = _Watchdog(self._expire)
+        # The watchdog's thread holds the transport only weakly, and ends when it is collected: a transport
+        # dropped without close() (a writer replaced, a probe's) does not leave its thread behind.
+        self._watchdog = _Watchdog(_weakly(self._expire))
+        weakref.finalize(self, self._watchdog.close).atexit = False  # at exit its daemon thread just ends
         self._armed: object | None = None  # the live deadline's identity (one already replaced may still fire)
 
     @property
@@ -287,6 +291,18 @@ class Transport:
             tls = " and TLS handshake" if self._https else ""
             return UnreachableError(f"cannot reach {target}: no connection{tls} within {timeout_s:g} s")
         return error_for_exception(exc, target, timeout_s, phase)
+
+
+def _weakly(method):
+    """`method(token)` while its object lives, then nothing: a callback that does not keep the object alive."""
+    ref = weakref.WeakMethod(method)
+
+    def call(token: object) -> None:
+        live = ref()
+        if live is not None:
+            live(token)
+
+    return call
 
 
 class _Watchdog:

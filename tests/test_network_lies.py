@@ -362,7 +362,7 @@ def test_the_transport_watchdog_closed_from_its_own_expiry_and_armed_again_leave
             watchdog.arm(3600, "second")
             fired.set()
 
-    def watchdogs():  # this test's: other tests' writers may leave theirs idle
+    def watchdogs():  # this test's only: another test's writer may still be alive
         return [t for t in threading.enumerate()
                 if t.name == "transport-watchdog" and t.is_alive() and t not in others]
 
@@ -379,3 +379,37 @@ def test_the_transport_watchdog_closed_from_its_own_expiry_and_armed_again_leave
     finally:
         watchdog.close()
     assert not watchdogs()
+
+
+def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
+    """A transport dropped without close() (a writer replaced, a probe's) must not leave its watchdog thread
+    serving on for the life of the process: the thread holds it only weakly and ends once it is collected.
+    (A real HTTP server on loopback answers the request that starts the thread.)"""
+    import gc
+    import http.server
+    import threading
+
+    from transport import Transport
+
+    class Ping(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - http.server's name
+            self.send_response(204)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
+    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
+    try:
+        transport = Transport(f"http://127.0.0.1:{server.server_address[1]}", 5)
+        assert transport.request("GET", "/ping").status == 204
+        thread = transport._watchdog._thread
+        assert thread is not None and thread.is_alive()
+        del transport
+        gc.collect()
+        thread.join(10)
+        assert not thread.is_alive()
+    finally:
+        server.shutdown()
+        server.server_close()
