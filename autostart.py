@@ -130,8 +130,16 @@ def probe_influx(url: str, timeout_s: float, *, transport=None, ca_file: str = "
 
 
 def influx_finding(influx, timeout_s: float = 5.0) -> Finding:
-    """The boot check of `[influx]` for `main.py check`: /ping answers (Silent when not: readings are kept)."""
-    problem = probe_influx(influx.url, min(influx.timeout_s, timeout_s), ca_file=influx.ca_file)
+    """The boot check of `[influx]` for `main.py check`: /ping answers (Silent when not: readings are kept).
+    Within twice `timeout_s` (connect, then answer) whatever hangs: the Transport's deadlines do not reach
+    a name lookup."""
+    from transport import call_within
+
+    timeout_s = min(influx.timeout_s, timeout_s)
+    done, problem = call_within(lambda: probe_influx(influx.url, timeout_s, ca_file=influx.ca_file),
+                                2 * timeout_s, name="influx-check")
+    if not done:
+        problem = f"{influx.url} is not reachable (no answer within {2 * timeout_s:g} s)"
     if problem:
         return Finding("influx", problem, SilentError(f"boot check influx: {problem}", key="boot:influx"))
     return Finding("influx", f"{influx.url} answers")

@@ -29,6 +29,7 @@ from collections.abc import Callable, Mapping
 from config import Config
 from credentials import Secret, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
+from transport import call_within
 
 log = logging.getLogger(__name__)
 
@@ -351,23 +352,16 @@ class MqttOutput:
         deadline = time.monotonic() + timeout_s
         silent = f"MQTT broker {self.where} unreachable: no answer to the login within {timeout_s:g} s"
         # paho bounds the TCP connect and the TLS handshake each (per address, where a name has several) and
-        # the name lookup not at all (a SIM link's DNS can hang for tens of seconds): connect in a thread,
-        # so the whole probe keeps to timeout_s. One still connecting then is left to paho's own timeouts.
-        outcome: list[BaseException | None] = []
-        lock = threading.Lock()
-        connecting = threading.Thread(target=self._connect_once, args=(client, outcome, lock), name="mqtt-probe",
-                                      daemon=True)
-        connecting.start()
-        connecting.join(timeout_s)
-        with lock:
-            if not outcome:
-                outcome.append(None)  # given up: a connect that still succeeds is closed by the thread
-                return silent
+        # the name lookup not at all (a SIM link's DNS can hang for tens of seconds).
         try:
-            if isinstance(outcome[0], OSError):  # refused, unknown host, no answer, TLS failure
-                return scrub(describe_failure(outcome[0], self.where), self._password)
-            if outcome[0] is not None:
-                raise outcome[0]
+            connected, _ = call_within(
+                lambda: client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S),
+                timeout_s, name="mqtt-probe", on_late=lambda _: client.disconnect())
+        except OSError as exc:  # refused, unknown host, no answer, TLS failure
+            return scrub(describe_failure(exc, self.where), self._password)
+        if not connected:
+            return silent
+        try:
             while not answers:
                 sock, left = client.socket(), deadline - time.monotonic()
                 if sock is None:
@@ -385,21 +379,6 @@ class MqttOutput:
         finally:
             if client.socket() is not None:
                 client.disconnect()
-
-    def _connect_once(self, client, outcome: list, lock: threading.Lock) -> None:
-        """probe()'s connect: its result goes into `outcome`, unless probe() gave up first (`outcome` not empty):
-        then a connection made late is closed here."""
-        try:
-            client.connect(self.mqtt.host, self.mqtt.effective_port, keepalive=KEEPALIVE_S)
-            result = None
-        except BaseException as exc:  # noqa: BLE001 - handed to probe(), which raises what is not an OSError
-            result = exc
-        with lock:
-            if not outcome:
-                outcome.append(result)
-                return
-        if result is None and client.socket() is not None:
-            client.disconnect()
 
     def stop(self, timeout_s: float = 2.0) -> None:
         """Say `offline` (retained) if connected, disconnect, end the MQTT thread. Bounded by about

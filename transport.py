@@ -15,7 +15,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
@@ -291,6 +291,41 @@ class Transport:
             tls = " and TLS handshake" if self._https else ""
             return UnreachableError(f"cannot reach {target}: no connection{tls} within {timeout_s:g} s")
         return error_for_exception(exc, target, timeout_s, phase)
+
+
+def call_within(fn: Callable[[], object], timeout_s: float, *, name: str,
+                on_late: Callable[[object], None] | None = None) -> tuple[bool, object]:
+    """fn() in a daemon thread of its own, waited for at most `timeout_s`: for a blocking call that no
+    timeout of its own reaches (a name lookup in getaddrinfo, which a stalled resolver holds for as long as
+    it likes). (True, its result) when it finished in time, or raises what it raised; (False, None) when
+    not: it runs on, and `on_late(result)` gets the result should it finish later (to close a connection
+    nobody waits for any more). Thread-safe."""
+    outcome: list[tuple[bool, object]] = []  # (raised, result or exception); [] while it runs
+    lock = threading.Lock()
+
+    def run() -> None:
+        try:
+            finished = (False, fn())
+        except BaseException as exc:  # noqa: BLE001 - raised again in the caller's thread
+            finished = (True, exc)
+        with lock:
+            late = bool(outcome)  # the caller gave up and marked it
+            if not late:
+                outcome.append(finished)
+        if late and not finished[0] and on_late is not None:
+            on_late(finished[1])
+
+    thread = threading.Thread(target=run, name=name, daemon=True)
+    thread.start()
+    thread.join(timeout_s)
+    with lock:
+        if not outcome:
+            outcome.append((False, None))  # given up: a later result goes to on_late
+            return False, None
+    raised, result = outcome[0]
+    if raised:
+        raise result
+    return True, result
 
 
 def _weakly(method):

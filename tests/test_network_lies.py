@@ -10,6 +10,7 @@ import random
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from pathlib import Path
@@ -349,8 +350,6 @@ def test_the_transport_watchdog_closed_from_its_own_expiry_and_armed_again_leave
     # A deadline that expires may close the connection, and with it the watchdog, from the watchdog's own
     # thread; the next request arms it again. The thread that ran the expiry must then end, not serve on
     # beside the new one.
-    import threading
-
     from transport import _Watchdog
 
     fired = threading.Event()
@@ -387,7 +386,6 @@ def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
     (A real HTTP server on loopback answers the request that starts the thread.)"""
     import gc
     import http.server
-    import threading
 
     from transport import Transport
 
@@ -413,3 +411,31 @@ def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
     finally:
         server.shutdown()
         server.server_close()
+
+
+def test_the_influx_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
+    """`main.py check` on a SIM link whose DNS stalls: the Transport's deadlines do not reach a name lookup,
+    so the check gives up at its own. No resolver that hangs can run here: the system's getaddrinfo is
+    replaced by one that answers only after the check returned (30 s: a check that waits fails the test)."""
+    import socket
+
+    import autostart
+
+    answered = threading.Event()
+    real = socket.getaddrinfo
+
+    def hanging(host, *args, **kwargs):
+        if host == "influx.example":
+            answered.wait(30)
+            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    influx = parse_config({"influx": {"kind": "local", "api": "v2", "url": "http://influx.example:8086",
+                                      "org": "o", "bucket": "b"}}).influx
+    try:
+        finding = autostart.influx_finding(influx, timeout_s=0.5)
+    finally:
+        answered.set()
+    assert finding.detail == "http://influx.example:8086 is not reachable (no answer within 1 s)"
+    assert finding.error is not None
