@@ -383,24 +383,15 @@ def test_the_transport_watchdog_closed_from_its_own_expiry_and_armed_again_leave
 def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
     """A transport dropped without close() (a writer replaced, a probe's) must not leave its watchdog thread
     serving on for the life of the process: the thread holds it only weakly and ends once it is collected.
-    (A real HTTP server on loopback answers the request that starts the thread.)"""
+    (The test proxy answers the request that starts the thread.)"""
     import gc
-    import http.server
 
+    from proxy import FaultProxy
     from transport import Transport
 
-    class Ping(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):  # noqa: N802 - http.server's name
-            self.send_response(204)
-            self.end_headers()
-
-        def log_message(self, *args):
-            pass
-
-    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Ping)
-    threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-    try:
-        transport = Transport(f"http://127.0.0.1:{server.server_address[1]}", 5)
+    with FaultProxy("http://127.0.0.1:9") as server:
+        server.fail_always(204)  # InfluxDB's ping answer, from the proxy itself
+        transport = Transport(server.url, 5)
         assert transport.request("GET", "/ping").status == 204
         thread = transport._watchdog._thread
         assert thread is not None and thread.is_alive()
@@ -408,9 +399,6 @@ def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
         gc.collect()
         thread.join(10)
         assert not thread.is_alive()
-    finally:
-        server.shutdown()
-        server.server_close()
 
 
 def test_the_influx_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
