@@ -215,7 +215,8 @@ class Daemon:
         else:
             self.handler.report(ShortError(NOT_SYNCED, key="clock"))
         mid_boot_ms = state.boot_ms - round((self.clock() - cycle.monotonic_s) * 1000)
-        cycle = dataclasses.replace(cycle, time_ms=mid_boot_ms + state.offset_ms)
+        # A new Cycle directly: dataclasses.replace looks up the fields every call.
+        cycle = type(cycle)(mid_boot_ms + state.offset_ms, cycle.monotonic_s, cycle.channels, cycle.bus_error)
         if not state.trusted:
             self._may_hold = True
         return cycle, {"boot_id": state.boot_id, "boot_ms": mid_boot_ms, "held": not state.trusted}, state

@@ -462,6 +462,8 @@ class ErrorHandler:
 
     def clear(self, key: str) -> None:
         """End condition ``key`` and log it once; no-op if it is not active."""
+        if key not in self._active:
+            return  # the common case, several times a cycle (a report racing this one lands after it)
         now = self._clock()
         with self._lock:
             self._clear(key, now)

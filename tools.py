@@ -29,7 +29,7 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from config import ADC_SAMPLES, ChannelConfig, SamplingConfig
-from procfs import KeptFile, cpu_percent, cpu_ticks, memory_used_bytes, net_bytes
+from procfs import KeptFile, cpu_percent, cpu_ticks, free_bytes, memory_used_bytes, net_bytes
 from rpi_errors import MeasuringError
 
 log = logging.getLogger(__name__)
@@ -657,7 +657,7 @@ class SystemMonitor:
             cpu_percent=self._cpu_percent(),
             cpu_temp_c=self._cpu_temp(),
             memory_used_mb=self._memory_used_bytes() / 1_048_576,
-            disk_free_mb=self._psutil.disk_usage(self._disk_path).free / 1_048_576,
+            disk_free_mb=free_bytes(self._disk_path) / 1_048_576,
             net_sent_bytes=delta[0],
             net_recv_bytes=delta[1],
             uptime_s=_uptime_s(self._psutil),

@@ -450,3 +450,10 @@ def test_system_monitor_on_this_machine_agrees_with_psutil(tmp_path):
     sent, recv = monitor._net_counters()
     assert sent >= counters.bytes_sent and recv >= counters.bytes_recv  # read after psutil: never less
     assert monitor._memory_used_bytes() == pytest.approx(psutil.virtual_memory().used, rel=0.05)
+    # free space: one statvfs gives psutil's figure (other writers on the disk may move it a little)
+    from procfs import free_bytes
+
+    assert free_bytes(str(tmp_path)) == pytest.approx(psutil.disk_usage(str(tmp_path)).free, abs=4 << 20)
+    reading = monitor.read()
+    assert reading.disk_free_mb == pytest.approx(psutil.disk_usage(str(tmp_path)).free / 1_048_576, abs=4)
+    monitor.close()
