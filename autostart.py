@@ -165,9 +165,9 @@ def start_influx_probe(url: str, timeout_s: float, handler: ErrorHandler, *, tra
 
 def _installer(args: list[str]) -> int:
     script = _ROOT / "install.sh"
-    from credentials import CREDENTIAL_NAMES
+    from credentials import SECRET_ENV_NAMES
 
-    env = {k: v for k, v in os.environ.items() if k not in CREDENTIAL_NAMES}
+    env = {k: v for k, v in os.environ.items() if k not in SECRET_ENV_NAMES}
     return subprocess.call(["bash", str(script), *args], env=env)
 
 

@@ -155,7 +155,7 @@ class UpdateConfig:
     """Safe self-update from a git remote (off by default)."""
 
     enabled: bool = key(False, lambda v: v.boolean, "safe self-update from git")
-    remote: str = key("", lambda v: v.name_text, "where updates come from (required when enabled)")
+    remote: str = key("", lambda v: v.git_remote, "where updates come from (required when enabled)")
     branch: str = key("main", lambda v: v.name_text, "the branch followed")
     require_signed: bool = key(True, lambda v: v.boolean, "accept only commits signed by a trusted key")
     max_failed_starts: int = key(3, lambda v: v.at_most(v.count, 4, " (systemd stops restarting after 5 starts)"),
@@ -185,7 +185,7 @@ class MqttConfig:
     "Home Assistant"). The password comes from $MQTT_PASSWORD or `password_file`, never from this file."""
 
     enabled: bool = key(False, lambda v: v.boolean, "publish every cycle to an MQTT broker")
-    host: str = key("", lambda v: v.name_text, "the broker's host name or address (required when enabled)")
+    host: str = key("", lambda v: v.host, "the broker's host name or address (required when enabled)")
     port: int = key(0, lambda v: v.whole_between(0, 65535), "the broker's port (0: 1883, or 8883 with tls)")
     tls: bool = key(False, lambda v: v.boolean, "connect with TLS, checking the broker's certificate and name")
     ca_file: str = key("", lambda v: v.pem_file, "PEM: a private CA trusted for the broker besides the system's")

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import datetime as dt
 import math
+import os
 import re
+import stat
 import unicodedata
 import urllib.parse
 from collections.abc import Mapping
@@ -84,6 +86,33 @@ class Validator:
             return self.problem(path, f"is {len(value)} characters long, more than 256")
         return value
 
+    def git_remote(self, value, path):
+        """A git remote (URL, user@host:path or a path) without a password or token in it: git would put
+        it in its argv and its config file. Not quoted back, for the same reason."""
+        value = self.name_text(value, path)
+        if value is INVALID or "://" not in value:
+            return value
+        scheme, rest = value.split("://", 1)
+        if scheme.lower() in ("http", "https"):
+            hidden = "@" in re.split(r"[?#]", rest, maxsplit=1)[0]  # any user part: a token goes there too
+        else:
+            hidden = ":" in rest.split("/", 1)[0].rpartition("@")[0]  # ssh://user@host is fine, user:pw@ not
+        if hidden:
+            return self.problem(path, "must not contain a password or token (it would show in every process "
+                                      "list): use an ssh key or a public https URL")
+        return value
+
+    def host(self, value, path):
+        """A host name or address alone (empty allowed): no scheme, user, password, path, port or space.
+        Not quoted back: a broker URL with its login pasted here would carry the password."""
+        value = self.name_text(value, path)
+        if value is INVALID or not value:
+            return value
+        if any(c in value for c in "@/ \t") or "://" in value or value.count(":") == 1:
+            return self.problem(path, "must be a host name or IP address alone (no scheme, login, path or port: "
+                                      "the port has its own key)")
+        return value
+
     def mqtt_topic(self, value, path):
         """An MQTT topic prefix (empty: the default): no wildcard (+ #), no empty level, no control character."""
         value = self.name_text(value, path)
@@ -113,12 +142,19 @@ class Validator:
         if value is INVALID or not value:
             return value
         try:
-            with open(value, "rb") as file:
-                data = file.read(_MAX_PEM_BYTES + 1)
+            # Non-blocking: a FIFO put there would otherwise hold the start until something writes to it.
+            fd = os.open(value, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+            try:
+                mode = os.fstat(fd).st_mode
+                if stat.S_ISDIR(mode):
+                    return self.problem(path, f"{value!r} is a directory, not a PEM file")
+                if not stat.S_ISREG(mode):
+                    return self.problem(path, f"{value!r} is not a regular file")
+                data = os.read(fd, _MAX_PEM_BYTES + 1)
+            finally:
+                os.close(fd)
         except FileNotFoundError:
             return self.problem(path, f"{value!r}: no such file")
-        except IsADirectoryError:
-            return self.problem(path, f"{value!r} is a directory, not a PEM file")
         except PermissionError:
             return self.problem(path, f"{value!r} cannot be read by this user (permission denied)")
         except OSError as exc:
@@ -261,11 +297,12 @@ class Validator:
         value = self.text(value, path)
         if value is INVALID or not value:
             return value
+        if "@" in re.split(r"[?#]", value, maxsplit=1)[0]:
+            # user:password@ would end up in logs and messages: credentials have their own keys. Checked
+            # first, and not quoted: a password may hold '/' or follow a mistyped scheme.
+            return self.problem(path, "must not contain a user or password (use username / password_file)")
         if not re.match(r"^https?://[^/\s]+", value):
             return self.problem(path, f"{value!r} is not an http:// or https:// URL")
-        if "@" in value.split("/", 3)[2]:
-            # user:password@ would end up in logs and messages: credentials have their own keys.
-            return self.problem(path, "must not contain a user or password (use username / password_file)")
         if _control_character(value) is not None or not value.isascii() or " " in value:
             return self.problem(path, f"{value!r} has characters a URL cannot hold (spaces, control "
                                       "characters, non-ASCII: write a host name in its xn-- form)")

@@ -19,7 +19,11 @@ from urllib.parse import quote, quote_plus
 # Under systemd, LoadCredential= puts the token here: $CREDENTIALS_DIRECTORY/influx-token.
 TOKEN_ENV = "INFLUXDB_TOKEN"
 PASSWORD_ENV = "INFLUXDB_PASSWORD"
-CREDENTIAL_NAMES = {TOKEN_ENV: "influx-token", PASSWORD_ENV: "influx-password"}  # the secret env vars, all
+MQTT_PASSWORD_ENV = "MQTT_PASSWORD"
+CREDENTIAL_NAMES = {TOKEN_ENV: "influx-token", PASSWORD_ENV: "influx-password"}  # those systemd can hand over
+# Every environment variable that can hold a secret: child processes (git, pip, the installer) never get them.
+SECRET_ENV_NAMES = (TOKEN_ENV, PASSWORD_ENV, MQTT_PASSWORD_ENV, "CREDENTIALS_DIRECTORY")
+_MAX_SECRET_BYTES = 65536  # a token or password is far smaller: a bigger file is the wrong file
 
 
 class SecretError(Exception):
@@ -27,7 +31,7 @@ class SecretError(Exception):
 
 
 class Secret:
-    """One secret: env var `env_name`, else `path`, else the systemd credential.
+    """One secret: `path` (the config's *_file key), else env var `env_name`, else the systemd credential.
 
     `value()` returns the current secret ("" when none is configured) and
     raises SecretError for a file that is missing, unreadable or readable by
@@ -39,7 +43,7 @@ class Secret:
         self.env_name = env_name
         self._env_value = environ.get(env_name, "")
         cred_dir = environ.get("CREDENTIALS_DIRECTORY", "")
-        if not path and cred_dir and env_name in CREDENTIAL_NAMES:
+        if not path and not self._env_value and cred_dir and env_name in CREDENTIAL_NAMES:
             candidate = Path(cred_dir) / CREDENTIAL_NAMES[env_name]
             path = str(candidate) if candidate.exists() else ""
         self.path = path
@@ -50,7 +54,7 @@ class Secret:
     def source(self) -> str:
         """Where the secret comes from, for messages (never the secret itself)."""
         if self.path:
-            return f"file {self.path}"
+            return f"file {_shown(self.path)}"
         if self._env_value:
             return f"${self.env_name}"
         return "nowhere (not configured)"
@@ -62,16 +66,26 @@ class Secret:
             try:
                 st = os.stat(self.path)
             except OSError as exc:
-                raise SecretError(f"secret file {self.path}: {exc.strerror}") from None
+                raise SecretError(f"secret file {_shown(self.path)}: {exc.strerror}") from None
+            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the read, or never end
+                raise SecretError(f"secret file {self.path} is not a regular file")
             if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and not _is_systemd_credential(self.path):
                 raise SecretError(
                     f"secret file {self.path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                     f"run chmod 600 {self.path}"
                 )
+            if st.st_size > _MAX_SECRET_BYTES:
+                raise SecretError(f"secret file {self.path} is {st.st_size} bytes: too big for a token or password "
+                                  "(is it the right file?)")
             key = (st.st_mtime, st.st_size)
             if self._cached is None or self._cached[:2] != key:
                 try:
-                    text = Path(self.path).read_text(encoding="utf-8").strip()
+                    # Non-blocking and bounded: the file may have been swapped for a FIFO since the stat.
+                    fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+                    try:
+                        text = os.read(fd, _MAX_SECRET_BYTES + 1).decode("utf-8").strip()
+                    finally:
+                        os.close(fd)
                 except (OSError, UnicodeDecodeError) as exc:
                     raise SecretError(f"secret file {self.path} cannot be read: {type(exc).__name__}") from None
                 self._cached = (*key, _checked(text, f"secret file {self.path}"))
@@ -79,6 +93,14 @@ class Secret:
 
     def __repr__(self) -> str:
         return f"Secret({self.source})"
+
+
+def _shown(path: str) -> str:
+    """`path` for a message, unless it names no existing file and has no '/': then it may well be the secret
+    itself, pasted where its file's name belongs."""
+    if "/" in path or os.path.lexists(path):
+        return path
+    return "(the value given is no file name: put the secret in a 0600 file and name that file)"
 
 
 def _checked(secret: str, source: str) -> str:
@@ -109,11 +131,15 @@ def basic_auth_pair(username: str, password: str) -> str:
 
 def secret_forms(secret: str) -> list[str]:
     """Every form in which `secret` may come back from a server or a library: as is, URL-encoded,
-    JSON-escaped, and base64 (standard and URL-safe, with and without padding), longest first."""
+    JSON-escaped (as Python writes it, and as Go does: & < > as \\u0026 \\u003c \\u003e, non-ASCII kept
+    or escaped), and base64 (standard and URL-safe, with and without padding), longest first."""
     if not secret:
         return []
     raw = secret.encode("utf-8")
-    forms = {secret, quote(secret, safe=""), quote_plus(secret), json.dumps(secret)[1:-1]}
+    forms = {secret, quote(secret, safe=""), quote_plus(secret)}
+    for ascii_only in (True, False):
+        escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
+        forms.update((escaped, escaped.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")))
     for encoded in (base64.b64encode(raw).decode("ascii"), base64.urlsafe_b64encode(raw).decode("ascii")):
         forms.update((encoded, encoded.rstrip("="), encoded.replace("/", "\\/")))
     return sorted((f for f in forms if f), key=len, reverse=True)

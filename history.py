@@ -138,7 +138,8 @@ class History:
             values = []
             for key in range(first_bucket, last_bucket + 1):
                 cell = per_bucket.get(key)
-                values.append(round(cell[0] / cell[1], 3) if cell else None)
+                # + 0.0: a mean of night-time noise may round to -0.0, which JSON would show as such
+                values.append(round(cell[0] / cell[1], 3) + 0.0 if cell else None)
             series.append({"unit": unit, "channel": name, "role": role, "values": values})
         return {
             "available": True,

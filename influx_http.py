@@ -11,6 +11,7 @@ import email.utils
 import gzip
 import json
 import logging
+import math
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -81,9 +82,11 @@ def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -
     if not value:
         return None
     try:
-        return max(float(value), 0.0)
+        seconds = float(value)
     except ValueError:
         pass
+    else:  # "nan" and "inf" parse too: a NaN wait compares false with everything and disables the throttle
+        return max(seconds, 0.0) if math.isfinite(seconds) else None
     try:
         when = email.utils.parsedate_to_datetime(value)
     except (TypeError, ValueError):
@@ -114,7 +117,7 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
     """
     if status == 204 and not body:
         return None
-    text = scrub(_detail(scrub(_text(body), *secrets)), *secrets)
+    text = _detail(scrub(_text(body), *secrets), secrets)
     said = f"HTTP {status} from {target}" + (f": {text}" if text else "")
     if truncated:
         said += f" (answer longer than {MAX_ANSWER_BYTES // 1024} KB: not read further)"
@@ -158,7 +161,9 @@ def _text(body: str | bytes | None) -> str:
     return body
 
 
-def _detail(text: str) -> str:
+def _detail(text: str, secrets: Sequence[str] = ()) -> str:
+    """The server's message, one line, at most _MAX_DETAIL characters; scrubbed again after the JSON is
+    decoded (which may reveal a secret its escapes hid) and before it is cut (which could leave a part)."""
     text = text.strip()
     try:
         data = json.loads(text)
@@ -166,7 +171,7 @@ def _detail(text: str) -> str:
             text = str(data.get("error") or data.get("message") or text)
     except ValueError:
         pass
-    text = " ".join(text.split())
+    text = " ".join(scrub(text, *secrets).split())
     return text if len(text) <= _MAX_DETAIL else text[: _MAX_DETAIL - 3] + "..."
 
 

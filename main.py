@@ -22,7 +22,7 @@ import config as config_mod
 from clock import iso_ms
 from config import Config, ConfigError
 from daemon import Daemon, load_energy
-from outbox import DB_NAME, Outbox, StoreError, format_mb
+from outbox import DB_NAME, Outbox, OutboxStats, StoreError, format_mb
 from reports import cycle_json, cycle_table, export_csv
 from rpi_errors import CriticalError, ErrorHandler, MeasuringError, SolarError, StatusLED, Tier, is_raspberry_pi, make_led
 from service import ServiceHooks, console_wanted
@@ -454,25 +454,36 @@ def cmd_check(args, config: Config) -> int:
     return EXIT_OK if not failures else EXIT_FAILURE
 
 
+def _open_readonly(config: Config) -> Outbox | None:
+    """The store opened for reading, or None once the reason it cannot be is printed."""
+    try:
+        return Outbox(config.store.dir, readonly=True)
+    except StoreError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_status(args, config: Config) -> int:
-    if not (Path(config.store.dir) / DB_NAME).exists():
-        print(f"no readings stored yet in {config.store.dir} (writer: {writer_label(config)})")
-        return EXIT_OK
-    try:
-        outbox = Outbox(config.store.dir, readonly=True)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    try:
-        stats = outbox.stats()
-        state = outbox.state()
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return EXIT_FAILURE
-    finally:
-        outbox.close()
+    path = Path(config.store.dir) / DB_NAME
+    if not path.exists():
+        if not args.json:
+            print(f"no readings stored yet in {config.store.dir} (writer: {writer_label(config)})")
+            return EXIT_OK
+        # --json always prints the one object (a script must not meet a sentence on a fresh install).
+        stats, state = OutboxStats(0, None, None, 0, 0, 0, 0, 0), {}
+    else:
+        if (outbox := _open_readonly(config)) is None:
+            return EXIT_FAILURE
+        try:
+            stats = outbox.stats()
+            state = outbox.state()
+        except StoreError as exc:
+            print(f"error: {exc}", file=sys.stderr)
+            return EXIT_FAILURE
+        finally:
+            outbox.close()
     report = {
-        "store": str(outbox.path),
+        "store": str(path),
         "writer": writer_label(config),
         "queue_depth": stats.queue_depth,
         "oldest_unsent": iso_ms(stats.oldest_unsent_ms),
@@ -523,10 +534,7 @@ def cmd_export(args, config: Config) -> int:
         if since.tzinfo is None:
             since = since.astimezone()
         since_ms = int(since.timestamp() * 1000)
-    try:
-        outbox = Outbox(config.store.dir, readonly=True)
-    except StoreError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+    if (outbox := _open_readonly(config)) is None:
         return EXIT_FAILURE
     try:
         if args.format == "csv":

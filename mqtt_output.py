@@ -27,19 +27,22 @@ import time
 from collections.abc import Callable, Mapping
 
 from config import Config
-from credentials import Secret, scrub
+from credentials import MQTT_PASSWORD_ENV, Secret, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
 from transport import call_within
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = "MQTT_PASSWORD"
+PASSWORD_ENV = MQTT_PASSWORD_ENV
 KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED_MESSAGES = 1000  # paho's own queue while a publish waits for the broker (bounded)
 IDLE_WAKE_S = 15.0  # the MQTT thread's longest sleep while listening: keepalive (60 s) checks in time
 READ_CHUNK = 4096  # bytes read from the broker at once
+# The largest packet taken from the broker: ours are acknowledgements and Home Assistant's few-byte status.
+# A bigger one (a hostile retained message on the status topic) closes the connection before it is read.
+MAX_PACKET_BYTES = 65536
 QUIET_MAX_S = 5.0  # the longest the broker's answers wait for the next cycle to be read
 MANUFACTURER = "Brampton2Zero"
 LOGGER_NODE = "logger"
@@ -105,6 +108,8 @@ def make_client(client_id: str):
     PUBACKs: paho 2.2 decodes every one into a fresh MQTT 5 reason code and property set (tables of ~40
     names built per packet: about 60 us each); a 3.1.1 PUBACK is only a message id. Anything else (MQTT 5,
     PUBCOMP, a malformed length) goes through paho's own code.
+    Size: a packet whose stated length passes MAX_PACKET_BYTES ends the connection before its body is read
+    (paho would read up to 256 MB); `oversize` keeps that length for the message.
     Not thread-safe: one thread drives it (MqttOutput's).
     """
     import paho.mqtt.client as paho
@@ -116,6 +121,7 @@ def make_client(client_id: str):
         _puback_success = ReasonCode(PacketTypes.PUBACK)  # read-only: only an on_publish callback sees them
         _puback_properties = Properties(PacketTypes.PUBACK)
         _read_buffer = b""
+        oversize = 0
 
         def buffered(self) -> bool:
             return bool(self._read_buffer)
@@ -124,6 +130,10 @@ def make_client(client_id: str):
             return len(self._out_messages)  # qos 1/2 messages without their PUBACK/PUBCOMP yet
 
         def _sock_recv(self, bufsize):
+            packet = self._in_packet
+            if packet["have_remaining"] and packet["remaining_length"] > MAX_PACKET_BYTES:
+                self.oversize = packet["remaining_length"]
+                raise ConnectionAbortedError(f"packet of {self.oversize} bytes refused")  # paho: connection lost
             data = self._read_buffer
             if not data:
                 data = super()._sock_recv(max(bufsize, READ_CHUNK))  # BlockingIOError when nothing waits
@@ -209,6 +219,7 @@ class MqttOutput:
         self._stopping = False
         self._stop_timeout_s = 2.0
         self._delay_s = 0.0  # the reconnect backoff now (0: the last connection attempt succeeded)
+        self._oversize_delay_s = 0.0  # the backoff after connections closed for an oversized packet
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
 
@@ -484,7 +495,7 @@ class MqttOutput:
 
     def _next_delay(self) -> float:
         self._delay_s = min(max(self._delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
-        return self._delay_s
+        return max(self._delay_s, self._oversize_delay_s)
 
     def _shutdown(self, client) -> None:
         """`offline` (retained), waited for up to the stop timeout, then DISCONNECT."""
@@ -529,7 +540,15 @@ class MqttOutput:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self.connected = self.connected, False
-        if was_connected and not self._stopping:
+        oversize, client.oversize = client.oversize, 0
+        # The broker sends a retained message again at every connection: each one succeeds, yet the same
+        # packet closes it, so such closings back off on their own (doubling to RECONNECT_MAX_S).
+        self._oversize_delay_s = min(max(self._oversize_delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S) if oversize else 0.0
+        if oversize and not self._stopping:
+            self._report(f"MQTT broker {self.where} sent a packet of {oversize} bytes, more than "
+                         f"{MAX_PACKET_BYTES // 1024} KB (a retained message on {self.status_topic}?): "
+                         "connection closed; reconnecting")
+        elif was_connected and not self._stopping:
             self._report(f"MQTT broker {self.where}: connection lost ({reason_code}); reconnecting")
 
     def _on_message(self, client, userdata, message) -> None:

@@ -45,10 +45,8 @@ def wal_pages(max_bytes: int, free_bytes: int) -> int:
 
 
 class StoreError(Exception):
-    """The store cannot be opened or written (disk full, read-only, permissions, damage).
-
-    `corrupt` is True when the file itself is damaged (it is then moved aside and a fresh one started).
-    """
+    """The store cannot be opened or written (disk full, read-only, permissions, damage). `corrupt`: the file
+    itself is damaged (it is then moved aside and a fresh one started)."""
 
     def __init__(self, message: str, *, corrupt: bool = False) -> None:
         super().__init__(message)
@@ -56,10 +54,8 @@ class StoreError(Exception):
 
 
 def _sqlite_text_error(exc: UnicodeDecodeError) -> sqlite3.DatabaseError:
-    """SQLite's own error text is not UTF-8: it quotes bytes of a damaged file (a schema entry, say).
-
-    Python's sqlite3 then raises UnicodeDecodeError instead of an sqlite3.Error; this is the
-    corruption it stands for, its text shown with the bad bytes escaped."""
+    """SQLite's error text quoting bytes of a damaged file (a schema entry, say) is not UTF-8, so Python's sqlite3
+    raises UnicodeDecodeError instead of an sqlite3.Error: this is the corruption it stands for, bytes escaped."""
     raw = exc.object if isinstance(exc.object, bytes) else bytes(exc.object)
     return sqlite3.DatabaseError(f"database disk image is malformed: {raw.decode('utf-8', 'backslashreplace')}")
 
@@ -147,10 +143,8 @@ class OutboxStats:
 
 
 class Outbox:
-    """SQLite outbox in `directory`.
-
-    Raises StoreError when the directory or file cannot be used. A file that fails SQLite's integrity check
-    is moved aside and a fresh one started, so measuring never stops because of the store.
+    """SQLite outbox in `directory`. Raises StoreError when the directory or file cannot be used. A file that
+    fails SQLite's integrity check is moved aside and a fresh one started: measuring never stops for the store.
     """
 
     def __init__(
@@ -370,10 +364,11 @@ class Outbox:
     def pending_batch(self, max_lines: int, max_bytes: int, after_id: int = 0) -> Batch | None:
         """The oldest unsent lines with an id above `after_id` (the batch after one not yet marked), at most
         `max_lines` and about `max_bytes` counting a newline after each, as one Batch; None when there are none.
-
         The drain's read: the lines come out of SQLite as bytes and are joined in C, with no object per
-        line (pending()'s Pending objects cost about as much CPU as the request's gzip)."""
-        self._follow_replacement()
+        line (pending()'s Pending objects cost about as much CPU as the request's gzip). A replaced file is
+        followed only by a first read (`after_id` 0): a batch in flight keeps its file, whose ids it names."""
+        if not after_id:
+            self._follow_replacement()
         cursor = self._db.execute(
             "SELECT id, CAST(line AS BLOB) FROM points WHERE sent_ms IS NULL AND held = 0 AND id > ? "
             "ORDER BY id LIMIT ?",
@@ -423,18 +418,18 @@ class Outbox:
 
     @_store_errors
     def quarantine(self, rows: Iterable[Pending], reason: str) -> int:
-        """Move lines the server refused out of the queue; they stay exportable. Returns how many."""
+        """Move lines the server refused out of the queue; they stay exportable. Returns how many: only rows
+        still waiting move (the size cap may have dropped some meanwhile, counted there)."""
         now = self._wall_ms()
         rows = list(rows)
         with self._transaction() as db:
-            db.executemany(
-                "INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) VALUES (?, ?, ?, ?)",
-                ((r.time_ms, r.line, reason, now) for r in rows),
-            )
+            moved = db.executemany("INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) SELECT time_ms, "
+                                   "line, ?, ? FROM points WHERE id = ? AND sent_ms IS NULL",
+                                   ((reason, now, r.id) for r in rows)).rowcount
             removed = db.executemany("DELETE FROM points WHERE id = ? AND sent_ms IS NULL",
                                      ((r.id,) for r in rows)).rowcount
-            _count(db, unsent_count=-removed, quarantined_count=len(rows))
-        return len(rows)
+            _count(db, unsent_count=-removed, quarantined_count=moved)
+        return moved
 
     # -- the clock -------------------------------------------------------
     @_store_errors
@@ -472,8 +467,8 @@ class Outbox:
     @_store_errors
     def enforce_limits(self) -> int:
         """Prune delivered history past retention, then apply the size cap. Over the cap, delivered history
-        goes first (it is already safe in InfluxDB), then the oldest unsent lines, which are counted as
-        dropped. Returns how many unsent lines were dropped now."""
+        goes first (it is already safe in InfluxDB), then the oldest quarantined lines (the server refused
+        them), then the oldest unsent lines; both counted as dropped. Returns how many lines were dropped now."""
         cutoff = self._wall_ms() - self.retention_ms
         keep_from = self._before_prune(self) if self._before_prune is not None else None
         if keep_from is not None:
@@ -489,11 +484,16 @@ class Outbox:
             # to prune and lets the time index narrow the scan to old rows.
             db.execute("DELETE FROM points WHERE time_ms < ? AND sent_ms IS NOT NULL AND sent_ms < ?",
                        (cutoff, cutoff))
-        dropped = aged = 0
+        dropped = aged = refused = 0
         while self.used_bytes() > self.max_bytes:
             with self._transaction() as db:
                 removed = db.execute("DELETE FROM points WHERE id IN (SELECT id FROM points WHERE sent_ms IS NOT NULL "
                                      "ORDER BY id LIMIT 1000)").rowcount
+                if not removed:  # refused lines before any reading still to deliver (nothing else prunes them)
+                    removed = db.execute("DELETE FROM quarantine WHERE id IN (SELECT id FROM quarantine ORDER BY id "
+                                         "LIMIT 1000)").rowcount
+                    _count(db, quarantined_count=-removed, dropped_points=removed)
+                    refused += removed
                 if not removed:  # the 1000 oldest unsent lines, some maybe held for the clock
                     gone = db.execute("SELECT id, held FROM points WHERE sent_ms IS NULL ORDER BY id LIMIT 1000")
                     gone = gone.fetchall() or [(-1, 0)]
@@ -503,13 +503,13 @@ class Outbox:
                     aged, dropped = aged + removed - lost, dropped + lost
             if not removed:
                 break
-        if dropped:
-            log.warning("store over its cap of %s: dropped the %d oldest unsent lines",
-                        format_mb(self.max_bytes), dropped)
+        if dropped or refused:
+            log.warning("store over its cap of %s: dropped the %d oldest quarantined and the %d oldest unsent lines",
+                        format_mb(self.max_bytes), refused, dropped)
         if aged:
             log.info("store at its cap of %s: the %d oldest readings of the local history aged out early",
                      format_mb(self.max_bytes), aged)
-        return dropped
+        return dropped + refused
 
     @_store_errors
     def used_bytes(self) -> int:

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 import safepip
-from credentials import CREDENTIAL_NAMES
+from credentials import SECRET_ENV_NAMES
 from release import short_sha
 
 log = logging.getLogger(__name__)
 
 SERVICE_USER = "solarpower"
-SECRET_ENV = (*CREDENTIAL_NAMES, "CREDENTIALS_DIRECTORY")
+SECRET_ENV = SECRET_ENV_NAMES
 GIT_TIMEOUT_S = 120.0
 SELFTEST_TIMEOUT_S = 300.0
 _AUTO = "auto"
@@ -47,7 +47,7 @@ class StepFailed(Exception):
 
 # -- child processes ------------------------------------------------------------------------------
 def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for git, pip and the self-test: without the InfluxDB secrets."""
+    """The environment for git, pip and the self-test: without any secret (SECRET_ENV, INFLUXDB_*)."""
     env = dict(os.environ if base is None else base)
     for name in list(env):
         if name in SECRET_ENV or name.startswith("INFLUXDB_"):
@@ -193,7 +193,8 @@ def toml_dumps(data: Mapping[str, Any]) -> str:
 
 
 def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
-    """The live config, made safe to run anywhere: simulated bus, temp store, no InfluxDB, no LED."""
+    """The live config, made safe to run anywhere: simulated bus, temp store, no InfluxDB, no MQTT, no live
+    page, no LED."""
     data = copy.deepcopy(dict(live))
 
     def table(name: str) -> dict[str, Any]:
@@ -205,6 +206,9 @@ def selftest_config(live: Mapping[str, Any], store_dir: Path) -> dict[str, Any]:
     table("store")["dir"] = str(store_dir)
     # Only kind: the token/password file settings must not even be looked at.
     data["influx"] = {"kind": "none"}
+    # The live daemon's broker login (its client id would push the daemon off) and its page's port stay its own.
+    data["mqtt"] = {"enabled": False}
+    table("web")["enabled"] = False
     table("led")["enabled"] = False
     sampling = table("sampling")
     sampling["interval_s"] = 0.5

@@ -24,6 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 BUILD_USER = "nobody"
+# What the unprivileged build keeps of the caller's environment: an sdist's build code runs there, so no
+# secret (a token or password in any variable) may reach it; pip's own settings and proxies are kept.
+_BUILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "SOURCE_DATE_EPOCH", "http_proxy", "https_proxy",
+                              "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"})
 _HASH = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})\b")
 _MAX_REQ_BYTES = 1_000_000
 
@@ -92,6 +96,11 @@ def _pip(python: str) -> list[str]:
     return [python, "-I", "-m", "pip", "--disable-pip-version-check", "--no-input"]
 
 
+def _build_env(base: dict[str, str]) -> dict[str, str]:
+    """Only the variables a build needs (_BUILD_ENV_NAMES, LC_*, PIP_*)."""
+    return {k: v for k, v in base.items() if k in _BUILD_ENV_NAMES or k.startswith(("LC_", "PIP_"))}
+
+
 def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: pwd.struct_passwd | None = None,
          cwd: str | None = None) -> None:
     kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
@@ -126,7 +135,7 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
         build.mkdir()
         os.chown(build, user.pw_uid, user.pw_gid)
         # 1. As the unprivileged user: fetch every pin (hash-checked) and build the source-only ones.
-        build_env = dict(base, HOME=str(build), TMPDIR=str(build), PIP_CACHE_DIR=str(build / "cache"))
+        build_env = dict(_build_env(base), HOME=str(build), TMPDIR=str(build), PIP_CACHE_DIR=str(build / "cache"))
         _run(_pip(python) + ["wheel", "--require-hashes", "--no-deps", "-r", str(requirements),
                              "-w", str(build / "wheels"), *extra_args], build_env, timeout, user=user, cwd=str(build))
         # 2. Root copies what was built from source into a directory only root can write, then

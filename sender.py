@@ -123,7 +123,8 @@ def retry_decision(outcome: Exception, failures: int, policy: Policy, rng: rando
         return Decision(Action.WAIT, min(max(wait, 1.0), policy.throttle_max_s), failures)
     if isinstance(outcome, UnreachableError):
         failures += 1
-        ceiling = min(policy.backoff_base_s * 2 ** (failures - 1), policy.backoff_max_s)
+        # The exponent is capped: 2.0 * 2 ** 1024 is an OverflowError (2.6 days of outage at the ceiling).
+        ceiling = min(policy.backoff_base_s * 2 ** min(failures - 1, 64), policy.backoff_max_s)
         return Decision(Action.WAIT, ceiling * rng.uniform(0.5, 1.0), failures)
     return Decision(Action.WAIT, policy.refused_retry_s, failures)
 
@@ -344,7 +345,13 @@ class Sender:
             sent = self.writer.write(request)
         except (RejectedError, TooLargeError) as exc:
             _idle(helper)
-            self._refused(exc, self.outbox.rows(batch), result, deadline)
+            rows = self.outbox.rows(batch)
+            if len(rows) == len(batch):
+                self._refused(exc, rows, result, deadline)
+            elif rows:  # the size cap dropped part of the batch meanwhile: the refusal may have been theirs
+                self._account(exc.bytes_sent)
+                result.bytes_sent += exc.bytes_sent
+                self._send(rows, result, deadline)
             return False
         self._account(sent)
         result.bytes_sent += sent
@@ -375,7 +382,8 @@ class Sender:
         decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
         if decision.action is Action.QUARANTINE:
             reason = str(exc)
-            self.outbox.quarantine(batch, reason)
+            if not self.outbox.quarantine(batch, reason):
+                return  # dropped by the size cap meanwhile (counted there)
             result.quarantined += 1
             log.warning("quarantined 1 line the server refused: %s | %.200s", reason, batch[0].line)
             self.handler.report(SendingError(

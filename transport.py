@@ -231,10 +231,12 @@ class Transport:
         return conn
 
     def _watch(self, sock: socket.socket) -> None:
-        """The connecting socket, for the watchdog and abort() (called by the connection once TCP is up)."""
+        """The connecting socket, for the watchdog and abort() (called by the connection once TCP is up). A cut
+        already made (abort, or a deadline that passed during the name lookup or TCP connect) ends it at
+        once: the TLS handshake would otherwise have only the socket's per-read timeout left."""
         with self._lock:
             self._sock = sock
-            if self._cut == "abort":
+            if self._cut is not None:
                 _shutdown(sock)
 
     def _keep_session(self, conn: http.client.HTTPConnection) -> None:

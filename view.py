@@ -268,8 +268,8 @@ def _unit_flows(unit: str, by_role: Mapping[str, list[dict]], plant_unit: str) -
             "direction": direction,
             "active": active,
             "ok": ok,
-            "watts": round(watts, 3) if ok else None,
-            "current_ma": round(current, 1) if ok else None,
+            "watts": round(watts, 3) + 0.0 if ok else None,  # + 0.0: never a negative zero
+            "current_ma": round(current, 1) + 0.0 if ok else None,
             "width": flow_width(watts) if active else 2.0,
             "idle_text": idle_text,
         })

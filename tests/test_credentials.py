@@ -52,6 +52,41 @@ def test_systemd_credential_directory(tmp_path, monkeypatch):
     assert secret.value() == "cred"
 
 
+def test_the_environment_comes_before_an_empty_systemd_credential(tmp_path):
+    """install.sh leaves the credential file empty: $INFLUXDB_TOKEN set in a drop-in is used, as the README
+    orders them (token_file, else the variable, else the credential); a token_file comes first of all."""
+    (tmp_path / "influx-token").write_text("")
+    environ = {"CREDENTIALS_DIRECTORY": str(tmp_path), "INFLUXDB_TOKEN": "from-env"}
+    assert Secret("INFLUXDB_TOKEN", environ=environ).value() == "from-env"
+    f = tmp_path / "token"
+    f.write_text("from-file")
+    f.chmod(0o600)
+    assert Secret("INFLUXDB_TOKEN", str(f), environ=environ).value() == "from-file"
+
+
+def test_a_secret_file_that_is_no_regular_file_or_too_big_is_refused_at_once(tmp_path):
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo, 0o600)  # reading it would wait for a writer forever
+    with pytest.raises(SecretError, match=f"secret file {fifo} is not a regular file"):
+        Secret("INFLUXDB_TOKEN", str(fifo), environ={}).value()
+    big = tmp_path / "outbox.db"
+    big.write_bytes(b"x" * 70000)
+    big.chmod(0o600)
+    with pytest.raises(SecretError, match="70000 bytes: too big for a token or password"):
+        Secret("INFLUXDB_TOKEN", str(big), environ={}).value()
+
+
+def test_a_token_pasted_where_its_file_name_belongs_is_not_shown(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    secret = Secret("INFLUXDB_TOKEN", "tok-Zx81_9aQ==", environ={})
+    with pytest.raises(SecretError) as err:
+        secret.value()
+    assert "tok-Zx81" not in str(err.value) and "no file name" in str(err.value)
+    assert "tok-Zx81" not in secret.source and "tok-Zx81" not in repr(secret)
+    with pytest.raises(SecretError, match="/etc/missing/token: No such file"):  # a real path is named
+        Secret("INFLUXDB_TOKEN", "/etc/missing/token", environ={}).value()
+
+
 def test_repr_and_scrub_never_show_it():
     secret = Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "tok-123"})
     assert "tok-123" not in repr(secret)

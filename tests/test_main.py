@@ -237,6 +237,13 @@ enabled = false
 @pytest.mark.slow  # whole daemon processes
 def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
     cfg = write_config(tmp_path)
+    # Before the first cycle: a sentence for a person, and with --json still the one JSON object.
+    empty = run_cli("status", "--config", str(cfg), "--json", cwd=tmp_path)
+    assert empty.returncode == 0, empty.stderr
+    report = json.loads(empty.stdout)
+    assert report["stored_total"] == 0 and report["queue_depth"] == 0 and report["newest_reading"] is None
+    assert report["store"].endswith("outbox.db") and not (tmp_path / "store" / "outbox.db").exists()
+    assert "no readings stored yet" in run_cli("status", "--config", str(cfg), cwd=tmp_path).stdout
     result = run_cli("run", "--config", str(cfg), "--cycles", "3", cwd=tmp_path)
     assert result.returncode == 0, result.stderr
     assert "stopped after 3 cycles" in result.stderr

@@ -276,6 +276,34 @@ def test_a_wrong_password_is_reported_naming_the_broker_never_the_password(tmp_p
     assert PASSWORD not in caplog.text and "not-the-" not in caplog.text
 
 
+def test_an_oversized_retained_message_is_refused_unread_and_reported(tmp_path):
+    """A retained message of 200 KB on Home Assistant's status topic (anyone allowed to publish there, or a
+    hostile broker): the client closes the connection once the packet's length is known, never holding
+    the body, and says why; once the message is gone it connects again by itself."""
+    import paho.mqtt.client as paho
+
+    with Mosquitto() as server:
+        publisher = paho.Client(paho.CallbackAPIVersion.VERSION2)
+        publisher.connect("127.0.0.1", server.port)
+        publisher.loop_start()
+        publisher.publish("homeassistant/status", b"x" * 200_000, qos=1, retain=True).wait_for_publish(DEADLINE_S)
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {server.port}', handler)
+        out.start()
+        try:
+            _wait(lambda: out.problem and "sent a packet of" in out.problem, "the oversized packet reported")
+            assert f"MQTT broker 127.0.0.1:{server.port} sent a packet of 200" in out.problem
+            assert "more than 64 KB" in out.problem and "homeassistant/status" in out.problem
+            assert handler.active["mqtt"].tier == Tier.CONNECTION  # MQTT is the only output here
+            publisher.publish("homeassistant/status", b"", qos=1, retain=True).wait_for_publish(DEADLINE_S)
+            _wait(lambda: out.connected and out.problem is None, "a connection once the message is gone",
+                  timeout=DEADLINE_S + 60)
+        finally:
+            out.stop()
+            publisher.disconnect()
+            publisher.loop_stop()
+
+
 def test_check_probes_the_broker_naming_it_and_never_the_password(tmp_path):
     """`main.py check` connects to the broker and waits for its CONNACK: accepted, refused login (a warning
     while InfluxDB is the data of record), unreachable (a failure when MQTT is the only output)."""

@@ -83,6 +83,34 @@ def test_quarantine_moves_lines_out_of_the_queue(tmp_path):
     assert statuses.count("quarantined") == 2 and statuses.count("unsent") == 2
 
 
+def test_quarantine_moves_only_lines_still_waiting(tmp_path):
+    box = Outbox(tmp_path)
+    box.append(lines(4))
+    rows = box.pending(4, 10_000)
+    box.mark_sent([rows[0].id])  # delivered meanwhile: stays delivered history
+    with sqlite3.connect(box.path) as db:  # and one dropped meanwhile (as the size cap would)
+        db.execute("DELETE FROM points WHERE id = ?", (rows[1].id,))
+    assert box.quarantine(rows, "HTTP 400: bad line") == 2
+    assert box.queue_stats().quarantined == 2 and [s for _, _, s in box.export()].count("quarantined") == 2
+
+
+def test_size_cap_drops_quarantined_lines_before_unsent_readings(tmp_path):
+    """Nothing else ever deletes refused lines: without this, a quarantine grown to the cap (a field type
+    conflict refusing every line for days) would make the cap drop every unsent reading at each pass."""
+    box = Outbox(tmp_path, max_mb=0.25)
+    payload = "x" * 200
+    box.append([(i, f"m s=\"{payload}\" {i}") for i in range(1500)])
+    assert box.quarantine(box.pending(1500, 10**9), "HTTP 422: field type conflict") == 1500
+    box.append([(i, f"m s=\"{payload}\" {i}") for i in range(1500, 1600)])  # the readings of an outage
+    dropped = box.enforce_limits()
+    stats = box.stats()
+    assert stats.size_bytes <= 0.25 * 1024 * 1024
+    assert stats.queue_depth == 100 and box.pending(1, 10**9)[0].time_ms == 1500  # every unsent reading kept
+    assert 0 < dropped == stats.dropped and stats.quarantined == 1500 - dropped  # the oldest refused ones went
+    kept = [t for t, _, s in box.export() if s == "quarantined"]
+    assert kept == list(range(dropped, 1500))
+
+
 def test_retention_prunes_only_delivered_history(tmp_path):
     now = [10_000_000_000]
     box = Outbox(tmp_path, retention_days=1, wall_ms=lambda: now[0])
@@ -105,6 +133,27 @@ def test_size_cap_drops_sent_history_first_then_oldest_unsent_and_counts(tmp_pat
     oldest_left = box.pending(1, 10**9)[0].time_ms
     assert oldest_left == 500 + dropped  # all sent rows went first, then the oldest unsent
     assert [s for _, _, s in box.export()].count("sent") == 0
+
+
+def test_a_batch_in_flight_keeps_its_file_when_the_store_is_replaced(tmp_path):
+    """The other thread moved a damaged file aside and started a fresh one (ids from 1 again) while the
+    sender had a batch of the old file in flight: its read-ahead and its marks stay with the old file, so
+    no fresh row is marked sent undelivered; the next flush's first read follows the fresh file."""
+    sender = Outbox(tmp_path)
+    sender.append(lines(8))
+    batch = sender.pending_batch(4, 10**6)
+    assert batch.ids == (1, 2, 3, 4)
+    (tmp_path / "outbox.db").rename(tmp_path / "outbox.db.corrupt-test")
+    for suffix in ("-wal", "-shm"):
+        if (tmp_path / f"outbox.db{suffix}").exists():
+            (tmp_path / f"outbox.db{suffix}").rename(tmp_path / f"outbox.db.corrupt-test{suffix}")
+    fresh = Outbox(tmp_path)
+    fresh.append(lines(6))
+    ahead = sender.pending_batch(4, 10**6, after_id=batch.last_id)
+    assert ahead.ids == (5, 6, 7, 8)  # still the old file's lines
+    sender.mark_sent(batch.ids)
+    assert fresh.queue_stats().queue_depth == 6 and fresh.pending(6, 10**6)[0].id == 1  # untouched
+    assert sender.pending_batch(10, 10**6).ids == (1, 2, 3, 4, 5, 6)  # a new flush: the fresh file
 
 
 def test_corrupt_file_is_moved_aside_and_a_fresh_one_started(tmp_path, caplog):

@@ -57,11 +57,25 @@ def test_token_echoed_by_a_server_is_scrubbed():
     assert "tok-SECRET" not in str(error) and "***" in str(error)
 
 
+def test_a_password_echoed_in_go_json_or_past_the_cut_is_scrubbed():
+    """Go's JSON (InfluxDB's, most proxies') writes & < > as \\u0026 \\u003c \\u003e; and a secret only
+    revealed by decoding the JSON must be scrubbed before the message is cut to its length."""
+    password = "p&ss<w0rd>Secret"
+    error = error_for_status(401, '["denied: p\\u0026ss\\u003cw0rd\\u003eSecret"]', {}, "u", "x", (password,))
+    assert "w0rd" not in str(error) and "***" in str(error)
+    body = '{"error": "' + "x" * 190 + ' p\\u0026ss\\u003cw0rd\\u003eSecret"}'
+    error = error_for_status(401, body, {}, "u", "x", (password,))
+    assert "p&ss" not in str(error) and "w0rd" not in str(error)
+    assert "p&ss" not in str(error_for_status(401, '{"error": "p\\u0026ss<w0rd>Secret"}', {}, "u", "x", (password,)))
+
+
 def test_retry_after_forms():
     assert retry_after_s({"Retry-After": "7"}) == 7
     assert retry_after_s({"retry-after": "0"}) == 0
     assert retry_after_s({}) is None and retry_after_s(None) is None
     assert retry_after_s({"Retry-After": "soon"}) is None
+    for odd in ("nan", "NaN", "inf", "-inf", "1e999"):  # parse as floats, but no wait can be made of them
+        assert retry_after_s({"Retry-After": odd}) is None, odd
     date = email.utils.formatdate(1_000_030, usegmt=True)
     assert retry_after_s({"Retry-After": date}, now=1_000_000) == pytest.approx(30)
     error = error_for_status(429, "", {"Retry-After": "12"}, "u", "x")

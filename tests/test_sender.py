@@ -4,6 +4,7 @@ themselves are tested against real servers in test_delivery.py and test_network_
 from __future__ import annotations
 
 import random
+import sqlite3
 
 import pytest
 
@@ -46,6 +47,10 @@ def test_unreachable_backs_off_exponentially_to_five_minutes_with_jitter():
     assert ceilings == [2, 4, 8, 16, 32, 64, 128, 256, 300, 300]
     jittered = [retry_decision(UnreachableError("down"), 4, POLICY, random.Random(seed)).wait_s for seed in range(50)]
     assert all(16 <= w <= 32 for w in jittered) and len(set(jittered)) > 40  # never in step, never over the ceiling
+    # Days of outage: the 1025th failure in a row and beyond still back off (2.0 * 2 ** 1024 overflows a float).
+    for failures in (1024, 5000, 10**6):
+        assert retry_decision(UnreachableError("down"), failures, POLICY, MaxRandom()) == Decision(
+            Action.WAIT, 300, failures + 1)
 
 
 @pytest.mark.parametrize("error", [AuthError("401"), NotFoundError("404"), RefusedError("405")])
@@ -107,6 +112,26 @@ def test_a_refused_line_is_found_by_splitting_and_quarantined_the_rest_delivered
     assert [len(b) for b in writer.batches] == [8, 4, 4, 2, 1, 1, 2]  # halves until the bad line is alone
     assert writer.delivered == [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(8) if i != 5]  # oldest first
     assert outbox.queue_stats().quarantined == 1 and handler.top_tier == Tier.SENDING
+
+
+def test_a_refusal_of_a_batch_the_size_cap_cut_meanwhile_sends_the_survivors_again(tmp_path, clock):
+    """The cap (housekeeping, the other thread) drops the oldest unsent lines, which may be the batch in
+    flight: a refusal then says nothing about the survivors, so they go again as they are (not halved, not
+    quarantined), and a batch the cap took whole ends the matter without an error or a count."""
+    outbox = filled(tmp_path, clock, 8)
+
+    class CutMeanwhile(FakeWriter):
+        def write(self, lines) -> int:
+            if not self.batches:  # while the first request is in flight, the cap drops its 3 oldest lines
+                with sqlite3.connect(outbox.path) as db:
+                    db.execute("DELETE FROM points WHERE id <= 3")
+            return super().write(lines)
+
+    writer = CutMeanwhile([RejectedError("HTTP 422: bad line")])
+    result = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=8), clock=clock,
+                    sleep=clock.sleep).flush()
+    assert [len(b) for b in writer.batches] == [8, 5] and result.quarantined == 0 and result.error is None
+    assert writer.delivered == [f"m,unit=u{i} v={i}i {1000 + i}" for i in range(3, 8)]
 
 
 def test_unreachable_keeps_everything_and_the_next_attempt_follows_the_decision(tmp_path, clock):

@@ -337,6 +337,9 @@ def test_ca_file_is_checked_at_load_with_one_line_naming_the_key(pki, tmp_path):
     key_only = tmp_path / "key.pem"
     key_only.write_bytes(pki.good.key_file.read_bytes())  # a private key is not a CA certificate
     assert "holds no PEM certificate" in _problem({"ca_file": str(key_only)})
+    fifo = tmp_path / "ca.fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer: refused at once instead
+    assert f"'{fifo}' is not a regular file" in _problem({"ca_file": str(fifo)})
     if os.geteuid() != 0:  # root reads any file: the permission case exists only for other users
         unreadable = tmp_path / "unreadable.pem"
         unreadable.write_bytes(pki.ca_file.read_bytes())
@@ -350,21 +353,61 @@ def test_no_key_turns_certificate_verification_off(key):
     assert f"at 'influx.{key}': unknown key" in _problem({key: False})
 
 
+def _refused_within(listener, pki) -> tuple[UnreachableError, float]:
+    """A cloud writer with timeout_s = 1 sends one line to `listener`: (its error, seconds it took)."""
+    writer = make_writer(f"https://127.0.0.1:{listener.getsockname()[1]}", "cloud", pki.ca_file)
+    writer.transport.timeout_s = 1.0
+    began = time.monotonic()
+    try:
+        with pytest.raises(UnreachableError) as caught:
+            writer.write(["electricity,site=tls-deadline,unit=a current_ma=1.5 1780000000000"])
+    finally:
+        writer.close()
+    return caught.value, time.monotonic() - began
+
+
 def test_a_server_that_never_answers_the_handshake_is_given_timeout_s(pki):
     """TCP connects (the kernel accepts), the ClientHello goes out, nothing comes back: the connect
     deadline covers the TLS handshake too."""
     import socket
 
     with socket.create_server(("127.0.0.1", 0)) as listener:
-        url = f"https://127.0.0.1:{listener.getsockname()[1]}"
-        writer = make_writer(url, "cloud", pki.ca_file)
-        writer.transport.timeout_s = 1.0
-        began = time.monotonic()
-        try:
-            with pytest.raises(UnreachableError) as caught:
-                writer.write(["electricity,site=tls-silent,unit=a current_ma=1.5 1780000000000"])
-        finally:
-            writer.close()
-        took = time.monotonic() - began
-    assert "no connection and TLS handshake within 1 s" in str(caught.value)
+        error, took = _refused_within(listener, pki)
+    assert "no connection and TLS handshake within 1 s" in str(error)
     assert took < 4.0, took  # timeout_s, not the socket's per-read timeout times the handshake's reads
+
+
+def test_a_connect_deadline_spent_before_tcp_is_up_leaves_the_handshake_no_time(pki, monkeypatch):
+    """The deadline passes during the TCP connect (a slow name lookup, a SYN retried): once TCP is up the
+    handshake gets no more time, even from a server that trickles a byte of it every half second (which
+    the socket's per-read timeout alone would let go on for as long as it likes)."""
+    import socket
+    import threading
+
+    stop = threading.Event()
+
+    def trickle(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            conn.sendall(b"\x16\x03\x03\x40\x00")  # a TLS record header announcing 16 KB of handshake
+            while not stop.wait(0.5):
+                try:
+                    conn.sendall(b"\x00")
+                except OSError:
+                    return
+
+    real_connect = socket.create_connection
+
+    def slow_connect(*args, **kwargs):
+        time.sleep(1.5)  # past timeout_s before the socket even exists
+        return real_connect(*args, **kwargs)
+
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        threading.Thread(target=trickle, args=(listener,), daemon=True).start()
+        monkeypatch.setattr(socket, "create_connection", slow_connect)
+        try:
+            error, took = _refused_within(listener, pki)
+        finally:
+            stop.set()
+    assert "within 1 s" in str(error), str(error)
+    assert took < 10.0, took  # the old code read the trickle until the server stopped (20 s and more)

@@ -59,7 +59,8 @@ def main():
               "pid": os.getpid(), "simulation": cfg.simulation.enabled, "influx": cfg.influx.kind,
               "token_file": cfg.influx.token_file, "led": cfg.led.enabled, "interval_s": cfg.sampling.interval_s,
               "samples": cfg.sampling.samples, "store": cfg.store.dir, "update": cfg.update.enabled,
-              "clock": cfg.clock.trust, "site": cfg.site.name}}
+              "clock": cfg.clock.trust, "site": cfg.site.name, "mqtt": cfg.mqtt.enabled,
+              "mqtt_password_file": cfg.mqtt.password_file, "web": cfg.web.enabled}}
     log = os.environ.get("SPB_TEST_ENV_LOG")
     if log:
         with open(log, "a") as f:
@@ -87,6 +88,14 @@ samples = 50
 
 [led]
 enabled = true
+
+[web]
+enabled = true
+
+[mqtt]
+enabled = true
+host = "127.0.0.1"
+password_file = "/etc/solarpowerbrampton/mqtt-password"
 
 [store]
 dir = "{live_store}"
@@ -242,6 +251,7 @@ def site(tmp_path, monkeypatch) -> Site:
     monkeypatch.setenv("INFLUXDB_TOKEN", "secret-token-value")
     monkeypatch.setenv("INFLUXDB_PASSWORD", "secret-password-value")
     monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(tmp_path / "creds"))
+    monkeypatch.setenv("MQTT_PASSWORD", "secret-mqtt-value")
     return Site(tmp_path, monkeypatch)
 
 
@@ -280,6 +290,8 @@ def test_selftest_runs_on_a_safe_copy_of_the_live_config(site):
         assert record["simulation"] is True
         assert record["influx"] == "none" and record["token_file"] == ""
         assert record["led"] is False
+        # the live daemon's broker login and its page's port are left alone
+        assert record["mqtt"] is False and record["mqtt_password_file"] == "" and record["web"] is False
         assert record["interval_s"] == 0.5 and record["samples"] == 10
         assert record["update"] is False and record["clock"] == "always"
         assert record["site"] == 'brampton "test" \u00e9', "the rest of the live config is kept"
@@ -294,13 +306,13 @@ def test_child_processes_never_see_the_secrets(site):
     records = site.records()
     assert records
     for record in records:
-        for name in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY"):
+        for name in ("INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "MQTT_PASSWORD", "CREDENTIALS_DIRECTORY"):
             assert name not in record["env"]
         assert "SPB_TEST_ENV_LOG" in record["env"], "other variables pass through"
     venv_env = site.venv_env.read_text()
     assert "INFLUXDB" not in venv_env and "CREDENTIALS_DIRECTORY" not in venv_env and "secret-" not in venv_env
     git_env = release_build.git_env()
-    assert not {"INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "CREDENTIALS_DIRECTORY"} & set(git_env)
+    assert not {"INFLUXDB_TOKEN", "INFLUXDB_PASSWORD", "MQTT_PASSWORD", "CREDENTIALS_DIRECTORY"} & set(git_env)
 
 
 def test_failing_selftest_is_refused_and_cleaned_up(site, caplog):
@@ -698,6 +710,17 @@ def test_a_substituted_wheel_with_a_pth_file_is_refused(pip_venv, index):
     safepip.install(python, req, extra_args=args, env=_isolated_pip_env(), timeout=300)
     subprocess.run([python, "-c", "pass"], check=True)
     assert mark.exists()
+
+
+def test_the_unprivileged_source_build_gets_no_secret_from_the_environment():
+    """The sdist build as `nobody` runs code from the index: of the caller's environment it keeps only what
+    a build needs, so no token or password (whatever the variable is called) reaches it."""
+    caller = {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8", "PIP_INDEX_URL": "https://pypi.example/simple",
+              "https_proxy": "http://proxy:3128", "INFLUXDB_TOKEN": "t", "MQTT_PASSWORD": "p",
+              "GITHUB_TOKEN": "g", "CREDENTIALS_DIRECTORY": "/run/credentials/x", "HOME": "/root", "SUDO_USER": "pi"}
+    assert safepip._build_env(caller) == {"PATH": "/usr/bin:/bin", "LC_ALL": "C.UTF-8",
+                                          "PIP_INDEX_URL": "https://pypi.example/simple",
+                                          "https_proxy": "http://proxy:3128"}
 
 
 def test_unhashed_requirements_are_refused_before_pip_runs(tmp_path):

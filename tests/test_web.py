@@ -381,6 +381,7 @@ def test_history_buckets_power_per_unit(start_page, tmp_path):
                 electricity("red_trade", b1 + 20_000, 9.0, unit="red_house"),
                 electricity("blue_house", b1 + 30_000, -2.5), system_line(b1 + 30_000)])
     box.append([electricity("green_house", now_ms - 1000, 0.5, legacy=True)])  # stored before the channel tag
+    box.append([electricity("green_house", b1 + 10_000, -0.0002)])  # night: ADC noise about 0 W
     box.append([electricity("red_house", now_ms - 25 * HOUR_MS, 50.0)])  # older than 24 h
     box.append([electricity("old_channel", b1 + 10_000, 7.0)])  # no longer configured
     box.append([electricity("blue_house", b1 + 40_000, 100.0)], held=True, boot_id="b", boot_ms=1)  # time unknown
@@ -409,7 +410,8 @@ def test_history_buckets_power_per_unit(start_page, tmp_path):
     assert value_at("red_house", b1) == 2.0  # the mean of 1.0 and 3.0
     assert value_at("blue_house", b1) == -2.5  # held and quarantined lines left out
     assert value_at("green_house", now_ms - 1000) == 0.5
-    assert sum(v is not None for s in data["series"] for v in s["values"]) == 3
+    assert value_at("green_house", b1) == 0.0 and b"-0.0" not in body  # rounded to 0.0, never a negative zero
+    assert sum(v is not None for s in data["series"] for v in s["values"]) == 4
     assert all(v is None for v in series["power_plant"]["values"])
 
     short = json.loads(get(page, "/api/history?hours=1")[2])
