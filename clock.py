@@ -149,6 +149,14 @@ class ClockGuard:
         self._next_sync_check = 0  # boot ms; asking for sync may start a process, so not every cycle
 
     def check(self) -> ClockState:
+        newly = False
+        if not self._trusted and self._boot_ms() >= self._next_sync_check:
+            self._next_sync_check = self._boot_ms() + self._recheck_ms
+            if self._synced() is True:
+                self._trusted = newly = True
+                log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")
+        # Read after the sync check, which may take a while (timedatectl): the caller stamps the cycle
+        # from boot_ms against a monotonic reading it takes after this returns.
         wall, boot = self._wall_ms(), self._boot_ms()
         offset = wall - boot
         jump = 0
@@ -156,10 +164,4 @@ class ClockGuard:
             jump = offset - self._last_offset
             log.warning("the wall clock jumped by %+.1f s", jump / 1000)
         self._last_offset = offset
-        newly = False
-        if not self._trusted and boot >= self._next_sync_check:
-            self._next_sync_check = boot + self._recheck_ms
-            if self._synced() is True:
-                self._trusted = newly = True
-                log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")
         return ClockState(self._trusted, self.boot_id, boot, offset, newly, jump)

@@ -168,7 +168,7 @@ class Daemon:
         for error in cycle.errors:
             self.handler.report(error)
         cycle, when, clock_state = self._clock_check(cycle)
-        system = self.last_system = self.monitor.read() if self.monitor else None
+        system = self.last_system = self._health()
         self._power_check(system)
         try:
             stats = self.outbox.queue_stats()
@@ -190,6 +190,18 @@ class Daemon:
         for listener in self.listeners:
             listener(report)
         return cycle
+
+    def _health(self):
+        """The Pi's health reading, or None when it cannot be read (the store's directory gone, say): the
+        cycle's readings are still stored, or held, without their `system` point."""
+        if self.monitor is None:
+            return None
+        try:
+            system = self.monitor.read()
+        except OSError as exc:
+            self.handler.report(SilentError(f"the Pi's health could not be read: {exc}", key="health"))
+            return None
+        return system
 
     def _power_check(self, system) -> None:
         """An under-voltage on the Pi's own supply is a Short error while it lasts."""
@@ -351,5 +363,6 @@ class Daemon:
                 self.handler.clear("cycle:overrun")
 
     def stop(self) -> None:
-        """Ask the loop to stop after the current cycle (safe from a signal handler)."""
+        """Ask the loop to stop after the current cycle. Thread-safe; a signal handler calls it from another
+        thread (Event.set takes a lock the interrupted thread may be holding in Event.wait)."""
         self.stop_event.set()

@@ -77,7 +77,13 @@ class History:
             if self._refreshed_s is None or not 0 <= now_s - self._refreshed_s < HISTORY_CACHE_S:
                 full = (self._rebuilt_s is None or not 0 <= now_s - self._rebuilt_s < HISTORY_FULL_REBUILD_S
                         or now_s < self._refreshed_s)
-                self._refresh(now_s, full)
+                try:
+                    self._refresh(now_s, full)
+                except Exception:
+                    # Cut short (the store unreadable): the sums may hold part of a read, so the next
+                    # request rebuilds them from scratch; the caller answers 503 meanwhile.
+                    self._refreshed_s = self._rebuilt_s = None
+                    raise
                 self._refreshed_s = now_s
                 if full:
                     self._rebuilt_s = now_s

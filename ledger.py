@@ -22,6 +22,7 @@ import io
 import logging
 import math
 import os
+import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -29,6 +30,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from config import MAX_INTERVAL_S, MAX_SPEED
+from reports import from_text_cell, text_cell
 from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
 log = logging.getLogger(__name__)
@@ -120,22 +122,44 @@ def readings_from_export(path: Path, site: str | None = None) -> Iterator[Readin
     except OSError as exc:
         raise ExportError(f"{path}: cannot read the file: {exc.strerror or exc}") from None
     with f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):  # /dev/zero, a FIFO: no end, or no file at all
+            raise ExportError(f"{path}: not a regular file")
         try:
-            first = f.readline()
+            first = f.readline(_MAX_LINE_CHARS)
         except UnicodeDecodeError as exc:
             raise ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
         f.seek(0)
-        readings = _csv_readings(f, path) if first.startswith("time,measurement") else _lp_readings(f, path)
+        lines = _bounded_lines(f, path)
+        readings = _csv_readings(lines, path) if first.startswith("time,measurement,") else _lp_readings(lines, path)
         try:
             for reading in readings:
                 if site is None or reading.site == site:
                     yield reading
         except UnicodeDecodeError as exc:
             raise ExportError(f"{path}: not UTF-8 text (byte {exc.start})") from None
+        except csv.Error as exc:
+            raise ExportError(f"{path}: not a CSV file `main.py export` wrote ({exc})") from None
 
 
-def _lp_readings(f, path: Path) -> Iterator[Reading]:
-    for number, line in enumerate(f, 1):
+_MAX_LINE_CHARS = 65536  # an exported line is a few hundred characters: a longer one is not an export
+
+
+def _bounded_lines(f, path: Path) -> Iterator[str]:
+    """The file's lines, each read with a bound (a file without line breaks is never read whole)."""
+    for number, line in enumerate(iter(lambda: f.readline(_MAX_LINE_CHARS + 1), ""), 1):
+        if len(line) > _MAX_LINE_CHARS:
+            raise ExportError(f"{path}: line {number} is longer than {_MAX_LINE_CHARS // 1024} K characters")
+        yield line
+
+
+def _finite(power, path: Path, number: int):
+    if isinstance(power, float) and not math.isfinite(power):
+        raise ExportError(f"{path}: line {number}: power_w {power!r} is not a finite number")
+    return power
+
+
+def _lp_readings(lines: Iterable[str], path: Path) -> Iterator[Reading]:
+    for number, line in enumerate(lines, 1):
         line = line.rstrip("\r\n")
         if not line or line.startswith("#") or not line.startswith(ELECTRICITY + ","):
             continue
@@ -143,18 +167,19 @@ def _lp_readings(f, path: Path) -> Iterator[Reading]:
             point = parse_line(line, fields=POWER_FIELDS)
         except ValueError:
             raise ExportError(f"{path}: line {number} is not line protocol: {line[:60]!r}") from None
-        reading = _reading(point.time_ms, point.tags, point.fields.get("power_w"))
+        reading = _reading(point.time_ms, point.tags, _finite(point.fields.get("power_w"), path, number))
         if reading is not None:
             yield reading
 
 
-def _csv_readings(f, path: Path) -> Iterator[Reading]:
-    rows = csv.reader(f)
+def _csv_readings(lines: Iterable[str], path: Path) -> Iterator[Reading]:
+    rows = csv.reader(lines)
     header = next(rows)
     # A tag that clashes with a field name is headed "name (tag)" (reports.export_csv).
     names = [h.removesuffix(" (tag)") for h in header]
-    if "power_w" not in names:
-        raise ExportError(f"{path}: line 1: no power_w column (not a `main.py export --format csv` file?)")
+    if not {"time", "measurement", "power_w"} <= set(names):
+        raise ExportError(f"{path}: line 1: no time, measurement or power_w column "
+                          "(not a `main.py export --format csv` file?)")
     col = {name: names.index(name) for name in ("time", "measurement", "site", "unit", "channel", "power_w")
            if name in names}
     for number, row in enumerate(rows, 2):
@@ -166,11 +191,11 @@ def _csv_readings(f, path: Path) -> Iterator[Reading]:
             when = dt.datetime.fromisoformat(row[col["time"]].replace("Z", "+00:00"))
             if when.tzinfo is None:
                 raise ValueError("no time zone")
-            power = float(row[col["power_w"]])
+            power = _finite(float(row[col["power_w"]]), path, number)
         except ValueError:
             raise ExportError(f"{path}: line {number}: bad time {row[col['time']]!r} or power_w "
                               f"{row[col['power_w']]!r}") from None
-        tags = {name: row[i] for name, i in col.items() if name in ("site", "unit", "channel") and row[i]}
+        tags = {name: from_text_cell(row[i]) for name, i in col.items() if name in ("site", "unit", "channel") and row[i]}
         reading = _reading(round(when.timestamp() * 1000), tags, power)
         if reading is not None:
             yield reading
@@ -218,7 +243,7 @@ class Accumulator:
         if previous is not None and r.time_ms <= previous[0]:
             return  # not later than the last reading (a re-sent copy, a clock step back): nothing to bridge
         self._last[key] = (r.time_ms, r.power_w)
-        if previous is None or r.time_ms - previous[0] > self.max_gap_ms:
+        if previous is None or r.time_ms - previous[0] > self.max_gap_ms + 1:  # + 1: stamps are rounded to ms
             return
         t0, p0 = previous
         a, b = max(t0, self.lo_ms), min(r.time_ms, self.hi_ms)
@@ -263,7 +288,9 @@ def day_bounds(day: dt.date, tz: dt.tzinfo) -> tuple[int, int]:
 def _figure(wh: float, measured_s: float, period_s: float, channels: int) -> dict:
     coverage = min(1.0, measured_s / (period_s * channels)) if period_s > 0 and channels else 0.0
     # Nothing measured: the energy is unknown, never 0.
-    return {"wh": round(wh, 3) if measured_s > 0 else None, "coverage": round(coverage, 4)}
+    # A few seconds measured in a day still show as measured (0.0001), never as 0 beside a figure.
+    shown = max(round(coverage, 4), 0.0001) if measured_s > 0 else round(coverage, 4)
+    return {"wh": round(wh, 3) if measured_s > 0 else None, "coverage": shown}
 
 
 NOT_MEASURED = {"wh": None, "coverage": None, "not_measured": True}
@@ -597,19 +624,24 @@ def _cell(figure: dict) -> str:
     return f"{figure['wh']:.2f} ({figure['coverage'] * 100:.0f}%)"
 
 
+def _shown(name: str) -> str:
+    """A name from the data as a terminal shows it: control characters (escape sequences) escaped."""
+    return name if name.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
+
+
 def as_table(document: dict) -> str:
     """The report for a person: one block per site and day, one row per unit, Wh (coverage %)."""
     out = []
     for site, site_doc in document["sites"].items():
         for day, day_doc in site_doc["days"].items():
-            out.append(f"{site}  {day}  (Wh, share of the day measured; time zone {document['time_zone']})")
+            out.append(f"{_shown(site)}  {day}  (Wh, share of the day measured; time zone {document['time_zone']})")
             head = f"{'unit':<16}" + "".join(f"{f.replace('_', ' '):>18}" for f in FIGURES)
             out += [head, "-" * len(head)]
             for unit, figures in day_doc["units"].items():
-                out.append(f"{unit:<16}" + "".join(f"{_cell(figures[f]):>18}" for f in FIGURES))
+                out.append(f"{_shown(unit):<16}" + "".join(f"{_cell(figures[f]):>18}" for f in FIGURES))
             out.append("")
     if document.get("unknown_channels"):
-        out.append("left out (not in the config): " + ", ".join(document["unknown_channels"]))
+        out.append("left out (not in the config): " + ", ".join(map(_shown, document["unknown_channels"])))
     return "\n".join(out).rstrip() + "\n"
 
 
@@ -633,7 +665,7 @@ def as_csv(document: dict) -> str:
     for site, site_doc in document["sites"].items():
         for day, day_doc in site_doc["days"].items():
             for unit, figures in day_doc["units"].items():
-                writer.writerow([site, day, "day", unit, *cells(figures)])
+                writer.writerow([text_cell(site), day, "day", text_cell(unit), *cells(figures)])
                 for hour, hour_figures in figures["hours"].items():
-                    writer.writerow([site, day, hour, unit, *cells(hour_figures)])
+                    writer.writerow([text_cell(site), day, hour, text_cell(unit), *cells(hour_figures)])
     return buffer.getvalue()

@@ -14,6 +14,7 @@ import logging
 import os
 import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -95,11 +96,14 @@ def bus_reopener(config: Config, choice: BusChoice) -> Callable[[object], object
     def reopen(old):
         from adafruit_extended_bus import ExtendedI2C
 
+        # The new handle first: if it cannot be opened (the adapter is briefly gone), the old one stays
+        # usable for the next try instead of being a closed object every transaction trips over.
+        new = ExtendedI2C(config.i2c.bus, frequency=None)
         try:
             old.deinit()
-        except Exception:  # noqa: BLE001 - closing a broken handle may fail; a new one is opened anyway
+        except Exception:  # noqa: BLE001 - closing a broken handle may fail; the new one is open anyway
             log.debug("closing the stuck I2C bus failed", exc_info=True)
-        return ExtendedI2C(config.i2c.bus, frequency=None)
+        return new
 
     return reopen
 
@@ -352,7 +356,9 @@ def cmd_run(args, config: Config) -> int:
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
                     clock_guard=guard if stamp is None else None, listeners=listeners)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(signum, lambda *_: daemon.stop())
+        # From a thread: the handler runs in the main thread, which may hold the stop event's lock (inside
+        # Event.wait) at that very moment; setting it there would wait for itself forever.
+        signal.signal(signum, lambda *_: threading.Thread(target=daemon.stop, name="stop", daemon=True).start())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
              len(config.channels), config.sampling.interval_s, outbox.path,
              writer.label if writer else "none (everything stays in the store)")
@@ -555,9 +561,11 @@ def report_days(args, today: dt.date) -> list[dt.date] | str:
     """The days `report` covers (oldest first), or the one-line problem with --day / --days."""
     if args.day is not None:
         try:
-            return [dt.date.fromisoformat(args.day)]
+            day = dt.date.fromisoformat(args.day)
         except ValueError:
             return f"--day {args.day!r} is not a date (YYYY-MM-DD)"
+        # Its local day's bounds need the next day, and Unix ms a year Python's datetime can hold.
+        return [day] if 1970 <= day.year <= 9998 else f"--day {args.day!r} is not between 1970 and 9998"
     count = 2 if args.days is None else args.days
     if not 1 <= count <= 3660:
         return f"--days {count} is not between 1 and 3660"

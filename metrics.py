@@ -89,10 +89,10 @@ class DaemonMetrics:
         yield GaugeMetricFamily(f"{PREFIX}_cycle_duration_seconds", "how long the latest cycle took",
                                 value=report.duration_s)
         yield CounterMetricFamily(f"{PREFIX}_cycles", "cycles finished since the start", value=report.cycles_done)
-        yield GaugeMetricFamily(f"{PREFIX}_outbox_depth_points", "points in the store not yet delivered",
-                                value=report.queue_depth)
         stats = report.stats
-        if stats is not None:
+        if stats is not None:  # else the store could not count: no figure rather than a wrong one
+            yield GaugeMetricFamily(f"{PREFIX}_outbox_depth_points", "points in the store not yet delivered",
+                                    value=report.queue_depth)
             yield GaugeMetricFamily(f"{PREFIX}_quarantined_points", "points the database refused, kept apart",
                                     value=stats.quarantined)
             yield CounterMetricFamily(f"{PREFIX}_dropped_points", "points lost before delivery (size cap)",

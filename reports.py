@@ -112,7 +112,7 @@ def export_csv(lines: Callable[[], object], out, *, local_time: bool = False, er
         except ValueError:
             continue
         stamp = iso_ms(point.time_ms, "milliseconds", local=local_time)
-        writer.writerow([stamp, point.measurement, *(point.tags.get(t, "") for t in tag_cols),
+        writer.writerow([stamp, point.measurement, *(text_cell(point.tags.get(t, "")) for t in tag_cols),
                          *(_csv_value(point.fields.get(f)) for f in field_cols)])
         rows += 1
     if bad:
@@ -126,4 +126,18 @@ def _csv_value(value) -> str:
         return ""
     if isinstance(value, bool):
         return "true" if value else "false"
-    return repr(value) if isinstance(value, float) else str(value)
+    return repr(value) if isinstance(value, float) else text_cell(str(value)) if isinstance(value, str) else str(value)
+
+
+_FORMULA_STARTS = ("=", "+", "-", "@", "\t", "\r")
+
+
+def text_cell(text: str) -> str:
+    """A text value for a CSV cell a spreadsheet opens: one that starts like a formula (= + - @, tab, CR) gets a
+    leading ' so it stays text (OWASP's advice against CSV injection); numbers are never passed here."""
+    return "'" + text if text.startswith(_FORMULA_STARTS) else text
+
+
+def from_text_cell(text: str) -> str:
+    """text_cell undone (for reading an export back)."""
+    return text[1:] if text.startswith("'") and text[1:].startswith(_FORMULA_STARTS) else text

@@ -155,8 +155,8 @@ def channel_power(tags: Mapping[str, str], power: object) -> tuple[str, float] |
     """(channel name, power_w) of an `electricity` point from its tags and its power_w value; None without a
     name or a number. The name is in the `channel` tag; lines stored before that tag existed had it in `unit`."""
     name = tags.get("channel", tags.get("unit"))
-    if name is None or isinstance(power, bool) or not isinstance(power, (int, float)):
-        return None
+    if name is None or isinstance(power, bool) or not isinstance(power, (int, float)) or not math.isfinite(power):
+        return None  # NaN or infinity would poison every total it touches
     return name, float(power)
 
 

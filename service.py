@@ -19,7 +19,7 @@ from pathlib import Path
 
 from config import Config
 from daemon import CycleReport
-from outbox import Outbox, StoreError
+from outbox import DB_NAME, Outbox, StoreError
 from rpi_errors import BLINK_CODES, ErrorHandler, RollbackNotice
 
 log = logging.getLogger(__name__)
@@ -31,18 +31,24 @@ ROLLBACK_NOTICE_CHECK_S = 60.0
 
 
 @contextlib.contextmanager
-def _page_store(directory: str, what: str) -> Iterator[Outbox | None]:
+def _page_store(directory: str, what: str, *, strict: bool = False) -> Iterator[Outbox | None]:
     """A read-only connection to the store for the page's server thread (None when there is no store yet);
-    a StoreError while reading is logged as `what` and ends the read. Closed on leaving."""
+    a StoreError while reading is logged as `what` and ends the read. `strict`: a store that exists but
+    cannot be opened or read raises StoreError instead (the page answers 503, not an empty chart). Closed
+    on leaving."""
     try:
         box = Outbox(directory, readonly=True)
     except StoreError:
+        if strict and (Path(directory) / DB_NAME).exists():
+            raise
         yield None
         return
     try:
         yield box
     except StoreError as exc:
         log.warning("%s: %s", what, exc)
+        if strict:
+            raise
     finally:
         box.close()
 
@@ -100,7 +106,7 @@ class ServiceHooks:
         config = self.config
 
         def history(since_ms: int):
-            with _page_store(config.store.dir, "live page history cut short") as box:
+            with _page_store(config.store.dir, "live page history cut short", strict=True) as box:
                 if box is not None:
                     yield from box.export(since_ms)
 
@@ -157,11 +163,13 @@ class ServiceHooks:
     def after_cycle(self, report: CycleReport) -> None:
         """The listener: everything one finished cycle tells the outside world."""
         cycle, stored = report.cycle, report.stored
-        first_stored = stored and not self._ready
+        # READY after the first complete cycle, stored or held in memory (its STATUS and the LED say the store
+        # fails): waiting for a stored one, systemd would end a start whose store is full after
+        # TimeoutStartSec, and the held cycles with it, again at every restart.
+        first = not self._ready
+        self._ready = True
         if stored:
             self._stored_cycles += 1
-        if first_stored:
-            self._ready = True
         if self.config.update.enabled:
             if not self._marked_good and self.mark_good_due():
                 import release
@@ -171,9 +179,9 @@ class ServiceHooks:
             self._check_rollback_notice()
         tier = self.handler.top_tier
         if self.notifier.enabled:  # off systemd, build nothing
-            if first_stored:
+            if first:
                 self.notifier.ready(self._status(report, tier))
-            elif self._ready:
+            else:
                 self.notifier.status(self._status(report, tier))
             # After every complete cycle, stored or not: while the store fails, cycles are held in
             # memory and the Critical LED says so; a watchdog restart would only lose them.
@@ -195,7 +203,8 @@ class ServiceHooks:
 
     def _status(self, report: CycleReport, tier) -> str:
         when = dt.datetime.fromtimestamp(report.cycle.time_ms / 1000).strftime("%H:%M:%S")
-        return f"last cycle {when}, queue {report.queue_depth}, LED: {tier.name if tier is not None else 'all well'}"
+        held = "" if report.stored else " not stored (held in memory)"
+        return f"last cycle {when}{held}, queue {report.queue_depth}, LED: {tier.name if tier is not None else 'all well'}"
 
     def stop(self) -> None:
         self.notifier.stopping()

@@ -112,9 +112,9 @@ class EnergyCounter:
     last_s: float | None = field(default=None, compare=False)  # monotonic time of the last good reading
 
     def add(self, power_w: float, now_s: float, max_gap_s: float) -> None:
-        # Integrate on the monotonic clock (immune to NTP steps). A gap longer than `max_gap_s` is not
-        # bridged (the ledger's rule too): what flowed meanwhile was not measured, so nothing is guessed.
-        if self.last_s is not None and now_s - self.last_s <= max_gap_s:
+        # On the monotonic clock (immune to NTP steps). A gap over `max_gap_s` (+1 us: a skipped slot's may round
+        # a step above it) is not bridged, the ledger's rule too: what flowed meanwhile was not measured.
+        if self.last_s is not None and now_s - self.last_s <= max_gap_s + 1e-6:
             dt_h = (now_s - self.last_s) / 3600.0
             if power_w >= 0:
                 self.in_wh += power_w * dt_h

@@ -26,8 +26,11 @@ CHARGING_MAX_PCT = 95
 PANEL_OPEN_V = 17.0
 # The firmware's power flags of the Pi, as `tools.SystemReading` names them.
 PI_FLAGS = ("undervoltage", "throttled", "undervoltage_since_boot", "throttled_since_boot")
-# A URL in an error summary could name a server; the page never shows it.
-_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+")
+# A URL or a host:port in an error summary names a server (the MQTT broker's messages give host:port), and
+# "for user X" a login: the page never shows either.
+_URL = re.compile(r"\b[a-zA-Z][a-zA-Z0-9+.-]*://\S+"  # a URL; then host:port (a name or address, not a time)
+                  r"|(?:(?<=\s)|^)(?:\[[0-9A-Fa-f:.]+\]|(?=[A-Za-z0-9.-]*[A-Za-z.])[A-Za-z0-9.-]+):\d{1,5}(?!\d|:\d)")
+_LOGIN = re.compile(r"\bfor user \S+")
 
 
 # -- snapshots ----------------------------------------------------------------------------------------------
@@ -65,7 +68,7 @@ def _number(value: Any) -> float | None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return None
     value = float(value)
-    return value if math.isfinite(value) else None
+    return value + 0.0 if math.isfinite(value) else None  # + 0.0: never a negative zero
 
 
 def battery_level_pct(volts: float | None, current_ma: float | None = None) -> int | None:
@@ -127,7 +130,7 @@ def derive(snapshot: Mapping | None, channels: Sequence[Any], plant_unit: str, s
     status = snapshot.get("status") if isinstance(snapshot.get("status"), Mapping) else {}
     tier_name = status.get("tier")
     tier_name = tier_name if isinstance(tier_name, str) and tier_name else None
-    summary = _URL.sub("<server>", str(status.get("summary") or ""))[:300]
+    summary = _LOGIN.sub("for user <user>", _URL.sub("<server>", str(status.get("summary") or "")))[:300]
     meaning = str(status.get("meaning") or "")[:300]
     level = _level(tier_name)
     time_ms = snapshot.get("time_ms")

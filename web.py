@@ -147,13 +147,26 @@ class _Server(ThreadingHTTPServer):
 
 class _DeadlineReader(io.RawIOBase):
     """The request's socket, read with a deadline for the whole header: each read may wait only for
-    what is left of it. With no deadline set, reads wait `idle_s` (the handler's timeout)."""
+    what is left of it. With no deadline set, reads wait `idle_s` (the handler's timeout). While the
+    deadline is set (the header), at most MAX_HEADER_BYTES are read: http.server alone would take 100 lines
+    of 64 KB each, and parse them with ~50 MB of memory per request."""
+
+    MAX_HEADER_BYTES = 32768
 
     def __init__(self, sock: socket.socket, idle_s: float) -> None:
         super().__init__()
         self._sock = sock
         self._idle_s = idle_s
-        self.deadline: float | None = None
+        self._deadline: float | None = None
+        self._header_bytes = 0
+
+    @property
+    def deadline(self) -> float | None:
+        return self._deadline
+
+    @deadline.setter
+    def deadline(self, value: float | None) -> None:
+        self._deadline, self._header_bytes = value, 0
 
     def readable(self) -> bool:
         return True
@@ -165,7 +178,12 @@ class _DeadlineReader(io.RawIOBase):
             left = self.deadline - time.monotonic()
             if left <= 0:
                 raise TimeoutError("request header deadline passed")
+            if self._header_bytes >= self.MAX_HEADER_BYTES:
+                raise ValueError(f"request header larger than {self.MAX_HEADER_BYTES // 1024} KB")
             self._sock.settimeout(min(left, self._idle_s))
+            got = self._sock.recv_into(buffer)
+            self._header_bytes += got
+            return got
         return self._sock.recv_into(buffer)
 
 

@@ -75,3 +75,36 @@ def test_a_stuck_bus_keeps_the_daemon_measuring_reopens_on_a_schedule_and_recove
     assert outbox.stats().stored_total == stored + 5
     assert len(reopened) == 3
     outbox.close()
+
+
+def test_a_failed_reopen_leaves_the_old_bus_open_for_the_next_try(monkeypatch):
+    """The Pi's re-open opens /dev/i2c-N anew before it closes the stuck handle: when the new one cannot be
+    opened (an adapter briefly gone), the old one is still a bus (Blinka's deinit deletes its handle, after
+    which every transaction would raise AttributeError and no later re-open would be tried). No I2C adapter
+    exists here, so adafruit_extended_bus's ExtendedI2C is the one stand-in."""
+    import sys
+    import types
+
+    class Old:
+        closed = False
+
+        def deinit(self):
+            self.closed = True
+
+    opened = []
+
+    def extended_i2c(bus_id, frequency=None):
+        if not opened:
+            opened.append("failed")
+            raise ValueError(f"no /dev/i2c-{bus_id}")
+        opened.append("new")
+        return f"bus {bus_id}"
+
+    monkeypatch.setitem(sys.modules, "adafruit_extended_bus", types.SimpleNamespace(ExtendedI2C=extended_i2c))
+    cfg = parse_config({})
+    old = Old()
+    reopen = main_mod.bus_reopener(cfg, main_mod.BusChoice(old, False, "i2c"))
+    with pytest.raises(ValueError):
+        reopen(old)
+    assert not old.closed  # still usable: the loop keeps it and tries again later
+    assert reopen(old) == f"bus {cfg.i2c.bus}" and old.closed

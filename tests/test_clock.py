@@ -55,6 +55,20 @@ def test_guard_trusts_a_non_pi_and_waits_for_sync_on_a_pi(clock):
     assert ClockGuard("always", is_pi=True, synced=lambda: False).check().trusted
 
 
+def test_a_slow_sync_check_does_not_stamp_the_cycle_early(clock):
+    """Asking for sync may run timedatectl (hundreds of ms): the boot time the cycle is stamped from is read
+    after it, next to the monotonic reading the caller takes, not before."""
+    c = Clocks(clock, 10**12)
+
+    def slow_sync():
+        clock.advance(0.4)
+        return False
+
+    guard = ClockGuard("sync", is_pi=True, synced=slow_sync, wall_ms=c.wall_ms, boot_ms=c.boot_ms, boot_id=lambda: "b")
+    state = guard.check()
+    assert state.boot_ms == c.boot_ms()  # not 400 ms behind the moment check() returned
+
+
 def test_guard_notices_jumps(clock):
     c = Clocks(clock, 10**12)
     guard = ClockGuard("always", wall_ms=c.wall_ms, boot_ms=c.boot_ms, boot_id=lambda: "b")

@@ -128,6 +128,18 @@ def test_size_cap_drops_oldest_and_reports_it_in_system_points(tmp_path, clock):
     assert max(dropped_fields) > 0
 
 
+def test_a_health_reading_that_fails_leaves_the_cycle_stored_without_its_system_point(tmp_path, clock):
+    """The Pi's health is read from the store's directory too (free space): when that read fails (the
+    directory's file system gone, say), the cycle's readings are still stored and the loop goes on."""
+    daemon, outbox, handler = fake_daemon(tmp_path, clock)
+    daemon.monitor = SystemMonitor(str(tmp_path / "no-such-directory"))
+    for _ in range(3):
+        daemon.run_cycle()
+    lines = [line for _, line, _ in outbox.export()]
+    assert len(lines) == 3 * 4 and all(line.startswith("electricity,") for line in lines)
+    assert daemon.last_system is None and daemon.cycles_done == 3 and handler.top_tier is None
+
+
 @pytest.mark.slow
 def test_power_loss_mid_transaction_keeps_every_committed_cycle(tmp_path):
     """kill -9 with a copy of the DB files taken while the daemon is frozen at a random moment,

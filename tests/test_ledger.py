@@ -592,12 +592,48 @@ def test_report_bad_input_is_one_line_naming_what_and_where(day_store, tmp_path)
     assert bad_file.returncode == 1
     assert bad_file.stderr.strip().splitlines() == [
         f"error: {garbage}: line 2 is not line protocol: 'electricity,channel=x nonsense'"]
+    far = main_py("report", "--config", str(config), "--day", "9999-12-31", cwd=cwd)
+    assert far.returncode == 2 and far.stderr.strip() == "error: --day '9999-12-31' is not between 1970 and 9998"
+    nan = tmp_path / "nan.lp"
+    nan.write_text("electricity,channel=red_house power_w=1.0 1000\nelectricity,channel=red_house power_w=nan 4000\n")
+    long_line = tmp_path / "long.lp"
+    long_line.write_text("electricity,channel=red_house power_w=1.0 1000\n# " + "x" * 70_000 + "\n")
+    escape = tmp_path / "escape.csv"  # a channel named with a terminal escape sequence
+    escape.write_text("time,measurement,channel,power_w\n2026-06-21T00:00:00Z,electricity,red\x1b[2Jhouse,1.0\n")
+    shown = main_py("report", "--config", str(config), "--from", str(escape), cwd=cwd).stdout
+    assert "\x1b" not in shown and "red\\x1b[2Jhouse" in shown
+    for path, why in ((nan, f"{nan}: line 2: power_w nan is not a finite number"),
+                      (long_line, f"{long_line}: line 2 is longer than 64 K characters"),
+                      (Path("/dev/zero"), "/dev/zero: not a regular file")):
+        refused = main_py("report", "--config", str(config), "--from", str(path), cwd=cwd)
+        assert refused.returncode == 1 and len(refused.stderr.strip().splitlines()) == 1, refused.stderr
+        assert refused.stderr.startswith(f"error: {why}"), refused.stderr
     no_site = main_py("report", "--config", str(config), "--day", "2026-06-21", "--site", "nowhere", cwd=cwd)
     assert no_site.returncode == 1 and "no readings of site 'nowhere'" in no_site.stderr
     both = main_py("report", "--config", str(config), "--day", "2026-06-21", "--days", "3", cwd=cwd)
     assert both.returncode == 2 and "not allowed with argument" in both.stderr
     no_store = main_py("report", "--config", str(write_toml(tmp_path / "n.toml", tmp_path / "none")), cwd=cwd)
     assert no_store.returncode == 1 and "no store at" in no_store.stderr and "Traceback" not in no_store.stderr
+
+
+def test_csv_cells_that_start_like_a_formula_stay_text(day_store, tmp_path):
+    """A site or unit named like a spreadsheet formula (a --from file can carry any tag) is written with a
+    leading ' in every CSV, and read back without it."""
+    config, cwd = day_store
+    evil = tmp_path / "evil.lp"
+    site = "=HYPERLINK(\"http://x.example/\")"
+    evil.write_text("".join(f"electricity,channel=red_house,site={site.replace('=', chr(92) + '=')},unit=red_house "
+                            f"power_w=10.0 {1_782_000_000_000 + i * 3000}\n" for i in range(3)))
+    report = main_py("report", "--config", str(config), "--from", str(evil), "--format", "csv", "--days", "3650",
+                     cwd=cwd)
+    assert report.returncode == 0, report.stderr
+    rows = list(csv.reader(io.StringIO(report.stdout)))[1:]
+    assert rows and {row[0] for row in rows} == {"'" + site}
+    from reports import from_text_cell, text_cell
+
+    for text in ("=1+1", "+1", "-1", "@SUM(A1)", "\tx", "\rx", "red_house", "'plain", ""):
+        assert from_text_cell(text_cell(text)) == text and (text_cell(text) == text) == (text[:1] not in "=+-@\t\r"
+                                                                                         or not text)
 
 
 def test_report_defaults_to_today_and_yesterday(day_store):

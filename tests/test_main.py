@@ -328,6 +328,49 @@ def test_under_systemd_ready_after_the_first_stored_cycle_then_status_and_watchd
     assert messages[-1] == "STOPPING=1"
 
 
+def test_ready_comes_with_the_first_cycle_even_when_the_store_fails_from_the_start(tmp_path):
+    """A store that cannot be written from the start (a full card after a reboot): the cycles are held in
+    memory, so READY must not wait for a stored one, or systemd would end the start (and the held cycles)
+    after TimeoutStartSec, again at every restart."""
+    from types import SimpleNamespace
+
+    from daemon import CycleReport
+    from service import ServiceHooks
+
+    calls = []
+    hooks = ServiceHooks(parse_config({}), ErrorHandler(None), tmp_path)
+    hooks.notifier = SimpleNamespace(enabled=True, ready=lambda text: calls.append(("READY", text)),
+                                     status=lambda text: calls.append(("STATUS", text)),
+                                     watchdog=lambda: calls.append(("WATCHDOG", "")))
+    cycle = SimpleNamespace(time_ms=1_780_000_000_000, channels=())
+    for stored in (False, False, True):
+        hooks.after_cycle(CycleReport(cycle, None, stored, 5, 1, None, 0.1))
+    assert [kind for kind, _ in calls] == ["READY", "WATCHDOG", "STATUS", "WATCHDOG", "STATUS", "WATCHDOG"]
+    assert "not stored (held in memory)" in calls[0][1] and "not stored" not in calls[4][1]
+
+
+def test_the_page_history_of_a_store_that_cannot_be_read_is_503_not_an_empty_chart(tmp_path):
+    """The page's own store reader (service.py): a damaged outbox.db is "cannot be read right now" (503,
+    Retry-After), not a 200 that says nothing was stored in 24 hours, cached for a minute."""
+    import urllib.error
+    import urllib.request
+
+    from service import ServiceHooks
+
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "outbox.db").write_bytes(b"this is not an SQLite database" * 200)
+    cfg = parse_config({"store": {"dir": str(store)}, "web": {"enabled": True, "listen": "127.0.0.1:0"}})
+    hooks = ServiceHooks(cfg, ErrorHandler(None), tmp_path)
+    hooks.start()
+    try:
+        with pytest.raises(urllib.error.HTTPError) as caught:
+            urllib.request.urlopen(hooks.page.url + "api/history?hours=1", timeout=10)
+        assert caught.value.code == 503 and caught.value.headers["Retry-After"] == "60"
+    finally:
+        hooks.stop()
+
+
 def test_the_live_page_is_served_while_running(tmp_path):
     import urllib.request
 

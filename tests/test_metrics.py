@@ -151,3 +151,8 @@ def test_metrics_follow_the_latest_cycle_in_base_units_and_the_page_serves_them(
     assert samples[("solarpowerbrampton_error_tier", None)] == 5  # read at scrape time
     assert samples[("solarpowerbrampton_cycle_duration_seconds", None)] == 0.0123
     assert samples[("solarpowerbrampton_cycle_timestamp_seconds", None)] == 1_780_000_000.25
+    # A cycle whose store could not give its counts: no depth, rather than the 0 (or one cycle's lines) the
+    # daemon is left with then.
+    metrics.after_cycle(CycleReport(Cycle(1_780_000_003_250, 4.0, readings, False), None, False, 0, 4, None, 0.01))
+    names = {s.name for family in text_string_to_metric_families(metrics.render()[0].decode()) for s in family.samples}
+    assert "solarpowerbrampton_cycles_total" in names and "solarpowerbrampton_outbox_depth_points" not in names

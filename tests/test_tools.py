@@ -214,6 +214,12 @@ def test_energy_counter_splits_directions_and_does_not_bridge_gaps():
     counter.add(-72.0, 20.0, max_gap_s=20)   # 0.2 Wh out
     counter.add(36.0, 1000.0, max_gap_s=20)  # a long gap: not bridged (the ledger's rule), adds nothing
     counter.add(36.0, 1020.0, max_gap_s=20)  # two intervals exactly: bridged, +0.2 Wh
+    # One skipped slot at interval_s = 3.3: 2 x 3.3 s apart in exact arithmetic, a rounding step more in floats.
+    gap = EnergyCounter()
+    start = 1234.5
+    gap.add(3600.0, start + 6 * 3.3, max_gap_s=2 * 3.3)
+    gap.add(3600.0, start + 8 * 3.3, max_gap_s=2 * 3.3)
+    assert (start + 8 * 3.3) - (start + 6 * 3.3) > 2 * 3.3 and gap.in_wh == pytest.approx(6.6)
     assert counter.in_wh == pytest.approx(0.1 + 0.2)
     assert counter.out_wh == pytest.approx(0.2)
 

@@ -60,3 +60,13 @@ def test_the_led_tier_becomes_the_pages_level(tier, level):
     assert view.derive(snap, [], "p", "s")["status"]["level"] == level
     bogus = view.derive({"status": {"tier": "NO_SUCH_TIER"}}, [], "p", "s")["status"]
     assert bogus["level"] == "fault" and bogus["tier"] == "NO_SUCH_TIER"  # an unknown tier is never "ok"
+
+
+def test_numbers_on_the_page_are_never_a_negative_zero():
+    import math
+
+    from view import _number
+
+    # An idle channel's mean power can round to -0.0 (noise either side of 0): JSON would show "-0.0".
+    assert math.copysign(1.0, _number(-0.0)) == 1.0 and _number(-0.0) == 0.0
+    assert _number(-1.5) == -1.5 and _number(float("nan")) is None and _number(True) is None

@@ -218,6 +218,14 @@ def test_status_is_passed_through_without_urls(page):
     assert status["tier"] == "CONNECTION" and status["level"] == "fault"
     assert status["meaning"] == "The network or the database cannot be reached."
     assert "example.com" not in status["summary"] and "<server>" in status["summary"]
+    # The MQTT broker's messages name it as host:port, and the login: neither reaches the page; times stay.
+    for text, gone in (("SHORT: MQTT broker broker.example.net:8883 refused the login (Not authorized) for user "
+                        "pi-logger-7", ("broker.example", "pi-logger-7")),
+                       ("SHORT: MQTT broker 192.168.1.10:1883: connection lost", ("192.168",))):
+        page.update(snapshot({}, tier="SHORT", summary=text + " at 2026-06-21T12:30:00Z", meaning="m"))
+        summary = now_json(page)["status"]["summary"]
+        assert not any(g in summary for g in gone) and "<server>" in summary, summary
+        assert "2026-06-21T12:30:00Z" in summary
 
 
 def test_update_is_cheap_and_never_encodes(page):
@@ -693,6 +701,35 @@ def test_a_request_header_has_a_deadline_however_slowly_it_trickles(start_page):
     finally:
         slow.close()
     assert _page_loads(page)
+
+
+def test_a_request_header_larger_than_32_kb_is_cut_off_unread(start_page):
+    """http.server alone takes 100 header lines of 64 KB (and ~50 MB to parse them, per request): past
+    32 KB of header the connection is closed, the rest never read, and nothing is answered."""
+    page = start_page()
+    big = socket.create_connection(_address(page))
+    answer = b""
+    try:
+        big.settimeout(10)
+        try:
+            big.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n")
+            for _ in range(41):  # within http.server's own limits (100 lines of 64 KB), far past ours
+                big.sendall(b"X-Big: " + b"a" * 60_000 + b"\r\n")
+            big.sendall(b"\r\n")
+            answer = big.recv(65536)
+        except OSError:
+            pass  # reset: the server closed the connection with our bytes unread
+    finally:
+        big.close()
+    assert not answer.startswith(b"HTTP/1.1 200"), answer[:80]
+    assert _page_loads(page)
+    ok = socket.create_connection(_address(page))
+    try:  # an ordinary request with a few KB of header is served as before
+        ok.settimeout(10)
+        ok.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nCookie: " + b"c" * 4000 + b"\r\n\r\n")
+        assert ok.recv(64).startswith(b"HTTP/1.1 200")
+    finally:
+        ok.close()
 
 
 def test_slowloris_cannot_make_the_page_unreachable(start_page):
