@@ -28,6 +28,8 @@ STAMPS = ("real", "simulated")
 INFLUX_KINDS = ("none", "local", "cloud")
 INFLUX_APIS = ("v1", "v2")
 ADC_SAMPLES = (1, 2, 4, 8, 16, 32, 64, 128)  # the INA219's hardware averaging: conversions per result
+# One ADC result per hardware-averaging setting, s (SBOS448); a chip converts shunt, then bus.
+ADC_TIME_S = dict(zip(ADC_SAMPLES, (532e-6, 1.06e-3, 2.13e-3, 4.26e-3, 8.51e-3, 17.02e-3, 34.05e-3, 68.10e-3)))
 
 
 def key(default: Any = None, check: Callable[[Validator], Callable] | None = None, doc: str = "", *,
@@ -357,6 +359,13 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         )
     if sampling.adc_samples not in ADC_SAMPLES:
         v.problem("sampling.adc_samples", f"{sampling.adc_samples} is not one of {', '.join(map(str, ADC_SAMPLES))}")
+    elif sampling.window_s / sampling.samples < 2 * ADC_TIME_S[sampling.adc_samples]:
+        # CNVR stays set (nothing reads the power register), so a repeated result could not be told apart.
+        v.problem("sampling.samples", f"{sampling.samples} samples over {sampling.window_s} s are "
+                  f"{sampling.window_s / sampling.samples * 1000:.3g} ms apart, less than the "
+                  f"{2 * ADC_TIME_S[sampling.adc_samples] * 1000:.3g} ms one result of both ADCs takes at "
+                  f"adc_samples = {sampling.adc_samples}: samples would repeat a conversion (take fewer samples, "
+                  "a longer window_s or a lower adc_samples)")
     if influx.kind == "cloud":
         if influx.url and cloud_url_problem(influx.url):
             v.problem("influx.url", cloud_url_problem(influx.url))

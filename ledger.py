@@ -25,7 +25,7 @@ import os
 import stat
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -211,8 +211,11 @@ class Accumulator:
     """
 
     def __init__(self, roles: Mapping[str, str], max_gap_ms: int, tz: dt.tzinfo,
-                 lo_ms: int = -(2**62), hi_ms: int = 2**62) -> None:
+                 lo_ms: int = -(2**62), hi_ms: int = 2**62, unit_of: Mapping[str, str] | None = None) -> None:
         self.roles = dict(roles)
+        # A configured channel counts for its configured unit, whatever the line's `unit` tag says (lines
+        # stored before the `channel` tag had the channel's name there; another site may name units so).
+        self.unit_of = dict(unit_of or {})
         self.max_gap_ms = max_gap_ms
         self.tz = tz
         self.lo_ms, self.hi_ms = lo_ms, hi_ms
@@ -235,9 +238,10 @@ class Accumulator:
             self.unknown.add(r.channel)
             return
         self.last_ms = r.time_ms if self.last_ms is None else max(self.last_ms, r.time_ms)
+        unit = self.unit_of.get(r.channel, r.unit)
         if self.lo_ms <= r.time_ms < self.hi_ms:
             self.sites.add(r.site)
-            self.units.setdefault(r.site, set()).add(r.unit)
+            self.units.setdefault(r.site, set()).add(unit)
         key = (r.site, r.channel)
         previous = self._last.get(key)
         if previous is not None and r.time_ms <= previous[0]:
@@ -252,7 +256,7 @@ class Accumulator:
             hour, hour_end = self._hour_of(a)
             e = min(b, hour_end)
             pa, pe = p0 + slope * (a - t0), p0 + slope * (e - t0)
-            cell = self.buckets.setdefault((r.site, r.unit, role, hour), [0.0, 0.0, 0.0])
+            cell = self.buckets.setdefault((r.site, unit, role, hour), [0.0, 0.0, 0.0])
             span_h = (e - a) / HOUR_MS
             if pa * pe >= 0:
                 area = (pa + pe) / 2 * span_h
@@ -305,6 +309,7 @@ class Layout:
     plant: str
     interval_s: float
     site: str
+    unit_of: Mapping[str, str] = field(default_factory=dict)  # channel -> its unit, as configured
 
     @classmethod
     def from_config(cls, config, simulated_time: bool) -> Layout:
@@ -322,7 +327,8 @@ class Layout:
         for c in channels:
             per_role = units.setdefault(c.unit_name, {})
             per_role[c.role] = per_role.get(c.role, 0) + 1
-        return cls({c.name: c.role for c in channels}, units, plant, interval_s, site)
+        return cls({c.name: c.role for c in channels}, units, plant, interval_s, site,
+                   {c.name: c.unit_name for c in channels})
 
     @property
     def max_gap_ms(self) -> int:
@@ -463,7 +469,7 @@ class Settler:
             end = start + SETTLE_SLICE_MS
             if end > ready_ms or (done and self._clock() - began_s > SETTLE_BUDGET_S):
                 break
-            acc = Accumulator(self.layout.roles, gap, self.tz, start, end)
+            acc = Accumulator(self.layout.roles, gap, self.tz, start, end, self.layout.unit_of)
             acc.add_all(readings_from_store(outbox.timed_points(start - gap, end + gap)))
             rows = []
             for (site, unit, role, hour), (in_wh, out_wh, measured_s) in acc.buckets.items():
@@ -579,7 +585,8 @@ class Today:
         start_ms, end_ms = day_bounds(day, self.tz)
         if day != self._day or self._acc is None:
             begin_ms, self._base = self._settled_part(day, start_ms, now_ms)
-            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, begin_ms, end_ms)
+            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, begin_ms, end_ms,
+                                    self.layout.unit_of)
             self._day, self._read_ms = day, begin_ms - self.layout.max_gap_ms
         for reading in readings_from_store(self._source(self._read_ms), self.layout.site):
             self._acc.add(reading)

@@ -589,14 +589,14 @@ def cmd_report(args, config: Config) -> int:
     totals = {}
     try:
         if args.source:
-            acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
+            acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms, layout.unit_of)
             acc.add_all(ledger.readings_from_export(Path(args.source), args.site))
             sites = []
         else:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
                 layout = dataclasses.replace(layout, interval_s=ledger.stamped_interval_s(outbox) or layout.interval_s)
-                acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms)
+                acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms, layout.unit_of)
                 acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
                                                                            hi_ms + layout.max_gap_ms), args.site))
                 totals = ledger.stored_totals(outbox, days, args.site)

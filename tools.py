@@ -28,7 +28,7 @@ import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
-from config import ADC_SAMPLES, ChannelConfig, SamplingConfig
+from config import ADC_SAMPLES, ADC_TIME_S as _ADC_TIME_S, ChannelConfig, SamplingConfig
 from procfs import KeptFile, cpu_percent, cpu_ticks, free_bytes, memory_used_bytes, net_bytes
 from rpi_errors import MeasuringError
 
@@ -54,8 +54,6 @@ _CNVR = 0x02  # bus register bit 1: a conversion finished since the last reset o
 _POINT_AT_BUS = bytes((_REG_BUS,))
 _POINT_AT_SHUNT = bytes((_REG_SHUNT,))
 _SAMPLE = struct.Struct(">Hh")  # one sample as the pass stores it: bus register, shunt register (signed)
-# One ADC result per hardware-averaging setting, s (SBOS448); a chip just configured converts shunt, then bus.
-_ADC_TIME_S = dict(zip(ADC_SAMPLES, (532e-6, 1.06e-3, 2.13e-3, 4.26e-3, 8.51e-3, 17.02e-3, 34.05e-3, 68.10e-3)))
 # A bus on which no sensor answered for this many cycles in a row is stuck (e.g. SDA held low):
 # it is re-opened then, and again every _BUS_REOPEN_EVERY_CYCLES cycles while it stays stuck.
 _BUS_STUCK_CYCLES = 3
@@ -184,12 +182,10 @@ class _Sensor:
 class read_data:  # noqa: N801 - the name is fixed by the design card
     """Averages `samples` INA219 readings per channel over the sampling window.
 
-    `bus` is any object with busio.I2C's methods; `clock` returns monotonic
-    seconds, `sleep(s)` waits, `wall_ms()` returns Unix ms. `reopen_bus(old)`
-    returns a freshly opened bus: called when no sensor has answered for
-    _BUS_STUCK_CYCLES cycles, then every _BUS_REOPEN_EVERY_CYCLES cycles while
-    the bus stays stuck (None: never). Not thread-safe: one measuring thread
-    owns it.
+    `bus` is any object with busio.I2C's methods; `clock` returns monotonic seconds, `sleep(s)` waits,
+    `wall_ms()` returns Unix ms. `reopen_bus(old)` returns a freshly opened bus: called when no sensor has
+    answered for _BUS_STUCK_CYCLES cycles, then every _BUS_REOPEN_EVERY_CYCLES cycles while the bus stays
+    stuck (None: never). Not thread-safe: one measuring thread owns it.
     """
 
     def __init__(
@@ -243,9 +239,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         """Run one sampling window and return the averages.
 
         `window_start_s` (clock s): when the window began, for a caller that woke at its first sample
-        (`window_start_s + lead_s`). None: it begins now. Never raises for a sensor fault: a channel with no good sample has None
-        values and its MeasuringError is in `Cycle.errors`; the others go on.
-        """
+        (`window_start_s + lead_s`). None: it begins now. Never raises for a sensor fault: a channel with no
+        good sample has None values and its MeasuringError is in `Cycle.errors`; the others go on."""
         configured = False
         for sensor in self._sensors:
             sensor.reset_sums()
@@ -261,12 +256,20 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         n = self.sampling.samples
         step_s = self.sampling.window_s / n
         clock, sleep, sample_pass = self._clock, self._sleep, self._sample_pass
+        # Transactions that time out (1 s each on a Pi's stuck bus) must not stretch a cycle to 40 s: past a
+        # window and a step from the first pass (however late that began), the rest of the samples are lost.
+        give_up_s = max(clock(), settled_s) + self.sampling.window_s + step_s
         for k in range(n):
             # Sample k sits in the middle of its slice of the window, so the
             # average is centred on the window's middle, where the point is stamped.
             delay = max(start_s + (k + 0.5) * step_s, settled_s) - clock()
             if delay > 0:
                 sleep(delay)
+            elif k and clock() > give_up_s:
+                for sensor in live:
+                    sensor.lost.extend(range(_SAMPLE.size * k, _SAMPLE.size * n, _SAMPLE.size))
+                    sensor.last_error = sensor.last_error or "the sampling window ran out (transactions timed out)"
+                break
             # One sample pass holds the bus once (busio's try_lock/unlock) for every channel's reads.
             bus = self.bus
             while not bus.try_lock():
@@ -441,12 +444,9 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
 
 @functools.lru_cache(maxsize=256)
 def resolved_digits(step: float, samples: int) -> int:
-    """Decimal places that carry information for a value quantised in `step` units, averaged over `samples`.
-
-    The step's own digit (4 mV -> 3 decimals of a volt), plus one per factor of ten in the samples
-    averaged: an average of ten earns one extra digit, of a hundred two. At least 0; a step of 0 (nothing to
-    resolve, e.g. the power of a channel at 0 V and 0 A) counts as 1e-9.
-    """
+    """Decimal places that carry information for a value quantised in `step` units, averaged over `samples`: the
+    step's own digit (4 mV -> 3 decimals of a volt), plus one per factor of ten in the samples averaged (ten:
+    one more, a hundred: two). At least 0; a step of 0 (e.g. the power at 0 V and 0 A) counts as 1e-9."""
     exponent = math.floor(math.log10(max(step, 1e-9)) + 1e-9)  # + 1e-9: 0.1 is 0.09999... in binary
     return max(-exponent, 0) + (math.floor(math.log10(samples) + 1e-9) if samples > 0 else 0)
 
@@ -512,11 +512,9 @@ class PowerFlags:
 
 
 class PowerFlagReader:
-    """Reads PowerFlags cheaply (one small sysfs read per call); paths injectable for tests.
-
-    Prefers the firmware's get_throttled word (every flag); else the `rpi_volt` hwmon alarm (under-voltage
-    only); off a Pi, no flags. Where each source lives is looked up once. Not thread-safe.
-    """
+    """Reads PowerFlags cheaply (one small sysfs read per call); paths injectable for tests. Prefers the
+    firmware's get_throttled word (every flag); else the `rpi_volt` hwmon alarm (under-voltage only); off a
+    Pi, no flags. Where each source lives is looked up once. Not thread-safe."""
 
     def __init__(self, throttled_path: str = THROTTLED_PATH, hwmon_dir: str = HWMON_DIR) -> None:
         self._throttled_path = throttled_path if os.path.isfile(throttled_path) else None

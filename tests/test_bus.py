@@ -108,3 +108,36 @@ def test_a_failed_reopen_leaves_the_old_bus_open_for_the_next_try(monkeypatch):
         reopen(old)
     assert not old.closed  # still usable: the loop keeps it and tries again later
     assert reopen(old) == f"bus {cfg.i2c.bus}" and old.closed
+
+
+def test_transactions_that_time_out_cannot_stretch_a_window_much_past_its_length(clock):
+    """On a Pi's stuck bus every transaction fails only after the adapter's timeout (about 1 s): ten passes
+    of four channels would take 40 s a cycle. Past a window and a step from the first pass, the rest of the
+    window's samples are lost instead; a bus that answers is sampled in full as before."""
+    cfg = parse_config(CFG)
+    bus = build_simulated_bus(cfg, clock)
+
+    class SlowFailures:  # the emulated bus, with the time a real adapter spends before it gives up
+        def __getattr__(self, name):
+            return getattr(bus, name)
+
+        def writeto_then_readfrom(self, *args, **kwargs):
+            try:
+                bus.writeto_then_readfrom(*args, **kwargs)
+            except OSError:
+                clock.advance(1.0)
+                raise
+
+    reader = read_data(SlowFailures(), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
+                       wall_ms=clock.wall_ms)
+    reader.measure()
+    began = clock()
+    healthy = reader.measure()
+    assert all(r.ok and r.samples == cfg.sampling.samples for r in healthy.channels)
+    assert clock() - began <= cfg.sampling.window_s + 0.01
+    bus.inject(None, "stuck", count=None)
+    began = clock()
+    stuck = reader.measure()
+    took = clock() - began
+    assert not any(r.ok for r in stuck.channels)
+    assert took < 2 * cfg.sampling.window_s + 2 * len(cfg.channels), took  # not 10 passes x 4 channels x 1 s

@@ -60,6 +60,21 @@ def test_power_is_integrated_by_the_trapezoid_and_a_long_gap_is_not_bridged():
     assert figure["coverage"] == pytest.approx((3600 + 60) / 86400, abs=1e-4)
 
 
+def test_a_configured_channel_counts_for_its_configured_unit_whatever_the_lines_unit_tag():
+    """Lines stored before the `channel` tag carried the channel's name in `unit`; an export from another
+    site may name its units otherwise: the config's channel -> unit decides, as for the role."""
+    from types import SimpleNamespace
+
+    channels = [SimpleNamespace(name="red_trade", role="exchange", unit_name="red_house"),
+                SimpleNamespace(name="red_house", role="solar", unit_name="red_house")]
+    lay = Layout.from_channels(channels, "power_plant", 60.0, SITE)
+    acc = ledger.Accumulator(lay.roles, lay.max_gap_ms, LONDON, *ledger.day_bounds(DAY, LONDON), lay.unit_of)
+    acc.add_all(r(t, "red_trade", 10.0, unit="red_trade") for t in range(0, 3601, 60))  # the legacy unit tag
+    unit = day_doc(acc, lay)["units"]
+    assert list(unit) == ["red_house"]
+    assert unit["red_house"]["bought"]["wh"] == pytest.approx(10.0, abs=1e-3)
+
+
 def test_a_sign_change_splits_battery_in_from_out_and_hours_split_at_the_boundary():
     lay = layout()
     acc = ledger.Accumulator(lay.roles, lay.max_gap_ms, LONDON, *ledger.day_bounds(DAY, LONDON))
