@@ -12,6 +12,7 @@ import gzip
 import json
 import logging
 import math
+import re
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -94,6 +95,7 @@ def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -
     return max(when.timestamp() - (time.time() if now is None else now), 0.0)
 
 
+_DROPPED = re.compile(r"\bdropped=(\d{1,9})\b")
 # What InfluxDB (1.x, 2.x, 3.x, Cloud) says when it refuses particular lines, as opposed to a 400 from
 # something else on the way (a proxy, a captive portal, http sent to an https port): only these send the
 # batch through the halving search that quarantines lines.
@@ -127,7 +129,10 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
             f"{said} (not InfluxDB's write answer, 204 No Content: a captive portal or proxy answered; "
             f"check the network, e.g. the SIM's data plan, and the URL)", status=status)
     if status == 422 or (status == 400 and any(marker in low for marker in _LINE_ERRORS)):
-        return RejectedError(f"{said} (lines refused)", status=status)
+        rejected = RejectedError(f"{said} (lines refused)", status=status)
+        counted = _DROPPED.search(_text(body)[-200:])  # where InfluxDB 1.x puts it: past any cut of the message
+        rejected.dropped = int(counted.group(1)) if counted else None
+        return rejected
     if status == 400:
         return RefusedError(f"{said} (request refused: check the URL and settings)", status=status)
     if status in (401, 403):

@@ -120,7 +120,10 @@ class NotFoundError(RefusedError):
 
 
 class RejectedError(RefusedError):
-    """400/422: the server refused some lines of the batch (malformed, type conflict)."""
+    """400/422: the server refused some lines of the batch (malformed, type conflict). `dropped`: how many
+    lines InfluxDB 1.x says it dropped for a type conflict ("partial write: ... dropped=N"), None if unsaid."""
+
+    dropped: int | None = None
 
 
 class TooLargeError(RefusedError):

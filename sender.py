@@ -380,12 +380,17 @@ class Sender:
         self._account(exc.bytes_sent)  # refused requests cost upload too
         result.bytes_sent += exc.bytes_sent
         decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
+        if getattr(exc, "dropped", None) == len(batch) > 1:
+            # InfluxDB 1.x counted every line of the batch dropped (a type conflict on all of them, e.g. a
+            # field whose type changed): no halving search, 2N - 1 requests for nothing; all go at once.
+            decision = Decision(Action.QUARANTINE, failures=decision.failures)
         if decision.action is Action.QUARANTINE:
             reason = str(exc)
-            if not self.outbox.quarantine(batch, reason):
+            moved = self.outbox.quarantine(batch, reason)
+            if not moved:
                 return  # dropped by the size cap meanwhile (counted there)
-            result.quarantined += 1
-            log.warning("quarantined 1 line the server refused: %s | %.200s", reason, batch[0].line)
+            result.quarantined += moved
+            log.warning("quarantined %d line(s) the server refused: %s | %.200s", moved, reason, batch[0].line)
             self.handler.report(SendingError(
                 f"the server refused {result.quarantined} line(s); they are quarantined in the store "
                 f"(`main.py export`): {reason}", key="quarantine"))

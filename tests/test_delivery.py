@@ -333,6 +333,26 @@ def test_a_request_failing_mid_drain_loses_and_duplicates_nothing(victoria, make
     assert outbox.stats().queue_depth == 0
 
 
+def test_a_batch_influxdb_drops_whole_is_quarantined_at_once_without_a_halving_search(
+        influxdb1, make_proxy, outbox, clock):
+    """A field whose type changed makes InfluxDB 1.6.7 drop every line of a batch ("partial write: field type
+    conflict ... dropped=N" with N the whole batch): one request, not the 2N - 1 of a halving search on a SIM
+    plan; all N quarantined together, each counted."""
+    influxdb1.create_database("conflict")
+    proxy = make_proxy(influxdb1.url)
+    t0 = int(time.time() * 1000) - 100_000
+    outbox.append([(t0, f"electricity,site=test,unit=c current_ma=1.5 {t0}")])  # the field is a float
+    sender = make_sender(v1_writer(proxy.url, "conflict"), outbox, clock)
+    assert sender.flush().delivered == 1
+    rows = [(t0 + 10 * i, f"electricity,site=test,unit=c current_ma={i}i {t0 + 10 * i}") for i in range(1, 501)]
+    outbox.append(rows)
+    result = sender.flush()
+    assert result.error is None and result.quarantined == 500 and result.delivered == 0
+    assert [r.status for r in proxy.log] == [204, 400]  # the refused batch once, no halves
+    assert outbox.stats().queue_depth == 0 and outbox.stats().quarantined == 500
+    assert [line for _, line, s in outbox.export() if s == "quarantined"] == [line for _, line in rows]
+
+
 def test_influxdb_keeps_the_good_lines_of_a_partly_refused_batch_and_stores_each_point_once(
         influxdb1, make_proxy, outbox, clock):
     # InfluxDB 1.6.7 answers a batch with a bad line 400 "partial write" and stores the good lines; the

@@ -69,6 +69,13 @@ def test_a_password_echoed_in_go_json_or_past_the_cut_is_scrubbed():
     assert "p&ss" not in str(error_for_status(401, '{"error": "p\\u0026ss<w0rd>Secret"}', {}, "u", "x", (password,)))
 
 
+def test_the_count_influxdb1_dropped_is_kept_even_past_the_messages_cut():
+    long = "partial write: field type conflict: input field \\\"current_ma\\\" on measurement " + "x" * 300
+    error = error_for_status(400, '{"error":"' + long + ' dropped=5000"}', {}, "u", "x")
+    assert isinstance(error, RejectedError) and error.dropped == 5000 and "dropped=5000" not in str(error)
+    assert error_for_status(422, '{"code":"invalid","message":"bad line"}', {}, "u", "x").dropped is None
+
+
 def test_retry_after_forms():
     assert retry_after_s({"Retry-After": "7"}) == 7
     assert retry_after_s({"retry-after": "0"}) == 0
