@@ -150,8 +150,8 @@ class ClockGuard:
 
     def check(self) -> ClockState:
         newly = False
-        if not self._trusted and self._boot_ms() >= self._next_sync_check:
-            self._next_sync_check = self._boot_ms() + self._recheck_ms
+        if not self._trusted and (asked_ms := self._boot_ms()) >= self._next_sync_check:
+            self._next_sync_check = asked_ms + self._recheck_ms
             if self._synced() is True:
                 self._trusted = newly = True
                 log.info("the clock is synced (NTP): readings held back so far get corrected timestamps")

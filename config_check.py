@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import datetime as dt
 import math
-import os
 import re
 import stat
 import unicodedata
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
+
+from smallfile import FileTooLarge, NotRegularFile, read_regular
 
 INVALID = object()
 _IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
@@ -30,7 +31,7 @@ class Validator:
 
     def problem(self, path: str, message: str) -> object:
         # Keys come from the file too: control characters shown escaped keep one problem on one line.
-        self.problems.append(f"at '{_escape(path)}': {_escape(message)}")
+        self.problems.append(f"at '{escape_controls(path)}': {escape_controls(message)}")
         return INVALID
 
     def unknown(self, table: Mapping[str, Any], known: set[str], where: str) -> None:
@@ -94,7 +95,7 @@ class Validator:
             return value
         scheme, rest = value.split("://", 1)
         if scheme.lower() in ("http", "https"):
-            hidden = "@" in re.split(r"[?#]", rest, maxsplit=1)[0]  # any user part: a token goes there too
+            hidden = _has_user_part(rest)  # any user part: a token goes there too
         else:
             hidden = ":" in rest.split("/", 1)[0].rpartition("@")[0]  # ssh://user@host is fine, user:pw@ not
         if hidden:
@@ -142,25 +143,19 @@ class Validator:
         if value is INVALID or not value:
             return value
         try:
-            # Non-blocking: a FIFO put there would otherwise hold the start until something writes to it.
-            fd = os.open(value, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-            try:
-                mode = os.fstat(fd).st_mode
-                if stat.S_ISDIR(mode):
-                    return self.problem(path, f"{value!r} is a directory, not a PEM file")
-                if not stat.S_ISREG(mode):
-                    return self.problem(path, f"{value!r} is not a regular file")
-                data = os.read(fd, _MAX_PEM_BYTES + 1)
-            finally:
-                os.close(fd)
+            data = read_regular(value, _MAX_PEM_BYTES)  # a FIFO put there would otherwise hold the start
+        except NotRegularFile as exc:
+            if stat.S_ISDIR(exc.mode):
+                return self.problem(path, f"{value!r} is a directory, not a PEM file")
+            return self.problem(path, f"{value!r} is not a regular file")
+        except FileTooLarge:
+            return self.problem(path, f"{value!r} is larger than 1 MB: not a file of CA certificates")
         except FileNotFoundError:
             return self.problem(path, f"{value!r}: no such file")
         except PermissionError:
             return self.problem(path, f"{value!r} cannot be read by this user (permission denied)")
         except OSError as exc:
             return self.problem(path, f"{value!r} cannot be read ({exc.strerror or type(exc).__name__})")
-        if len(data) > _MAX_PEM_BYTES:
-            return self.problem(path, f"{value!r} is larger than 1 MB: not a file of CA certificates")
         if b"-----BEGIN CERTIFICATE-----" not in data:
             return self.problem(path, f"{value!r} holds no PEM certificate (-----BEGIN CERTIFICATE-----)")
         import ssl
@@ -297,7 +292,7 @@ class Validator:
         value = self.text(value, path)
         if value is INVALID or not value:
             return value
-        if "@" in re.split(r"[?#]", value, maxsplit=1)[0]:
+        if _has_user_part(value):
             # user:password@ would end up in logs and messages: credentials have their own keys. Checked
             # first, and not quoted: a password may hold '/' or follow a mistyped scheme.
             return self.problem(path, "must not contain a user or password (use username / password_file)")
@@ -351,6 +346,11 @@ class Validator:
         return check
 
 
+def _has_user_part(url: str) -> bool:
+    """An '@' before the query or fragment: a user (or user:password, which may hold '/') in a URL."""
+    return "@" in re.split(r"[?#]", url, maxsplit=1)[0]
+
+
 def _control_character(text: str) -> str | None:
     """The first control character (NUL, newline, DEL, C1...) in `text`, or None."""
     for char in text:
@@ -359,8 +359,9 @@ def _control_character(text: str) -> str | None:
     return None
 
 
-def _escape(text: str) -> str:
-    """`text` with control characters (and line/paragraph separators) as Python escapes."""
+def escape_controls(text: str) -> str:
+    """`text` with control characters (and line/paragraph separators) as Python escapes: how a value from a
+    file is shown in a message or a table without a terminal obeying it."""
     if all(char.isprintable() or char == " " for char in text):
         return text
     return "".join(char if char.isprintable() or char == " " else repr(char)[1:-1] for char in text)

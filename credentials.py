@@ -16,6 +16,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from urllib.parse import quote, quote_plus
 
+from smallfile import FileTooLarge, NotRegularFile, read_regular
+
 # Under systemd, LoadCredential= puts the token here: $CREDENTIALS_DIRECTORY/influx-token.
 TOKEN_ENV = "INFLUXDB_TOKEN"
 PASSWORD_ENV = "INFLUXDB_PASSWORD"
@@ -67,25 +69,22 @@ class Secret:
                 st = os.stat(self.path)
             except OSError as exc:
                 raise SecretError(f"secret file {_shown(self.path)}: {exc.strerror}") from None
-            if not stat.S_ISREG(st.st_mode):  # a FIFO or a device would block the read, or never end
-                raise SecretError(f"secret file {self.path} is not a regular file")
-            if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) and not _is_systemd_credential(self.path):
+            if stat.S_ISREG(st.st_mode) and st.st_mode & (stat.S_IRWXG | stat.S_IRWXO) \
+                    and not _is_systemd_credential(self.path):
                 raise SecretError(
                     f"secret file {self.path} is readable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
                     f"run chmod 600 {self.path}"
                 )
-            if st.st_size > _MAX_SECRET_BYTES:
-                raise SecretError(f"secret file {self.path} is {st.st_size} bytes: too big for a token or password "
-                                  "(is it the right file?)")
             key = (st.st_mtime, st.st_size)
             if self._cached is None or self._cached[:2] != key:
                 try:
-                    # Non-blocking and bounded: the file may have been swapped for a FIFO since the stat.
-                    fd = os.open(self.path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-                    try:
-                        text = os.read(fd, _MAX_SECRET_BYTES + 1).decode("utf-8").strip()
-                    finally:
-                        os.close(fd)
+                    # A FIFO or a device would block the read, or never end; a big file is the wrong file.
+                    text = read_regular(self.path, _MAX_SECRET_BYTES).decode("utf-8").strip()
+                except NotRegularFile:
+                    raise SecretError(f"secret file {self.path} is not a regular file") from None
+                except FileTooLarge as exc:
+                    raise SecretError(f"secret file {self.path} is {exc.size} bytes: too big for a token or "
+                                      "password (is it the right file?)") from None
                 except (OSError, UnicodeDecodeError) as exc:
                     raise SecretError(f"secret file {self.path} cannot be read: {type(exc).__name__}") from None
                 self._cached = (*key, _checked(text, f"secret file {self.path}"))

@@ -119,7 +119,8 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
     """
     if status == 204 and not body:
         return None
-    text = _detail(scrub(_text(body), *secrets), secrets)
+    raw = _text(body)
+    text = _detail(scrub(raw, *secrets), secrets)
     said = f"HTTP {status} from {target}" + (f": {text}" if text else "")
     if truncated:
         said += f" (answer longer than {MAX_ANSWER_BYTES // 1024} KB: not read further)"
@@ -130,7 +131,7 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
             f"check the network, e.g. the SIM's data plan, and the URL)", status=status)
     if status == 422 or (status == 400 and any(marker in low for marker in _LINE_ERRORS)):
         rejected = RejectedError(f"{said} (lines refused)", status=status)
-        counted = _DROPPED.search(_text(body)[-200:])  # where InfluxDB 1.x puts it: past any cut of the message
+        counted = _DROPPED.search(raw[-200:])  # where InfluxDB 1.x puts it: past any cut of the message
         rejected.dropped = int(counted.group(1)) if counted else None
         return rejected
     if status == 400:

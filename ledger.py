@@ -30,6 +30,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from config import MAX_INTERVAL_S, MAX_SPEED
+from config_check import escape_controls
 from reports import from_text_cell, text_cell
 from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
@@ -334,6 +335,11 @@ class Layout:
     def max_gap_ms(self) -> int:
         return round(2 * self.interval_s * 1000)
 
+    def accumulator(self, tz: dt.tzinfo, lo_ms: int, hi_ms: int, max_gap_ms: int | None = None) -> Accumulator:
+        """An Accumulator over [lo_ms, hi_ms) for these channels' roles and units (gap: max_gap_ms)."""
+        gap = self.max_gap_ms if max_gap_ms is None else max_gap_ms
+        return Accumulator(self.roles, gap, tz, lo_ms, hi_ms, self.unit_of)
+
     def figures(self, unit: str, role: str, in_wh: float, out_wh: float) -> dict[str, float]:
         into, out = PLANT_EXCHANGE if (role == "exchange" and unit == self.plant) else ROLE_FIGURES[role]
         result = {into: in_wh}
@@ -469,7 +475,7 @@ class Settler:
             end = start + SETTLE_SLICE_MS
             if end > ready_ms or (done and self._clock() - began_s > SETTLE_BUDGET_S):
                 break
-            acc = Accumulator(self.layout.roles, gap, self.tz, start, end, self.layout.unit_of)
+            acc = self.layout.accumulator(self.tz, start, end, gap)
             acc.add_all(readings_from_store(outbox.timed_points(start - gap, end + gap)))
             rows = []
             for (site, unit, role, hour), (in_wh, out_wh, measured_s) in acc.buckets.items():
@@ -585,8 +591,7 @@ class Today:
         start_ms, end_ms = day_bounds(day, self.tz)
         if day != self._day or self._acc is None:
             begin_ms, self._base = self._settled_part(day, start_ms, now_ms)
-            self._acc = Accumulator(self.layout.roles, self.layout.max_gap_ms, self.tz, begin_ms, end_ms,
-                                    self.layout.unit_of)
+            self._acc = self.layout.accumulator(self.tz, begin_ms, end_ms)
             self._day, self._read_ms = day, begin_ms - self.layout.max_gap_ms
         for reading in readings_from_store(self._source(self._read_ms), self.layout.site):
             self._acc.add(reading)
@@ -631,24 +636,19 @@ def _cell(figure: dict) -> str:
     return f"{figure['wh']:.2f} ({figure['coverage'] * 100:.0f}%)"
 
 
-def _shown(name: str) -> str:
-    """A name from the data as a terminal shows it: control characters (escape sequences) escaped."""
-    return name if name.isprintable() else "".join(c if c.isprintable() else repr(c)[1:-1] for c in name)
-
-
 def as_table(document: dict) -> str:
     """The report for a person: one block per site and day, one row per unit, Wh (coverage %)."""
     out = []
     for site, site_doc in document["sites"].items():
         for day, day_doc in site_doc["days"].items():
-            out.append(f"{_shown(site)}  {day}  (Wh, share of the day measured; time zone {document['time_zone']})")
+            out.append(f"{escape_controls(site)}  {day}  (Wh, share of the day measured; time zone {document['time_zone']})")
             head = f"{'unit':<16}" + "".join(f"{f.replace('_', ' '):>18}" for f in FIGURES)
             out += [head, "-" * len(head)]
             for unit, figures in day_doc["units"].items():
-                out.append(f"{_shown(unit):<16}" + "".join(f"{_cell(figures[f]):>18}" for f in FIGURES))
+                out.append(f"{escape_controls(unit):<16}" + "".join(f"{_cell(figures[f]):>18}" for f in FIGURES))
             out.append("")
     if document.get("unknown_channels"):
-        out.append("left out (not in the config): " + ", ".join(map(_shown, document["unknown_channels"])))
+        out.append("left out (not in the config): " + ", ".join(map(escape_controls, document["unknown_channels"])))
     return "\n".join(out).rstrip() + "\n"
 
 

@@ -234,11 +234,10 @@ def check_mqtt_secret(config: Config) -> None:
     mqtt = config.mqtt
     if not mqtt.enabled or not (mqtt.username or mqtt.password_file):
         return
-    from credentials import Secret, SecretError
-    from mqtt_output import PASSWORD_ENV
+    from credentials import MQTT_PASSWORD_ENV, Secret, SecretError
 
     try:
-        Secret(PASSWORD_ENV, mqtt.password_file).value()
+        Secret(MQTT_PASSWORD_ENV, mqtt.password_file).value()
     except SecretError as exc:
         raise ConfigError(config.source, [f"at 'mqtt.password_file': {exc}"]) from None
 
@@ -589,14 +588,14 @@ def cmd_report(args, config: Config) -> int:
     totals = {}
     try:
         if args.source:
-            acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms, layout.unit_of)
+            acc = layout.accumulator(tz, lo_ms, hi_ms)
             acc.add_all(ledger.readings_from_export(Path(args.source), args.site))
             sites = []
         else:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
                 layout = dataclasses.replace(layout, interval_s=ledger.stamped_interval_s(outbox) or layout.interval_s)
-                acc = ledger.Accumulator(layout.roles, layout.max_gap_ms, tz, lo_ms, hi_ms, layout.unit_of)
+                acc = layout.accumulator(tz, lo_ms, hi_ms)
                 acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
                                                                            hi_ms + layout.max_gap_ms), args.site))
                 totals = ledger.stored_totals(outbox, days, args.site)

@@ -33,7 +33,6 @@ from transport import call_within
 
 log = logging.getLogger(__name__)
 
-PASSWORD_ENV = MQTT_PASSWORD_ENV
 KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 5.0
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
@@ -159,6 +158,11 @@ def make_client(client_id: str):
     return Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id)
 
 
+def _doubled(delay_s: float) -> float:
+    """The next reconnect backoff after `delay_s` (0: none yet): from RECONNECT_MIN_S doubling to RECONNECT_MAX_S."""
+    return min(max(delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
+
+
 def refusal(reason_code, where: str, username: str) -> str:
     """The problem for a CONNACK that refused the connection (paho's ReasonCode `reason_code`)."""
     why = str(reason_code)
@@ -194,7 +198,7 @@ class MqttOutput:
         self.status_topic = f"{self.mqtt.discovery_prefix}/status"
         self.where = f"{self.mqtt.host}:{self.mqtt.effective_port}"
         self.client_id = self.mqtt.client_id or f"solarpowerbrampton-{site}"
-        self.secret = Secret(PASSWORD_ENV, self.mqtt.password_file, environ)
+        self.secret = Secret(MQTT_PASSWORD_ENV, self.mqtt.password_file, environ)
         self.units: dict[str, list[str]] = {}  # unit -> its channels, in config order
         for channel in config.channels:
             self.units.setdefault(channel.unit_name, []).append(channel.name)
@@ -494,7 +498,7 @@ class MqttOutput:
         return True
 
     def _next_delay(self) -> float:
-        self._delay_s = min(max(self._delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S)
+        self._delay_s = _doubled(self._delay_s)
         return max(self._delay_s, self._oversize_delay_s)
 
     def _shutdown(self, client) -> None:
@@ -543,7 +547,7 @@ class MqttOutput:
         oversize, client.oversize = client.oversize, 0
         # The broker sends a retained message again at every connection: each one succeeds, yet the same
         # packet closes it, so such closings back off on their own (doubling to RECONNECT_MAX_S).
-        self._oversize_delay_s = min(max(self._oversize_delay_s * 2, RECONNECT_MIN_S), RECONNECT_MAX_S) if oversize else 0.0
+        self._oversize_delay_s = _doubled(self._oversize_delay_s) if oversize else 0.0
         if oversize and not self._stopping:
             self._report(f"MQTT broker {self.where} sent a packet of {oversize} bytes, more than "
                          f"{MAX_PACKET_BYTES // 1024} KB (a retained message on {self.status_topic}?): "

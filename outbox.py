@@ -426,9 +426,9 @@ class Outbox:
             moved = db.executemany("INSERT INTO quarantine (time_ms, line, reason, quarantined_ms) SELECT time_ms, "
                                    "line, ?, ? FROM points WHERE id = ? AND sent_ms IS NULL",
                                    ((reason, now, r.id) for r in rows)).rowcount
-            removed = db.executemany("DELETE FROM points WHERE id = ? AND sent_ms IS NULL",
-                                     ((r.id,) for r in rows)).rowcount
-            _count(db, unsent_count=-removed, quarantined_count=moved)
+            # The same rows (one transaction): the ones copied are the ones deleted.
+            db.executemany("DELETE FROM points WHERE id = ? AND sent_ms IS NULL", ((r.id,) for r in rows))
+            _count(db, unsent_count=-moved, quarantined_count=moved)
         return moved
 
     # -- the clock -------------------------------------------------------

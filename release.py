@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from clock import now_iso
+from smallfile import read_regular
 
 log = logging.getLogger(__name__)
 
@@ -146,15 +147,9 @@ def clean_state(raw: Any) -> dict[str, Any]:
 def read_json(path: Path) -> Any:
     """The JSON document at `path`; None if missing. Raises OSError/ValueError."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+        data = read_regular(path, _MAX_STATE_BYTES, follow_links=False)
     except FileNotFoundError:
         return None
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise ValueError(f"{path} is not a regular file")
-        data = f.read(_MAX_STATE_BYTES + 1)
-    if len(data) > _MAX_STATE_BYTES:
-        raise ValueError(f"{path} is larger than {_MAX_STATE_BYTES} bytes")
     return json.loads(data.decode("utf-8"))
 
 

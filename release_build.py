@@ -35,7 +35,6 @@ from release import short_sha
 log = logging.getLogger(__name__)
 
 SERVICE_USER = "solarpower"
-SECRET_ENV = SECRET_ENV_NAMES
 GIT_TIMEOUT_S = 120.0
 SELFTEST_TIMEOUT_S = 300.0
 _AUTO = "auto"
@@ -47,10 +46,10 @@ class StepFailed(Exception):
 
 # -- child processes ------------------------------------------------------------------------------
 def child_env(extra: Mapping[str, str] | None = None, base: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for git, pip and the self-test: without any secret (SECRET_ENV, INFLUXDB_*)."""
+    """The environment for git, pip and the self-test: without any secret (SECRET_ENV_NAMES, INFLUXDB_*)."""
     env = dict(os.environ if base is None else base)
     for name in list(env):
-        if name in SECRET_ENV or name.startswith("INFLUXDB_"):
+        if name in SECRET_ENV_NAMES or name.startswith("INFLUXDB_"):
             del env[name]
     env.update(extra or {})
     return env

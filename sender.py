@@ -112,12 +112,16 @@ def retry_decision(outcome: Exception, failures: int, policy: Policy, rng: rando
     """What to do after `outcome` (the writer's typed error) on a batch of `lines` lines, after `failures`
     consecutive unreachable outcomes. Pure: nothing but `rng.uniform` (the jitter) is touched.
 
-    Lines refused or too large: split, or quarantine a single line. Throttled: wait Retry-After, capped
+    Lines refused or too large: split, or quarantine a single line (or every line, when the server says it
+    dropped them all). Throttled: wait Retry-After, capped
     (the default when absent); the failure count is kept. Unreachable: exponential backoff with jitter
     (many Pis must not retry in step). Any other refusal (auth, not found): wait refused_retry_s.
     """
     if isinstance(outcome, (RejectedError, TooLargeError)):
-        return Decision(Action.QUARANTINE if lines <= 1 else Action.SPLIT, failures=failures)
+        # InfluxDB 1.x may say it dropped every line (a type conflict on all of them, e.g. a field whose type
+        # changed): all go at once, not through a halving search's 2N - 1 requests.
+        everything = getattr(outcome, "dropped", None) == lines
+        return Decision(Action.QUARANTINE if lines <= 1 or everything else Action.SPLIT, failures=failures)
     if isinstance(outcome, ThrottledError):
         wait = outcome.retry_after_s if outcome.retry_after_s is not None else policy.throttle_default_s
         return Decision(Action.WAIT, min(max(wait, 1.0), policy.throttle_max_s), failures)
@@ -349,12 +353,10 @@ class Sender:
             if len(rows) == len(batch):
                 self._refused(exc, rows, result, deadline)
             elif rows:  # the size cap dropped part of the batch meanwhile: the refusal may have been theirs
-                self._account(exc.bytes_sent)
-                result.bytes_sent += exc.bytes_sent
+                self._account(exc.bytes_sent, result)
                 self._send(rows, result, deadline)
             return False
-        self._account(sent)
-        result.bytes_sent += sent
+        self._account(sent, result)
         return True
 
     def _send(self, batch: list[Pending], result: FlushResult, deadline: float | None) -> None:
@@ -368,22 +370,16 @@ class Sender:
         except (RejectedError, TooLargeError) as exc:
             self._refused(exc, batch, result, deadline)
             return
-        self._account(sent)
+        self._account(sent, result)
         self.outbox.mark_sent(p.id for p in batch)
         result.delivered += len(batch)
-        result.bytes_sent += sent
 
     def _refused(self, exc: RejectedError | TooLargeError, batch: list[Pending], result: FlushResult,
                  deadline: float | None) -> None:
         """The server refused lines of `batch` (or it was too large): quarantine a single line, else
         send the halves."""
-        self._account(exc.bytes_sent)  # refused requests cost upload too
-        result.bytes_sent += exc.bytes_sent
+        self._account(exc.bytes_sent, result)  # refused requests cost upload too
         decision = retry_decision(exc, self._failures, self.policy, self._rng, lines=len(batch))
-        if getattr(exc, "dropped", None) == len(batch) > 1:
-            # InfluxDB 1.x counted every line of the batch dropped (a type conflict on all of them, e.g. a
-            # field whose type changed): no halving search, 2N - 1 requests for nothing; all go at once.
-            decision = Decision(Action.QUARANTINE, failures=decision.failures)
         if decision.action is Action.QUARANTINE:
             reason = str(exc)
             moved = self.outbox.quarantine(batch, reason)
@@ -399,7 +395,9 @@ class Sender:
         self._send(batch[:half], result, deadline)
         self._send(batch[half:], result, deadline)
 
-    def _account(self, sent_bytes: int) -> None:
+    def _account(self, sent_bytes: int, result: FlushResult) -> None:
+        """Count a request's upload in the flush's bytes and against the upload budget."""
+        result.bytes_sent += sent_bytes
         rate = self.policy.max_upload_bytes_per_s
         if rate > 0:
             self._next_send_allowed = max(self._next_send_allowed, self._clock()) + sent_bytes / rate

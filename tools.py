@@ -258,18 +258,20 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         clock, sleep, sample_pass = self._clock, self._sleep, self._sample_pass
         # Transactions that time out (1 s each on a Pi's stuck bus) must not stretch a cycle to 40 s: past a
         # window and a step from the first pass (however late that began), the rest of the samples are lost.
-        give_up_s = max(clock(), settled_s) + self.sampling.window_s + step_s
+        give_up_s = math.inf
         for k in range(n):
             # Sample k sits in the middle of its slice of the window, so the
             # average is centred on the window's middle, where the point is stamped.
-            delay = max(start_s + (k + 0.5) * step_s, settled_s) - clock()
-            if delay > 0:
-                sleep(delay)
-            elif k and clock() > give_up_s:
+            target_s, now_s = max(start_s + (k + 0.5) * step_s, settled_s), clock()
+            if now_s < target_s:
+                sleep(target_s - now_s)
+            elif now_s > give_up_s:
                 for sensor in live:
                     sensor.lost.extend(range(_SAMPLE.size * k, _SAMPLE.size * n, _SAMPLE.size))
                     sensor.last_error = sensor.last_error or "the sampling window ran out (transactions timed out)"
                 break
+            if not k:
+                give_up_s = max(now_s, target_s) + self.sampling.window_s + step_s
             # One sample pass holds the bus once (busio's try_lock/unlock) for every channel's reads.
             bus = self.bus
             while not bus.try_lock():

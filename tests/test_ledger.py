@@ -68,7 +68,7 @@ def test_a_configured_channel_counts_for_its_configured_unit_whatever_the_lines_
     channels = [SimpleNamespace(name="red_trade", role="exchange", unit_name="red_house"),
                 SimpleNamespace(name="red_house", role="solar", unit_name="red_house")]
     lay = Layout.from_channels(channels, "power_plant", 60.0, SITE)
-    acc = ledger.Accumulator(lay.roles, lay.max_gap_ms, LONDON, *ledger.day_bounds(DAY, LONDON), lay.unit_of)
+    acc = lay.accumulator(LONDON, *ledger.day_bounds(DAY, LONDON))
     acc.add_all(r(t, "red_trade", 10.0, unit="red_trade") for t in range(0, 3601, 60))  # the legacy unit tag
     unit = day_doc(acc, lay)["units"]
     assert list(unit) == ["red_house"]
@@ -639,8 +639,8 @@ def test_csv_cells_that_start_like_a_formula_stay_text(day_store, tmp_path):
     site = "=HYPERLINK(\"http://x.example/\")"
     evil.write_text("".join(f"electricity,channel=red_house,site={site.replace('=', chr(92) + '=')},unit=red_house "
                             f"power_w=10.0 {1_782_000_000_000 + i * 3000}\n" for i in range(3)))
-    report = main_py("report", "--config", str(config), "--from", str(evil), "--format", "csv", "--days", "3650",
-                     cwd=cwd)
+    report = main_py("report", "--config", str(config), "--from", str(evil), "--format", "csv",
+                     "--day", "2026-06-21", cwd=cwd)  # the lines' own day (London), whatever today is
     assert report.returncode == 0, report.stderr
     rows = list(csv.reader(io.StringIO(report.stdout)))[1:]
     assert rows and {row[0] for row in rows} == {"'" + site}

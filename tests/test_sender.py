@@ -29,6 +29,11 @@ class MaxRandom(random.Random):
 def test_refused_lines_split_a_batch_and_quarantine_a_single_line(error):
     assert retry_decision(error, 3, POLICY, random.Random(1), lines=10) == Decision(Action.SPLIT, failures=3)
     assert retry_decision(error, 3, POLICY, random.Random(1), lines=1) == Decision(Action.QUARANTINE, failures=3)
+    everything = RejectedError("HTTP 400: partial write: field type conflict dropped=10")
+    everything.dropped = 10  # InfluxDB 1.x said so for the whole batch: no halving search
+    assert retry_decision(everything, 3, POLICY, random.Random(1), lines=10) == Decision(Action.QUARANTINE, failures=3)
+    everything.dropped = 9
+    assert retry_decision(everything, 3, POLICY, random.Random(1), lines=10) == Decision(Action.SPLIT, failures=3)
 
 
 @pytest.mark.parametrize("retry_after_s,wait_s", [(None, 30.0), (120.0, 120.0), (0.0, 1.0), (99999.0, 900.0)])

@@ -180,7 +180,7 @@ class Site:
         git("init", "-q", "--bare", "-b", "main", str(self.remote), cwd=base)
         git("init", "-q", "-b", "main", str(self.work), cwd=base)
         for module in ("config.py", "config_check.py", "updater.py", "release.py", "release_build.py", "clock.py",
-                       "credentials.py",
+                       "credentials.py", "smallfile.py",
                        "safepip.py"):  # what updater.py imports
             shutil.copy(PROJECT / module, self.work / module)
         (self.work / "requirements.txt").write_text("")
