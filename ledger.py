@@ -31,7 +31,7 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from config import MAX_INTERVAL_S, MAX_SPEED
 from config_check import escape_controls
-from reports import from_text_cell, text_cell
+from reports import NOT_DELIVERABLE, STATUS_COLUMN, from_text_cell, text_cell
 from schema import ELECTRICITY, POWER_FIELDS, channel_power, parse_line
 
 log = logging.getLogger(__name__)
@@ -183,11 +183,15 @@ def _csv_readings(lines: Iterable[str], path: Path) -> Iterator[Reading]:
                           "(not a `main.py export --format csv` file?)")
     col = {name: names.index(name) for name in ("time", "measurement", "site", "unit", "channel", "power_w")
            if name in names}
+    # Exports since the status column: the last one (a tag or field of that name is headed apart).
+    status = len(header) - 1 if header[-1] == STATUS_COLUMN else None
     for number, row in enumerate(rows, 2):
         if len(row) != len(header):
             raise ExportError(f"{path}: line {number} has {len(row)} cells, the header {len(header)}")
         if row[col["measurement"]] != ELECTRICITY or not row[col["power_w"]]:
             continue
+        if status is not None and row[status] in NOT_DELIVERABLE:
+            continue  # held for the clock or quarantined: left out, as from the store
         try:
             when = dt.datetime.fromisoformat(row[col["time"]].replace("Z", "+00:00"))
             if when.tzinfo is None:

@@ -24,7 +24,7 @@ from clock import iso_ms
 from config import Config, ConfigError
 from daemon import Daemon, load_energy
 from outbox import DB_NAME, Outbox, OutboxStats, StoreError, format_mb
-from reports import cycle_json, cycle_table, export_csv
+from reports import cycle_json, cycle_table, export_csv, export_lp
 from rpi_errors import CriticalError, ErrorHandler, MeasuringError, SolarError, StatusLED, Tier, is_raspberry_pi, make_led
 from service import ServiceHooks, console_wanted
 
@@ -545,8 +545,7 @@ def cmd_export(args, config: Config) -> int:
         if args.format == "csv":
             export_csv(lambda: outbox.export(since_ms), sys.stdout, local_time=args.local_time)
         else:
-            for _, line, _ in outbox.export(since_ms):
-                sys.stdout.write(line + "\n")
+            export_lp(outbox.export(since_ms), sys.stdout)
     except StoreError as exc:
         sys.stdout.flush()
         print(f"error: {exc}", file=sys.stderr)
@@ -639,7 +638,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("check", "check config, I2C bus, sensors and store (what a technician runs)")
     status = add("status", "show the store's queue, last send and errors", simulate=False)
     status.add_argument("--json", action="store_true", help="print one JSON object")
-    export = add("export", "print every stored point (sent, unsent and quarantined)", simulate=False)
+    export = add("export", "print every stored point (sent, unsent, held and quarantined; in line protocol the "
+                           "held and quarantined ones as comments)", simulate=False)
     export.add_argument("--since", metavar="ISO", help="only points at or after this time")
     export.add_argument("--format", choices=("lp", "csv"), default="lp", help="line protocol (default) or CSV")
     export.add_argument("--local-time", action="store_true",

@@ -78,12 +78,28 @@ def pi_power_text(system) -> str:
     return ", ".join(words)
 
 
+STATUS_COLUMN = "status"  # export_csv's last column: what the store did with the point
+# Lines the store holds but InfluxDB must not get as they are (times not yet trusted, refused by the database):
+# `export --format lp` writes them as comments, "# held: <line>", which line-protocol readers skip.
+NOT_DELIVERABLE = ("held", "quarantined")
+
+
+def export_lp(rows, out) -> int:
+    """Write (time_ms, line, status) rows as line protocol, held and quarantined lines as comments
+    ("# quarantined: <line>"), so a re-import or `report --from` leaves them out. Returns the lines written."""
+    count = 0
+    for _, line, status in rows:
+        out.write(f"# {status}: {line}\n" if status in NOT_DELIVERABLE else line + "\n")
+        count += 1
+    return count
+
+
 def export_csv(lines: Callable[[], object], out, *, local_time: bool = False, err=None) -> int:
     """Write the store as CSV a spreadsheet opens: one row per point; columns time, measurement, every tag
-    (sorted), every field (schema order, then any other sorted). `lines()` yields (time_ms, line, status)
-    and is called twice: once for the columns, once for the rows (nothing is held in memory).
-    Returns the number of rows. A line that is not line protocol is skipped and counted on `err`
-    (default stderr)."""
+    (sorted), every field (schema order, then any other sorted), then `status` (sent, unsent, held or
+    quarantined). `lines()` yields (time_ms, line, status) and is called twice: once for the columns, once
+    for the rows (nothing is held in memory). Returns the number of rows. A line that is not line protocol
+    is skipped and counted on `err` (default stderr)."""
     from schema import FIELD_TYPES, parse_line
 
     tags: set[str] = set()
@@ -100,20 +116,21 @@ def export_csv(lines: Callable[[], object], out, *, local_time: bool = False, er
     known = [f for types in FIELD_TYPES.values() for f in types if f in fields]
     field_cols = list(dict.fromkeys(known + sorted(fields - set(known))))
     tag_cols = sorted(tags)
-    # A tag and a field may share a name; the header says which is which then.
-    clash = set(tag_cols) & set(field_cols)
-    header = ["time", "measurement", *(f"{t} (tag)" if t in clash else t for t in tag_cols), *field_cols]
+    # A tag and a field may share a name (or take the status column's): the header says which is which then.
+    clash = set(tag_cols) & {*field_cols, STATUS_COLUMN}
+    header = ["time", "measurement", *(f"{t} (tag)" if t in clash else t for t in tag_cols),
+              *(f"{f} (field)" if f == STATUS_COLUMN else f for f in field_cols), STATUS_COLUMN]
     writer = csv.writer(out)
     writer.writerow(header)
     rows = 0
-    for _, line, _ in lines():
+    for _, line, status in lines():
         try:
             point = parse_line(line)
         except ValueError:
             continue
         stamp = iso_ms(point.time_ms, "milliseconds", local=local_time)
         writer.writerow([stamp, point.measurement, *(text_cell(point.tags.get(t, "")) for t in tag_cols),
-                         *(_csv_value(point.fields.get(f)) for f in field_cols)])
+                         *(_csv_value(point.fields.get(f)) for f in field_cols), status])
         rows += 1
     if bad:
         (err or sys.stderr).write(

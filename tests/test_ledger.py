@@ -686,3 +686,42 @@ def test_the_stored_interval_is_read_only_as_the_config_could_have_made_it(tmp_p
         assert ledger.stamped_interval_s(box) == expected, text
     assert "ignoring the store's unreadable ledger:interval_s value 'three'" in caplog.text
     box.close()
+
+
+def test_an_export_marks_held_and_quarantined_lines_and_report_from_it_leaves_them_out(tmp_path):
+    """Held (time not trusted) and quarantined (refused) lines are left out of the store's report; an export
+    marks them (line protocol: "# held: <line>" comments; CSV: the status column), so `report --from` on either
+    gives the store's figures, not the figures with 1000 W readings in the middle of the hour."""
+    store = tmp_path / "store"
+    box = Outbox(store)
+    noon_ms = int(dt.datetime(2026, 6, 21, 12, 0, tzinfo=LONDON).timestamp() * 1000)
+
+    def line(power_w: float, t_ms: int) -> str:
+        return f"electricity,channel=red_solar,site={SITE},unit=red_house power_w={power_w} {t_ms}"
+
+    box.append([(noon_ms + k * 60_000, line(10.0, noon_ms + k * 60_000)) for k in range(11)])
+    refused_ms = noon_ms + 5 * 60_000 + 30_000
+    box.append([(refused_ms, line(1000.0, refused_ms))])
+    box.quarantine([row for row in box.pending(100, 1 << 20) if "power_w=1000" in row.line], "refused (test)")
+    held_ms = noon_ms + 7 * 60_000 + 30_000
+    box.append([(held_ms, line(1000.0, held_ms))], boot_id="boot", boot_ms=1_000, held=True)
+    box.close()
+    config = write_toml(tmp_path / "c.toml", store)
+
+    def generated(*extra: str) -> float:
+        result = main_py("report", "--config", str(config), "--day", "2026-06-21", "--format", "json", *extra,
+                         cwd=tmp_path)
+        assert result.returncode == 0, result.stderr
+        return json.loads(result.stdout)["sites"][SITE]["days"]["2026-06-21"]["units"]["red_house"]["generated"]["wh"]
+
+    assert generated() == pytest.approx(10 * 10 / 60, abs=1e-3)  # 10 W for 10 minutes, nothing else
+    lp = main_py("export", "--config", str(config), cwd=tmp_path).stdout
+    assert f"# quarantined: {line(1000.0, refused_ms)}\n" in lp and f"# held: {line(1000.0, held_ms)}\n" in lp
+    assert sum(1 for text in lp.splitlines() if not text.startswith("#")) == 11
+    rows = list(csv.DictReader(io.StringIO(main_py("export", "--config", str(config), "--format", "csv",
+                                                   cwd=tmp_path).stdout)))
+    assert sorted(row["status"] for row in rows if row["power_w"] == "1000.0") == ["held", "quarantined"]
+    for fmt, text in (("lp", lp), ("csv", main_py("export", "--config", str(config), "--format", "csv",
+                                                   cwd=tmp_path).stdout)):
+        (tmp_path / f"export.{fmt}").write_text(text)
+        assert generated("--from", str(tmp_path / f"export.{fmt}")) == pytest.approx(10 * 10 / 60, abs=1e-3), fmt

@@ -575,8 +575,9 @@ def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_pat
     tags = sorted({t for p in points for t in p.tags})
     assert header[:2 + len(tags)] == ["time", "measurement", *tags] == \
         ["time", "measurement", "channel", "colour", "site", "unit"]
-    fields = header[2 + len(tags):]
+    fields, status = header[2 + len(tags):-1], header[-1]
     assert fields[:8] == list(ELECTRICITY_FIELDS) and set(fields) == {f for p in points for f in p.fields}
+    assert status == "status" and {row["status"] for row in rows} == {"unsent"}  # nothing to send to here
     assert len(rows) == len(points)
     for row, point in zip(rows, points):
         when = dt.datetime.fromisoformat(row["time"].replace("Z", "+00:00"))
