@@ -367,16 +367,9 @@ def unit_figures(layout: Layout, unit: str, cells: Mapping[str, list[float]], pe
     return result
 
 
-def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: int,
-           totals: Mapping[tuple[str, str, str], Mapping[str, Sequence[float]]] | None = None,
-           sites: Iterable[str] = ()) -> dict:
-    """The `report` document: sites -> days -> units -> figures (each {"wh", "coverage"}) and hours.
-
-    `totals`: settled rows from the store, (site, day ISO, unit) -> role -> (in_wh, out_wh, measured_s,
-    channels); a day's role is taken from them where they saw more of it than the remaining points do
-    (the points aged out). The period of today ends at `now_ms`.
-    """
-    totals = totals or {}
+def _by_day(acc: Accumulator) -> tuple[dict, dict]:
+    """acc's buckets summed per (site, day ISO, unit) -> role -> [in_wh, out_wh, measured_s], and per
+    (site, unit, hour) -> role -> cell."""
     by_day: dict[tuple[str, str, str], dict[str, list[float]]] = {}
     by_hour: dict[tuple[str, str, int], dict[str, list[float]]] = {}
     for (site, unit, role, hour), cell in acc.buckets.items():
@@ -385,6 +378,23 @@ def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: in
         for i in range(3):
             day_cells[i] += cell[i]
         by_hour.setdefault((site, unit, hour), {})[role] = cell
+    return by_day, by_hour
+
+
+def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: int,
+           totals: Mapping[tuple[str, str, str], Mapping[str, Sequence[float]]] | None = None,
+           sites: Iterable[str] = (), after: Accumulator | None = None) -> dict:
+    """The `report` document: sites -> days -> units -> figures (each {"wh", "coverage"}) and hours.
+
+    `totals`: settled rows from the store, (site, day ISO, unit) -> role -> (in_wh, out_wh, measured_s,
+    channels), which hold the readings before the settled mark; `after`: the same readings as `acc` from the
+    mark on (its lo_ms), None when there is no mark to trust. A day's role is the settled totals plus the
+    points after the mark where those saw more of it than all the remaining points do (the points before the
+    mark aged out), else the points. Hours are always the points'. The period of today ends at `now_ms`.
+    """
+    totals = totals or {}
+    by_day, by_hour = _by_day(acc)
+    after_day = _by_day(after)[0] if after is not None else {}
     all_sites = sorted(set(sites) | acc.sites | {k[0] for k in totals})
     document: dict = {"time_zone": str(getattr(acc.tz, "key", None) or acc.tz), "interval_s": layout.interval_s,
                       "sites": {}}
@@ -399,11 +409,18 @@ def report(acc: Accumulator, layout: Layout, days: Sequence[dt.date], now_ms: in
             units_doc = {}
             for unit in units:
                 cells = dict(by_day.get((site, iso, unit), {}))
-                source = "points"
-                for role, row in totals.get((site, iso, unit), {}).items():
-                    if row[2] > cells.get(role, (0, 0, 0))[2]:
-                        cells[role] = list(row[:3])
-                        source = "daily totals"
+                settled, later = totals.get((site, iso, unit), {}), after_day.get((site, iso, unit), {})
+                used_points_after = used_totals = False
+                for role in set(settled) | (set(later) if settled else set()):
+                    row, tail = settled.get(role, (0.0, 0.0, 0.0)), later.get(role, (0.0, 0.0, 0.0))
+                    combined = [row[i] + tail[i] for i in range(3)]
+                    # Over a second more (float sums of the same readings differ in their last digits).
+                    if combined[2] > cells.get(role, (0.0, 0.0, 0.0))[2] + 1:
+                        cells[role] = combined
+                        used_totals = True
+                        used_points_after |= tail[2] > 0
+                source = ("daily totals and points" if used_points_after else "daily totals") if used_totals \
+                    else "points"
                 doc = unit_figures(layout, unit, cells, period_s)
                 doc["source"] = source
                 hours = {}
@@ -546,14 +563,15 @@ def settled_day(outbox, day: dt.date) -> tuple[int | None, list[tuple]]:
 
 
 def stored_totals(outbox, days: Sequence[dt.date], site: str | None = None
-                  ) -> dict[tuple[str, str, str], dict[str, tuple[float, float, float, int]]]:
-    """The settled daily_totals of `days` from the store: (site, day, unit) -> role -> row."""
+                  ) -> tuple[int | None, dict[tuple[str, str, str], dict[str, tuple[float, float, float, int]]]]:
+    """(the settled mark, Unix ms or None; the settled daily_totals of `days`: (site, day, unit) -> role ->
+    row), from one snapshot of the store."""
+    mark, rows = outbox.settled_totals([d.isoformat() for d in days], _SETTLED_KEY)
     result: dict = {}
-    for day, row_site, unit, role, in_wh, out_wh, measured_s, channels in outbox.daily_totals(
-            [d.isoformat() for d in days]):
+    for day, row_site, unit, role, in_wh, out_wh, measured_s, channels in rows:
         if site is None or row_site == site:
             result.setdefault((row_site, day, unit), {})[role] = (in_wh, out_wh, measured_s, channels)
-    return result
+    return _mark_ms(mark), result
 
 
 # -- the live page's "today" ----------------------------------------------------------------------------------

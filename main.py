@@ -584,7 +584,7 @@ def cmd_report(args, config: Config) -> int:
     # says which interval its settler used; an export (or a store not settled yet) is judged from the config.
     layout = ledger.Layout.from_config(config, simulated_stamps(config, _measures_model(config, simulate=False)))
     lo_ms, hi_ms = ledger.day_bounds(days[0], tz)[0], ledger.day_bounds(days[-1], tz)[1]
-    totals = {}
+    totals, after = {}, None
     try:
         if args.source:
             acc = layout.accumulator(tz, lo_ms, hi_ms)
@@ -594,10 +594,17 @@ def cmd_report(args, config: Config) -> int:
             outbox = Outbox(config.store.dir, readonly=True)
             try:
                 layout = dataclasses.replace(layout, interval_s=ledger.stamped_interval_s(outbox) or layout.interval_s)
+                mark, totals = ledger.stored_totals(outbox, days, args.site)
                 acc = layout.accumulator(tz, lo_ms, hi_ms)
-                acc.add_all(ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
-                                                                           hi_ms + layout.max_gap_ms), args.site))
-                totals = ledger.stored_totals(outbox, days, args.site)
+                # The settled totals hold the readings before the mark; the points from it on add to them (a
+                # mark ahead of now, a clock stepped back: which readings the totals hold is unknown).
+                after = layout.accumulator(tz, max(lo_ms, mark), hi_ms) if mark is not None and mark <= now_ms \
+                    else None
+                for reading in ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
+                                                                              hi_ms + layout.max_gap_ms), args.site):
+                    acc.add(reading)
+                    if after is not None:
+                        after.add(reading)
             finally:
                 outbox.close()
             # This Pi's own site is always shown (a day without readings says "no data"); another only with data.
@@ -605,7 +612,7 @@ def cmd_report(args, config: Config) -> int:
     except (StoreError, ledger.ExportError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_FAILURE
-    document = ledger.report(acc, layout, days, now_ms, totals, sites)
+    document = ledger.report(acc, layout, days, now_ms, totals, sites, after)
     if args.site and args.site not in document["sites"]:
         print(f"error: no readings of site {args.site!r} in {args.source or config.store.dir}", file=sys.stderr)
         return EXIT_FAILURE

@@ -231,7 +231,7 @@ def test_daily_totals_are_settled_before_pruning_and_report_after_the_points_age
         lay, [DAY], hi, sites=[SITE])["sites"][SITE]["days"][DAY.isoformat()]["units"]
     left = Accumulator(lay.roles, lay.max_gap_ms, LONDON, lo, hi).add_all(
         ledger.readings_from_store(box.export(lo - lay.max_gap_ms, hi + lay.max_gap_ms)))
-    kept = ledger.report(left, lay, [DAY], hi, ledger.stored_totals(box, [DAY]), [SITE])
+    kept = ledger.report(left, lay, [DAY], hi, ledger.stored_totals(box, [DAY])[1], [SITE])
     units = kept["sites"][SITE]["days"][DAY.isoformat()]["units"]
     for house in ("red_house", "green_house", "blue_house", "power_plant"):
         assert units[house]["source"] == "daily totals"
@@ -456,6 +456,42 @@ def test_report_bridges_gaps_with_the_interval_the_daemon_settled_with_not_a_gue
     generated = doc["sites"][cfg.site.name]["days"][DAY.isoformat()]["units"]["red_house"]["generated"]
     assert generated["wh"] == pytest.approx(20.0)  # both hours (from the points), not the settled hour's 10 Wh
 
+
+
+def test_report_adds_the_points_after_the_settled_mark_to_the_totals_before_it(tmp_path, capsys):
+    """A day whose points before the settled mark aged out (retention under a day) but whose points after it
+    are still stored: the day is its settled totals plus those points, not whichever of the two saw more.
+    The hours come from the points still stored."""
+    import main
+
+    cfg_path = tmp_path / "c.toml"
+    cfg_path.write_text(f'[store]\ndir = "{tmp_path / "store"}"\nretention_days = 0\n'
+                        '[sampling]\ninterval_s = 60.0\nwindow_s = 1.0\n')
+    cfg = config_mod.load_config(cfg_path)
+    tz = ledger.local_zone()
+    start_ms = ledger.day_bounds(DAY, tz)[0]
+    wall = [start_ms + 16 * 3_600_000 + 30 * 60_000]  # 16:30: settled up to 16:15
+    box = Outbox(cfg.store.dir, wall_ms=lambda: wall[0], local_only=True, retention_days=0,
+                 before_prune=ledger.Settler(Layout.from_config(cfg, simulated_time=False), tz, lambda: wall[0],
+                                             clock=lambda: 0.0))
+
+    def lines(begin_ms: int, end_ms: int) -> list[tuple[int, str]]:
+        return [(t, f"electricity,channel=red_house,site={cfg.site.name},unit=red_house power_w=10.0 {t}")
+                for t in range(begin_ms, end_ms + 1, 60_000)]
+
+    box.append(lines(start_ms + 12 * 3_600_000, start_ms + 16 * 3_600_000))  # 12:00-16:00 at 10 W: 40 Wh
+    for _ in range(20):
+        box.enforce_limits()
+    mark = int(box.state("ledger:")["ledger:settled_ms"])
+    assert mark == start_ms + 16 * 3_600_000 + 15 * 60_000 and box.next_time_ms(0) is None  # all aged out
+    box.append(lines(mark, mark + 15 * 60_000))  # 16:15-16:30: 2.5 Wh, still stored
+    box.close()
+    assert main.main(["report", "--config", str(cfg_path), "--day", DAY.isoformat(), "--format", "json"]) == 0
+    red = json.loads(capsys.readouterr().out)["sites"][cfg.site.name]["days"][DAY.isoformat()]["units"]["red_house"]
+    assert red["generated"]["wh"] == pytest.approx(42.5) and red["source"] == "daily totals and points"
+    assert red["generated"]["coverage"] == pytest.approx(4.25 / 24, abs=1e-4)
+    assert red["hours"]["16:00"]["generated"]["wh"] == pytest.approx(2.5)
+    assert red["hours"]["13:00"]["generated"]["wh"] is None  # aged out: only the day's totals hold it
 
 def test_todays_totals_start_from_the_settled_part_of_the_day_and_read_only_the_points_after_it(tmp_path):
     """The live page's first "today" late in the day: what the settler has summed comes from daily_totals,
