@@ -56,11 +56,14 @@ class Policy:
     throttle_max_s: float = 900.0
     progress_every_s: float = 30.0
     final_flush_s: float = 5.0
+    size_limit_s: float = 3600.0  # how long a 413's smaller batch size holds before the full size is tried again
 
-    def full(self, lines: int, text_bytes: int) -> bool:
+    def full(self, lines: int, text_bytes: int, batch_bytes: int | None = None) -> bool:
         """Whether a batch of `lines` lines and `text_bytes` bytes (newlines included) counts as full: a
-        backlog is waiting behind it (the next batch is read ahead; the writer may compress it faster)."""
-        return lines >= self.batch_lines or text_bytes + 1 >= self.batch_bytes // 2
+        backlog is waiting behind it (the next batch is read ahead; the writer may compress it faster).
+        `batch_bytes`: the byte cap the batch was read with (default: this policy's)."""
+        cap = self.batch_bytes if batch_bytes is None else batch_bytes
+        return lines >= self.batch_lines or text_bytes + 1 >= cap // 2
 
 
 @runtime_checkable
@@ -173,6 +176,9 @@ class Sender:
         self._last_progress = 0.0
         self._stop_deadline: float | None = None  # set by stop(): no request starts after it
         self._mark_failed: StoreError | None = None  # a mark of this flush failed (the helper thread's)
+        # After a 413: (the batch bytes the server took, until when (clock s)). Every batch above it would be
+        # refused and split again, its upload paid twice on a metered link.
+        self._size_limit: tuple[int, float] | None = None
         self.total_delivered = 0
         self.total_requests = 0
         self.total_bytes = 0
@@ -271,7 +277,7 @@ class Sender:
             try:
                 batch, request = helper.submit(self._read, 0).result()
                 while batch is not None and not self._past(deadline):
-                    full = self.policy.full(len(batch), len(batch.text))
+                    full = self.policy.full(len(batch), len(batch.text), self._batch_bytes())
                     # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
                     # released by a clock sync meanwhile have older ids: the next flush takes them first.)
                     ahead = helper.submit(self._read, batch.last_id) if full else None
@@ -317,13 +323,34 @@ class Sender:
     def _read(self, after_id: int) -> tuple[Batch | None, object]:
         """The helper thread's read: the next batch after `after_id` and its request, built ahead when the
         writer offers prepare() (its gzip'd body; `backlog` for a full batch), else the lines."""
-        batch = self.outbox.pending_batch(self.policy.batch_lines, self.policy.batch_bytes, after_id)
+        cap = self._batch_bytes()
+        batch = self.outbox.pending_batch(self.policy.batch_lines, cap, after_id)
         if batch is None:
             return None, None
         prepare = getattr(self.writer, "prepare", None)
         if prepare is None:
             return batch, batch.lines()
-        return batch, prepare(batch.text, backlog=self.policy.full(len(batch), len(batch.text)))
+        return batch, prepare(batch.text, backlog=self.policy.full(len(batch), len(batch.text), cap))
+
+    def _batch_bytes(self) -> int:
+        """The byte cap a batch is read with: the policy's, or less for a while after a 413 (either thread:
+        the limit is replaced whole, never changed in place)."""
+        limit = self._size_limit
+        if limit is None:
+            return self.policy.batch_bytes
+        if self._clock() >= limit[1]:
+            self._size_limit = None  # try the full size again: one refused request an hour at most
+            return self.policy.batch_bytes
+        return limit[0]
+
+    def _shrink(self, batch: list[Pending]) -> None:
+        """A 413 on `batch` (two lines or more): batches stay under half its size for policy.size_limit_s."""
+        text_bytes = _text_bytes(batch)
+        cap = max(1, text_bytes // 2)
+        if cap < self._batch_bytes():
+            self._size_limit = (cap, self._clock() + self.policy.size_limit_s)
+            log.warning("the server refuses requests this large (413 on %d lines, %d bytes): batches of at most "
+                        "%d bytes for the next %.0f min", len(batch), text_bytes, cap, self.policy.size_limit_s / 60)
 
     def _mark(self, batch: Batch, result: FlushResult) -> None:
         """The helper thread's mark: the server acknowledged `batch`. After a mark failed in this flush none
@@ -344,6 +371,11 @@ class Sender:
         this thread alone. Raises the writer's other errors, _OutOfBudget."""
         if self._past(deadline) or not self._rate_wait(deadline):
             raise _OutOfBudget
+        if len(batch) > 1 and len(batch.text) + 1 > self._batch_bytes():
+            # Read ahead before a 413 lowered the cap: sent in pieces that fit, not refused once more.
+            _idle(helper)
+            self._send(self.outbox.rows(batch), result, deadline)
+            return False
         result.requests += 1
         try:
             sent = self.writer.write(request)
@@ -364,6 +396,11 @@ class Sender:
         halves' included, waits for the upload budget (raises _OutOfBudget when it cannot)."""
         if self._past(deadline) or not self._rate_wait(deadline):
             raise _OutOfBudget
+        if len(batch) > 1 and _text_bytes(batch) > self._batch_bytes():
+            half = len(batch) // 2  # larger than a 413 showed the server takes: split without asking
+            self._send(batch[:half], result, deadline)
+            self._send(batch[half:], result, deadline)
+            return
         result.requests += 1
         try:
             sent = self.writer.write([p.line for p in batch])
@@ -391,6 +428,8 @@ class Sender:
                 f"the server refused {result.quarantined} line(s); they are quarantined in the store "
                 f"(`main.py export`): {reason}", key="quarantine"))
             return
+        if isinstance(exc, TooLargeError):
+            self._shrink(batch)
         half = len(batch) // 2
         self._send(batch[:half], result, deadline)
         self._send(batch[half:], result, deadline)
@@ -455,6 +494,11 @@ class Sender:
 
 class _OutOfBudget(Exception):
     """No request may go out now (upload cap, deadline or stopping); not an error."""
+
+
+def _text_bytes(rows: Sequence[Pending]) -> int:
+    """The bytes of `rows`' lines as a batch's text counts them (UTF-8, a newline after each)."""
+    return sum(len(p.line.encode("utf-8")) + 1 for p in rows)
 
 
 def _idle(helper: ThreadPoolExecutor) -> None:

@@ -188,6 +188,31 @@ def test_too_large_splits_and_resends_everything(victoria, make_proxy, outbox, c
     assert vm_samples(victoria, "too-large") == lp.samples(line for _, line in rows)
 
 
+
+def test_a_413_is_remembered_so_a_backlog_is_not_refused_and_uploaded_twice_batch_after_batch(
+        victoria, make_proxy, outbox, clock):
+    """A proxy in front of the database takes bodies of at most ~300 lines. The first full batch is refused
+    and halved until it fits; the batches after it are read at the size that went through, so a metered link
+    pays for the refusals once, not for every batch of the backlog. After Policy.size_limit_s the full size
+    is tried again (one refusal an hour at most)."""
+    proxy = make_proxy(victoria.url)
+    rows = fill(outbox, 4000, "remember-413")
+    limit = sum(len(line) + 1 for _, line in rows[:300])
+    proxy.fail_when(lambda text: len(text.encode()) > limit, 413, body={"error": "request too large"})
+    sender = make_sender(v2_writer(proxy.url), outbox, clock, batch_lines=1000)
+    result = sender.flush()
+    assert result.error is None and result.delivered == 4000 and result.quarantined == 0
+    refused = [entry for entry in proxy.log if entry.status == 413]
+    # The 1000 lines, then their first half: 250 lines fit. The second half and every later batch (the one read
+    # ahead before the first refusal too) are split to that size before they are sent.
+    assert len(refused) == 2
+    assert vm_samples(victoria, "remember-413") == lp.samples(line for _, line in rows)
+    more = fill(outbox, 1000, "remember-413b")
+    clock.advance(Policy().size_limit_s)
+    assert sender.flush().delivered == 1000
+    assert proxy.log[result.requests].status == 413  # the full size is tried again, once
+    assert vm_samples(victoria, "remember-413b") == lp.samples(line for _, line in more)
+
 @pytest.mark.parametrize("status,headers,wait_s", [
     (429, {"Retry-After": "7"}, 7),
     (503, {"Retry-After": "120"}, 120),
