@@ -1,21 +1,18 @@
 """Measuring: the design card's `read_data` class and the Pi's own health readings.
 
-`read_data` drives one adafruit INA219 per configured channel over whatever
-I2C bus object it is given (the Pi's bus or the simulator's), takes
-`samples` samples of every channel spread evenly over the sampling window and
-averages them.
+`read_data` drives one adafruit INA219 per configured channel over whatever I2C bus object it is given (the
+Pi's bus or the simulator's), takes `samples` samples of every channel spread evenly over the sampling window
+and averages them.
 
-Current is derived from the shunt register (10 uV LSB) and the configured
-shunt resistance, never from the chip's current register: the shunt register
-needs no calibration, so a brownout (which zeroes the calibration) cannot
-corrupt a reading. The chip's config and calibration are still checked (every
-_SETTINGS_CHECK_CYCLES cycles, and at the next cycle after any failed transaction)
-and restored, so its own current/power registers stay meaningful too.
+Current is derived from the shunt register (10 uV LSB) and the configured shunt resistance, never from the
+chip's current register: the shunt register needs no calibration, so a brownout (which zeroes the
+calibration) cannot corrupt a reading. The chip's config and calibration are still checked (every
+_SETTINGS_CHECK_CYCLES cycles, and at the next cycle after any failed transaction) and restored, so its own
+current/power registers stay meaningful too.
 
-Each sample is two I2C transactions (bus, then shunt register), each one
-writeto_then_readfrom on the bus into a buffer kept per channel: the driver
-still owns the chip (it is attached and sets config and calibration), but its
-per-register property and i2c_device layers are not paid 80 times a cycle.
+Each sample is two I2C transactions (bus, then shunt register), each one writeto_then_readfrom on the bus
+into a buffer kept per channel: the driver still owns the chip (it is attached and sets config and
+calibration), but its per-register property and i2c_device layers are not paid 80 times a cycle.
 """
 from __future__ import annotations
 
@@ -54,10 +51,9 @@ _CNVR = 0x02  # bus register bit 1: a conversion finished since the last reset o
 _POINT_AT_BUS = bytes((_REG_BUS,))
 _POINT_AT_SHUNT = bytes((_REG_SHUNT,))
 _SAMPLE = struct.Struct(">Hh")  # one sample as the pass stores it: bus register, shunt register (signed)
-# A bus on which no sensor answered for this many cycles in a row is stuck (e.g. SDA held low):
-# it is re-opened then, and again every _BUS_REOPEN_EVERY_CYCLES cycles while it stays stuck.
+# No sensor answered for this many cycles in a row: the bus is stuck (SDA held low, say) and re-opened,
 _BUS_STUCK_CYCLES = 3
-_BUS_REOPEN_EVERY_CYCLES = 6
+_BUS_REOPEN_EVERY_CYCLES = 6  # and again every this many while it stays stuck
 
 
 @dataclass(frozen=True)
@@ -77,8 +73,7 @@ class ChannelReading:
     error: str | None = None
 
     @property
-    def ok(self) -> bool:
-        """True when at least one sample was good (the channel publishes)."""
+    def ok(self) -> bool:  # True when at least one sample was good (the channel publishes)
         return self.bus_voltage_v is not None
 
 
@@ -166,6 +161,7 @@ class _Sensor:
         self.lost: list[int] = []  # offsets in `raw` of this window's samples whose transaction failed
         self.address = channel.address
         self.shunt_full_scale = setup.shunt_full_scale
+        self.energy_digits = 6  # decimals of the published energy counters: read_data sets them (energy_digits)
         self.reset_sums()
 
     def reset_sums(self) -> None:
@@ -220,6 +216,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                     sampling.samples)
             for c in channels
         ]
+        for sensor in self._sensors:
+            sensor.energy_digits = energy_digits(sensor.channel, sampling.interval_s * energy_time_scale)
 
     @property
     def energy(self) -> dict[str, tuple[float, float]]:
@@ -426,10 +424,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         # information and cost bytes on every line sent over a SIM data plan.
         current_step_ma = _SHUNT_LSB_MV / channel.shunt_ohms  # current comes from the shunt register
         power_step_w = (abs(bus_v) * current_step_ma + abs(current_ma) * _BUS_LSB_V) / 1000
-        # Energy: what one cycle adds at the power's single-sample step; finer digits would only
-        # show the rounding of averages accumulating.
-        energy_step_wh = power_step_w * self.sampling.interval_s * scale / 3600
-        energy_digits = resolved_digits(energy_step_wh, 1)
+        energy_digits = sensor.energy_digits
         return ChannelReading(
             channel.name,
             channel.address,
@@ -442,6 +437,16 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             energy_in_wh=round(sensor.energy.in_wh, energy_digits),
             energy_out_wh=round(sensor.energy.out_wh, energy_digits),
         )
+
+
+def energy_digits(channel: ChannelConfig, cycle_s: float) -> int:
+    """Decimals of a channel's energy counters (Wh), fixed per channel: what a cycle of `cycle_s` (the points'
+    time) adds at the power's coarsest single-sample step (32 V, the maximum current). Digits that followed
+    each cycle's reading (more at night, at 0 V) would make the rounded running total read lower now and then
+    (a Prometheus counter, Home Assistant's total_increasing, a dashboard's difference must never see that)."""
+    current_step_ma = _SHUNT_LSB_MV / channel.shunt_ohms
+    power_step_w = (32 * current_step_ma + channel.max_current_a * 1000 * _BUS_LSB_V) / 1000
+    return resolved_digits(power_step_w * cycle_s / 3600, 1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -523,19 +528,15 @@ class PowerFlagReader:
         self._alarm_path = None if self._throttled_path else _rpi_volt_alarm(hwmon_dir)
 
     @property
-    def available(self) -> bool:
-        """True when this machine reports any of the flags."""
+    def available(self) -> bool:  # True when this machine reports any of the flags
         return bool(self._throttled_path or self._alarm_path)
 
     def read(self) -> PowerFlags:
         """The flags now; a source that cannot be read gives PowerFlags() (all None)."""
         if self._throttled_path:
-            text = _read_small(self._throttled_path)
             try:
-                word = int(text.strip(), 16) if text is not None else None
-            except ValueError:
-                word = None
-            if word is None:
+                word = int(_read_small(self._throttled_path).strip(), 16)
+            except (AttributeError, ValueError):  # unreadable (None), or not a hex word
                 return PowerFlags()
             return PowerFlags(bool(word & _UNDERVOLTAGE_NOW), bool(word & _THROTTLED_NOW),
                               bool(word & _UNDERVOLTAGE_SINCE_BOOT), bool(word & _THROTTLED_SINCE_BOOT))
@@ -586,8 +587,7 @@ class SystemReading:
 
 
 class SystemMonitor:
-    """The Pi's health readings and the firmware's power flags; network bytes are counted since the
-    previous call.
+    """The Pi's health readings and the firmware's power flags; network bytes are counted since the last call.
 
     CPU load, memory and network come from /proc/stat, /proc/meminfo and /proc/net/dev under `proc_dir`,
     kept open and re-read each cycle (the values psutil gives, at a fraction of its cost); where one

@@ -5,6 +5,7 @@ import pytest
 
 from config import parse_config
 from simulator import build_simulated_bus
+import tools
 from tools import ChannelSetup, EnergyCounter, read_data
 
 BUS_LSB_V = 0.004
@@ -376,11 +377,37 @@ def test_values_carry_no_digits_beyond_what_the_chip_resolves(clock):
             step_w = (abs(r.bus_voltage_v) * SHUNT_LSB_MV / ohms + abs(r.current_ma) * BUS_LSB_V) / 1000
             assert _decimals(r.power_w) <= resolved_digits(step_w * 0.99, n), r
             assert r.power_w == pytest.approx(r.bus_voltage_v * r.current_ma / 1000, abs=step_w)
-            energy_digits = resolved_digits(step_w * 0.99 * cfg.sampling.interval_s / 3600, 1)
+            energy_digits = tools.energy_digits(by_name[r.name], cfg.sampling.interval_s)
+            assert energy_digits <= resolved_digits(step_w * 0.99 * cfg.sampling.interval_s / 3600, 1)
             assert _decimals(r.energy_in_wh) <= energy_digits and _decimals(r.energy_out_wh) <= energy_digits, r
     # ... and no fewer: averages that need the extra digit keep it.
     assert all(True in seen for seen in used.values()), used
 
+
+
+def test_energy_counters_never_read_lower_from_one_cycle_to_the_next_through_dusk(clock):
+    """The counters are running totals (a Prometheus counter, Home Assistant's total_increasing): rounded to
+    digits that followed each cycle's power (fewer in daylight, more at night, when the panel's bus voltage
+    falls to 0) they read lower now and then. Rounded to the channel's fixed digits, never."""
+    import datetime as dt
+
+    cfg = parse_config({"simulation": {"speed": 20, "start": dt.datetime(2025, 6, 21, 21)}})  # the embedded default
+    bus = build_simulated_bus(cfg, clock)
+    reader = read_data(bus, cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep, wall_ms=clock.wall_ms,
+                       energy_time_scale=20.0)  # the points carry the model's time
+    last: dict[str, tuple[float, float]] = {}
+    digits = {c.name: tools.energy_digits(c, cfg.sampling.interval_s * 20) for c in cfg.channels}
+    assert set(digits.values()) <= {4, 5}  # the default channels (0.1 ohm, 2 or 3 A), a cycle of 60 s
+    for _ in range(600):
+        start = clock()
+        cycle = reader.measure()
+        clock.advance(start + cfg.sampling.interval_s - clock())
+        for r in cycle.channels:
+            assert _decimals(r.energy_in_wh) <= digits[r.name] and _decimals(r.energy_out_wh) <= digits[r.name]
+            before = last.get(r.name, (0.0, 0.0))
+            assert r.energy_in_wh >= before[0] and r.energy_out_wh >= before[1], (r.name, before, r)
+            last[r.name] = (r.energy_in_wh, r.energy_out_wh)
+    assert all(in_wh > 0 for in_wh, _ in last.values())  # the evening's sun was counted
 
 # -- the Pi's health from kept-open /proc files (issue 13) ------------------------------------------------
 _STAT = b"cpu  100 5 50 800 20 3 2 0 10 0\ncpu0 50 2 25 400 10 1 1 0 5 0\nintr 1\n"
