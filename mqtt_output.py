@@ -60,8 +60,8 @@ CHANNEL_SENSORS: Mapping[str, tuple[str, str, str, str]] = {
 LOGGER_SENSORS: Mapping[str, tuple[str, str | None, str, str]] = {
     "cpu_percent": ("CPU", None, "%", "measurement"),
     "cpu_temp_c": ("CPU temperature", "temperature", "°C", "measurement"),
-    "memory_used_mb": ("memory used", "data_size", "MB", "measurement"),
-    "disk_free_mb": ("disk free", "data_size", "MB", "measurement"),
+    "memory_used_mb": ("memory used", "data_size", "MiB", "measurement"),  # the health readings' MB are MiB
+    "disk_free_mb": ("disk free", "data_size", "MiB", "measurement"),
     "uptime_s": ("uptime", "duration", "s", "measurement"),
     "queue_depth": ("points waiting", None, "points", "measurement"),
 }
@@ -257,7 +257,7 @@ class MqttOutput:
         object_id = slug(field)
         config = {"name": name, "unique_id": f"solarpowerbrampton_{self.site}_{slug(node)}_{object_id}",
                   "object_id": f"{node_id}_{object_id}", "state_topic": self.state_topic(node),
-                  "value_template": f"{{{{ value_json.{field} }}}}", "availability_topic": self.availability_topic,
+                  "value_template": f"{{{{ value_json['{field}'] }}}}", "availability_topic": self.availability_topic,
                   "payload_available": "online", "payload_not_available": "offline", "device": device}
         if device_class:
             config["device_class"] = device_class

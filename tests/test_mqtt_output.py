@@ -33,7 +33,7 @@ HA_FULL_KEYS = HA_SENSOR_KEYS | {"object_id", "payload_available", "payload_not_
 HA_DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model"}
 # Home Assistant's sensor device classes used here, and the units it accepts for each.
 HA_UNITS = {"voltage": {"V", "mV"}, "current": {"A", "mA"}, "power": {"W", "kW"}, "energy": {"Wh", "kWh", "MWh"},
-            "temperature": {"°C", "°F"}, "data_size": {"MB", "kB", "GB"}, "duration": {"s", "min", "h", "d"}}
+            "temperature": {"°C", "°F"}, "data_size": {"MB", "kB", "GB", "MiB", "KiB", "GiB"}, "duration": {"s", "min", "h", "d"}}
 DEADLINE_S = 60.0
 
 
@@ -143,14 +143,14 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
         unique_ids.add(config_msg["unique_id"])
         if "device_class" in config_msg:
             assert config_msg["unit_of_measurement"] in HA_UNITS[config_msg["device_class"]], topic
-        if config_msg["state_topic"] != logger_topic or "led" not in config_msg["value_template"]:
+        if config_msg["state_topic"] != logger_topic or "'led'" not in config_msg["value_template"]:
             assert config_msg["state_class"] in ("measurement", "total_increasing"), topic
         if config_msg.get("device_class") == "energy":  # what the Energy dashboard accepts
             assert (config_msg["state_class"], config_msg["unit_of_measurement"]) == ("total_increasing", "Wh")
     assert len(unique_ids) == n
     devices = {c["device"]["name"] for c in found.values()}
     assert devices == {f"{SITE} {c.unit_name}" for c in config.channels} | {f"{SITE} logger"}
-    led = [c for c in found.values() if c["value_template"] == "{{ value_json.led }}"]
+    led = [c for c in found.values() if c["value_template"] == "{{ value_json['led'] }}"]
     assert len(led) == 1 and "unit_of_measurement" not in led[0] and "device_class" not in led[0]
 
     box = Outbox(tmp_path / "store", check_integrity=False)
@@ -180,6 +180,36 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
         late.close()
     assert configs(got) == found and all(r for t, _, r in got if t in found)
 
+
+
+def test_every_value_template_reads_a_key_of_its_state_message_whatever_the_channel_is_called():
+    """Channel names the config accepts (`pv-1`, `pv.2`, `12v_battery`) would make `value_json.pv-1_power_w` a
+    subtraction (Home Assistant's templates are Jinja): every template subscripts the key, and every key is in
+    its state topic's message."""
+    import re
+
+    from daemon import CycleReport
+    from tools import ChannelReading, Cycle, SystemReading
+
+    config = parse_config({"site": {"name": SITE}, "mqtt": {"enabled": True, "host": "localhost"},
+                           "channel": [{"name": "pv-1", "address": 0x40, "unit": "house.a"},
+                                       {"name": "pv.2", "address": 0x41, "unit": "house.a"},
+                                       {"name": "12v_battery", "address": 0x44, "role": "battery", "unit": "plant"}]})
+    out = MqttOutput(config, ErrorHandler(None), environ={})
+    readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, 10.0, 0.125, 10, 0, 0.5, 0.25)
+                     for c in config.channels)
+    system = SystemReading(cpu_percent=3.5, cpu_temp_c=45.0, memory_used_mb=300.0, disk_free_mb=9000.0,
+                           net_sent_bytes=10, net_recv_bytes=20, uptime_s=100.0)
+    report = CycleReport(Cycle(1_780_000_000_000, 1.0, readings), system, True, 0, 1, None, 0.01)
+    states = {topic: json.loads(payload) for topic, payload in out.states(report, "all well").items()}
+    templates = 0
+    for topic, discovery in out.discovery().items():
+        match = re.fullmatch(r"\{\{ value_json\['([A-Za-z0-9_.\-]+)'\] \}\}", discovery["value_template"])
+        assert match, discovery["value_template"]
+        assert match[1] in states[discovery["state_topic"]], (topic, match[1])
+        templates += 1
+    assert templates == 3 * len(CHANNEL_SENSORS) + len(LOGGER_SENSORS) + 1
+    assert states[f"{PREFIX}/house_a/state"]["pv-1_power_w"] == 0.125
 
 def test_kill_9_makes_the_broker_publish_offline(broker, tmp_path):
     sub = Subscriber(broker.port, (f"{PREFIX}/availability",))
