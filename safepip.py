@@ -8,7 +8,13 @@ Standard library only, no project imports: updater.py imports it and install.sh 
   mirror or an index is refused.
 - As root, pip installs wheels only (--only-binary :all:): installing a wheel runs no code.
   Pins that exist only as source (sdist) are built first by an unprivileged user (`pip wheel`,
-  the sdist's hash checked), and root installs the built wheels with --no-index --no-deps.
+  the sdist's hash checked), and root installs the built wheels with --no-index --no-deps: one
+  per source-only pin, named as the pin, nothing else the build left.
+- What that build runs is checked too: pip's build isolation would fetch setuptools (and an sdist's
+  setup_requires) unchecked, so the build runs without it, in a venv of its own holding only the
+  hash-pinned tools of requirements-build.txt (beside the requirements); pip may fetch nothing else.
+- The build's directory cannot be found by other processes of the build user: it sits under a
+  random name in a directory they may pass through but not list.
 """
 from __future__ import annotations
 
@@ -16,7 +22,9 @@ import hashlib
 import os
 import pwd
 import re
+import secrets
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -29,6 +37,8 @@ BUILD_USER = "nobody"
 _BUILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "SOURCE_DATE_EPOCH", "http_proxy", "https_proxy",
                               "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"})
 _HASH = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})\b")
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;\\]+)")
+BUILD_REQUIREMENTS = "requirements-build.txt"  # the build tools' pins, beside the requirements file
 _MAX_REQ_BYTES = 1_000_000
 
 
@@ -83,6 +93,30 @@ def allowed_hashes(path: Path, _seen: frozenset[Path] = frozenset()) -> set[str]
     return hashes
 
 
+def pins(path: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, str]:
+    """Normalised name -> version of every `name==version` line of `path` (and its -r files)."""
+    path = Path(path)
+    if path.resolve() in _seen:
+        return {}
+    found: dict[str, str] = {}
+    for _, line in _logical_lines(path):
+        if line.startswith(("-r ", "--requirement ")):
+            found.update(pins(path.parent / line.split(None, 1)[1].strip(), _seen | {path.resolve()}))
+        elif match := _PIN.match(line):
+            found[_normalise(match[1])] = match[2]
+    return found
+
+
+def _normalise(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()  # PEP 503
+
+
+def _wheel_pin(filename: str) -> tuple[str, str] | None:
+    """(normalised name, version) of a wheel file's name, None if it is not one."""
+    parts = filename[:-len(".whl")].split("-") if filename.endswith(".whl") else []
+    return (_normalise(parts[0]), parts[1]) if len(parts) >= 5 else None
+
+
 def _sha256(path: Path) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
@@ -103,23 +137,42 @@ def _build_env(base: dict[str, str]) -> dict[str, str]:
 
 def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: pwd.struct_passwd | None = None,
          cwd: str | None = None) -> None:
+    """Run `cmd` in a process group of its own: on timeout the whole group is killed (a compiler or a build
+    backend pip started, too), then TimeoutExpired is raised."""
     kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-    result = subprocess.run(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, errors="replace", timeout=timeout, **kwargs)
-    if result.returncode != 0:
-        tail = " | ".join(result.stdout.strip().splitlines()[-12:])
-        raise subprocess.CalledProcessError(result.returncode, cmd, tail)
+    with subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
+                          **kwargs) as proc:
+        try:
+            output, _ = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            try:
+                os.killpg(proc.pid, signal.SIGKILL)
+            except OSError:
+                pass
+            proc.communicate()
+            raise
+    if proc.returncode != 0:
+        tail = " | ".join(output.strip().splitlines()[-12:])
+        raise subprocess.CalledProcessError(proc.returncode, cmd, tail)
 
 
 def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), timeout: float = 3600.0,
-            build_user: str = BUILD_USER, env: dict[str, str] | None = None) -> None:
+            build_user: str = BUILD_USER, env: dict[str, str] | None = None,
+            build_requirements: Path | None = None) -> None:
     """pip install -r `requirements` into the venv of `python`, hash-checked.
 
-    Raises HashError (not hashed), subprocess.CalledProcessError (pip failed; its output tail in
-    .output), subprocess.TimeoutExpired, KeyError (no build user).
+    `build_requirements`: the hash-pinned tools source-only pins are built with (default: BUILD_REQUIREMENTS
+    beside `requirements`; a missing file: none, so only an sdist that needs nothing beyond the build venv's
+    own pip builds). `extra_args` go to every pip run (an index, say). Raises HashError (not hashed),
+    subprocess.CalledProcessError (pip failed; its output tail in .output), subprocess.TimeoutExpired,
+    KeyError (no build user).
     """
     requirements = Path(requirements).absolute()
     allowed = allowed_hashes(requirements)
+    tools = Path(build_requirements or requirements.parent / BUILD_REQUIREMENTS).absolute()
+    if tools.exists():
+        allowed_hashes(tools)  # the build tools are hash-pinned too
     base = dict(os.environ if env is None else env)
     for name in list(base):
         if name.startswith("PYTHON"):
@@ -129,26 +182,42 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
         return
     user = pwd.getpwnam(build_user)
     work = Path(tempfile.mkdtemp(prefix="spb-pip-"))
-    os.chmod(work, 0o711)  # the build user may pass through to build/, nothing more
+    os.chmod(work, 0o711)  # the build user may pass through to its directory, not list what is here
     try:
-        build = work / "build"
+        hidden = work / secrets.token_hex(16)  # /tmp is listed by all: the build's path is not
+        hidden.mkdir(mode=0o711)
+        build = hidden / "build"
         build.mkdir()
         os.chown(build, user.pw_uid, user.pw_gid)
-        # 1. As the unprivileged user: fetch every pin (hash-checked) and build the source-only ones.
+        # 1. As the unprivileged user: a build venv with only the hash-pinned build tools, then fetch every
+        #    pin (hash-checked) and build the source-only ones there, without build isolation (which would
+        #    fetch unchecked build tools) and with no way to fetch anything else.
         build_env = dict(_build_env(base), HOME=str(build), TMPDIR=str(build), PIP_CACHE_DIR=str(build / "cache"))
-        _run(_pip(python) + ["wheel", "--require-hashes", "--no-deps", "-r", str(requirements),
-                             "-w", str(build / "wheels"), *extra_args], build_env, timeout, user=user, cwd=str(build))
-        # 2. Root copies what was built from source into a directory only root can write, then
-        #    installs those wheels (installing a wheel runs no code).
+        _run([python, "-I", "-m", "venv", str(build / "venv")], build_env, timeout, user=user, cwd=str(build))
+        build_python = str(build / "venv" / "bin" / "python")
+        if tools.exists():
+            _run(_pip(build_python) + ["install", "--require-hashes", "--only-binary", ":all:", "-r", str(tools),
+                                       *extra_args], build_env, timeout, user=user, cwd=str(build))
+        _run(_pip(build_python) + ["wheel", "--require-hashes", "--no-deps", "--no-build-isolation", "-r",
+                                   str(requirements), "-w", str(build / "wheels"), *extra_args],
+             build_env, timeout, user=user, cwd=str(build))
+        # 2. Root copies what was built from source into a directory only root can write, then installs those
+        #    wheels (installing a wheel runs no code): one per pinned name and version, nothing else.
         local = work / "local"
         local.mkdir(mode=0o700)
+        wanted = pins(requirements)
+        taken: set[str] = set()
         for wheel in sorted((build / "wheels").glob("*.whl")):
-            if wheel.is_file() and not wheel.is_symlink():
-                copy = local / wheel.name
-                shutil.copyfile(wheel, copy)
-                if _sha256(copy) not in allowed:
-                    continue  # built here from a hash-checked sdist
+            pin = _wheel_pin(wheel.name)
+            if not wheel.is_file() or wheel.is_symlink() or pin is None or wanted.get(pin[0]) != pin[1] \
+                    or pin[0] in taken:
+                continue  # not a wheel of a pinned name and version (or a second one): never installed
+            copy = local / wheel.name
+            shutil.copyfile(wheel, copy)
+            if _sha256(copy) in allowed:
                 copy.unlink()  # a file from the index: step 3 fetches and checks it again
+                continue
+            taken.add(pin[0])  # built here from a hash-checked sdist
         built = sorted(str(p) for p in local.glob("*.whl"))
         if built:
             _run(_pip(python) + ["install", "--no-index", "--no-deps", "--only-binary", ":all:", *built],

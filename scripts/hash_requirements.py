@@ -1,6 +1,7 @@
 """Rewrite requirements*.txt with the sha256 of every PyPI file pip could pick for each pin.
 
-Usage: python scripts/hash_requirements.py [FILE ...]   (default: requirements.txt requirements-dev.txt)
+Usage: python scripts/hash_requirements.py [FILE ...]   (default: requirements.txt requirements-dev.txt
+                                                        requirements-build.txt)
 
 Reads each pinned line (`name==version`, an optional `; marker` kept), asks PyPI's JSON API
 (https://pypi.org/pypi/<name>/json) for that version's files and keeps the sdist and every wheel
@@ -101,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(__file__).resolve().parent.parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("files", nargs="*", type=Path,
-                        default=[root / "requirements.txt", root / "requirements-dev.txt"])
+                        default=[root / "requirements.txt", root / "requirements-dev.txt",
+                                 root / "requirements-build.txt"])
     args = parser.parse_args(argv)
     for path in args.files:
         try:

@@ -672,7 +672,8 @@ def index(pip_venv):
     (base / "marks").mkdir(mode=0o777)
     (base / "marks").chmod(0o777)
     yield base
-    subprocess.run([str(pip_venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "spbevil", "spbsrc"],
+    subprocess.run([str(pip_venv / "bin/python"), "-m", "pip", "uninstall", "-y", "-q", "spbevil", "spbsrc",
+                    "spbextra"],
                    capture_output=True)
     shutil.rmtree(base, ignore_errors=True)
 
@@ -792,6 +793,76 @@ def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
     done = subprocess.run([str(pip_venv / "bin/python"), "-c", "import spbsrc"], capture_output=True)
     assert done.returncode == 0, done.stderr
 
+
+
+def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None) -> Path:
+    """spbsrc-1.0's sdist: an in-tree backend (importing the build tool `tool`, when given) that builds its
+    wheel and also drops a second wheel, `spbextra`, with a .pth (code run at every start of the venv)."""
+    import tarfile
+
+    src = index / "src" / "spbsrc-1.0"
+    (src / "spbsrc").mkdir(parents=True)
+    (src / "spbsrc" / "__init__.py").write_text("")
+    requires = f'["{tool}"]' if tool else "[]"
+    pth = f"import os; open({str(mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"
+    (src / "pyproject.toml").write_text(f'[build-system]\nrequires = {requires}\nbuild-backend = "backend"\n'
+                                        'backend-path = ["."]\n')
+    (src / "backend.py").write_text(
+        "import base64, hashlib, os, zipfile\n"
+        + (f"import {tool}\n" if tool else "")
+        + "def get_requires_for_build_wheel(config_settings=None):\n    return []\n"
+        "def _wheel(directory, name, files):\n"
+        "    d = name + '-1.0.dist-info'\n"
+        "    files = dict(files, **{d + '/METADATA': 'Metadata-Version: 2.1\\nName: ' + name + '\\nVersion: 1.0\\n',\n"
+        "                         d + '/WHEEL': 'Wheel-Version: 1.0\\nGenerator: t\\nRoot-Is-Purelib: true\\n'\n"
+        "                                       'Tag: py3-none-any\\n'})\n"
+        "    b64 = lambda t: base64.urlsafe_b64encode(hashlib.sha256(t.encode()).digest()).rstrip(b'=').decode()\n"
+        "    rec = [p + ',sha256=' + b64(t) + ',' + str(len(t)) for p, t in files.items()] + [d + '/RECORD,,']\n"
+        "    whl = name + '-1.0-py3-none-any.whl'\n"
+        "    with zipfile.ZipFile(os.path.join(directory, whl), 'w') as z:\n"
+        "        for p, t in files.items():\n            z.writestr(p, t)\n"
+        "        z.writestr(d + '/RECORD', chr(10).join(rec) + chr(10))\n"
+        "    return whl\n"
+        "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
+        f"    pth = {pth!r}\n"
+        "    _wheel(wheel_directory, 'spbextra', {'spbextra.pth': pth})\n"
+        "    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': ''})\n")
+    sdist = index / "wheels" / "spbsrc-1.0.tar.gz"
+    with tarfile.open(sdist, "w:gz") as tar:
+        tar.add(src, arcname="spbsrc-1.0")
+    return sdist
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="the build-user switch happens only as root")
+def test_as_root_only_the_pinned_wheel_a_build_made_is_installed_and_its_tools_come_hash_checked(pip_venv, index):
+    """A hostile sdist's build leaves a second wheel with a .pth beside its own: root installs only the wheel
+    of the pinned name and version. Its build tool is taken from the hash-pinned build requirements only: the
+    index's unpinned `spbtool` (whose import leaves a mark) is never fetched to build with (pip's build
+    isolation would have); pinned by hash, the same build goes through."""
+    mark = index / "marks" / "extra-pth-ran"
+    tool_mark = index / "marks" / "tool-ran"
+    tool = _wheel(index / "wheels", "spbtool", {
+        "spbtool/__init__.py": f"import os; open({str(tool_mark)!r}, 'a').write(str(os.getuid()) + chr(10))\n"})
+    sdist = _hostile_sdist(index, mark, tool="spbtool")
+    req = index / "requirements.txt"
+    req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
+    req.chmod(0o644)
+    python = str(pip_venv / "bin/python")
+    args = ["--no-index", "--find-links", str(index / "wheels")]
+    with pytest.raises(subprocess.CalledProcessError):  # no spbtool in the build venv: the build fails
+        safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
+    assert not tool_mark.exists(), "an unpinned build tool from the index ran"
+    build_req = index / safepip.BUILD_REQUIREMENTS
+    build_req.write_text(f"spbtool==1.0 --hash=sha256:{_sha(tool)}\n")
+    build_req.chmod(0o644)
+    try:
+        safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
+    except subprocess.CalledProcessError as exc:
+        pytest.fail(f"pip failed: {exc.output}")
+    assert {int(u) for u in tool_mark.read_text().split()} == {pwd.getpwnam(safepip.BUILD_USER).pw_uid}
+    subprocess.run([python, "-c", "import spbsrc"], check=True)  # the pinned wheel is in; a start of python
+    assert not mark.exists(), f"the extra wheel's .pth ran as uid {mark.read_text()}"
+    assert not list((pip_venv / "lib").glob("python3*/site-packages/spbextra*"))
 
 def test_a_release_whose_requirements_lack_hashes_is_refused(site, caplog):
     (site.work / "requirements.txt").write_text("psutil==7.2.2\n")
