@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import re
 import select
 import socket
@@ -35,6 +36,7 @@ log = logging.getLogger(__name__)
 
 KEEPALIVE_S = 60
 CONNECT_TIMEOUT_S = 5.0
+LOGIN_TIMEOUT_S = 10.0  # from the TCP (and TLS) connection to the broker's answer to the login (CONNACK)
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED_MESSAGES = 1000  # paho's own queue while a publish waits for the broker (bounded)
 IDLE_WAKE_S = 15.0  # the MQTT thread's longest sleep while listening: keepalive (60 s) checks in time
@@ -222,7 +224,9 @@ class MqttOutput:
         self._woken = False  # a wake-up byte for _pending is on its way
         self._stopping = False
         self._stop_timeout_s = 2.0
-        self._delay_s = 0.0  # the reconnect backoff now (0: the last connection attempt succeeded)
+        self._delay_s = 0.0  # the reconnect backoff now (0: the last connection stayed up for a keepalive)
+        self._connected_at = 0.0  # monotonic time of the last accepted login
+        self._login_by = 0.0  # while not logged in on an open socket: the broker must have answered by then
         self._oversize_delay_s = 0.0  # the backoff after connections closed for an oversized packet
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
@@ -442,9 +446,17 @@ class MqttOutput:
                             retry_at = time.monotonic() + self._next_delay()
                         else:
                             had_socket, quiet_until = True, 0.0
+                            self._login_by = time.monotonic() + LOGIN_TIMEOUT_S
                         continue
                     self._select([], [], retry_at - now)
                     self._take_cycle(client)
+                    continue
+                if not self.connected and now >= self._login_by:
+                    # Connected but never logged in: a stalled broker, or TLS's port without `tls = true`.
+                    self._report(f"MQTT broker {self.where}: no answer to the login within {LOGIN_TIMEOUT_S:g} s "
+                                 "(a stalled broker, or a TLS port without `tls = true`?); reconnecting")
+                    self._login_by = math.inf  # reported: its closing is not "closed before answering"
+                    client.disconnect()  # closes the socket: the next pass backs off and tries again
                     continue
                 listening = now >= quiet_until
                 # Bytes already read (ours, or TLS's decrypted ones) are invisible to select(): don't wait.
@@ -522,11 +534,12 @@ class MqttOutput:
 
     # -- paho's callbacks (in the MQTT thread, from loop_read) ----------------------------------------------
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._login_by = math.inf  # answered: no login deadline, and its closing is not "before answering"
         if reason_code.is_failure:
             self._report(refusal(reason_code, self.where, self.mqtt.username))
             return
         self.connected = True
-        self._delay_s = 0.0
+        self._connected_at = time.monotonic()
         client.subscribe(self.status_topic, qos=self.mqtt.qos)
         client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True)
         self._send_discovery(client)
@@ -544,6 +557,9 @@ class MqttOutput:
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self.connected = self.connected, False
+        if was_connected and time.monotonic() - self._connected_at >= KEEPALIVE_S:
+            self._delay_s = 0.0  # it held: reconnect soon. A login closed at once (another client with our
+            # client_id takes the session over, say) keeps doubling the wait, not retrying every second.
         oversize, client.oversize = client.oversize, 0
         # The broker sends a retained message again at every connection: each one succeeds, yet the same
         # packet closes it, so such closings back off on their own (doubling to RECONNECT_MAX_S).
@@ -554,6 +570,9 @@ class MqttOutput:
                          "connection closed; reconnecting")
         elif was_connected and not self._stopping:
             self._report(f"MQTT broker {self.where}: connection lost ({reason_code}); reconnecting")
+        elif not self._stopping and self._login_by != math.inf:
+            self._report(f"MQTT broker {self.where}: closed the connection before answering the login "
+                         f"({reason_code}; a TLS port without `tls = true`?); reconnecting")
 
     def _on_message(self, client, userdata, message) -> None:
         # Home Assistant announces its start with `online`: it has forgotten nothing retained, but a

@@ -435,6 +435,50 @@ def test_an_unreachable_broker_is_connection_when_mqtt_is_the_only_output():
             out.stop()
 
 
+
+def test_a_broker_that_never_answers_the_login_is_reported_and_tried_again():
+    """A stalled broker (SIGSTOP: the kernel still completes the TCP connection) never answers the login:
+    within LOGIN_TIMEOUT_S it is reported naming the broker (log, `status`, the LED: Connection when MQTT is
+    the only output), and tried again once it answers."""
+    import mqtt_output
+
+    with Mosquitto() as stalled:
+        stalled.pause()
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {stalled.port}', handler)
+        started = time.monotonic()
+        out.start()
+        try:
+            _wait(lambda: out.problem, "reported problem", timeout=mqtt_output.LOGIN_TIMEOUT_S + 30)
+            assert out.problem.startswith(f"MQTT broker 127.0.0.1:{stalled.port}: no answer to the login within"), \
+                out.problem
+            assert time.monotonic() - started >= mqtt_output.LOGIN_TIMEOUT_S
+            assert handler.active["mqtt"].tier == Tier.CONNECTION and not out.connected
+            stalled.resume()
+            _wait(lambda: out.connected, "connected once the broker answers", timeout=mqtt_output.RECONNECT_MAX_S + 30)
+            assert out.problem is None and "mqtt" not in handler.active
+        finally:
+            stalled.resume()
+            out.stop()
+
+
+def test_two_loggers_with_one_client_id_back_off_instead_of_taking_the_session_every_second(broker):
+    """The broker closes a session when another client logs in with its client_id (two Pis left on the default
+    site name, or a hand-run `main.py run` beside the service). A login closed this soon keeps doubling the
+    wait: each logger reconnects a few times a minute at most, not every second, each time resending discovery."""
+    config = f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}\nclient_id = "twin"'
+    outs = [_output(config, ErrorHandler(None)) for _ in range(2)]
+    for out in outs:
+        out.start()
+    try:
+        time.sleep(12)
+    finally:
+        for out in outs:
+            out.stop()
+    logins = [out.discovery_sent for out in outs]
+    # Doubling waits (1, 2, 4, 8 s): about 7 logins in all; retrying every second after each take-over, 13 here.
+    assert all(n >= 1 for n in logins) and sum(logins) <= 9, logins
+
 def test_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
     """paho bounds the TCP connect and the TLS handshake, not the name lookup, which a SIM link's DNS can
     hold for tens of seconds. No resolver that hangs can run here, so the system's getaddrinfo is replaced
