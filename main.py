@@ -371,12 +371,17 @@ def cmd_run(args, config: Config) -> int:
     finally:
         daemon.store_held_at_exit()
         service.stop()
-        if mqtt is not None:
-            mqtt.stop()
-        # Bounded (final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s.
+        # The outputs stop side by side, each bounded (MQTT: 2 s + a connection attempt's 5 s; the sender: the
+        # final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s even when
+        # both wait on a dead link.
+        mqtt_stop = threading.Thread(target=mqtt.stop, name="mqtt-stop", daemon=True) if mqtt else None
+        if mqtt_stop:
+            mqtt_stop.start()
         if sender and sender.stop():
             sender.outbox.close()
             writer.close()
+        if mqtt_stop:
+            mqtt_stop.join()
         outbox.close()
         if handler_led:
             handler_led.close()

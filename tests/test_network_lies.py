@@ -277,6 +277,47 @@ def test_sigterm_ends_the_daemon_within_10_s_while_the_server_stalls(influxdb1, 
     assert stats.stored_total > 0 and stats.queue_depth == stats.stored_total  # nothing counted as delivered
 
 
+
+def test_sigterm_ends_the_daemon_within_10_s_while_the_server_and_the_mqtt_broker_hang(victoria, make_proxy,
+                                                                                       tmp_path):
+    """A dead SIM link: the database takes the request and never answers, and the broker's connection attempt
+    hangs (a listener whose accept queue is full drops the SYN, as a link that lost its route does). The
+    outputs stop side by side, so the daemon still ends within 10 s."""
+    import socket
+
+    proxy = make_proxy(victoria.url)
+    proxy.delay(3600)
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(0)
+        fillers = [socket.create_connection(listener.getsockname(), timeout=5)]  # the queue is full after it
+        try:
+            config = daemon_config(tmp_path, f'api = "v2"\norg = "coop"\nbucket = "solar"\nurl = "{proxy.url}"\n'
+                                             f'timeout_s = 600\n[mqtt]\nenabled = true\nhost = "127.0.0.1"\n'
+                                             f'port = {listener.getsockname()[1]}')
+            proc = start_daemon(config, tmp_path / "daemon.log")
+            try:
+                wait_for_write(proxy, tmp_path)
+                deadline = time.monotonic() + 60
+                while "no answer within 5 s" not in (tmp_path / "daemon.log").read_text():  # the first attempt
+                    assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
+                    time.sleep(0.05)
+                # The next attempt begins after the 1 s backoff: stopped early in it, the MQTT thread has most
+                # of its 5 s still to wait, the sender its final flush (one after the other: over 10 s).
+                time.sleep(1.3)
+                took = stop_daemon(proc)
+            finally:
+                if proc.poll() is None:
+                    proc.kill()
+                    proc.wait()
+        finally:
+            for filler in fillers:
+                filler.close()
+    log = (tmp_path / "daemon.log").read_text()
+    assert proc.returncode == 0, log
+    assert took < 10.0, f"SIGTERM took {took:.1f} s"
+    assert "MQTT broker 127.0.0.1" in log  # the broker's connection really hung (and was reported)
+
 def test_an_endless_answer_keeps_the_daemon_under_200_mb(victoria, make_proxy, tmp_path):
     proxy = make_proxy(victoria.url)
     proxy.endless_body(200)
