@@ -153,9 +153,9 @@ DISCONNECT_SOC = 0.02  # the controller's low-voltage disconnect drops the loads
 INTERNAL_OHM_AH = 0.35
 # The trading switches (see SolarModel).
 SELL_ABOVE_SOC = 0.9
-SELL_DOWN_TO_SOC = 0.55
-BUY_BELOW_SOC = 0.45
-BUY_UNTIL_SOC = 0.6
+SELL_DOWN_TO_SOC = 0.8
+BUY_BELOW_SOC = 0.6
+BUY_UNTIL_SOC = 0.75
 PLANT_RESERVE_SOC = 0.3
 STEP_S = 60.0
 # The model's own energy account per unit (SolarModel.account), in Wh.
@@ -240,10 +240,11 @@ class SolarModel:
 
     The switches, checked every grid step (a house trades with the plant only, one switch at a time):
     - SELL closes when the house battery is at 90 % or more, its panel could give more than the house
-      uses plus the 0.3 A sale, and the plant's battery is below 93 %; it opens when the charge falls
-      below 75 %, the surplus ends (evening, clouds) or the plant's battery is full (98 %).
-    - BUY closes when the house battery has run down to 35 % and the plant's is above 30 %; it draws
-      0.5 A from the plant until the house reaches 55 % or the plant falls to 20 %.
+      uses plus the 0.3 A sale (or, the battery full and its controller open, more than the house uses:
+      the panel's power would go to waste), and the plant's battery is below 93 %; it opens when the charge falls
+      below 80 %, the surplus ends (evening, clouds) or the plant's battery is full (98 %).
+    - BUY closes when the house battery has run down to 60 % and the plant's is above 30 %; it draws
+      0.5 A from the plant until the house reaches 75 % or the plant falls to 20 %.
     Thread-safe.
     """
 
@@ -403,7 +404,10 @@ class SolarModel:
         for house in self._houses:
             soc, trade = self._socs[house], self._trade[house]
             isc_a, _ = panel_output(self._specs[house].panel_peak_w, irradiance)
-            surplus = isc_a > self._load_a(house, epoch_s, hour, irradiance)  # the panel covers the house
+            # A sale is the panel's surplus, not the battery's charge: the panel covers the house and the sale,
+            # or (the battery full, the controller open) the panel's power would go to waste.
+            load = self._load_a(house, epoch_s, hour, irradiance)
+            surplus = isc_a > load + SELL_A or (self._full[house] and isc_a > load)
             if trade == "buy" and (soc >= BUY_UNTIL_SOC or plant_soc <= PLANT_RESERVE_SOC - 0.1):
                 trade = ""
             elif trade == "sell" and (soc < SELL_DOWN_TO_SOC or not surplus or plant_soc >= FULL_SOC):

@@ -261,12 +261,24 @@ def test_houses_sell_at_midday_and_buy_in_the_evening():
             assert h.exchange_a in (0.0, simulator.BUY_A, -simulator.SELL_A)
             if h.exchange_a < 0:
                 assert h.soc >= simulator.SELL_DOWN_TO_SOC - 0.01  # only spare energy is sold
+                # ... the panel's surplus: while the controller charges, the sale never drains the battery
+                assert not h.charging or h.battery_a >= -1e-9, (when, h)
             if h.exchange_a > 0:
                 assert h.soc <= simulator.BUY_UNTIL_SOC + 0.01
         hour = when.hour
         sold_midday |= 11 <= hour < 17 and any(h.exchange_a < 0 for h in houses)
         bought_evening |= (hour >= 19 or hour < 3) and any(h.exchange_a > 0 for h in houses)
     assert sold_midday and bought_evening
+
+
+def test_the_switches_docstring_states_the_thresholds_the_code_uses():
+    """Issue 12: the switches' logic is stated in the simulator's docstring: its figures are the code's."""
+    doc = simulator.SolarModel.__doc__
+    for soc in (simulator.SELL_ABOVE_SOC, simulator.SELL_DOWN_TO_SOC, simulator.BUY_BELOW_SOC,
+                simulator.BUY_UNTIL_SOC, simulator.PLANT_RESERVE_SOC, simulator.PLANT_RESERVE_SOC - 0.1,
+                simulator.FULL_SOC, simulator.RECHARGE_SOC):
+        assert f"{round(soc * 100)} %" in doc, soc
+    assert f"{simulator.SELL_A:g} A" in doc and f"{simulator.BUY_A:g} A" in doc
 
 
 def test_default_model_at_a_june_noon_measures_charging_panels():
