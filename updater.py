@@ -70,6 +70,7 @@ EXIT_CONFIG = 78
 
 ENV_VENV_CMD = "SPB_VENV_CMD"
 ENV_RESTART_CMD = "SPB_RESTART_CMD"
+ENV_START_CMD = "SPB_START_CMD"  # post-stop's start of the service after a rollback (tests: a stand-in)
 
 FETCH_TIMEOUT_S = 600.0
 INSTALL_TIMEOUT_S = 3600.0  # a Pi Zero may build wheels
@@ -539,7 +540,36 @@ def _pre_start(layout: Layout, state_dir: Path, config_path: Path | None, limit:
                     short_sha(sha), failed + 1, failed)
 
 
-def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int) -> bool:
+def post_stop(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None,
+              config_path: Path | str | None = None, environ: Mapping[str, str] | None = None) -> int:
+    """ExecStopPost, as root: a release on probation that exited 78 (it refused the live config or its files)
+    is rolled back at once and the service started again. systemd does not restart an exit 78
+    (RestartPreventExitStatus), so pre-start would never count the failed starts. Always exits 0."""
+    env = os.environ if environ is None else environ
+    if (env.get("EXIT_CODE"), env.get("EXIT_STATUS")) != ("exited", str(EXIT_CONFIG)):
+        return EXIT_OK
+    try:
+        layout = Layout(Path(root).absolute())
+        state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        bad, good = release_sha(layout, layout.current), release_sha(layout, layout.previous)
+        if bad is None or good in (None, bad) or _max_failed_starts(Path(config_path) if config_path else None) is None:
+            return EXIT_OK  # nothing to go back to, or self-update off (a release switched by hand stays)
+        with locked_state(state_dir) as state:
+            entry = state["releases"].get(bad)
+            # A proven release that exits 78 has a config problem, which old code would not fix either.
+            if entry is None or entry.get("good") or not _rollback(layout, state_dir, state, bad, good,
+                                                                  entry.get("starts", 1), "exit 78 at start"):
+                return EXIT_OK
+        command = os.environ.get(ENV_START_CMD)
+        _restart(shlex.split(command) if command is not None else
+                 ([shutil.which("systemctl") or "systemctl", "--no-block", "start", SERVICE]))
+    except Exception:
+        log.exception("post-stop failed")
+    return EXIT_OK
+
+
+def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int,
+              reason: str | None = None) -> bool:
     try:
         with _root_lock(layout, wait_s=5.0):
             _swap_link(layout.current, f"releases/{good}")
@@ -550,10 +580,11 @@ def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, 
     except Busy:
         log.warning("an update is running; not rolling back %s now", short_sha(bad))
         return False
-    message = f"rolled back from {bad} to {good} after {failed} failed starts"
+    reason = reason or f"{failed} failed starts"
+    message = f"rolled back from {bad} to {good} after {reason}"
     log.error("%s", message)
     at = now_iso(zulu=False)
-    state["bad"][bad] = {"at": at, "reason": f"{failed} failed starts", "rolled_back_to": good}
+    state["bad"][bad] = {"at": at, "reason": reason, "rolled_back_to": good}
     entry = state["releases"].setdefault(good, {"starts": 0, "good": False})
     entry["starts"] = 1
     entry["last_start"] = at
@@ -609,6 +640,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timeout of the venv command (default %(default)s s)")
     p = sub.add_parser("pre-start", help="count a start; roll back a release that keeps failing (always exits 0)")
     common(p, argparse.SUPPRESS)
+    q = sub.add_parser("post-stop", help="roll back a release on probation that exited 78 (always exits 0)")
+    common(q, argparse.SUPPRESS)
     m = sub.add_parser("mark-good", help="the current start reached its first stored cycle")
     common(m, argparse.SUPPRESS)
     s = sub.add_parser("status", help="releases and state as JSON")
@@ -631,6 +664,8 @@ def main(argv: list[str] | None = None) -> int:
     config_path = Path(args.config) if args.config else None
     if args.command == "pre-start":
         return pre_start(root, state_dir, config_path)
+    if args.command == "post-stop":
+        return post_stop(root, state_dir, config_path)
     if args.command == "apply":
         # systemd stops a run with SIGTERM: unwind, so the half-made release is removed.
         in_main_thread = threading.current_thread() is threading.main_thread()

@@ -473,6 +473,36 @@ def test_crashing_release_is_rolled_back_and_never_reapplied(site, caplog):
     assert updater.acknowledge(site.state) is False
 
 
+
+def test_a_release_on_probation_that_exits_78_is_rolled_back_at_once_and_started_again(site, monkeypatch, caplog):
+    """A release that passes the self-test but refuses what only the real start checks (its secret files, their
+    permissions) exits 78, which systemd does not restart: pre-start would never run to count it. post-stop
+    (ExecStopPost, as root) rolls it back and starts the service; after any other stop it does nothing."""
+    started = site.base / "started"
+    monkeypatch.setenv(updater.ENV_START_CMD, shlex.join(["touch", str(started)]))
+    sha2 = site.commit("release 2: exits 78 at start")
+    assert site.apply() == updater.EXIT_UPDATED
+    assert site.pre_start() == 0
+    for code, status in (("exited", "0"), ("exited", "1"), ("killed", "78"), ("dumped", "11")):
+        monkeypatch.setenv("EXIT_CODE", code)
+        monkeypatch.setenv("EXIT_STATUS", status)
+        assert site.cli("post-stop") == 0
+        assert site.current == sha2 and not started.exists(), (code, status)
+    monkeypatch.setenv("EXIT_CODE", "exited")
+    monkeypatch.setenv("EXIT_STATUS", "78")
+    assert site.cli("post-stop") == 0
+    assert site.current == site.sha1 and site.previous is None and started.exists()
+    assert f"rolled back from {sha2} to {site.sha1} after exit 78 at start" in caplog.text
+    assert site.state_file()["bad"][sha2]["reason"] == "exit 78 at start"
+    assert sha2 in updater.rollback_notice(site.state)
+    # Release 1, proven, exiting 78 too: a config problem old code would not fix; nothing to go back to anyway.
+    started.unlink()
+    assert site.cli("post-stop") == 0
+    assert site.current == site.sha1 and not started.exists()
+    unit = (PROJECT / "systemd" / "solarpowerbrampton.service").read_text()
+    assert "ExecStopPost=+-/opt/solarpowerbrampton/previous/.venv/bin/python -s -E " \
+           "/opt/solarpowerbrampton/previous/updater.py post-stop --config /etc/solarpowerbrampton/config.toml" in unit
+
 def test_mark_good_resets_the_counter(site):
     sha2 = site.commit("release 2")
     assert site.apply() == updater.EXIT_UPDATED
