@@ -293,10 +293,14 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
     _ensure_repo(layout, git, remote)
     ref = f"refs/updater/{update.branch}"
     log.info("fetching %s from %s", update.branch, redact(remote))
-    # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
-    git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
-              "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}", timeout=FETCH_TIMEOUT_S)
+    fetched = False
     try:
+        # fsckObjects: refuse malformed objects (e.g. tree entries like '..') before anything uses them.
+        # In the try: a fetch cut off (its timeout, a lost link) leaves tmp_pack_* files the prune removes.
+        git.check("git fetch", "-c", "fetch.fsckObjects=true", "fetch", "--quiet", "--no-tags",
+                  "--no-recurse-submodules", "--", remote, f"+refs/heads/{update.branch}:{ref}",
+                  timeout=FETCH_TIMEOUT_S)
+        fetched = True
         return _apply_fetched(layout, git, state_dir, update, live_config, remote, ref, old, gnupghome=gnupghome,
                               venv_cmd=venv_cmd, install_timeout=install_timeout,
                               selftest_timeout=selftest_timeout, run_as=run_as)
@@ -304,7 +308,7 @@ def _apply_locked(layout: Layout, state_dir: Path, update: UpdateConfig, live_co
         # Whatever was fetched and not accepted (unsigned, rewritten, rolled back, failed) goes:
         # repeated hostile pushes must not fill the SD card that also holds the store.
         current = release_sha(layout, layout.current)
-        if current != _ref_sha(git, ref):
+        if not fetched or current != _ref_sha(git, ref):
             _discard_fetch(git, ref, current)
 
 

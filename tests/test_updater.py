@@ -1110,6 +1110,21 @@ def test_hostile_pushes_do_not_accumulate_in_the_mirror(site, keys):
     assert site.current == sha3
 
 
+
+def test_a_fetch_that_fails_leaves_no_temporary_pack_behind(site):
+    """A fetch cut off (its timeout, a SIM link lost mid-pack) leaves git's tmp_pack_* files in the mirror: the
+    failed run prunes them, so a remote that keeps failing cannot fill the SD card day after day."""
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    pack_dir = site.root / "repo.git" / "objects" / "pack"
+    debris = pack_dir / "tmp_pack_Xy12Ab"
+    debris.write_bytes(os.urandom(100_000))  # what an interrupted index-pack leaves
+    os.utime(debris, (time.time() - 60, time.time() - 60))
+    site.remote.rename(site.base / "gone.git")  # the remote cannot be reached: the fetch fails
+    assert site.apply() == updater.EXIT_FAILED
+    assert site.current == sha2
+    assert not debris.exists(), "the failed fetch's temporary pack was left behind"
+
 def test_rollback_notice_until_acknowledged_or_a_day_of_good_running(site, capsys):
     sha2 = site.commit("release 2")
     assert site.apply() == updater.EXIT_UPDATED
