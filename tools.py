@@ -397,10 +397,9 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             sensor.last_error = "no finished conversion (the chip was reset or reconfigured)"
             sensor.cycles_to_check = 0
         else:
-            sensor.last_error = (
-                f"shunt voltage at the end of its range ({raw_shunt * _SHUNT_LSB_MV:.2f} mV): "
-                f"current above {sensor.channel.max_current_a} A"
-            )
+            range_mv = sensor.shunt_full_scale * _SHUNT_LSB_MV  # the gain max_current_a chose: 40-320 mV
+            sensor.last_error = (f"shunt voltage at the end of its range ({raw_shunt * _SHUNT_LSB_MV:.2f} mV of "
+                                 f"±{range_mv:g} mV): current beyond {range_mv / sensor.channel.shunt_ohms / 1000:g} A")
 
     def _average(self, sensor: _Sensor, mid_s: float) -> ChannelReading:
         channel = sensor.channel

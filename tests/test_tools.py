@@ -187,7 +187,8 @@ def test_overflow_beyond_the_shunt_range_is_a_failed_sample_not_a_clipped_value(
     reader, _ = make_reader(cfg, clock)
     reading = reader.measure().channels[0]
     assert not reading.ok and reading.failed_samples == 10
-    assert "end of its range" in reading.error
+    # The gain max_current_a chose (40 mV: 0.4 A on 0.1 ohm) is the limit, not max_current_a itself.
+    assert "end of its range (40.00 mV of ±40 mV): current beyond 0.4 A" in reading.error, reading.error
 
 
 def test_samples_are_spread_evenly_and_stamped_at_the_window_middle(clock):
