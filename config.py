@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from config_check import INVALID, Validator
+from config_check import INVALID, Validator, slug_clashes
 
 SYSTEM_CONFIG_PATH = Path("/etc/solarpowerbrampton/config.toml")
 LOCAL_CONFIG_PATH = Path("config.toml")
@@ -348,6 +348,8 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
     channels = _channels(v, data)
     if mqtt.enabled and not mqtt.host:
         v.problem("mqtt.host", "required when [mqtt] enabled = true")
+    for where, problem in slug_clashes(channels) if mqtt.enabled else ():
+        v.problem(where, f"{problem} (with [mqtt] enabled: rename one)")
     if update.enabled and not update.remote:
         v.problem("update.remote", "required when [update] enabled = true")
 

@@ -22,6 +22,37 @@ _IDENT = re.compile(r"^[A-Za-z0-9_.\-]{1,64}$")
 _MAX_PEM_BYTES = 1_000_000  # a file of CA certificates is far smaller
 
 
+
+_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
+MQTT_LOGGER_NODE = "logger"  # the MQTT device of the logger itself: no unit may take its slug
+
+
+def slug(text: str) -> str:
+    """`text` as an MQTT topic level / Home Assistant id: letters, digits, _ and - only."""
+    return _SLUG.sub("_", text).strip("_") or "_"
+
+
+def slug_clashes(channels) -> list[tuple[str, str]]:
+    """(key path, problem) for names Home Assistant would take as one: two channels, or two units, whose
+    slugs are equal (`pv.1` and `pv_1`: one entity, one state topic), or a unit slugged as the logger."""
+    problems: list[tuple[str, str]] = []
+    channel_slugs: dict[str, int] = {}
+    unit_slugs: dict[str, tuple[str, int]] = {}
+    for i, channel in enumerate(channels):
+        first = channel_slugs.setdefault(slug(channel.name), i)
+        if first != i:
+            problems.append((f"channel[{i}].name", f"{channel.name!r} and channel[{first}]'s "
+                             f"{channels[first].name!r} are the same MQTT id {slug(channel.name)!r}"))
+        unit, unit_slug = channel.unit_name, slug(channel.unit_name)
+        if unit_slug == MQTT_LOGGER_NODE:
+            problems.append((f"channel[{i}].unit", f"{unit!r} is the MQTT id of the logger's own device"))
+        elif unit_slugs.setdefault(unit_slug, (unit, i))[0] != unit:
+            other, j = unit_slugs[unit_slug]
+            problems.append((f"channel[{i}].unit", f"{unit!r} and channel[{j}]'s unit {other!r} are the same MQTT id "
+                             f"{unit_slug!r}"))
+    return problems
+
+
 class Validator:
     """Collects problems as `at 'key.path': message` lines."""
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import json
 import logging
 import math
-import re
 import select
 import socket
 import ssl
@@ -28,6 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from config import Config
+from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug  # noqa: F401 - slug is ours to export
 from credentials import MQTT_PASSWORD_ENV, Secret, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
 from transport import call_within
@@ -46,8 +46,6 @@ READ_CHUNK = 4096  # bytes read from the broker at once
 MAX_PACKET_BYTES = 65536
 QUIET_MAX_S = 5.0  # the longest the broker's answers wait for the next cycle to be read
 MANUFACTURER = "Brampton2Zero"
-LOGGER_NODE = "logger"
-_SLUG = re.compile(r"[^A-Za-z0-9_-]+")
 
 # Per channel: field -> (name suffix, device_class, unit, state_class). Energy counters are what Home
 # Assistant's Energy dashboard accepts: device_class energy, state_class total_increasing, Wh.
@@ -68,11 +66,6 @@ LOGGER_SENSORS: Mapping[str, tuple[str, str | None, str, str]] = {
     "queue_depth": ("points waiting", None, "points", "measurement"),
 }
 LED_FIELD = "led"  # the text sensor: what the status LED means now
-
-
-def slug(text: str) -> str:
-    """`text` as a topic level / discovery id: letters, digits, _ and - only."""
-    return _SLUG.sub("_", text).strip("_") or "_"
 
 
 def describe_failure(exc: BaseException | None, where: str) -> str:

@@ -211,6 +211,24 @@ def test_every_value_template_reads_a_key_of_its_state_message_whatever_the_chan
     assert templates == 3 * len(CHANNEL_SENSORS) + len(LOGGER_SENSORS) + 1
     assert states[f"{PREFIX}/house_a/state"]["pv-1_power_w"] == 0.125
 
+
+def test_names_home_assistant_would_take_as_one_are_refused_with_mqtt_enabled():
+    """`pv.1` and `pv_1` are distinct channels but one MQTT id (one entity, one unique_id: the second overwrites
+    the first); units alike share one state topic; a unit slugged `logger` is the logger's own device. With
+    [mqtt] enabled each is a config problem naming its key; without MQTT the names are fine."""
+    from config import ConfigError
+
+    channels = [{"name": "pv.1", "address": 0x40, "unit": "house.a"},
+                {"name": "pv_1", "address": 0x41, "unit": "house_a"},
+                {"name": "plant_pv", "address": 0x44, "unit": ".logger."}]
+    parse_config({"channel": channels})  # no MQTT: accepted
+    with pytest.raises(ConfigError) as caught:
+        parse_config({"mqtt": {"enabled": True, "host": "localhost"}, "channel": channels})
+    text = str(caught.value)
+    assert "channel[1].name" in text and "'pv_1' and channel[0]'s 'pv.1' are the same MQTT id 'pv_1'" in text
+    assert "channel[1].unit" in text and "'house_a' and channel[0]'s unit 'house.a' are the same MQTT id" in text
+    assert "channel[2].unit" in text and "the MQTT id of the logger's own device" in text
+
 def test_kill_9_makes_the_broker_publish_offline(broker, tmp_path):
     sub = Subscriber(broker.port, (f"{PREFIX}/availability",))
     cfg_path = write_config(tmp_path, broker.port)
