@@ -33,13 +33,14 @@ def slug(text: str) -> str:
 
 
 def slug_clashes(channels) -> list[tuple[str, str]]:
-    """(key path, problem) for names Home Assistant would take as one: two channels, or two units, whose
-    slugs are equal (`pv.1` and `pv_1`: one entity, one state topic), or a unit slugged as the logger."""
+    """(key path, problem) for names Home Assistant would take as one: two channels of one unit, or two units,
+    whose slugs are equal (`pv.1` and `pv_1`: one entity, one state key or topic), or a unit slugged as the
+    logger. Channels of different units may share a slug (their ids and topics carry the unit's)."""
     problems: list[tuple[str, str]] = []
-    channel_slugs: dict[str, int] = {}
+    channel_slugs: dict[tuple[str, str], int] = {}
     unit_slugs: dict[str, tuple[str, int]] = {}
     for i, channel in enumerate(channels):
-        first = channel_slugs.setdefault(slug(channel.name), i)
+        first = channel_slugs.setdefault((slug(channel.unit_name), slug(channel.name)), i)
         if first != i:
             problems.append((f"channel[{i}].name", f"{channel.name!r} and channel[{first}]'s "
                              f"{channels[first].name!r} are the same MQTT id {slug(channel.name)!r}"))

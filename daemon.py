@@ -14,7 +14,7 @@ import math
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 
 from clock import NOT_SYNCED, iso_ms
 from config import Config
@@ -112,13 +112,14 @@ class Daemon:
     `wait(s)` sleeps up to s seconds and returns True when asked to stop
     (threading.Event.wait in production, a fake in tests). A reader with a `lead_s` (read_data) is woken
     at its first sample, `lead_s` into the slot, and told the slot's start (`measure(window_start_s)`):
-    one wake-up a cycle fewer. Runs in one thread.
+    one wake-up a cycle fewer. `stored_state()` (optional) gives more state values to commit with every
+    cycle, in its transaction (an output's status for `main.py status`). Runs in one thread.
     """
 
     def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
                  monitor=None, clock: Callable[[], float] = time.monotonic,
                  wait: Callable[[float], bool] | None = None, listeners: Iterable[Listener] = (),
-                 sender=None, clock_guard=None) -> None:
+                 sender=None, clock_guard=None, stored_state: Callable[[], Mapping[str, str]] | None = None) -> None:
         self.config = config
         self.reader = reader
         self.outbox = outbox
@@ -130,6 +131,7 @@ class Daemon:
         self.listeners: list[Listener] = list(listeners)  # each gets every cycle's CycleReport, in order
         self.sender = sender
         self.clock_guard = clock_guard
+        self.stored_state = stored_state  # more state values committed with every cycle (an output's status)
         self.cycles_done = 0
         self.overruns = 0
         self.last_store_ok = False
@@ -296,7 +298,10 @@ class Daemon:
             # Energy counters commit with the points they produced, so a crash
             # can neither double-count nor lose a cycle's energy.
             pending_lines, pending_when = self._unstored[0]
-            self.outbox.append(pending_lines, energy_state(self.reader.energy), dropped=self._evicted_lines,
+            state = energy_state(self.reader.energy)
+            if self.stored_state is not None:
+                state.update(self.stored_state())
+            self.outbox.append(pending_lines, state, dropped=self._evicted_lines,
                                **pending_when)
             self._evicted_lines = 0
             self._unstored.popleft()

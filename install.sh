@@ -278,7 +278,7 @@ do_install() {
     local pip_extra=()
     read -r -a pip_extra <<<"${SPB_PIP_ARGS:-}"
     # safepip: every file hash-checked (--require-hashes); as root wheels only, and what exists
-    # only as source is built by the unprivileged user nobody.
+    # only as source is built by the unprivileged user spb-build (made when missing), with hash-pinned tools.
     info "pip install -r requirements.txt (hash-checked) ${pip_extra[*]:-}"
     "$venv/bin/python" -I "$rel/safepip.py" "$venv/bin/python" "$rel/requirements.txt" \
       ${pip_extra[@]+"${pip_extra[@]}"} || die "installing requirements.txt failed (see above)"

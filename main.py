@@ -265,19 +265,13 @@ def mqtt_finding(config: Config, timeout_s: float = 5.0):
                            f"(user {config.mqtt.username or '(anonymous)'})")
 
 
-def make_mqtt(config: Config, handler: ErrorHandler, service, outbox: Outbox):
+def make_mqtt(config: Config, handler: ErrorHandler, service):
     """The MQTT output (README "Home Assistant"). With [influx] kind = "none", MQTT is the only way the
     readings leave the Pi: its faults then show as Connection, else as Short (InfluxDB holds the record)."""
     from mqtt_output import MqttOutput
 
-    def save_state(values: dict[str, str]) -> None:
-        try:
-            outbox.set_state(values)
-        except StoreError as exc:
-            log.debug("MQTT state not stored: %s", exc)  # the store's own trouble is reported by the loop
-
     return MqttOutput(config, handler, meaning=lambda: service.meaning(handler.top_tier),
-                      only_output=config.influx.kind == "none", save_state=save_state)
+                      only_output=config.influx.kind == "none")
 
 
 def open_led(config: Config) -> StatusLED | None:
@@ -348,12 +342,13 @@ def cmd_run(args, config: Config) -> int:
                            console=(lambda line: print(line, flush=True)) if console_wanted() else None,
                            metrics=metrics.render if metrics else None, wall_ms=stamp)
     listeners = [service.after_cycle] + ([metrics.after_cycle] if metrics else [])
-    mqtt = make_mqtt(config, handler, service, outbox) if config.mqtt.enabled else None
+    mqtt = make_mqtt(config, handler, service) if config.mqtt.enabled else None
     if mqtt is not None:
         listeners.append(mqtt.after_cycle)
     # Simulated stamps are the model's own time: no NTP hold or re-stamping applies to them.
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
-                    clock_guard=guard if stamp is None else None, listeners=listeners)
+                    clock_guard=guard if stamp is None else None, listeners=listeners,
+                    stored_state=mqtt.stored_state if mqtt else None)
     for signum in (signal.SIGTERM, signal.SIGINT):
         # From a thread: the handler runs in the main thread, which may hold the stop event's lock (inside
         # Event.wait) at that very moment; setting it there would wait for itself forever.

@@ -39,6 +39,7 @@ CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 10.0  # from the TCP (and TLS) connection to the broker's answer to the login (CONNACK)
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED_MESSAGES = 1000  # paho's own queue while a publish waits for the broker (bounded)
+_MQTT_ERR_SUCCESS = 0  # paho.mqtt.client.MQTT_ERR_SUCCESS (paho is imported only when a client is made)
 IDLE_WAKE_S = 15.0  # the MQTT thread's longest sleep while listening: keepalive (60 s) checks in time
 READ_CHUNK = 4096  # bytes read from the broker at once
 # The largest packet taken from the broker: ours are acknowledgements and Home Assistant's few-byte status.
@@ -170,22 +171,20 @@ class MqttOutput:
 
     `handler`: problems go to the LED as Short (InfluxDB or the store remains the data of record) or,
     with `only_output`, as Connection; `meaning()` says what the LED means now (the text sensor);
-    `environ`: where $MQTT_PASSWORD is read; `save_state(dict)` keeps the connection's state for `status`
-    (called in the measuring thread, only when it changed). `after_cycle` is the loop's listener (cheap);
+    `environ`: where $MQTT_PASSWORD is read; `stored_state()` is what the loop stores with each cycle for
+    `status` (never written from here). `after_cycle` is the loop's listener (cheap);
     `start`/`stop` from the main thread. Raises credentials.SecretError from start() for a password file
     that is missing or readable by others.
     """
 
     def __init__(self, config: Config, handler: ErrorHandler, *, meaning: Callable[[], str] = lambda: "",
                  only_output: bool = False, environ: Mapping[str, str] | None = None,
-                 save_state: Callable[[dict[str, str]], None] | None = None) -> None:
+) -> None:
         self.config = config
         self.mqtt = config.mqtt
         self.handler = handler
         self.meaning = meaning
         self.only_output = only_output
-        self.save_state = save_state
-        self._saved_status = ""
         site = slug(config.site.name)
         self.site = site
         self.prefix = self.mqtt.topic_prefix or f"solarpowerbrampton/{site}"
@@ -297,10 +296,11 @@ class MqttOutput:
             wake, self._woken = not self._woken, True
         if wake:
             self._wake()
-        status = self.status
-        if self.save_state is not None and status != self._saved_status:
-            self._saved_status = status
-            self.save_state({"mqtt": status})
+
+    def stored_state(self) -> dict[str, str]:
+        """What the store keeps for `main.py status` ({"mqtt": status}): the measuring loop commits it with
+        each cycle, in the cycle's own transaction (this output never writes to the store itself)."""
+        return {"mqtt": self.status}
 
     @property
     def status(self) -> str:
@@ -455,6 +455,8 @@ class MqttOutput:
                 # Bytes already read (ours, or TLS's decrypted ones) are invisible to select(): don't wait.
                 waiting = client.buffered() or (hasattr(sock, "pending") and sock.pending())
                 timeout = 0.0 if waiting else (IDLE_WAKE_S if listening else quiet_until - now)
+                if not self.connected:
+                    timeout = min(timeout, max(self._login_by - now, 0.0))  # the login deadline is kept
                 _, writable = self._select([sock] if listening else [],
                                            [sock] if client.want_write() else [], timeout)
                 # One recv when nothing came; with qos 1 this reads the last cycle's PUBACKs.
@@ -494,11 +496,19 @@ class MqttOutput:
         report, led = pending
         # Corked, the burst leaves in one TCP segment instead of one per message: cheaper on both ends.
         _cork(sock, 1)
+        refused = 0
         try:
             for topic, payload in self.states(report, led).items():
-                client.publish(topic, payload, qos=qos)  # written at once: this thread runs paho's loop
+                # Written at once (this thread runs paho's loop); refused when paho's queue of messages
+                # waiting for the broker's acknowledgement is full (MAX_QUEUED_MESSAGES: it acknowledges none).
+                refused += client.publish(topic, payload, qos=qos).rc != _MQTT_ERR_SUCCESS
         finally:
             _cork(sock, 0)
+        if refused:
+            self.states_skipped += 1
+            self._report(f"MQTT broker {self.where} acknowledges nothing: {refused} state message(s) of this cycle "
+                         f"not sent ({MAX_QUEUED_MESSAGES} still wait for the broker)")
+            return True
         self.states_published += 1
         return True
 

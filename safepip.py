@@ -13,8 +13,11 @@ Standard library only, no project imports: updater.py imports it and install.sh 
 - What that build runs is checked too: pip's build isolation would fetch setuptools (and an sdist's
   setup_requires) unchecked, so the build runs without it, in a venv of its own holding only the
   hash-pinned tools of requirements-build.txt (beside the requirements); pip may fetch nothing else.
-- The build's directory cannot be found by other processes of the build user: it sits under a
-  random name in a directory they may pass through but not list.
+- The build runs as a user of its own (BUILD_USER, made as a system user when missing), never the
+  shared `nobody`: no other process on the Pi runs as it, so none can reach into the build.
+- A built wheel is installed only when it holds no .pth file and no .data directory (code that would
+  run at every start of the venv's Python, or files put outside the package); root's own Python runs
+  with -S besides (the units), so site-packages is never read as root.
 """
 from __future__ import annotations
 
@@ -28,16 +31,17 @@ import signal
 import subprocess
 import sys
 import tempfile
+import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-BUILD_USER = "nobody"
+BUILD_USER = "spb-build"  # source builds only: a system user with no home, no shell, no other process
 # What the unprivileged build keeps of the caller's environment: an sdist's build code runs there, so no
 # secret (a token or password in any variable) may reach it; pip's own settings and proxies are kept.
 _BUILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "SOURCE_DATE_EPOCH", "http_proxy", "https_proxy",
                               "no_proxy", "HTTP_PROXY", "HTTPS_PROXY", "NO_PROXY"})
 _HASH = re.compile(r"--hash[= ]sha256:([0-9a-f]{64})\b")
-_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*==\s*([^\s;\\]+)")
+_PIN = re.compile(r"^([A-Za-z0-9][A-Za-z0-9._-]*)\s*(?:\[[^\]]*\])?\s*==\s*([^\s;\\]+)")
 BUILD_REQUIREMENTS = "requirements-build.txt"  # the build tools' pins, beside the requirements file
 _MAX_REQ_BYTES = 1_000_000
 
@@ -100,8 +104,9 @@ def pins(path: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, str]:
         return {}
     found: dict[str, str] = {}
     for _, line in _logical_lines(path):
-        if line.startswith(("-r ", "--requirement ")):
-            found.update(pins(path.parent / line.split(None, 1)[1].strip(), _seen | {path.resolve()}))
+        if line.startswith(("-r ", "--requirement ", "-r")) and not line.startswith("--require"):
+            name = line.split(None, 1)[1] if " " in line else line[2:]  # as allowed_hashes reads it
+            found.update(pins(path.parent / name.strip(), _seen | {path.resolve()}))
         elif match := _PIN.match(line):
             found[_normalise(match[1])] = match[2]
     return found
@@ -115,6 +120,30 @@ def _wheel_pin(filename: str) -> tuple[str, str] | None:
     """(normalised name, version) of a wheel file's name, None if it is not one."""
     parts = filename[:-len(".whl")].split("-") if filename.endswith(".whl") else []
     return (_normalise(parts[0]), parts[1]) if len(parts) >= 5 else None
+
+
+def unsafe_member(wheel: Path) -> str | None:
+    """The first entry of `wheel` root must not install (a .pth file: code run at every start of the venv's
+    Python; a .data directory: files put outside the package), or None. Raises zipfile.BadZipFile."""
+    with zipfile.ZipFile(wheel) as archive:
+        for name in archive.namelist():
+            top = name.split("/", 1)[0]
+            if name.endswith(".pth") or top.endswith(".data"):
+                return name
+    return None
+
+
+def ensure_build_user(name: str = BUILD_USER) -> pwd.struct_passwd:
+    """The build user, made (as root) a system user with no home and no shell when missing. Raises KeyError
+    when it cannot be had."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        pass
+    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
+                    "--shell", "/usr/sbin/nologin", "--comment", "SolarPowerBrampton source builds", name],
+                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
+    return pwd.getpwnam(name)
 
 
 def _sha256(path: Path) -> str:
@@ -150,7 +179,8 @@ def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: pwd.stru
                 os.killpg(proc.pid, signal.SIGKILL)
             except OSError:
                 pass
-            proc.communicate()
+            # Not communicate(): a child that left the group (setsid) could hold the pipe open for ever.
+            # Leaving the `with` closes our end and waits for the killed process only.
             raise
     if proc.returncode != 0:
         tail = " | ".join(output.strip().splitlines()[-12:])
@@ -180,7 +210,7 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
     if os.geteuid() != 0:
         _run(_pip(python) + ["install", "--require-hashes", "-r", str(requirements), *extra_args], base, timeout)
         return
-    user = pwd.getpwnam(build_user)
+    user = ensure_build_user(build_user)
     work = Path(tempfile.mkdtemp(prefix="spb-pip-"))
     os.chmod(work, 0o711)  # the build user may pass through to its directory, not list what is here
     try:
@@ -217,6 +247,13 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
             if _sha256(copy) in allowed:
                 copy.unlink()  # a file from the index: step 3 fetches and checks it again
                 continue
+            try:
+                unsafe = unsafe_member(copy)
+            except zipfile.BadZipFile:
+                unsafe = "(not a zip file)"
+            if unsafe is not None:
+                raise HashError(f"the wheel built from {pin[0]}=={pin[1]}'s source holds {unsafe!r}: refused "
+                                "(a .pth file or a .data directory is never installed as root)")
             taken.add(pin[0])  # built here from a hash-checked sdist
         built = sorted(str(p) for p in local.glob("*.whl"))
         if built:

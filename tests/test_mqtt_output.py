@@ -222,6 +222,10 @@ def test_names_home_assistant_would_take_as_one_are_refused_with_mqtt_enabled():
                 {"name": "pv_1", "address": 0x41, "unit": "house_a"},
                 {"name": "plant_pv", "address": 0x44, "unit": ".logger."}]
     parse_config({"channel": channels})  # no MQTT: accepted
+    # Channels of different units may share a slug: their unique_ids and state topics carry the unit's.
+    parse_config({"mqtt": {"enabled": True, "host": "localhost"},
+                  "channel": [{"name": "pv.1", "address": 0x40, "unit": "red"},
+                              {"name": "pv_1", "address": 0x41, "unit": "blue"}]})
     with pytest.raises(ConfigError) as caught:
         parse_config({"mqtt": {"enabled": True, "host": "localhost"}, "channel": channels})
     text = str(caught.value)
@@ -496,6 +500,39 @@ def test_two_loggers_with_one_client_id_back_off_instead_of_taking_the_session_e
     logins = [out.discovery_sent for out in outs]
     # Doubling waits (1, 2, 4, 8 s): about 7 logins in all; retrying every second after each take-over, 13 here.
     assert all(n >= 1 for n in logins) and sum(logins) <= 9, logins
+
+
+def test_states_paho_refuses_while_the_broker_acknowledges_nothing_are_counted_skipped_and_reported(monkeypatch):
+    """A broker that stalls after the login acknowledges no qos 1 message: paho's queue of messages waiting
+    for it fills (MAX_QUEUED_MESSAGES, 5 here) and refuses the next publishes. Those cycles count as skipped,
+    not published, and the problem is reported naming the broker."""
+    import mqtt_output
+    from daemon import CycleReport
+    from tools import ChannelReading, Cycle
+
+    monkeypatch.setattr(mqtt_output, "MAX_QUEUED_MESSAGES", 5)
+    with Mosquitto() as stalling:
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {stalling.port}', handler)
+        config = out.config
+        readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, 10.0, 0.125, 10, 0, 0.5, 0.25)
+                         for c in config.channels)
+        out.start()
+        try:
+            _wait(lambda: out.connected, "connection")
+            stalling.pause()
+            deadline = time.monotonic() + DEADLINE_S
+            n = 0
+            while not out.states_skipped:
+                assert time.monotonic() < deadline, "no cycle was counted skipped"
+                n += 1
+                out.after_cycle(CycleReport(Cycle(1_780_000_000_000 + n, 1.0, readings), None, True, 0, n, None, 0.01))
+                time.sleep(0.05)
+            assert out.problem.startswith(f"MQTT broker 127.0.0.1:{stalling.port} acknowledges nothing"), out.problem
+            assert handler.active["mqtt"].tier == Tier.CONNECTION
+        finally:
+            stalling.resume()
+            out.stop()
 
 def test_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
     """paho bounds the TCP connect and the TLS handshake, not the name lookup, which a SIM link's DNS can

@@ -189,7 +189,7 @@ def test_main_unit_contract():
     # site packages and environment, with the config named (never ./config.toml); "-": never blocks the start.
     prev = "/opt/solarpowerbrampton/previous"
     assert _values(MAIN, "ExecStartPre") == [
-        f"+-{prev}/.venv/bin/python -s -E {prev}/updater.py pre-start --config /etc/solarpowerbrampton/config.toml"]
+        f"+-{prev}/.venv/bin/python -s -E -S {prev}/updater.py pre-start --config /etc/solarpowerbrampton/config.toml"]
     assert _values(MAIN, "Environment").count("PYTHONNOUSERSITE=1") == 1
     assert _values(MAIN, "ExecStart") == [
         f"{PY} /opt/solarpowerbrampton/current/main.py run --config /etc/solarpowerbrampton/config.toml"]
@@ -212,7 +212,7 @@ def test_main_unit_keeps_i2c_and_gpio_working():
 def test_update_units():
     assert _values(UPDATE, "Type") == ["oneshot"]
     assert _values(UPDATE, "ExecStart") == [
-        f"{PY} -s -E -u /opt/solarpowerbrampton/current/updater.py apply --config /etc/solarpowerbrampton/config.toml"]
+        f"{PY} -s -E -S -u /opt/solarpowerbrampton/current/updater.py apply --config /etc/solarpowerbrampton/config.toml"]
     assert not _values(UPDATE, "User"), "the updater runs as root"
     assert _values(UPDATE, "ProtectSystem") == ["strict"]
     assert "/opt/solarpowerbrampton" in " ".join(_values(UPDATE, "ReadWritePaths")).split()

@@ -500,7 +500,7 @@ def test_a_release_on_probation_that_exits_78_is_rolled_back_at_once_and_started
     assert site.cli("post-stop") == 0
     assert site.current == site.sha1 and not started.exists()
     unit = (PROJECT / "systemd" / "solarpowerbrampton.service").read_text()
-    assert "ExecStopPost=+-/opt/solarpowerbrampton/previous/.venv/bin/python -s -E " \
+    assert "ExecStopPost=+-/opt/solarpowerbrampton/previous/.venv/bin/python -s -E -S " \
            "/opt/solarpowerbrampton/previous/updater.py post-stop --config /etc/solarpowerbrampton/config.toml" in unit
 
 def test_mark_good_resets_the_counter(site):
@@ -783,6 +783,7 @@ def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
 
     mark = index / "marks" / "setup-ran"
     src = index / "src" / "spbsrc-1.0"
+    shutil.rmtree(src, ignore_errors=True)
     (src / "spbsrc").mkdir(parents=True)
     (src / "spbsrc" / "__init__.py").write_text("")
     # An in-tree PEP 517 backend (stdlib only: no setuptools or wheel needed offline) that records
@@ -825,12 +826,14 @@ def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
 
 
 
-def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None) -> Path:
+def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None, own_pth: bool = False) -> Path:
     """spbsrc-1.0's sdist: an in-tree backend (importing the build tool `tool`, when given) that builds its
-    wheel and also drops a second wheel, `spbextra`, with a .pth (code run at every start of the venv)."""
+    wheel and also drops a second wheel, `spbextra`, with a .pth (code run at every start of the venv);
+    `own_pth`: its own wheel carries the .pth too."""
     import tarfile
 
     src = index / "src" / "spbsrc-1.0"
+    shutil.rmtree(src, ignore_errors=True)
     (src / "spbsrc").mkdir(parents=True)
     (src / "spbsrc" / "__init__.py").write_text("")
     requires = f'["{tool}"]' if tool else "[]"
@@ -856,7 +859,8 @@ def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None) -> Path:
         "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
         f"    pth = {pth!r}\n"
         "    _wheel(wheel_directory, 'spbextra', {'spbextra.pth': pth})\n"
-        "    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': ''})\n")
+        + ("    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': '', 'spbsrc-init.pth': pth})\n"
+           if own_pth else "    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': ''})\n"))
     sdist = index / "wheels" / "spbsrc-1.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(src, arcname="spbsrc-1.0")
@@ -893,6 +897,17 @@ def test_as_root_only_the_pinned_wheel_a_build_made_is_installed_and_its_tools_c
     subprocess.run([python, "-c", "import spbsrc"], check=True)  # the pinned wheel is in; a start of python
     assert not mark.exists(), f"the extra wheel's .pth ran as uid {mark.read_text()}"
     assert not list((pip_venv / "lib").glob("python3*/site-packages/spbextra*"))
+    assert pwd.getpwuid(int(tool_mark.read_text().split()[0])).pw_name == "spb-build"  # not the shared nobody
+
+    # The pinned wheel itself carrying a .pth: refused before root installs anything of it.
+    subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "spbsrc"], check=True, capture_output=True)
+    sdist = _hostile_sdist(index, mark, tool="spbtool", own_pth=True)
+    req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
+    with pytest.raises(safepip.HashError, match=r"spbsrc==1.0's source holds 'spbsrc-init.pth'"):
+        safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
+    subprocess.run([python, "-c", "pass"], check=True)
+    assert not mark.exists(), f"the pinned wheel's .pth ran as uid {mark.read_text()}"
+    assert not list((pip_venv / "lib").glob("python3*/site-packages/spbsrc*"))
 
 def test_a_release_whose_requirements_lack_hashes_is_refused(site, caplog):
     (site.work / "requirements.txt").write_text("psutil==7.2.2\n")
@@ -953,8 +968,8 @@ def test_pre_start_never_imports_from_the_service_users_home(site):
     # It counted with the real config (max_failed_starts = 3), not ./config.toml (1): still on probation.
     assert site.current == sha2 and site.state_file()["releases"][sha2]["starts"] == 3
 
-    # The attack is real: the same command without -s -E runs the planted .pth and module.
-    bare = [a for a in argv if a not in ("-s", "-E")]
+    # The attack is real: the same command without -s -E -S runs the planted .pth and module.
+    bare = [a for a in argv if a not in ("-s", "-E", "-S")]
     run_unit_pre_start(site, bare, home)
     assert "pth" in mark.read_text() and "pythonpath" in mark.read_text()
 
