@@ -44,7 +44,8 @@ from outbox import Outbox  # noqa: E402
 from rpi_errors import ErrorHandler  # noqa: E402
 from sender import Policy, Sender  # noqa: E402
 from simulator import build_simulated_bus  # noqa: E402
-from tools import SystemMonitor, read_data  # noqa: E402
+from tools import read_data  # noqa: E402
+from health import SystemMonitor
 
 TARGETS = {  # figure: (comparison, target); issue 13's goals for the figures measured as the Pi runs it
     "daemon_cpu_ms_per_cycle": ("<=", 2.5), "process_cpu_ms_per_cycle": ("<=", 3), "seed2023_cpu_ratio": (">=", 5),
@@ -305,7 +306,8 @@ def fill_backlog(store: Path, hours: float, interval_s: float = 1.0) -> int:
 
     from daemon import cycle_points
     from outbox import QueueStats
-    from tools import ChannelReading, Cycle, SystemReading
+    from tools import ChannelReading, Cycle
+    from health import SystemReading
 
     cycles = round(hours * 3600 / interval_s)
     end_ms = int(time.time() * 1000)

@@ -40,7 +40,8 @@ def _per_cycle(tmp: Path, cycles: int, broker_port: int | None, qos: int = 1,
     from outbox import Outbox
     from rpi_errors import ErrorHandler
     from simulator import build_simulated_bus
-    from tools import SystemMonitor, read_data
+    from tools import read_data
+    from health import SystemMonitor
 
     doc = {"simulation": {"enabled": True, "speed": 60}, "led": {"enabled": False},
            "store": {"dir": str(tmp / f"outputs-{broker_port is not None}-{qos}")}}

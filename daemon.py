@@ -36,7 +36,7 @@ class CycleReport:
     """What one finished cycle did, for the loop's listeners (read-only; built in the measuring thread).
 
     `cycle`: the readings (tools.Cycle), stamped by the trusted clock; `system`: the Pi's own reading
-    (tools.SystemReading) or None without a monitor; `stored`: the cycle's points are in the store;
+    (health.SystemReading) or None without a monitor; `stored`: the cycle's points are in the store;
     `queue_depth`: unsent points after this cycle (approximate: the sender drains meanwhile);
     `cycles_done`: cycles finished since the start, this one included; `stats`: the store's counts
     (outbox.QueueStats: quarantined, dropped) as stored in this cycle's `system` point, None when the store

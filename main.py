@@ -298,7 +298,7 @@ def quarantine_stale(outbox: Outbox, boot_id: str) -> None:
 
 
 def cmd_run(args, config: Config) -> int:
-    from tools import SystemMonitor
+    from health import SystemMonitor
 
     try:
         writer = make_writer(config)
@@ -388,7 +388,7 @@ def cmd_run(args, config: Config) -> int:
 
 
 def cmd_once(args, config: Config) -> int:
-    from tools import SystemMonitor
+    from health import SystemMonitor
 
     try:
         choice = open_bus(config, args.simulate)

@@ -1,4 +1,4 @@
-"""Measuring: the design card's `read_data` class and the Pi's own health readings.
+"""Measuring: the design card's `read_data` class (the Pi's own health readings: health.py).
 
 `read_data` drives one adafruit INA219 per configured channel over whatever I2C bus object it is given (the
 Pi's bus or the simulator's), takes `samples` samples of every channel spread evenly over the sampling window
@@ -16,17 +16,16 @@ calibration), but its per-register property and i2c_device layers are not paid 8
 """
 from __future__ import annotations
 
+import errno
 import functools
 import logging
 import math
-import os
 import struct
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from config import ADC_SAMPLES, ADC_TIME_S as _ADC_TIME_S, ChannelConfig, SamplingConfig
-from procfs import KeptFile, cpu_percent, cpu_ticks, free_bytes, memory_used_bytes, net_bytes
 from rpi_errors import MeasuringError
 
 log = logging.getLogger(__name__)
@@ -53,6 +52,9 @@ _POINT_AT_SHUNT = bytes((_REG_SHUNT,))
 _SAMPLE = struct.Struct(">Hh")  # one sample as the pass stores it: bus register, shunt register (signed)
 # No sensor answered for this many cycles in a row: the bus is stuck (SDA held low, say) and re-opened,
 _BUS_STUCK_CYCLES = 3
+_TIMEOUTS_STUCK = 2  # sensors whose transactions timed out in one cycle: the bus itself is stuck
+_SLOW_TIMEOUT_S = 0.1  # a timeout that took this long (a pass takes ms): not tried again this cycle
+_STUCK_ERROR = "not tried again this cycle: the bus does not answer (transactions time out)"
 _BUS_REOPEN_EVERY_CYCLES = 6  # and again every this many while it stays stuck
 
 
@@ -173,6 +175,7 @@ class _Sensor:
         self.sum_bus_x_shunt = 0  # per-sample products: the power's sum
         self.last_error = ""
         self.lost.clear()
+        self.timed_out = False  # a transaction of this cycle timed out (1 s on a Pi): no more tries this cycle
 
 
 class read_data:  # noqa: N801 - the name is fixed by the design card
@@ -242,7 +245,11 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         configured = False
         for sensor in self._sensors:
             sensor.reset_sums()
-            configured |= self._prepare(sensor)
+        for sensor in self._sensors:
+            # Two sensors whose transactions time out: the bus is stuck (SDA held low); the others are not
+            # tried this cycle (each try would cost a Pi about a second).
+            if sum(s.timed_out for s in self._sensors) < _TIMEOUTS_STUCK:
+                configured |= self._prepare(sensor)
         start_wall_ms = self._wall_ms()
         start_s = self._clock()
         # A chip set up just now has a result only after its first conversion: no sample before then.
@@ -250,14 +257,21 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         if window_start_s is not None:
             start_wall_ms -= round((start_s - window_start_s) * 1000)
             start_s = window_start_s
-        live = [sensor for sensor in self._sensors if sensor.driver is not None]
         n = self.sampling.samples
+        stuck = sum(s.timed_out for s in self._sensors) >= _TIMEOUTS_STUCK
+        live = []
+        for sensor in self._sensors:
+            if sensor.driver is not None and (stuck or sensor.timed_out):  # not tried again this cycle
+                sensor.lost.extend(range(0, _SAMPLE.size * n, _SAMPLE.size))
+                sensor.last_error = sensor.last_error or _STUCK_ERROR
+            elif sensor.driver is not None:
+                live.append(sensor)
         step_s = self.sampling.window_s / n
         clock, sleep, sample_pass = self._clock, self._sleep, self._sample_pass
         # Transactions that time out (1 s each on a Pi's stuck bus) must not stretch a cycle to 40 s: past a
         # window and a step from the first pass (however late that began), the rest of the samples are lost.
         give_up_s = math.inf
-        for k in range(n):
+        for k in range(n if live else 0):
             # Sample k sits in the middle of its slice of the window, so the
             # average is centred on the window's middle, where the point is stamped.
             target_s, now_s = max(start_s + (k + 0.5) * step_s, settled_s), clock()
@@ -275,9 +289,21 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             while not bus.try_lock():
                 sleep(0)
             try:
-                sample_pass(bus.writeto_then_readfrom, live, _SAMPLE.size * k)
+                sample_pass(bus.writeto_then_readfrom, live, _SAMPLE.size * k,
+                            _TIMEOUTS_STUCK - sum(s.timed_out for s in self._sensors), clock, max(now_s, target_s))
             finally:
                 bus.unlock()
+            if any(sensor.timed_out for sensor in live):
+                # A sensor that timed out is not tried again this cycle (the others keep their samples);
+                # a second one: the bus is stuck, nothing more is tried.
+                stuck = sum(s.timed_out for s in self._sensors) >= _TIMEOUTS_STUCK
+                for sensor in live:
+                    if stuck or sensor.timed_out:
+                        sensor.lost.extend(range(_SAMPLE.size * (k + 1), _SAMPLE.size * n, _SAMPLE.size))
+                        sensor.last_error = sensor.last_error or _STUCK_ERROR
+                live = [] if stuck else [sensor for sensor in live if not sensor.timed_out]
+                if not live:
+                    break
         mid_s = start_s + self.sampling.window_s / 2
         for sensor in self._sensors:
             if sensor.driver is None:
@@ -318,6 +344,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
     def _prepare(self, sensor: _Sensor) -> bool:
         """Attach the driver if needed and, on its schedule, make sure the chip holds our settings.
         True when the chip's config was written (its conversions start again)."""
+        began_s = self._clock()
         try:
             if sensor.driver is None:
                 sensor.driver = self._driver_factory(self.bus, sensor.channel.address)
@@ -341,6 +368,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         except (OSError, ValueError) as exc:
             sensor.last_error = _describe(exc)
             sensor.cycles_to_check = 0
+            sensor.timed_out = (getattr(exc, "errno", None) == errno.ETIMEDOUT
+                                and self._clock() - began_s > _SLOW_TIMEOUT_S)
         return False
 
     def _restore(self, sensor: _Sensor) -> None:
@@ -353,11 +382,14 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         sensor.driver._power_lsb = 20 * setup.current_lsb_ma / 1000  # noqa: SLF001
 
     @staticmethod
-    def _sample_pass(transfer: Callable, live: Sequence[_Sensor], at: int) -> None:
+    def _sample_pass(transfer: Callable, live: Sequence[_Sensor], at: int, timeouts_left: int,
+                     clock: Callable[[], float], began_s: float) -> None:
         """One sample of every channel in `live`: bus and shunt registers into raw[at:at + 4], straight from
         the bus (`transfer`: its writeto_then_readfrom, held by the caller). Runs right after each wake-up:
-        only the transactions; the registers are checked and summed after the window (_tally)."""
-        for sensor in live:
+        only the transactions; the registers are checked and summed after the window (_tally). After
+        `timeouts_left` sensors timed out slowly (the adapter's timeout, about 1 s on a Pi, since `began_s`
+        or the last failure: `clock` is read only on a failure) the bus is stuck: the rest is not tried."""
+        for i, sensor in enumerate(live):
             try:
                 # Bus register first: its CNVR bit says a conversion has finished since the last
                 # reset or config write, so the shunt register read after it holds a real result.
@@ -367,6 +399,15 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 sensor.lost.append(at)
                 sensor.last_error = _describe(exc)
                 sensor.cycles_to_check = 0  # a failed transaction may be a brownout: check the settings next cycle
+                failed_s = clock()
+                sensor.timed_out = exc.errno == errno.ETIMEDOUT and failed_s - began_s > _SLOW_TIMEOUT_S
+                began_s = failed_s
+                timeouts_left -= sensor.timed_out
+                if timeouts_left <= 0:
+                    for rest in live[i + 1:]:
+                        rest.lost.append(at)
+                        rest.last_error = rest.last_error or _STUCK_ERROR
+                    return
 
     @staticmethod
     def _tally(sensor: _Sensor, n: int) -> None:
@@ -492,208 +533,3 @@ def _describe(exc: BaseException) -> str:
         names = {121: "no answer (NACK)", 5: "I/O error", 110: "bus timeout"}
         return f"{names.get(exc.errno, exc.strerror or 'OS error')} (errno {exc.errno})"
     return str(exc) or type(exc).__name__
-
-
-# The Raspberry Pi firmware's under-voltage and throttling flags (`vcgencmd get_throttled` shows the same
-# word): a solar model's Pi often runs on a weak supply. The kernel exposes the word as a hex sysfs file,
-# and the under-voltage bit alone through the `rpi_volt` hwmon device (the interface newer kernels keep).
-THROTTLED_PATH = "/sys/devices/platform/soc/soc:firmware/get_throttled"
-HWMON_DIR = "/sys/class/hwmon"
-THERMAL_PATH = "/sys/class/thermal/thermal_zone0/temp"  # the SoC's temperature in millidegrees C (a Pi's cpu-thermal)
-_CPU_HWMON_NAMES = ("cpu_thermal", "coretemp", "k10temp", "soc_thermal")
-_UNDERVOLTAGE_NOW = 1 << 0
-_THROTTLED_NOW = (1 << 1) | (1 << 2) | (1 << 3)  # frequency capped, throttled, soft temperature limit
-_UNDERVOLTAGE_SINCE_BOOT = 1 << 16
-_THROTTLED_SINCE_BOOT = (1 << 17) | (1 << 18) | (1 << 19)
-
-
-@dataclass(frozen=True)
-class PowerFlags:
-    """The Pi's own power as its firmware reports it; None = this Pi does not say."""
-
-    undervoltage: bool | None = None  # the supply is below ~4.63 V now
-    throttled: bool | None = None  # the CPU is throttled or its frequency capped now
-    undervoltage_since_boot: bool | None = None
-    throttled_since_boot: bool | None = None
-
-
-class PowerFlagReader:
-    """Reads PowerFlags cheaply (one small sysfs read per call); paths injectable for tests. Prefers the
-    firmware's get_throttled word (every flag); else the `rpi_volt` hwmon alarm (under-voltage only); off a
-    Pi, no flags. Where each source lives is looked up once. Not thread-safe."""
-
-    def __init__(self, throttled_path: str = THROTTLED_PATH, hwmon_dir: str = HWMON_DIR) -> None:
-        self._throttled_path = throttled_path if os.path.isfile(throttled_path) else None
-        self._alarm_path = None if self._throttled_path else _rpi_volt_alarm(hwmon_dir)
-
-    @property
-    def available(self) -> bool:  # True when this machine reports any of the flags
-        return bool(self._throttled_path or self._alarm_path)
-
-    def read(self) -> PowerFlags:
-        """The flags now; a source that cannot be read gives PowerFlags() (all None)."""
-        if self._throttled_path:
-            try:
-                word = int(_read_small(self._throttled_path).strip(), 16)
-            except (AttributeError, ValueError):  # unreadable (None), or not a hex word
-                return PowerFlags()
-            return PowerFlags(bool(word & _UNDERVOLTAGE_NOW), bool(word & _THROTTLED_NOW),
-                              bool(word & _UNDERVOLTAGE_SINCE_BOOT), bool(word & _THROTTLED_SINCE_BOOT))
-        if self._alarm_path:
-            text = _read_small(self._alarm_path)
-            if text is not None and text.strip() in ("0", "1"):
-                return PowerFlags(undervoltage=text.strip() == "1")
-        return PowerFlags()
-
-
-def _read_small(path: str) -> str | None:
-    try:
-        with open(path, "rb") as f:
-            return f.read(64).decode("ascii", "replace")  # a sysfs value: a few bytes; never read more
-    except OSError:
-        return None
-
-
-def _rpi_volt_alarm(hwmon_dir: str) -> str | None:
-    try:
-        entries = sorted(os.listdir(hwmon_dir))
-    except OSError:
-        return None
-    for entry in entries:
-        base = os.path.join(hwmon_dir, entry)
-        if (_read_small(os.path.join(base, "name")) or "").strip() == "rpi_volt":
-            alarm = os.path.join(base, "in0_lcrit_alarm")
-            if os.path.isfile(alarm):
-                return alarm
-    return None
-
-
-@dataclass(frozen=True)
-class SystemReading:
-    """The Pi's health for one cycle. The power flags are None where the Pi does not report them."""
-
-    cpu_percent: float
-    cpu_temp_c: float | None
-    memory_used_mb: float
-    disk_free_mb: float
-    net_sent_bytes: int
-    net_recv_bytes: int
-    uptime_s: float
-    undervoltage: bool | None = None
-    throttled: bool | None = None
-    undervoltage_since_boot: bool | None = None
-    throttled_since_boot: bool | None = None
-
-
-class SystemMonitor:
-    """The Pi's health readings and the firmware's power flags; network bytes are counted since the last call.
-
-    CPU load, memory and network come from /proc/stat, /proc/meminfo and /proc/net/dev under `proc_dir`,
-    kept open and re-read each cycle (the values psutil gives, at a fraction of its cost); where one
-    cannot be read, psutil (`psutil_module`) reads it. `power` reads the flags (default: a
-    PowerFlagReader on this machine's sysfs). The CPU temperature is one small file read a cycle:
-    `thermal_path` (millidegrees C) where it exists, else the first CPU temperature file of the hwmon
-    devices under `hwmon_dir`, looked up once (none: cpu_temp_c None). Not thread-safe.
-    """
-
-    # /proc/net/dev holds a ~130-byte line per interface: 16 KiB is room for over a hundred.
-    _NET_DEV_LIMIT_BYTES = 16384
-
-    def __init__(self, disk_path: str, psutil_module=None, *, power: PowerFlagReader | None = None,
-                 thermal_path: str = THERMAL_PATH, hwmon_dir: str = HWMON_DIR, proc_dir: str = "/proc") -> None:
-        if psutil_module is None:
-            import psutil as psutil_module
-        self._psutil = psutil_module
-        self._disk_path = disk_path
-        self._power = power if power is not None else PowerFlagReader()
-        temp_path = thermal_path if os.path.isfile(thermal_path) else _cpu_hwmon_temp(hwmon_dir)
-        self._temp = KeptFile(temp_path, 64) if temp_path else None
-        self._stat = KeptFile(os.path.join(proc_dir, "stat"), 1024)
-        self._meminfo = KeptFile(os.path.join(proc_dir, "meminfo"), 8192)
-        self._net_dev = KeptFile(os.path.join(proc_dir, "net", "dev"), self._NET_DEV_LIMIT_BYTES)
-        self._ticks = self._cpu_ticks()
-        self._net = self._net_counters()
-
-    def close(self) -> None:
-        """Close the files kept open (idempotent)."""
-        for kept in (self._temp, self._stat, self._meminfo, self._net_dev):
-            if kept is not None:
-                kept.close()
-
-    def _cpu_ticks(self) -> tuple[int, ...] | None:
-        text = self._stat.read()
-        ticks = cpu_ticks(text) if text else None
-        if ticks is None:
-            self._psutil.cpu_percent(interval=None)  # psutil keeps its own previous reading: prime it
-        return ticks
-
-    def _cpu_percent(self) -> float:
-        before, self._ticks = self._ticks, self._cpu_ticks()
-        if before is None or self._ticks is None or len(before) != len(self._ticks):
-            return float(self._psutil.cpu_percent(interval=None))
-        return cpu_percent(before, self._ticks)
-
-    def _memory_used_bytes(self) -> int:
-        text = self._meminfo.read()
-        used = memory_used_bytes(text) if text else None
-        return used if used is not None else self._psutil.virtual_memory().used
-
-    def _net_counters(self) -> tuple[int, int]:
-        text = self._net_dev.read()
-        counted = net_bytes(text) if text and len(text) < self._NET_DEV_LIMIT_BYTES else None
-        if counted is not None:
-            return counted
-        counters = self._psutil.net_io_counters()
-        return (counters.bytes_sent, counters.bytes_recv) if counters else (0, 0)
-
-    def read(self) -> SystemReading:
-        sent, recv = self._net_counters()
-        # Counters can wrap or reset (interface down/up): never report a negative delta.
-        delta = (max(sent - self._net[0], 0), max(recv - self._net[1], 0))
-        self._net = (sent, recv)
-        flags = self._power.read()
-        return SystemReading(
-            cpu_percent=self._cpu_percent(),
-            cpu_temp_c=self._cpu_temp(),
-            memory_used_mb=self._memory_used_bytes() / 1_048_576,
-            disk_free_mb=free_bytes(self._disk_path) / 1_048_576,
-            net_sent_bytes=delta[0],
-            net_recv_bytes=delta[1],
-            uptime_s=_uptime_s(self._psutil),
-            undervoltage=flags.undervoltage,
-            throttled=flags.throttled,
-            undervoltage_since_boot=flags.undervoltage_since_boot,
-            throttled_since_boot=flags.throttled_since_boot,
-        )
-
-    def _cpu_temp(self) -> float | None:
-        if self._temp is None:
-            return None
-        text = self._temp.read()
-        try:
-            value = int(text.strip()) / 1000 if text else None
-        except ValueError:
-            return None
-        return value if value is not None and -60 <= value <= 150 else None  # else not a CPU's temperature
-
-
-def _cpu_hwmon_temp(hwmon_dir: str) -> str | None:
-    """The temp1_input of the first hwmon device named like a CPU sensor, or None."""
-    try:
-        entries = sorted(os.listdir(hwmon_dir))
-    except OSError:
-        return None
-    names = {entry: (_read_small(os.path.join(hwmon_dir, entry, "name")) or "").strip() for entry in entries}
-    for wanted in _CPU_HWMON_NAMES:
-        for entry, name in names.items():
-            path = os.path.join(hwmon_dir, entry, "temp1_input")
-            if name == wanted and os.path.isfile(path):
-                return path
-    return None
-
-
-def _uptime_s(ps) -> float:
-    try:
-        return time.clock_gettime(time.CLOCK_BOOTTIME)
-    except (AttributeError, OSError):
-        return time.time() - ps.boot_time()

@@ -24,7 +24,7 @@ CHARGING_LIFT_V = 0.5
 CHARGING_MAX_PCT = 95
 # A panel's line above this voltage with no current: the charge controller has stopped charging.
 PANEL_OPEN_V = 17.0
-# The firmware's power flags of the Pi, as `tools.SystemReading` names them.
+# The firmware's power flags of the Pi, as `health.SystemReading` names them.
 PI_FLAGS = ("undervoltage", "throttled", "undervoltage_since_boot", "throttled_since_boot")
 # A URL or a host:port in an error summary names a server (the MQTT broker's messages give host:port), and
 # "for user X" a login: the page never shows either.
@@ -40,7 +40,7 @@ def make_snapshot(cycle: Any, channels: Sequence[Any], *, tier: Any = None, summ
 
     `channels` are the configured channels (.name, .role, .unit_name); `tier` an
     `rpi_errors.Tier` or None, `summary` `ErrorHandler.summary()`, `meaning`
-    `BLINK_CODES[tier].meaning`; `system` a `tools.SystemReading` (the Pi's power flags) or None.
+    `BLINK_CODES[tier].meaning`; `system` a `health.SystemReading` (the Pi's power flags) or None.
     """
     by_name = {c.name: c for c in channels}
     rows = []

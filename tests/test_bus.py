@@ -13,7 +13,8 @@ from daemon import Daemon, load_energy
 from outbox import Outbox
 from rpi_errors import ErrorHandler, Tier
 from simulator import build_simulated_bus
-from tools import SystemMonitor, read_data
+from tools import read_data
+from health import SystemMonitor
 
 CFG = {"simulation": {"enabled": True, "scenario": "constant"}}
 
@@ -140,4 +141,39 @@ def test_transactions_that_time_out_cannot_stretch_a_window_much_past_its_length
     stuck = reader.measure()
     took = clock() - began
     assert not any(r.ok for r in stuck.channels)
-    assert took < 2 * cfg.sampling.window_s + 2 * len(cfg.channels), took  # not 10 passes x 4 channels x 1 s
+    # Two sensors timing out is a stuck bus: nothing more is tried this cycle (not 10 passes x 4 channels x 1 s).
+    assert took <= reader.lead_s + 2 * 1.0 + 0.01, took  # up to the first sample, then two timeouts
+    assert "the bus does not answer" in " ".join(r.error for r in stuck.channels)
+    bus.clear_faults()
+    reader.measure()  # the settings checked again, the bus answers
+
+
+def test_one_sensor_that_times_out_costs_one_try_a_cycle_and_the_others_keep_every_sample(clock):
+    """A single sensor whose transactions time out (a hung chip holding the clock line, about 1 s each on a
+    Pi) is tried once a cycle; the other channels are sampled in full, on time."""
+    cfg = parse_config(CFG)
+    bus = build_simulated_bus(cfg, clock)
+
+    class SlowFailures:
+        def __getattr__(self, name):
+            return getattr(bus, name)
+
+        def writeto_then_readfrom(self, *args, **kwargs):
+            try:
+                bus.writeto_then_readfrom(*args, **kwargs)
+            except OSError:
+                clock.advance(1.0)
+                raise
+
+    reader = read_data(SlowFailures(), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
+                       wall_ms=clock.wall_ms)
+    reader.measure()
+    bus.inject(0x40, "timeout", count=None)
+    reader.measure()  # it times out while sampling: its settings are checked from the next cycle on
+    for _ in range(3):
+        began = clock()
+        cycle = reader.measure()
+        assert clock() - began <= 1.0 + cfg.sampling.window_s + 0.01  # one try of the hung sensor, one window
+        bad = [r for r in cycle.channels if r.address == 0x40]
+        assert len(bad) == 1 and not bad[0].ok and "bus timeout" in bad[0].error
+        assert all(r.ok and r.samples == cfg.sampling.samples for r in cycle.channels if r.address != 0x40)

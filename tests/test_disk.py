@@ -25,7 +25,8 @@ from outbox import Outbox, StoreError
 from rpi_errors import ErrorHandler, Tier
 from servers import require
 from simulator import build_simulated_bus
-from tools import SystemMonitor, read_data
+from tools import read_data
+from health import SystemMonitor
 
 ROOT = Path(__file__).resolve().parent.parent
 _HOLD = 360  # daemon._MAX_UNSTORED_CYCLES: cycles held in memory while the store cannot be written

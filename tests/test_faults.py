@@ -20,7 +20,8 @@ from rpi_errors import ErrorHandler, Tier, UnreachableError
 from sender import Policy, Sender
 from simulator import build_simulated_bus
 from servers import free_port, wait_stopped
-from tools import SystemMonitor, read_data
+from tools import read_data
+from health import SystemMonitor
 
 ROOT = Path(__file__).resolve().parent.parent
 BAD = sorted((Path(__file__).parent / "bad_configs").glob("*.toml"))

@@ -20,7 +20,8 @@ from outbox import Outbox
 from rpi_errors import BLINK_CODES, ErrorHandler, MeasuringError, ShortError, Tier
 from schema import ELECTRICITY_FIELDS, parse_line
 from simulator import build_simulated_bus
-from tools import SystemMonitor, read_data
+from tools import read_data
+from health import SystemMonitor
 
 ROOT = Path(__file__).resolve().parent.parent
 CHANNEL_KEYS = {"name", "address", "bus_voltage_v", "shunt_voltage_mv", "current_ma", "power_w", "samples",
@@ -605,7 +606,7 @@ def test_export_csv_is_one_row_per_point_with_a_column_per_tag_and_field(tmp_pat
 
 
 def test_undervoltage_on_the_pis_supply_is_a_short_error_and_a_system_field(tmp_path, clock):
-    from tools import PowerFlagReader
+    from health import PowerFlagReader
 
     word = tmp_path / "get_throttled"
     word.write_text("50005\n")

@@ -189,7 +189,8 @@ def test_every_value_template_reads_a_key_of_its_state_message_whatever_the_chan
     import re
 
     from daemon import CycleReport
-    from tools import ChannelReading, Cycle, SystemReading
+    from tools import ChannelReading, Cycle
+    from health import SystemReading
 
     config = parse_config({"site": {"name": SITE}, "mqtt": {"enabled": True, "host": "localhost"},
                            "channel": [{"name": "pv-1", "address": 0x40, "unit": "house.a"},

@@ -254,7 +254,7 @@ def test_day_scenario_readings_match_the_model(clock):
 
 # -- the Pi's own power: the firmware's flags, from real files standing in for sysfs --------------------
 def test_power_flags_from_the_firmwares_get_throttled_word(tmp_path):
-    from tools import PowerFlagReader, PowerFlags
+    from health import PowerFlagReader, PowerFlags
 
     word = tmp_path / "get_throttled"
     word.write_text("50005\n")  # under-voltage now, throttled now, and both since boot
@@ -272,7 +272,7 @@ def test_power_flags_from_the_firmwares_get_throttled_word(tmp_path):
 
 
 def test_power_flags_from_the_rpi_volt_hwmon_alarm_and_none_off_a_pi(tmp_path):
-    from tools import PowerFlagReader, PowerFlags
+    from health import PowerFlagReader, PowerFlags
 
     hwmon = tmp_path / "hwmon"
     (hwmon / "hwmon0").mkdir(parents=True)
@@ -290,7 +290,7 @@ def test_power_flags_from_the_rpi_volt_hwmon_alarm_and_none_off_a_pi(tmp_path):
 
 
 def test_system_monitor_reads_the_power_flags(tmp_path):
-    from tools import PowerFlagReader, SystemMonitor
+    from health import PowerFlagReader, SystemMonitor
 
     word = tmp_path / "get_throttled"
     word.write_text("1\n")
@@ -301,7 +301,7 @@ def test_system_monitor_reads_the_power_flags(tmp_path):
 
 
 def test_system_monitor_reads_the_cpu_temperature_from_one_small_file(tmp_path):
-    from tools import PowerFlagReader, SystemMonitor
+    from health import PowerFlagReader, SystemMonitor
 
     no_power = PowerFlagReader(str(tmp_path / "x"), str(tmp_path / "y"))
     zone = tmp_path / "temp"
@@ -449,7 +449,7 @@ def test_proc_parsers_give_what_psutil_computes():
 def test_system_monitor_reads_kept_open_proc_files_and_falls_back_to_psutil(tmp_path):
     import psutil
 
-    from tools import PowerFlagReader, SystemMonitor
+    from health import PowerFlagReader, SystemMonitor
 
     no_power = PowerFlagReader(str(tmp_path / "x"), str(tmp_path / "y"))
     proc = _fake_proc(tmp_path / "proc")
@@ -477,7 +477,7 @@ def test_system_monitor_reads_kept_open_proc_files_and_falls_back_to_psutil(tmp_
 def test_system_monitor_on_this_machine_agrees_with_psutil(tmp_path):
     import psutil
 
-    from tools import SystemMonitor
+    from health import SystemMonitor
 
     monitor = SystemMonitor(str(tmp_path))
     counters = psutil.net_io_counters()

@@ -38,7 +38,8 @@ def test_battery_never_reads_full_while_it_is_charging():
 
 
 def test_make_snapshot_carries_the_pis_power_flags():
-    from tools import ChannelReading, Cycle, SystemReading
+    from tools import ChannelReading, Cycle
+    from health import SystemReading
 
     cycle = Cycle(1_780_000_000_000, 5.0, (ChannelReading("red_house", 0x40, 13.2, 25.6, 256.0, 3.38, 10, 0,
                                                           0.1, 0.0),))
