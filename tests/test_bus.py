@@ -111,6 +111,23 @@ def test_a_failed_reopen_leaves_the_old_bus_open_for_the_next_try(monkeypatch):
     assert reopen(old) == f"bus {cfg.i2c.bus}" and old.closed
 
 
+class SlowFailures:
+    """The emulated bus, with the time a real adapter spends before it gives up (1 s of the fake clock for
+    each failed transaction)."""
+
+    def __init__(self, bus, clock) -> None:
+        self._bus, self._clock = bus, clock
+
+    def __getattr__(self, name):
+        return getattr(self._bus, name)
+
+    def writeto_then_readfrom(self, *args, **kwargs):
+        try:
+            self._bus.writeto_then_readfrom(*args, **kwargs)
+        except OSError:
+            self._clock.advance(1.0)
+            raise
+
 def test_transactions_that_time_out_cannot_stretch_a_window_much_past_its_length(clock):
     """On a Pi's stuck bus every transaction fails only after the adapter's timeout (about 1 s): ten passes
     of four channels would take 40 s a cycle. Past a window and a step from the first pass, the rest of the
@@ -118,18 +135,7 @@ def test_transactions_that_time_out_cannot_stretch_a_window_much_past_its_length
     cfg = parse_config(CFG)
     bus = build_simulated_bus(cfg, clock)
 
-    class SlowFailures:  # the emulated bus, with the time a real adapter spends before it gives up
-        def __getattr__(self, name):
-            return getattr(bus, name)
-
-        def writeto_then_readfrom(self, *args, **kwargs):
-            try:
-                bus.writeto_then_readfrom(*args, **kwargs)
-            except OSError:
-                clock.advance(1.0)
-                raise
-
-    reader = read_data(SlowFailures(), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
+    reader = read_data(SlowFailures(bus, clock), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
                        wall_ms=clock.wall_ms)
     reader.measure()
     began = clock()
@@ -154,18 +160,7 @@ def test_one_sensor_that_times_out_costs_one_try_a_cycle_and_the_others_keep_eve
     cfg = parse_config(CFG)
     bus = build_simulated_bus(cfg, clock)
 
-    class SlowFailures:
-        def __getattr__(self, name):
-            return getattr(bus, name)
-
-        def writeto_then_readfrom(self, *args, **kwargs):
-            try:
-                bus.writeto_then_readfrom(*args, **kwargs)
-            except OSError:
-                clock.advance(1.0)
-                raise
-
-    reader = read_data(SlowFailures(), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
+    reader = read_data(SlowFailures(bus, clock), cfg.channels, cfg.sampling, clock=clock, sleep=clock.sleep,
                        wall_ms=clock.wall_ms)
     reader.measure()
     bus.inject(0x40, "timeout", count=None)
