@@ -33,17 +33,18 @@ def slug(text: str) -> str:
 
 
 def slug_clashes(channels) -> list[tuple[str, str]]:
-    """(key path, problem) for names Home Assistant would take as one: two channels of one unit, or two units,
-    whose slugs are equal (`pv.1` and `pv_1`: one entity, one state key or topic), or a unit slugged as the
-    logger. Channels of different units may share a slug (their ids and topics carry the unit's)."""
+    """(key path, problem) for names Home Assistant would take as one: two channels whose ids, `<unit>_<channel>`
+    slugged, are equal (`pv.1` and `pv_1` of one unit; `pv` of unit `house_a` and `a_pv` of unit `house`: one
+    entity), two units with one slug (one state topic), or a unit slugged as the logger."""
     problems: list[tuple[str, str]] = []
-    channel_slugs: dict[tuple[str, str], int] = {}
+    channel_ids: dict[str, int] = {}
     unit_slugs: dict[str, tuple[str, int]] = {}
     for i, channel in enumerate(channels):
-        first = channel_slugs.setdefault((slug(channel.unit_name), slug(channel.name)), i)
+        entity = f"{slug(channel.unit_name)}_{slug(channel.name)}"  # in every unique_id of the channel
+        first = channel_ids.setdefault(entity, i)
         if first != i:
             problems.append((f"channel[{i}].name", f"{channel.name!r} and channel[{first}]'s "
-                             f"{channels[first].name!r} are the same MQTT id {slug(channel.name)!r}"))
+                             f"{channels[first].name!r} are the same MQTT id {entity!r}"))
         unit, unit_slug = channel.unit_name, slug(channel.unit_name)
         if unit_slug == MQTT_LOGGER_NODE:
             problems.append((f"channel[{i}].unit", f"{unit!r} is the MQTT id of the logger's own device"))

@@ -27,6 +27,7 @@ umask 022
 
 NAME=solarpowerbrampton
 SVC_USER=solarpower
+BUILD_USER=spb-build  # safepip builds what exists only as source as this user: nothing else runs as it
 HW_GROUPS=(i2c gpio)
 OPT=/opt/$NAME
 ETC=/etc/$NAME
@@ -116,6 +117,13 @@ do_uninstall() {
   if group_exists "$SVC_USER"; then
     groupdel "$SVC_USER"
     info "group $SVC_USER removed"
+  fi
+  if user_exists "$BUILD_USER"; then
+    userdel "$BUILD_USER"
+    info "user $BUILD_USER removed"
+  fi
+  if group_exists "$BUILD_USER"; then
+    groupdel "$BUILD_USER"
   fi
   info "the groups ${HW_GROUPS[*]} are left alone (other software uses them)"
 
@@ -227,6 +235,13 @@ do_install() {
       --comment "SolarPowerBrampton data logger" "$SVC_USER"
     info "user $SVC_USER created"
   fi
+  if user_exists "$BUILD_USER"; then
+    info "user $BUILD_USER exists (source builds)"
+  else
+    useradd --system --user-group --no-create-home --home-dir /nonexistent --shell /usr/sbin/nologin \
+      --comment "SolarPowerBrampton source builds" "$BUILD_USER"
+    info "user $BUILD_USER created (builds what exists only as source, as no other process runs)"
+  fi
 
   rel_name=releases/$sha
   rel=$DESTDIR$OPT/$rel_name
@@ -278,7 +293,7 @@ do_install() {
     local pip_extra=()
     read -r -a pip_extra <<<"${SPB_PIP_ARGS:-}"
     # safepip: every file hash-checked (--require-hashes); as root wheels only, and what exists
-    # only as source is built by the unprivileged user spb-build (made when missing), with hash-pinned tools.
+    # only as source is built by the unprivileged user spb-build (made above), with hash-pinned tools.
     info "pip install -r requirements.txt (hash-checked) ${pip_extra[*]:-}"
     "$venv/bin/python" -I "$rel/safepip.py" "$venv/bin/python" "$rel/requirements.txt" \
       ${pip_extra[@]+"${pip_extra[@]}"} || die "installing requirements.txt failed (see above)"

@@ -219,6 +219,7 @@ class MqttOutput:
         self._delay_s = 0.0  # the reconnect backoff now (0: the last connection stayed up for a keepalive)
         self._connected_at = 0.0  # monotonic time of the last accepted login
         self._login_by = 0.0  # while not logged in on an open socket: the broker must have answered by then
+        self._refusing = False  # paho refused the last cycle's publishes (its queue for the broker is full)
         self._oversize_delay_s = 0.0  # the backoff after connections closed for an oversized packet
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
@@ -506,9 +507,15 @@ class MqttOutput:
             _cork(sock, 0)
         if refused:
             self.states_skipped += 1
+            self._refusing = True
             self._report(f"MQTT broker {self.where} acknowledges nothing: {refused} state message(s) of this cycle "
                          f"not sent ({MAX_QUEUED_MESSAGES} still wait for the broker)")
             return True
+        if self._refusing:  # the broker caught up: what the refusals reported is over
+            self._refusing = False
+            log.info("MQTT: %s acknowledges again", self.where)
+            self.problem = None
+            self.handler.clear("mqtt")
         self.states_published += 1
         return True
 
@@ -551,6 +558,7 @@ class MqttOutput:
         else:
             log.info("MQTT: connected to %s", self.where)
         self.problem = None
+        self._refusing = False
         self.handler.clear("mqtt")
 
     def _send_discovery(self, client) -> None:

@@ -13,14 +13,15 @@ Standard library only, no project imports: updater.py imports it and install.sh 
 - What that build runs is checked too: pip's build isolation would fetch setuptools (and an sdist's
   setup_requires) unchecked, so the build runs without it, in a venv of its own holding only the
   hash-pinned tools of requirements-build.txt (beside the requirements); pip may fetch nothing else.
-- The build runs as a user of its own (BUILD_USER, made as a system user when missing), never the
-  shared `nobody`: no other process on the Pi runs as it, so none can reach into the build.
-- A built wheel is installed only when it holds no .pth file and no .data directory (code that would
-  run at every start of the venv's Python, or files put outside the package); root's own Python runs
-  with -S besides (the units), so site-packages is never read as root.
+- The build runs as an identity of its own (BUILD_USER, or the unused BUILD_UID), never the shared
+  `nobody`: no other process on the Pi runs as it, so none can reach into the build.
+- A built wheel is installed only when every entry is the distribution's own (named as it, no .pth
+  file, no .data directory); root's own Python runs with -S besides (the units), so site-packages is
+  never read as root.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import pwd
@@ -35,7 +36,8 @@ import zipfile
 from collections.abc import Sequence
 from pathlib import Path
 
-BUILD_USER = "spb-build"  # source builds only: a system user with no home, no shell, no other process
+BUILD_USER = "spb-build"  # source builds only: a system user (install.sh) with no home, no shell, no other process
+BUILD_UID = 65533  # ... or, where it does not exist (a Pi updated into this release), this unused uid and gid
 # What the unprivileged build keeps of the caller's environment: an sdist's build code runs there, so no
 # secret (a token or password in any variable) may reach it; pip's own settings and proxies are kept.
 _BUILD_ENV_NAMES = frozenset({"PATH", "LANG", "LANGUAGE", "TZ", "SOURCE_DATE_EPOCH", "http_proxy", "https_proxy",
@@ -122,28 +124,36 @@ def _wheel_pin(filename: str) -> tuple[str, str] | None:
     return (_normalise(parts[0]), parts[1]) if len(parts) >= 5 else None
 
 
-def unsafe_member(wheel: Path) -> str | None:
-    """The first entry of `wheel` root must not install (a .pth file: code run at every start of the venv's
-    Python; a .data directory: files put outside the package), or None. Raises zipfile.BadZipFile."""
+def unsafe_member(wheel: Path, name: str) -> str | None:
+    """The first entry of `wheel`, built from the source of distribution `name`, that root must not install,
+    or None: a .pth file (code run at every start of the venv's Python), a .data directory (files put
+    outside the package), or anything not named as the distribution (a `pip/__init__.py` would replace
+    the pip root runs next). Raises zipfile.BadZipFile."""
+    own = name.replace("-", "_").lower()
     with zipfile.ZipFile(wheel) as archive:
-        for name in archive.namelist():
-            top = name.split("/", 1)[0]
-            if name.endswith(".pth") or top.endswith(".data"):
-                return name
+        for entry in archive.namelist():
+            top = entry.split("/", 1)[0]
+            module = top.split(".", 1)[0].lower()
+            dist_info = top.lower().endswith(".dist-info") and top.lower().startswith(own + "-")
+            if entry.endswith(".pth") or top.endswith(".data") or not (dist_info or module == own):
+                return entry
     return None
 
 
-def ensure_build_user(name: str = BUILD_USER) -> pwd.struct_passwd:
-    """The build user, made (as root) a system user with no home and no shell when missing. Raises KeyError
-    when it cannot be had."""
+def build_identity(name: str = BUILD_USER) -> tuple[int, int]:
+    """(uid, gid) source builds run as: the user `name` (install.sh makes it), else BUILD_UID, an id no
+    account has (the updater's sandbox cannot add users: /etc is read-only there), so no other process on
+    the Pi runs as it. Raises KeyError when BUILD_UID belongs to an account after all."""
     try:
-        return pwd.getpwnam(name)
+        user = pwd.getpwnam(name)
+        return user.pw_uid, user.pw_gid
     except KeyError:
         pass
-    subprocess.run(["useradd", "--system", "--user-group", "--no-create-home", "--home-dir", "/nonexistent",
-                    "--shell", "/usr/sbin/nologin", "--comment", "SolarPowerBrampton source builds", name],
-                   stdin=subprocess.DEVNULL, capture_output=True, timeout=60)
-    return pwd.getpwnam(name)
+    try:
+        taken = pwd.getpwuid(BUILD_UID)
+    except KeyError:
+        return BUILD_UID, BUILD_UID
+    raise KeyError(f"no user {name!r}, and uid {BUILD_UID} is {taken.pw_name!r}'s: no build identity")
 
 
 def _sha256(path: Path) -> str:
@@ -164,27 +174,26 @@ def _build_env(base: dict[str, str]) -> dict[str, str]:
     return {k: v for k, v in base.items() if k in _BUILD_ENV_NAMES or k.startswith(("LC_", "PIP_"))}
 
 
-def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: pwd.struct_passwd | None = None,
+def _run(cmd: Sequence[str], env: dict[str, str], timeout: float, user: tuple[int, int] | None = None,
          cwd: str | None = None) -> None:
-    """Run `cmd` in a process group of its own: on timeout the whole group is killed (a compiler or a build
-    backend pip started, too), then TimeoutExpired is raised."""
-    kwargs = {"user": user.pw_uid, "group": user.pw_gid, "extra_groups": []} if user else {}
-    with subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, errors="replace", start_new_session=True,
-                          **kwargs) as proc:
+    """Run `cmd` (as `user`, (uid, gid)) in a process group of its own: on timeout the whole group is killed
+    (a compiler or a build backend pip started, too), then TimeoutExpired is raised. Its output goes to a
+    file, not a pipe: a child that left the group (setsid) and kept the pipe would make us wait for it."""
+    kwargs = {"user": user[0], "group": user[1], "extra_groups": []} if user else {}
+    with tempfile.TemporaryFile("w+", errors="replace") as out:
+        proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdin=subprocess.DEVNULL, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True, **kwargs)
         try:
-            output, _ = proc.communicate(timeout=timeout)
+            proc.wait(timeout=timeout)
         except subprocess.TimeoutExpired:
-            try:
+            with contextlib.suppress(OSError):
                 os.killpg(proc.pid, signal.SIGKILL)
-            except OSError:
-                pass
-            # Not communicate(): a child that left the group (setsid) could hold the pipe open for ever.
-            # Leaving the `with` closes our end and waits for the killed process only.
+            proc.wait()
             raise
-    if proc.returncode != 0:
-        tail = " | ".join(output.strip().splitlines()[-12:])
-        raise subprocess.CalledProcessError(proc.returncode, cmd, tail)
+        if proc.returncode != 0:
+            out.seek(max(out.seek(0, os.SEEK_END) - 8192, 0))  # the tail is what says why
+            tail = " | ".join(out.read().strip().splitlines()[-12:])
+            raise subprocess.CalledProcessError(proc.returncode, cmd, tail)
 
 
 def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), timeout: float = 3600.0,
@@ -210,7 +219,7 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
     if os.geteuid() != 0:
         _run(_pip(python) + ["install", "--require-hashes", "-r", str(requirements), *extra_args], base, timeout)
         return
-    user = ensure_build_user(build_user)
+    user = build_identity(build_user)
     work = Path(tempfile.mkdtemp(prefix="spb-pip-"))
     os.chmod(work, 0o711)  # the build user may pass through to its directory, not list what is here
     try:
@@ -218,7 +227,7 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
         hidden.mkdir(mode=0o711)
         build = hidden / "build"
         build.mkdir()
-        os.chown(build, user.pw_uid, user.pw_gid)
+        os.chown(build, *user)
         # 1. As the unprivileged user: a build venv with only the hash-pinned build tools, then fetch every
         #    pin (hash-checked) and build the source-only ones there, without build isolation (which would
         #    fetch unchecked build tools) and with no way to fetch anything else.
@@ -248,7 +257,7 @@ def install(python: str, requirements: Path, *, extra_args: Sequence[str] = (), 
                 copy.unlink()  # a file from the index: step 3 fetches and checks it again
                 continue
             try:
-                unsafe = unsafe_member(copy)
+                unsafe = unsafe_member(copy, pin[0])
             except zipfile.BadZipFile:
                 unsafe = "(not a zip file)"
             if unsafe is not None:

@@ -166,9 +166,14 @@ def test_one_sensor_that_times_out_costs_one_try_a_cycle_and_the_others_keep_eve
     bus.inject(0x40, "timeout", count=None)
     reader.measure()  # it times out while sampling: its settings are checked from the next cycle on
     for _ in range(3):
-        began = clock()
-        cycle = reader.measure()
-        assert clock() - began <= 1.0 + cfg.sampling.window_s + 0.01  # one try of the hung sensor, one window
+        began = clock()  # the slot: as the daemon does, woken at its first sample and told the slot's start
+        clock.advance(reader.lead_s)
+        sleeps = len(clock.sleeps)
+        cycle = reader.measure(began)
+        assert clock() - began <= 1.0 + reader.lead_s + cfg.sampling.window_s + 0.01  # one try, one window
+        # The settings check that timed out ran late into the window: it begins afresh, the samples spread
+        # over it (a wait before each), not taken back to back as one conversion read ten times.
+        assert len(clock.sleeps) - sleeps >= cfg.sampling.samples - 1
         bad = [r for r in cycle.channels if r.address == 0x40]
         assert len(bad) == 1 and not bad[0].ok and "bus timeout" in bad[0].error
         assert all(r.ok and r.samples == cfg.sampling.samples for r in cycle.channels if r.address != 0x40)

@@ -179,7 +179,8 @@ def test_install_twice_then_uninstall_and_purge(env):
     assert ["root:solarpower", str(env.path(ETC))] in chowns
 
     assert [c[-1] for c in env.calls("groupadd")] == ["gpio", "solarpower"]  # i2c existed
-    (useradd,) = env.calls("useradd")
+    useradd, build_user = env.calls("useradd")
+    assert build_user[-1] == "spb-build" and "--system" in build_user and "/usr/sbin/nologin" in build_user
     assert useradd[-1] == "solarpower" and "--system" in useradd
     assert useradd[useradd.index("--groups") + 1] == "i2c,gpio"
     assert useradd[useradd.index("--gid") + 1] == "solarpower"
@@ -231,7 +232,7 @@ def test_install_twice_then_uninstall_and_purge(env):
         in env.calls("systemctl")
     assert not any(env.path(f"etc/systemd/system/{u}").exists() for u in UNITS)
     assert not env.path(OPT).exists()
-    assert env.calls("userdel") == [["userdel", "solarpower"]]
+    assert env.calls("userdel") == [["userdel", "solarpower"], ["userdel", "spb-build"]]
     assert env.calls("groupdel") == [["groupdel", "solarpower"]]
     assert cfg.read_text() == cfg_text and tok.read_text() == tok_text
     assert env.path(f"{STATE}/outbox.db").read_text() == "readings"

@@ -230,9 +230,15 @@ def test_names_home_assistant_would_take_as_one_are_refused_with_mqtt_enabled():
     with pytest.raises(ConfigError) as caught:
         parse_config({"mqtt": {"enabled": True, "host": "localhost"}, "channel": channels})
     text = str(caught.value)
-    assert "channel[1].name" in text and "'pv_1' and channel[0]'s 'pv.1' are the same MQTT id 'pv_1'" in text
+    assert "channel[1].name" in text and "'pv_1' and channel[0]'s 'pv.1' are the same MQTT id 'house_a_pv_1'" in text
     assert "channel[1].unit" in text and "'house_a' and channel[0]'s unit 'house.a' are the same MQTT id" in text
     assert "channel[2].unit" in text and "the MQTT id of the logger's own device" in text
+    # Across units too: `pv` of `house_a` and `a_pv` of `house` make one unique_id, ..._house_a_pv_...
+    with pytest.raises(ConfigError, match=r"channel\[1\].name.*'a_pv' and channel\[0\]'s 'pv' are the same MQTT id "
+                                          r"'house_a_pv'"):
+        parse_config({"mqtt": {"enabled": True, "host": "localhost"},
+                      "channel": [{"name": "pv", "address": 0x40, "unit": "house_a"},
+                                  {"name": "a_pv", "address": 0x41, "unit": "house"}]})
 
 def test_kill_9_makes_the_broker_publish_offline(broker, tmp_path):
     sub = Subscriber(broker.port, (f"{PREFIX}/availability",))
@@ -531,6 +537,15 @@ def test_states_paho_refuses_while_the_broker_acknowledges_nothing_are_counted_s
                 time.sleep(0.05)
             assert out.problem.startswith(f"MQTT broker 127.0.0.1:{stalling.port} acknowledges nothing"), out.problem
             assert handler.active["mqtt"].tier == Tier.CONNECTION
+            # The broker catches up (the same connection): the next published cycle clears the problem.
+            stalling.resume()
+            published = out.states_published
+            while out.states_published == published or out.problem is not None:
+                assert time.monotonic() < deadline + DEADLINE_S, (out.problem, out.states_published)
+                n += 1
+                out.after_cycle(CycleReport(Cycle(1_780_000_000_000 + n, 1.0, readings), None, True, 0, n, None, 0.01))
+                time.sleep(0.05)
+            assert "mqtt" not in handler.active
         finally:
             stalling.resume()
             out.stop()

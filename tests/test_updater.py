@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import pwd
+import re
 import shlex
 import shutil
 import subprocess
@@ -820,16 +821,16 @@ def test_as_root_a_source_build_runs_as_the_unprivileged_user(pip_venv, index):
         pytest.fail(f"pip failed: {exc.output}")
     uids = {int(u) for u in mark.read_text().split()}  # noqa
     assert uids and 0 not in uids, uids
-    assert uids == {pwd.getpwnam(safepip.BUILD_USER).pw_uid}
+    assert uids == {safepip.build_identity()[0]}
     done = subprocess.run([str(pip_venv / "bin/python"), "-c", "import spbsrc"], capture_output=True)
     assert done.returncode == 0, done.stderr
 
 
 
-def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None, own_pth: bool = False) -> Path:
+def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None, own_extra: str | None = None) -> Path:
     """spbsrc-1.0's sdist: an in-tree backend (importing the build tool `tool`, when given) that builds its
     wheel and also drops a second wheel, `spbextra`, with a .pth (code run at every start of the venv);
-    `own_pth`: its own wheel carries the .pth too."""
+    `own_extra`: its own wheel carries a file of that name too, holding the .pth's code."""
     import tarfile
 
     src = index / "src" / "spbsrc-1.0"
@@ -859,8 +860,8 @@ def _hostile_sdist(index: Path, mark: Path, *, tool: str | None = None, own_pth:
         "def build_wheel(wheel_directory, config_settings=None, metadata_directory=None):\n"
         f"    pth = {pth!r}\n"
         "    _wheel(wheel_directory, 'spbextra', {'spbextra.pth': pth})\n"
-        + ("    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': '', 'spbsrc-init.pth': pth})\n"
-           if own_pth else "    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': ''})\n"))
+        + (f"    return _wheel(wheel_directory, 'spbsrc', {{'spbsrc/__init__.py': '', {own_extra!r}: pth}})\n"
+           if own_extra else "    return _wheel(wheel_directory, 'spbsrc', {'spbsrc/__init__.py': ''})\n"))
     sdist = index / "wheels" / "spbsrc-1.0.tar.gz"
     with tarfile.open(sdist, "w:gz") as tar:
         tar.add(src, arcname="spbsrc-1.0")
@@ -893,18 +894,24 @@ def test_as_root_only_the_pinned_wheel_a_build_made_is_installed_and_its_tools_c
         safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
     except subprocess.CalledProcessError as exc:
         pytest.fail(f"pip failed: {exc.output}")
-    assert {int(u) for u in tool_mark.read_text().split()} == {pwd.getpwnam(safepip.BUILD_USER).pw_uid}
+    assert {int(u) for u in tool_mark.read_text().split()} == {safepip.build_identity()[0]}
     subprocess.run([python, "-c", "import spbsrc"], check=True)  # the pinned wheel is in; a start of python
     assert not mark.exists(), f"the extra wheel's .pth ran as uid {mark.read_text()}"
     assert not list((pip_venv / "lib").glob("python3*/site-packages/spbextra*"))
-    assert pwd.getpwuid(int(tool_mark.read_text().split()[0])).pw_name == "spb-build"  # not the shared nobody
+    assert safepip.build_identity()[0] not in (0, pwd.getpwnam("nobody").pw_uid)  # its own, not the shared nobody
+    # Where install.sh made no `spb-build` (a Pi updated into this release): an id no account has.
+    assert safepip.build_identity("spb-no-such-user") == (safepip.BUILD_UID, safepip.BUILD_UID)
+    with pytest.raises(KeyError):
+        pwd.getpwuid(safepip.BUILD_UID)
 
-    # The pinned wheel itself carrying a .pth: refused before root installs anything of it.
+    # The pinned wheel itself carrying a .pth, or a file of another distribution (a pip/__init__.py would run
+    # as root in the next pip step): refused before root installs anything of it.
     subprocess.run([python, "-m", "pip", "uninstall", "-y", "-q", "spbsrc"], check=True, capture_output=True)
-    sdist = _hostile_sdist(index, mark, tool="spbtool", own_pth=True)
-    req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
-    with pytest.raises(safepip.HashError, match=r"spbsrc==1.0's source holds 'spbsrc-init.pth'"):
-        safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
+    for extra in ("spbsrc-init.pth", "pip/__init__.py", "sitecustomize.py"):
+        sdist = _hostile_sdist(index, mark, tool="spbtool", own_extra=extra)
+        req.write_text(f"spbsrc==1.0 --hash=sha256:{_sha(sdist)}\n")
+        with pytest.raises(safepip.HashError, match=rf"spbsrc==1.0's source holds '{re.escape(extra)}'"):
+            safepip.install(python, req, timeout=300, env=_isolated_pip_env(), extra_args=args)
     subprocess.run([python, "-c", "pass"], check=True)
     assert not mark.exists(), f"the pinned wheel's .pth ran as uid {mark.read_text()}"
     assert not list((pip_venv / "lib").glob("python3*/site-packages/spbsrc*"))
