@@ -8,6 +8,8 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   pre-start    before every daemon start (the unit runs it from `previous`, the known-good release):
                count the start; roll back a freshly updated release that failed to reach
                mark_good() max_failed_starts times in a row
+  post-stop    after every stop (ExecStopPost, from `previous`): a clean stop does not count as a failed
+               start; a release on probation that exited 78 is rolled back at once
   mark-good    what the daemon does once the release has proven itself (service.GOOD_AFTER_CYCLES stored
                cycles and a delivery attempt, or GOOD_AFTER_S of running; the daemon calls mark_good())
   status       the releases and the state as JSON
@@ -62,11 +64,7 @@ SERVICE = "solarpowerbrampton.service"
 ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
 RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
 
-EXIT_OK = 0
-EXIT_FAILED = 1
-EXIT_USAGE = 2
-EXIT_UPDATED = 10
-EXIT_CONFIG = 78
+EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UPDATED, EXIT_CONFIG = 0, 1, 2, 10, 78
 
 ENV_VENV_CMD = "SPB_VENV_CMD"
 ENV_RESTART_CMD = "SPB_RESTART_CMD"
@@ -89,26 +87,11 @@ class Layout:
     """The deployment tree shared with the installer."""
 
     root: Path
-
-    @property
-    def releases(self) -> Path:
-        return self.root / "releases"
-
-    @property
-    def current(self) -> Path:
-        return self.root / "current"
-
-    @property
-    def previous(self) -> Path:
-        return self.root / "previous"
-
-    @property
-    def repo(self) -> Path:
-        return self.root / "repo.git"
-
-    @property
-    def lock(self) -> Path:
-        return self.root / ROOT_LOCK
+    releases = property(lambda self: self.root / "releases")
+    current = property(lambda self: self.root / "current")  # -> releases/<sha>
+    previous = property(lambda self: self.root / "previous")  # the release `current` was updated from
+    repo = property(lambda self: self.root / "repo.git")
+    lock = property(lambda self: self.root / ROOT_LOCK)
 
 
 def find_config(env: Mapping[str, str] | None = None) -> Path | None:
@@ -184,13 +167,20 @@ def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
         restart_cmd = os.environ.get(ENV_RESTART_CMD)
     if restart_cmd is None:
         systemctl = shutil.which("systemctl")
-        if systemctl and os.path.isdir("/run/systemd/system"):
-            # --no-block: the new daemon's start (and its pre-start) must not wait on this process.
-            return [systemctl, "--no-block", "try-restart", SERVICE]
-        return []
+        return restart_command(systemctl) if systemctl and os.path.isdir("/run/systemd/system") else []
     if isinstance(restart_cmd, str):
         return shlex.split(restart_cmd)
     return list(restart_cmd)
+
+
+def restart_command(systemctl: str) -> list[str]:
+    """Restart the service onto the new release: a running one (try-restart; --no-block: its start and
+    pre-start must not wait on this process), and a failed one too (a crash loop, an exit 78: the fix just
+    installed must start, not wait for a reboot); a service stopped on purpose stays stopped."""
+    q = shlex.quote
+    return ["sh", "-c", f"{q(systemctl)} --no-block try-restart {SERVICE}; if {q(systemctl)} is-failed --quiet "
+                        f"{SERVICE}; then {q(systemctl)} reset-failed {SERVICE}; {q(systemctl)} --no-block start "
+                        f"{SERVICE}; fi"]
 
 
 def _remote_url(layout: Layout, update: UpdateConfig, current: str) -> str:
@@ -407,7 +397,7 @@ def apply(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None, 
 
     venv_cmd: shell command making DIR/.venv (`$1` = DIR); default $SPB_VENV_CMD, else pip.
     restart_cmd: argv or shell-like string run after a switch ("" / [] = none); default
-    $SPB_RESTART_CMD, else `systemctl --no-block try-restart solarpowerbrampton.service` under systemd.
+    $SPB_RESTART_CMD, else restart_command() under systemd (a running or a failed service).
     run_as: user for the new code in the self-test ("" = as we are; default: solarpower if root).
     """
     # Absolute: the venv command and the self-test run in other working directories.
@@ -550,11 +540,14 @@ def post_stop(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = No
     is rolled back at once and the service started again. systemd does not restart an exit 78
     (RestartPreventExitStatus), so pre-start would never count the failed starts. Always exits 0."""
     env = os.environ if environ is None else environ
-    if (env.get("EXIT_CODE"), env.get("EXIT_STATUS")) != ("exited", str(EXIT_CONFIG)):
-        return EXIT_OK
+    ended = (env.get("EXIT_CODE"), env.get("EXIT_STATUS"))
     try:
         layout = Layout(Path(root).absolute())
         state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        if ended == ("exited", "0"):
+            _clean_stop(layout, state_dir, Path(config_path) if config_path else None)
+        if ended != ("exited", str(EXIT_CONFIG)):
+            return EXIT_OK
         bad, good = release_sha(layout, layout.current), release_sha(layout, layout.previous)
         if bad is None or good in (None, bad) or _max_failed_starts(Path(config_path) if config_path else None) is None:
             return EXIT_OK  # nothing to go back to, or self-update off (a release switched by hand stays)
@@ -570,6 +563,18 @@ def post_stop(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = No
     except Exception:
         log.exception("post-stop failed")
     return EXIT_OK
+
+
+def _clean_stop(layout: Layout, state_dir: Path, config_path: Path | None) -> None:
+    """The current release stopped cleanly (SIGTERM: a reboot, a restart, a technician): the start pre-start
+    counted was not a failed one, so a release still proving itself is not rolled back for being rebooted."""
+    sha = release_sha(layout, layout.current)
+    if sha is None or not state_dir.is_dir() or _max_failed_starts(config_path) is None:
+        return
+    with locked_state(state_dir) as state:
+        entry = state["releases"].get(sha)
+        if entry is not None and not entry.get("good") and entry.get("starts", 0) > 0:
+            entry["starts"] -= 1
 
 
 def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int,
@@ -634,7 +639,7 @@ def build_parser() -> argparse.ArgumentParser:
     a.add_argument("--venv-cmd", metavar="CMD",
                    help=f"shell command creating $1/.venv (default ${ENV_VENV_CMD}, else python3 -m venv + pip)")
     a.add_argument("--restart-cmd", metavar="CMD",
-                   help=f"run after a switch; '' = none (default ${ENV_RESTART_CMD}, else systemctl try-restart)")
+                   help=f"run after a switch; '' = none (default ${ENV_RESTART_CMD}, else systemctl: try-restart, or start a failed service)")
     a.add_argument("--run-as", metavar="USER",
                    help=f"user running the new code in the self-test; '' = as we are (default {SERVICE_USER} "
                         "when root and able to switch)")
@@ -644,7 +649,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timeout of the venv command (default %(default)s s)")
     p = sub.add_parser("pre-start", help="count a start; roll back a release that keeps failing (always exits 0)")
     common(p, argparse.SUPPRESS)
-    q = sub.add_parser("post-stop", help="roll back a release on probation that exited 78 (always exits 0)")
+    q = sub.add_parser("post-stop", help="count a clean stop; roll back a release on probation that exited 78 "
+                                         "(always exits 0)")
     common(q, argparse.SUPPRESS)
     m = sub.add_parser("mark-good", help="the current start reached its first stored cycle")
     common(m, argparse.SUPPRESS)

@@ -504,6 +504,46 @@ def test_a_release_on_probation_that_exits_78_is_rolled_back_at_once_and_started
     assert "ExecStopPost=+-/opt/solarpowerbrampton/previous/.venv/bin/python -s -E -S " \
            "/opt/solarpowerbrampton/previous/updater.py post-stop --config /etc/solarpowerbrampton/config.toml" in unit
 
+
+def test_clean_stops_are_not_failed_starts_so_a_rebooted_release_on_probation_stays(site, monkeypatch):
+    """Every start counts until the release proves itself; a stop the daemon ended cleanly (a reboot, a
+    restart, a technician: exit 0) takes its start back in post-stop, so three reboots before the release
+    stored its cycles (a full disk, say) do not roll it back. A crash, a kill or a watchdog still count."""
+    sha2 = site.commit("release 2")
+    assert site.apply() == updater.EXIT_UPDATED
+    for _ in range(5):  # start, then a clean stop: five reboots
+        assert site.pre_start() == 0
+        monkeypatch.setenv("EXIT_CODE", "exited")
+        monkeypatch.setenv("EXIT_STATUS", "0")
+        assert site.cli("post-stop") == 0
+    assert site.current == sha2 and site.state_file()["releases"][sha2]["starts"] == 0
+    for code, status in (("killed", "TERM"), ("exited", "1"), ("dumped", "SEGV")):  # these are failures
+        assert site.pre_start() == 0
+        monkeypatch.setenv("EXIT_CODE", code)
+        monkeypatch.setenv("EXIT_STATUS", status)
+        assert site.cli("post-stop") == 0
+    assert site.state_file()["releases"][sha2]["starts"] == 3
+    assert site.pre_start() == 0 and site.current == site.sha1  # the fourth start rolls back, as before
+
+
+def test_the_restart_after_an_update_starts_a_failed_service_too(tmp_path):
+    """try-restart leaves a failed service alone (a crash loop that hit the start limit, an exit 78): the fix
+    just installed would wait for a reboot. The restart command starts a failed service, and leaves one that
+    was stopped on purpose stopped (a stand-in systemctl records what it is asked)."""
+    log = tmp_path / "calls"
+    systemctl = tmp_path / "systemctl"
+    for failed in (True, False):
+        systemctl.write_text(f'#!/bin/sh\necho "$*" >> {log}\n'
+                             f'[ "$1" = is-failed ] && exit {0 if failed else 1}\nexit 0\n')
+        systemctl.chmod(0o755)
+        log.write_text("")
+        result = subprocess.run(updater.restart_command(str(systemctl)), capture_output=True, text=True, timeout=60)
+        assert result.returncode == 0, result.stderr
+        calls = log.read_text().splitlines()
+        assert calls[:2] == [f"--no-block try-restart {updater.SERVICE}", f"is-failed --quiet {updater.SERVICE}"]
+        assert calls[2:] == ([f"reset-failed {updater.SERVICE}", f"--no-block start {updater.SERVICE}"]
+                             if failed else []), calls
+
 def test_mark_good_resets_the_counter(site):
     sha2 = site.commit("release 2")
     assert site.apply() == updater.EXIT_UPDATED
