@@ -253,7 +253,9 @@ class MqttOutput:
         node_id = f"spb_{self.site}_{slug(node)}"
         object_id = slug(field)
         config = {"name": name, "unique_id": f"solarpowerbrampton_{self.site}_{slug(node)}_{object_id}",
-                  "object_id": f"{node_id}_{object_id}", "state_topic": self.state_topic(node),
+                  # The entity id Home Assistant gives it at first (`object_id`, which said the same, stopped
+                  # working in Home Assistant 2026.4).
+                  "default_entity_id": f"sensor.{node_id}_{object_id}", "state_topic": self.state_topic(node),
                   "value_template": f"{{{{ value_json['{field}'] }}}}", "availability_topic": self.availability_topic,
                   "payload_available": "online", "payload_not_available": "offline", "device": device}
         if device_class:

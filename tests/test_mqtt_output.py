@@ -28,7 +28,7 @@ SITE = "mqtt-test"
 PREFIX = f"solarpowerbrampton/{SITE}"
 HA_SENSOR_KEYS = {"name", "state_topic", "unique_id", "value_template", "availability_topic", "device"}
 # Full key names only (Home Assistant also takes abbreviations such as stat_t, uniq_id, dev_cla: not used).
-HA_FULL_KEYS = HA_SENSOR_KEYS | {"object_id", "payload_available", "payload_not_available", "device_class",
+HA_FULL_KEYS = HA_SENSOR_KEYS | {"default_entity_id", "payload_available", "payload_not_available", "device_class",
                                  "unit_of_measurement", "state_class"}
 HA_DEVICE_KEYS = {"identifiers", "name", "manufacturer", "model"}
 # Home Assistant's sensor device classes used here, and the units it accepts for each.
@@ -140,6 +140,8 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
         assert HA_SENSOR_KEYS <= set(config_msg), topic
         assert set(config_msg) <= HA_FULL_KEYS, f"{topic}: keys beyond the full names: {set(config_msg) - HA_FULL_KEYS}"
         assert HA_DEVICE_KEYS <= set(config_msg["device"]), topic
+        # Not `object_id` (deprecated in Home Assistant 2025.10, gone in 2026.4): the platform-qualified id.
+        assert config_msg["default_entity_id"] == f"sensor.{node}_{obj}", topic
         unique_ids.add(config_msg["unique_id"])
         if "device_class" in config_msg:
             assert config_msg["unit_of_measurement"] in HA_UNITS[config_msg["device_class"]], topic
