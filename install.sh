@@ -248,8 +248,18 @@ do_install() {
   step "code in $OPT/$rel_name"
   take_lock
   mkdir -p "$DESTDIR$OPT/releases"
+  in_use=
+  for link in current previous; do
+    [ "$(readlink "$DESTDIR$OPT/$link" 2>/dev/null || true)" = "$rel_name" ] && in_use=$link
+  done
+  if [ -d "$rel" ] && [ -z "$in_use" ]; then
+    # Not current or previous: a self-update's build of it may have been cut off (a power cut during its
+    # checkout), so its tree is not trusted to be whole. Copied afresh, under the lock no build runs.
+    rm -rf "$rel"
+    info "a release directory no link uses was left: copied afresh"
+  fi
   if [ -d "$rel" ]; then
-    info "exists: reused"
+    info "exists ($in_use): reused"
   else
     rm -rf "$DESTDIR$OPT/releases/.$sha."*  # left by an interrupted run
     tmp=$(mktemp -d "$DESTDIR$OPT/releases/.$sha.XXXXXX")

@@ -263,6 +263,24 @@ def test_upgrade_to_a_new_commit_switches_current_and_keeps_previous(env):
     assert f"removed the old release {old}" in out
 
 
+
+def test_a_half_made_release_directory_no_link_uses_is_copied_afresh(env):
+    """A self-update's build of a commit cut off by a power cut leaves releases/<sha> half made (its checkout
+    stopped part-way). Installing that commit by hand must not take the half tree as the release."""
+    _ok(env.run())
+    old = env.sha
+    new = env.new_commit()
+    half = env.path(f"{OPT}/releases/{new}")
+    half.mkdir()
+    (half / "README.md").write_text("half a checkout")  # and no main.py: the power went
+    out = _ok(env.run())
+    assert "a release directory no link uses was left: copied afresh" in out
+    assert os.readlink(env.path(f"{OPT}/current")) == f"releases/{new}"
+    assert (half / "main.py").is_file() and (half / "README.md").read_text() != "half a checkout"
+    # The release in use is reused as it is (a second run on the same commit).
+    out = _ok(env.run())
+    assert "exists (current): reused" in out and os.readlink(env.path(f"{OPT}/previous")) == f"releases/{old}"
+
 def test_an_upgrade_whose_restart_did_not_happen_restarts_on_the_next_run(env, monkeypatch):
     _ok(env.run())
     env.new_commit()
