@@ -15,14 +15,13 @@ Commands (systemd runs them as root; see ``python updater.py --help``):
   status       the releases and the state as JSON
   acknowledge  clear the rollback notice
 
-Exit codes: 0 nothing to do / done, 1 the update was refused or failed (the current release
-is untouched), 2 bad usage, 10 updated (the new release is current; the service was asked to
-restart), 78 the config is invalid. `pre-start` always exits 0: a failing ExecStartPre would
-keep the logger from starting at all.
+Exit codes: 0 nothing to do / done, 1 the update was refused or failed (the current release is untouched),
+2 bad usage, 10 updated (the new release is current; the service was asked to restart), 78 the config is
+invalid. `pre-start` and `post-stop` always exit 0: a failing one would keep the logger from starting.
 
-Only the standard library and modules that need nothing else (`config`, `clock`, `credentials`,
-`release`: the release state this process shares with the daemon, `release_build`: building and
-self-testing a release, `safepip`) are imported, so rollback works even when the release's venv is broken.
+Only the standard library and modules that need nothing else (`config`, `clock`, `credentials`, `release`:
+the release state this process shares with the daemon, `release_build`: building and self-testing a
+release, `safepip`) are imported, so rollback works even when the release's venv is broken.
 """
 from __future__ import annotations
 
@@ -63,6 +62,9 @@ DEFAULT_GNUPGHOME = Path("/etc/solarpowerbrampton/gnupg")
 SERVICE = "solarpowerbrampton.service"
 ROOT_LOCK = ".updater.lock"  # install.sh takes the same lock (flock) while it builds or switches a release
 RESTART_PENDING = ".restart-pending"  # shared with install.sh: a switch whose restart has not happened yet
+# Root's own record of the releases rolled back (an empty file per sha): the state file's `bad` list is in the
+# service user's directory, and a logger it controls could write a security fix's sha there to veto it.
+ROLLED_BACK_DIR = ".rolled-back"
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE, EXIT_UPDATED, EXIT_CONFIG = 0, 1, 2, 10, 78
 
@@ -329,10 +331,9 @@ def _apply_fetched(layout: Layout, git: Git, state_dir: Path, update: UpdateConf
     if new == old:
         log.info("up to date at %s", short_sha(old))
         return None
-    bad = load_state(state_dir)["bad"] if state_dir.is_dir() else {}
-    if new in bad:
-        log.warning("%s %s is %s, which was rolled back on %s: not applying it again (push a fix)",
-                    redact(remote), update.branch, short_sha(new), bad[new].get("at", "an earlier start"))
+    if _rolled_back(layout, state_dir, new):
+        log.warning("%s %s is %s, which was rolled back: not applying it again (push a fix)",
+                    redact(remote), update.branch, short_sha(new))
         return None
     if not git.has_commit(old):
         # A repo.git made after the install may lack the installed commit: take it from the checkout.
@@ -577,10 +578,24 @@ def _clean_stop(layout: Layout, state_dir: Path, config_path: Path | None) -> No
             entry["starts"] -= 1
 
 
+def _rolled_back(layout: Layout, state_dir: Path, sha: str) -> bool:
+    """Whether `sha` was rolled back, by root's own record. Its first reading takes over the state file's list
+    once (root wrote it, before this record existed); after that the state file's list is only shown."""
+    marks = layout.root / ROLLED_BACK_DIR
+    if not marks.is_dir():
+        marks.mkdir(mode=0o755)
+        for old in (load_state(state_dir)["bad"] if state_dir.is_dir() else {}):
+            if SHA.match(old):
+                (marks / old).touch()
+    return (marks / sha).is_file()
+
+
 def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int,
               reason: str | None = None) -> bool:
     try:
         with _root_lock(layout, wait_s=5.0):
+            _rolled_back(layout, state_dir, bad)  # the record exists (taken over) before this sha joins it
+            (layout.root / ROLLED_BACK_DIR / bad).touch()
             _swap_link(layout.current, f"releases/{good}")
             # No way back to the bad release: `previous` would point at it.
             with contextlib.suppress(FileNotFoundError):
@@ -607,10 +622,7 @@ def status(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = None)
     """The links, the releases on disk and the state, for humans and scripts."""
     layout = Layout(Path(root))
     state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
-    try:
-        on_disk = sorted(p.name for p in layout.releases.iterdir() if SHA.match(p.name))
-    except OSError:
-        on_disk = []
+    on_disk = sorted(p.name for p in layout.releases.glob("*") if SHA.match(p.name))  # none: no directory
     return {"current": release_sha(layout, layout.current), "previous": release_sha(layout, layout.previous),
             "releases": on_disk, "state": load_state(state_dir), "rollback_notice": rollback_notice(state_dir)}
 
@@ -647,22 +659,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="timeout of each self-test step (default %(default)s s)")
     a.add_argument("--install-timeout", type=float, default=INSTALL_TIMEOUT_S, metavar="S",
                    help="timeout of the venv command (default %(default)s s)")
-    p = sub.add_parser("pre-start", help="count a start; roll back a release that keeps failing (always exits 0)")
-    common(p, argparse.SUPPRESS)
-    q = sub.add_parser("post-stop", help="count a clean stop; roll back a release on probation that exited 78 "
-                                         "(always exits 0)")
-    common(q, argparse.SUPPRESS)
-    m = sub.add_parser("mark-good", help="the current start reached its first stored cycle")
-    common(m, argparse.SUPPRESS)
-    s = sub.add_parser("status", help="releases and state as JSON")
-    common(s, argparse.SUPPRESS)
-    k = sub.add_parser("acknowledge", help="clear the rollback notice")
-    common(k, argparse.SUPPRESS)
+    for name, text in (("pre-start", "count a start; roll back a release that keeps failing (always exits 0)"),
+                       ("post-stop", "count a clean stop; roll back a release on probation that exited 78 (exits 0)"),
+                       ("mark-good", "the current start reached its first stored cycle"),
+                       ("status", "releases and state as JSON"), ("acknowledge", "clear the rollback notice")):
+        common(sub.add_parser(name, help=text), argparse.SUPPRESS)
     return parser
-
-
-def _terminate(signum: int, frame: Any) -> None:
-    raise SystemExit(128 + signum)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -672,14 +674,12 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(args.root) if args.root else DEFAULT_ROOT
     state_dir = Path(args.state_dir) if args.state_dir else default_state_dir()
     config_path = Path(args.config) if args.config else None
-    if args.command == "pre-start":
-        return pre_start(root, state_dir, config_path)
-    if args.command == "post-stop":
-        return post_stop(root, state_dir, config_path)
+    if args.command in ("pre-start", "post-stop"):
+        return (pre_start if args.command == "pre-start" else post_stop)(root, state_dir, config_path)
     if args.command == "apply":
         # systemd stops a run with SIGTERM: unwind, so the half-made release is removed.
         in_main_thread = threading.current_thread() is threading.main_thread()
-        before = signal.signal(signal.SIGTERM, _terminate) if in_main_thread else None
+        before = signal.signal(signal.SIGTERM, lambda signum, _: sys.exit(128 + signum)) if in_main_thread else None
         try:
             return apply(root, state_dir, config_path, gnupghome=args.gnupghome, venv_cmd=args.venv_cmd,
                          restart_cmd=args.restart_cmd, run_as=args.run_as, install_timeout=args.install_timeout,

@@ -544,6 +544,25 @@ def test_the_restart_after_an_update_starts_a_failed_service_too(tmp_path):
         assert calls[2:] == ([f"reset-failed {updater.SERVICE}", f"--no-block start {updater.SERVICE}"]
                              if failed else []), calls
 
+
+def test_the_service_user_cannot_veto_an_update_or_clear_a_rollback_in_its_state_file(site):
+    """The state file is the service user's: a logger it controls could write the next release's sha into its
+    `bad` list (a security fix never applied) or delete a rolled-back one. apply goes by root's own record."""
+    from release import locked_state
+
+    sha2 = site.commit("release 2: crashes at start")
+    assert site.apply() == updater.EXIT_UPDATED
+    for _ in range(4):  # three failed starts, then the rollback
+        site.pre_start()
+    assert site.current == site.sha1 and (site.root / updater.ROLLED_BACK_DIR / sha2).is_file()
+    with locked_state(site.state) as state:  # the logger wipes the rollback from its own file
+        state["bad"].clear()
+    assert site.apply() == updater.EXIT_OK and site.current == site.sha1  # still never applied again
+    sha3 = site.commit("release 3: the security fix")
+    with locked_state(site.state) as state:  # ... and vetoes the fix
+        state["bad"][sha3] = {"at": "2026-11-27T00:00:00", "reason": "planted", "rolled_back_to": site.sha1}
+    assert site.apply() == updater.EXIT_UPDATED and site.current == sha3
+
 def test_mark_good_resets_the_counter(site):
     sha2 = site.commit("release 2")
     assert site.apply() == updater.EXIT_UPDATED
