@@ -151,7 +151,8 @@ def default_driver_factory(bus, address: int):
 class _Sensor:
     """One channel's driver, the raw registers of the current window and their sums."""
 
-    def __init__(self, channel: ChannelConfig, setup: ChannelSetup, energy: EnergyCounter, samples: int) -> None:
+    def __init__(self, channel: ChannelConfig, setup: ChannelSetup, energy: EnergyCounter, samples: int,
+                 energy_digits: int) -> None:
         self.channel = channel
         self.setup = setup
         self.energy = energy
@@ -163,7 +164,7 @@ class _Sensor:
         self.lost: list[int] = []  # offsets in `raw` of this window's samples whose transaction failed
         self.address = channel.address
         self.shunt_full_scale = setup.shunt_full_scale
-        self.energy_digits = 6  # decimals of the published energy counters: read_data sets them (energy_digits)
+        self.energy_digits = energy_digits  # decimals of the published energy counters (energy_digits())
         self.reset_sums()
 
     def reset_sums(self) -> None:
@@ -216,11 +217,9 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         energy = energy or {}
         self._sensors = [
             _Sensor(c, ChannelSetup.for_channel(c, sampling.adc_samples), EnergyCounter(*energy.get(c.name, (0.0, 0.0))),
-                    sampling.samples)
+                    sampling.samples, energy_digits(c, sampling.interval_s * energy_time_scale))
             for c in channels
         ]
-        for sensor in self._sensors:
-            sensor.energy_digits = energy_digits(sensor.channel, sampling.interval_s * energy_time_scale)
 
     @property
     def energy(self) -> dict[str, tuple[float, float]]:
@@ -245,11 +244,13 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         configured = False
         for sensor in self._sensors:
             sensor.reset_sums()
+        timeouts = 0  # sensors whose transaction timed out slowly this cycle
         for sensor in self._sensors:
             # Two sensors whose transactions time out: the bus is stuck (SDA held low); the others are not
             # tried this cycle (each try would cost a Pi about a second).
-            if sum(s.timed_out for s in self._sensors) < _TIMEOUTS_STUCK:
+            if timeouts < _TIMEOUTS_STUCK:
                 configured |= self._prepare(sensor)
+                timeouts += sensor.timed_out
         start_wall_ms = self._wall_ms()
         start_s = self._clock()
         # A chip set up just now has a result only after its first conversion: no sample before then.
@@ -260,7 +261,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             start_wall_ms -= round((start_s - window_start_s) * 1000)
             start_s = window_start_s
         n = self.sampling.samples
-        stuck = sum(s.timed_out for s in self._sensors) >= _TIMEOUTS_STUCK
+        stuck = timeouts >= _TIMEOUTS_STUCK
         live = []
         for sensor in self._sensors:
             if sensor.driver is not None and (stuck or sensor.timed_out):  # not tried again this cycle
@@ -291,14 +292,15 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             while not bus.try_lock():
                 sleep(0)
             try:
-                sample_pass(bus.writeto_then_readfrom, live, _SAMPLE.size * k,
-                            _TIMEOUTS_STUCK - sum(s.timed_out for s in self._sensors), clock, max(now_s, target_s))
+                timed_out = sample_pass(bus.writeto_then_readfrom, live, _SAMPLE.size * k,
+                                        _TIMEOUTS_STUCK - timeouts, clock, max(now_s, target_s))
             finally:
                 bus.unlock()
-            if any(sensor.timed_out for sensor in live):
+            if timed_out:
                 # A sensor that timed out is not tried again this cycle (the others keep their samples);
                 # a second one: the bus is stuck, nothing more is tried.
-                stuck = sum(s.timed_out for s in self._sensors) >= _TIMEOUTS_STUCK
+                timeouts += timed_out
+                stuck = timeouts >= _TIMEOUTS_STUCK
                 for sensor in live:
                     if stuck or sensor.timed_out:
                         sensor.lost.extend(range(_SAMPLE.size * (k + 1), _SAMPLE.size * n, _SAMPLE.size))
@@ -385,12 +387,14 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
 
     @staticmethod
     def _sample_pass(transfer: Callable, live: Sequence[_Sensor], at: int, timeouts_left: int,
-                     clock: Callable[[], float], began_s: float) -> None:
+                     clock: Callable[[], float], began_s: float) -> int:
         """One sample of every channel in `live`: bus and shunt registers into raw[at:at + 4], straight from
         the bus (`transfer`: its writeto_then_readfrom, held by the caller). Runs right after each wake-up:
         only the transactions; the registers are checked and summed after the window (_tally). After
         `timeouts_left` sensors timed out slowly (the adapter's timeout, about 1 s on a Pi, since `began_s`
-        or the last failure: `clock` is read only on a failure) the bus is stuck: the rest is not tried."""
+        or the last failure: `clock` is read only on a failure) the bus is stuck: the rest is not tried.
+        Returns how many sensors timed out slowly in this pass."""
+        timed_out = 0
         for i, sensor in enumerate(live):
             try:
                 # Bus register first: its CNVR bit says a conversion has finished since the last
@@ -404,12 +408,13 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 failed_s = clock()
                 sensor.timed_out = exc.errno == errno.ETIMEDOUT and failed_s - began_s > _SLOW_TIMEOUT_S
                 began_s = failed_s
-                timeouts_left -= sensor.timed_out
-                if timeouts_left <= 0:
+                timed_out += sensor.timed_out
+                if timed_out >= timeouts_left:
                     for rest in live[i + 1:]:
                         rest.lost.append(at)
                         rest.last_error = rest.last_error or _STUCK_ERROR
-                    return
+                    break
+        return timed_out
 
     @staticmethod
     def _tally(sensor: _Sensor, n: int) -> None:
@@ -466,7 +471,6 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         # information and cost bytes on every line sent over a SIM data plan.
         current_step_ma = _SHUNT_LSB_MV / channel.shunt_ohms  # current comes from the shunt register
         power_step_w = (abs(bus_v) * current_step_ma + abs(current_ma) * _BUS_LSB_V) / 1000
-        energy_digits = sensor.energy_digits
         return ChannelReading(
             channel.name,
             channel.address,
@@ -476,8 +480,8 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
             power_w=round(power_w, resolved_digits(power_step_w, n)),
             samples=n,
             failed_samples=sensor.failed,
-            energy_in_wh=round(sensor.energy.in_wh, energy_digits),
-            energy_out_wh=round(sensor.energy.out_wh, energy_digits),
+            energy_in_wh=round(sensor.energy.in_wh, sensor.energy_digits),
+            energy_out_wh=round(sensor.energy.out_wh, sensor.energy_digits),
         )
 
 
