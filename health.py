@@ -50,9 +50,12 @@ class PowerFlagReader:
     def read(self) -> PowerFlags:
         """The flags now; a source that cannot be read gives PowerFlags() (all None)."""
         if self._throttled_path:
+            text = _read_small(self._throttled_path)
             try:
-                word = int(_read_small(self._throttled_path).strip(), 16)
-            except (AttributeError, ValueError):  # unreadable (None), or not a hex word
+                word = int(text.strip(), 16) if text is not None else None
+            except ValueError:  # not a hex word
+                word = None
+            if word is None:
                 return PowerFlags()
             return PowerFlags(bool(word & _UNDERVOLTAGE_NOW), bool(word & _THROTTLED_NOW),
                               bool(word & _UNDERVOLTAGE_SINCE_BOOT), bool(word & _THROTTLED_SINCE_BOOT))
@@ -71,18 +74,24 @@ def _read_small(path: str) -> str | None:
         return None
 
 
-def _rpi_volt_alarm(hwmon_dir: str) -> str | None:
+def _hwmon_file(hwmon_dir: str, names: tuple[str, ...], file: str) -> str | None:
+    """`file` of the first hwmon device (in `names`' order of preference) whose `name` is one of `names`, or
+    None. Looked up once: the devices are listed and their names read."""
     try:
         entries = sorted(os.listdir(hwmon_dir))
     except OSError:
         return None
-    for entry in entries:
-        base = os.path.join(hwmon_dir, entry)
-        if (_read_small(os.path.join(base, "name")) or "").strip() == "rpi_volt":
-            alarm = os.path.join(base, "in0_lcrit_alarm")
-            if os.path.isfile(alarm):
-                return alarm
+    found = {entry: (_read_small(os.path.join(hwmon_dir, entry, "name")) or "").strip() for entry in entries}
+    for wanted in names:
+        for entry, name in found.items():
+            path = os.path.join(hwmon_dir, entry, file)
+            if name == wanted and os.path.isfile(path):
+                return path
     return None
+
+
+def _rpi_volt_alarm(hwmon_dir: str) -> str | None:
+    return _hwmon_file(hwmon_dir, ("rpi_volt",), "in0_lcrit_alarm")
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,9 @@ class SystemMonitor:
         return (counters.bytes_sent, counters.bytes_recv) if counters else (0, 0)
 
     def read(self) -> SystemReading:
+        # First, before any counter moves on: a store directory that cannot be read (OSError) loses no
+        # network bytes or CPU ticks, the next good reading carries them.
+        disk_free_mb = free_bytes(self._disk_path) / 1_048_576
         sent, recv = self._net_counters()
         # Counters can wrap or reset (interface down/up): never report a negative delta.
         delta = (max(sent - self._net[0], 0), max(recv - self._net[1], 0))
@@ -173,7 +185,7 @@ class SystemMonitor:
             cpu_percent=self._cpu_percent(),
             cpu_temp_c=self._cpu_temp(),
             memory_used_mb=self._memory_used_bytes() / 1_048_576,
-            disk_free_mb=free_bytes(self._disk_path) / 1_048_576,
+            disk_free_mb=disk_free_mb,
             net_sent_bytes=delta[0],
             net_recv_bytes=delta[1],
             uptime_s=_uptime_s(self._psutil),
@@ -196,17 +208,7 @@ class SystemMonitor:
 
 def _cpu_hwmon_temp(hwmon_dir: str) -> str | None:
     """The temp1_input of the first hwmon device named like a CPU sensor, or None."""
-    try:
-        entries = sorted(os.listdir(hwmon_dir))
-    except OSError:
-        return None
-    names = {entry: (_read_small(os.path.join(hwmon_dir, entry, "name")) or "").strip() for entry in entries}
-    for wanted in _CPU_HWMON_NAMES:
-        for entry, name in names.items():
-            path = os.path.join(hwmon_dir, entry, "temp1_input")
-            if name == wanted and os.path.isfile(path):
-                return path
-    return None
+    return _hwmon_file(hwmon_dir, _CPU_HWMON_NAMES, "temp1_input")
 
 
 def _uptime_s(ps) -> float:
