@@ -383,9 +383,10 @@ class Sender:
             _idle(helper)
             rows = self.outbox.rows(batch)
             if len(rows) == len(batch):
-                self._refused(exc, rows, result, deadline)
-            elif rows:  # the size cap dropped part of the batch meanwhile: the refusal may have been theirs
-                self._account(exc.bytes_sent, result)
+                self._refused(exc, rows, result, deadline)  # counts the refused upload itself
+                return False
+            self._account(exc.bytes_sent, result)  # an upload paid for, whatever is left of the batch
+            if rows:  # the size cap dropped part of the batch meanwhile: the refusal may have been theirs
                 self._send(rows, result, deadline)
             return False
         self._account(sent, result)
