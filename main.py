@@ -603,7 +603,8 @@ def cmd_report(args, config: Config) -> int:
                 for reading in ledger.readings_from_store(outbox.timed_points(lo_ms - layout.max_gap_ms,
                                                                               hi_ms + layout.max_gap_ms), args.site):
                     acc.add(reading)
-                    if after is not None:
+                    # Readings before the mark (but the one a gap from it bridges) are the totals' already.
+                    if after is not None and reading.time_ms >= after.lo_ms - layout.max_gap_ms - 1:
                         after.add(reading)
             finally:
                 outbox.close()
