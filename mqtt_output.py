@@ -39,7 +39,6 @@ CONNECT_TIMEOUT_S = 5.0
 LOGIN_TIMEOUT_S = 10.0  # from the TCP (and TLS) connection to the broker's answer to the login (CONNACK)
 RECONNECT_MIN_S, RECONNECT_MAX_S = 1, 60
 MAX_QUEUED_MESSAGES = 1000  # paho's own queue while a publish waits for the broker (bounded)
-_MQTT_ERR_SUCCESS = 0  # paho.mqtt.client.MQTT_ERR_SUCCESS (paho is imported only when a client is made)
 IDLE_WAKE_S = 15.0  # the MQTT thread's longest sleep while listening: keepalive (60 s) checks in time
 READ_CHUNK = 4096  # bytes read from the broker at once
 # The largest packet taken from the broker: ours are acknowledgements and Home Assistant's few-byte status.
@@ -220,7 +219,6 @@ class MqttOutput:
         self._connected_at = 0.0  # monotonic time of the last accepted login
         self._login_by = 0.0  # while not logged in on an open socket: the broker must have answered by then
         self._refusing = False  # paho refused the last cycle's publishes (its queue for the broker is full)
-        self._oversize_delay_s = 0.0  # the backoff after connections closed for an oversized packet
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
 
@@ -504,7 +502,7 @@ class MqttOutput:
             for topic, payload in self.states(report, led).items():
                 # Written at once (this thread runs paho's loop); refused when paho's queue of messages
                 # waiting for the broker's acknowledgement is full (MAX_QUEUED_MESSAGES: it acknowledges none).
-                refused += client.publish(topic, payload, qos=qos).rc != _MQTT_ERR_SUCCESS
+                refused += bool(client.publish(topic, payload, qos=qos).rc)  # MQTT_ERR_SUCCESS is 0
         finally:
             _cork(sock, 0)
         if refused:
@@ -523,7 +521,7 @@ class MqttOutput:
 
     def _next_delay(self) -> float:
         self._delay_s = _doubled(self._delay_s)
-        return max(self._delay_s, self._oversize_delay_s)
+        return self._delay_s
 
     def _shutdown(self, client) -> None:
         """`offline` (retained), waited for up to the stop timeout, then DISCONNECT."""
@@ -574,9 +572,8 @@ class MqttOutput:
             self._delay_s = 0.0  # it held: reconnect soon. A login closed at once (another client with our
             # client_id takes the session over, say) keeps doubling the wait, not retrying every second.
         oversize, client.oversize = client.oversize, 0
-        # The broker sends a retained message again at every connection: each one succeeds, yet the same
-        # packet closes it, so such closings back off on their own (doubling to RECONNECT_MAX_S).
-        self._oversize_delay_s = _doubled(self._oversize_delay_s) if oversize else 0.0
+        # The broker sends a retained message again at every connection: each one succeeds, yet the same packet
+        # closes it within seconds, so the backoff above keeps doubling (to RECONNECT_MAX_S) for these too.
         if oversize and not self._stopping:
             self._report(f"MQTT broker {self.where} sent a packet of {oversize} bytes, more than "
                          f"{MAX_PACKET_BYTES // 1024} KB (a retained message on {self.status_topic}?): "
