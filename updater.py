@@ -331,7 +331,7 @@ def _apply_fetched(layout: Layout, git: Git, state_dir: Path, update: UpdateConf
     if new == old:
         log.info("up to date at %s", short_sha(old))
         return None
-    if _rolled_back(layout, state_dir, new):
+    if (_rolled_back_dir(layout, state_dir) / new).is_file():
         log.warning("%s %s is %s, which was rolled back: not applying it again (push a fix)",
                     redact(remote), update.branch, short_sha(new))
         return None
@@ -545,12 +545,13 @@ def post_stop(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = No
     try:
         layout = Layout(Path(root).absolute())
         state_dir = Path(state_dir) if state_dir is not None else default_state_dir()
+        config = Path(config_path) if config_path is not None else find_config()  # as pre-start reads it
         if ended == ("exited", "0"):
-            _clean_stop(layout, state_dir, Path(config_path) if config_path else None)
+            _clean_stop(layout, state_dir, config)
         if ended != ("exited", str(EXIT_CONFIG)):
             return EXIT_OK
         bad, good = release_sha(layout, layout.current), release_sha(layout, layout.previous)
-        if bad is None or good in (None, bad) or _max_failed_starts(Path(config_path) if config_path else None) is None:
+        if bad is None or good in (None, bad) or _max_failed_starts(config) is None:
             return EXIT_OK  # nothing to go back to, or self-update off (a release switched by hand stays)
         with locked_state(state_dir) as state:
             entry = state["releases"].get(bad)
@@ -558,7 +559,7 @@ def post_stop(root: Path | str = DEFAULT_ROOT, state_dir: Path | str | None = No
             if entry is None or entry.get("good") or not _rollback(layout, state_dir, state, bad, good,
                                                                   entry.get("starts", 1), "exit 78 at start"):
                 return EXIT_OK
-        command = os.environ.get(ENV_START_CMD)
+        command = env.get(ENV_START_CMD)
         _restart(shlex.split(command) if command is not None else
                  ([shutil.which("systemctl") or "systemctl", "--no-block", "start", SERVICE]))
     except Exception:
@@ -578,24 +579,23 @@ def _clean_stop(layout: Layout, state_dir: Path, config_path: Path | None) -> No
             entry["starts"] -= 1
 
 
-def _rolled_back(layout: Layout, state_dir: Path, sha: str) -> bool:
-    """Whether `sha` was rolled back, by root's own record. Its first reading takes over the state file's list
-    once (root wrote it, before this record existed); after that the state file's list is only shown."""
+def _rolled_back_dir(layout: Layout, state_dir: Path) -> Path:
+    """Root's own record of the releases rolled back (a file per sha). Made at first use, taking over the state
+    file's list once (root wrote it, before this record existed); after that the state file's list is only shown."""
     marks = layout.root / ROLLED_BACK_DIR
     if not marks.is_dir():
-        marks.mkdir(mode=0o755)
+        marks.mkdir(mode=0o755, exist_ok=True)
         for old in (load_state(state_dir)["bad"] if state_dir.is_dir() else {}):
             if SHA.match(old):
                 (marks / old).touch()
-    return (marks / sha).is_file()
+    return marks
 
 
 def _rollback(layout: Layout, state_dir: Path, state: dict[str, Any], bad: str, good: str, failed: int,
               reason: str | None = None) -> bool:
     try:
         with _root_lock(layout, wait_s=5.0):
-            _rolled_back(layout, state_dir, bad)  # the record exists (taken over) before this sha joins it
-            (layout.root / ROLLED_BACK_DIR / bad).touch()
+            (_rolled_back_dir(layout, state_dir) / bad).touch()
             _swap_link(layout.current, f"releases/{good}")
             # No way back to the bad release: `previous` would point at it.
             with contextlib.suppress(FileNotFoundError):
