@@ -197,7 +197,7 @@ def battery_voltage_v(soc: float, current_a: float, capacity_ah: float) -> float
     """
     volts = _ocv_v(soc) + current_a * INTERNAL_OHM_AH / capacity_ah
     if current_a > 0:
-        volts += (0.3 + 0.35 * soc**6) * math.log1p(current_a / (0.01 * capacity_ah))
+        volts += (0.25 + 0.3 * soc**6) * math.log1p(current_a / (0.003 * capacity_ah))
     return volts
 
 

@@ -213,6 +213,7 @@ def run_day(start: dt.datetime, hours: float = 24, step_s: float = 60.0, seed: i
 
 def test_panel_reads_charging_voltage_while_charging_and_open_circuit_when_full():
     charging_seen = open_seen = 0
+    real_charge_units = set()
     for when, irradiance, states in run_day(dt.datetime(2025, 6, 21, 6, 0)):
         for unit, s in states.items():
             assert s.solar_a >= 0
@@ -221,6 +222,11 @@ def test_panel_reads_charging_voltage_while_charging_and_open_circuit_when_full(
                 assert 12.8 <= s.panel_v <= 14.6, (when, unit, s)
                 assert s.panel_v == pytest.approx(s.battery_v + simulator.CONTROLLER_DROP_V)
                 charging_seen += 1
+            capacity_ah = (simulator.PLANT if unit == "power_plant" else simulator.HOUSE).capacity_ah
+            if s.charging and s.battery_a >= capacity_ah / 50:
+                # a real charge (C/50 or more), the plant's big battery too: 13-14.5 V as on the model
+                assert 13.0 <= s.panel_v <= 14.6, (when, unit, s)
+                real_charge_units.add(unit)
             if not s.charging:
                 assert s.solar_a == 0
                 if irradiance > 200:
@@ -229,6 +235,7 @@ def test_panel_reads_charging_voltage_while_charging_and_open_circuit_when_full(
             if irradiance == 0:
                 assert s.solar_a == 0 and s.panel_v == 0
     assert charging_seen > 100 and open_seen > 10
+    assert "power_plant" in real_charge_units and len(real_charge_units) > 1
 
 
 def test_battery_voltage_follows_charge_and_current():
