@@ -242,7 +242,7 @@ def process_cpu(vm_url: str, proxies, cycles: int, tmp: Path) -> dict:
 
 def start_floor(cycles: int, warmup: int) -> dict[str, subprocess.Popen]:
     """Start the floors (bench_proc.py floor: the least a cycle can cost on this machine: the ten spread
-    wake-ups with their register reads, the stoppable wait and one durable commit, and nothing else) at
+    wake-ups with their register reads, the first one the cycle's stoppable wait, and one durable commit) at
     the cadence of process_cpu, to run beside its daemons over the same span (`warmup` cycles first): on
     the replay bus (compare with the daemon), on the emulated chip (compare with the whole process) and on
     the replay bus without the commit (the sampling alone). Collect with floor_figures()."""
@@ -671,12 +671,12 @@ _AS_THE_PI = [
     ("the emulated chip's own cost per cycle (the difference; a Pi does not pay it)",
      [("simulator_cpu_ms_per_cycle", "ms")]),
     ("the floor: the least a cycle can cost here (`bench_proc.py floor`: 10 spread wake-ups with their 8 "
-     "register reads, the cycle's wait, one durable commit; nothing else) on the replay bus / on the emulated "
+     "register reads, the first the cycle's wait, one durable commit; nothing else) on the replay bus / on the emulated "
      "chip / the sampling alone (no commit); beside the two daemons, over the same span", [("floor_cpu_ms_per_cycle", "ms"), ("floor_process_cpu_ms_per_cycle", "ms"),
                                                 ("floor_sampling_cpu_ms_per_cycle", "ms")]),
     ("one timed wake-up's CPU on this machine (the sampling floor's sleeps and waits, from the thread's CPU "
-     "clock around each) / that floor's wake-ups per cycle (10 samples and the slot's wait; the daemon's wait "
-     "ends at its first sample: 10)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
+     "clock around each) / that floor's wake-ups per cycle (10 samples, the first one "
+     "the slot's wait, as the daemon's)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
     ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
      [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
     ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",

@@ -450,21 +450,22 @@ def _serve_proxies() -> None:
 def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, commit: bool = True,
            warmup: int = 10) -> None:
     """The least CPU a cycle can cost on this machine, whatever the code: only the work no daemon doing the
-    job can skip, at the daemon's cadence. Per cycle: one stoppable wait for the slot (threading.Event, as
-    the daemon's, so a stop is seen at once), ten samples spread over the window, each a wake-up and the
-    four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's, or
-    the emulated chip with `emulated`), and one durable commit (SQLite WAL, synchronous=FULL) of five lines
-    into a table with no index (none without `commit`). Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
+    job can skip, at the daemon's cadence. Per cycle: ten samples spread over the window, each a wake-up and
+    the four channels' bus and shunt registers (8 transactions, through the same replay bus as the daemon's,
+    or the emulated chip with `emulated`); the first sample's wake-up is the stoppable wait for the slot
+    (daemon.StopFlag, the daemon's own, so a stop is seen at once), as the daemon wakes; and one durable
+    commit (SQLite WAL, synchronous=FULL) of five lines into a table with no index (none without `commit`).
+    Nothing is averaged, formatted or checked. Prints {"cpu_ms_per_cycle": ..}
     (this process's CPU, one thread, over `cycles` cycles after `warmup` cycles); without `commit` also
     "wakeup_cpu_us" and "wakeups_per_cycle": the CPU this machine charges for one timed wake-up (a sample's
     sleep or the slot's wait, read from the thread's CPU clock around each: a hypervisor's timer and idle
     exits land here), the part of the floor no code can shed."""
     import tempfile
-    import threading
 
     sys.path.insert(0, str(ROOT))
     import config as config_mod
     import simulator
+    from daemon import StopFlag
     from tools import read_data
 
     config = config_mod.parse_config({"simulation": {"enabled": True, "scenario": "constant"},
@@ -484,7 +485,7 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")
         db.execute("CREATE TABLE points (id INTEGER PRIMARY KEY, time_ms INTEGER NOT NULL, line TEXT NOT NULL)")
-        stop = threading.Event()
+        stop = StopFlag()
         step_s = window_s / samples
         wakeups = [0, 0]  # timed waits, their CPU (ns): counted only without the commit (`commit` False)
 
@@ -501,7 +502,7 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
             for k in range(samples):
                 delay = slot_s + (k + 0.5) * step_s - time.monotonic()
                 if delay > 0:
-                    wait(time.sleep, delay)
+                    wait(stop.wait if k == 0 else time.sleep, delay)
                 bus.try_lock()
                 transfer = bus.writeto_then_readfrom
                 for address in addresses:
@@ -519,9 +520,6 @@ def _floor(cycles: int, interval_s: float, window_s: float, emulated: bool, comm
             if n == warmup:
                 cpu0 = time.process_time()
                 wakeups[:] = [0, 0]
-            delay = start + n * interval_s - time.monotonic()
-            if delay > 0:
-                wait(stop.wait, delay)
             cycle(start + n * interval_s)
         cpu_ms = (time.process_time() - cpu0) * 1000
         db.close()

@@ -105,12 +105,40 @@ def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:
 
 
 # -- the daemon ---------------------------------------------------------------
+class StopFlag:
+    """A stop request the measuring loop waits on: set() from any thread ends a wait at once, and every wait
+    after it. Its wait is one timed lock acquire: threading.Event.wait goes through a Condition (a new lock
+    and three more lock operations a call), which costs a wake-up about 40 us more CPU on the benchmark's
+    machine, once every cycle. Thread-safe."""
+
+    def __init__(self) -> None:
+        self._closed = threading.Lock()
+        self._closed.acquire()  # held until set(): a wait on it times out
+        self._guard = threading.Lock()
+        self._set = False
+
+    def set(self) -> None:
+        with self._guard:
+            if not self._set:
+                self._set = True
+                self._closed.release()
+
+    def is_set(self) -> bool:
+        return self._set
+
+    def wait(self, timeout_s: float) -> bool:
+        """Wait up to `timeout_s` seconds (0 or less: not at all); True once set() was called."""
+        if timeout_s > 0 and self._closed.acquire(True, min(timeout_s, threading.TIMEOUT_MAX)):
+            self._closed.release()  # left open: every later wait returns at once
+        return self._set
+
+
 class Daemon:
     """The measuring loop: cycles on a fixed grid of the monotonic clock.
 
     After each cycle every listener gets its CycleReport (in the measuring thread: keep it cheap).
     `wait(s)` sleeps up to s seconds and returns True when asked to stop
-    (threading.Event.wait in production, a fake in tests). A reader with a `lead_s` (read_data) is woken
+    (StopFlag.wait in production, a fake in tests). A reader with a `lead_s` (read_data) is woken
     at its first sample, `lead_s` into the slot, and told the slot's start (`measure(window_start_s)`):
     one wake-up a cycle fewer. `stored_state()` (optional) gives more state values to commit with every
     cycle, in its transaction (an output's status for `main.py status`). Runs in one thread.
@@ -126,7 +154,7 @@ class Daemon:
         self.handler = handler
         self.monitor = monitor
         self.clock = clock
-        self.stop_event = threading.Event()
+        self.stop_event = StopFlag()
         self.wait = wait or self.stop_event.wait
         self.listeners: list[Listener] = list(listeners)  # each gets every cycle's CycleReport, in order
         self.sender = sender

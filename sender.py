@@ -269,7 +269,9 @@ class Sender:
         # connection during a drain; this thread touches the store only after waiting for it (`_idle`).
         # A mark that fails stops the drain after at most one more request; what was acknowledged but not
         # marked goes again (InfluxDB overwrites a point with the same series and time).
-        helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
+        # Until a batch comes out full (a backlog), the helper's work runs here, in order: a flush of one
+        # batch (every flush but a drain's) has nothing to overlap, and a thread started for it costs more.
+        helper: ThreadPoolExecutor | _Inline = _Inline()
         self._mark_failed = None
         marks: list[Future] = []
         failed: Exception | None = None
@@ -278,6 +280,8 @@ class Sender:
                 batch, request = helper.submit(self._read, 0).result()
                 while batch is not None and not self._past(deadline):
                     full = self.policy.full(len(batch), len(batch.text), self._batch_bytes())
+                    if full and isinstance(helper, _Inline):
+                        helper = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sender-prefetch")
                     # Ids only grow, so the batch after this one's last id is the next oldest. (Readings
                     # released by a clock sync meanwhile have older ids: the next flush takes them first.)
                     ahead = helper.submit(self._read, batch.last_id) if full else None
@@ -502,7 +506,25 @@ def _text_bytes(rows: Sequence[Pending]) -> int:
     return sum(len(p.line.encode("utf-8")) + 1 for p in rows)
 
 
-def _idle(helper: ThreadPoolExecutor) -> None:
+class _Inline:
+    """A flush's helper before it needs a thread: each task runs at once in the calling thread, its outcome
+    in a done Future, as ThreadPoolExecutor would give it. Not thread-safe (the sender thread's own)."""
+
+    @staticmethod
+    def submit(fn: Callable, *args: object) -> Future:
+        future: Future = Future()
+        try:
+            future.set_result(fn(*args))
+        except BaseException as exc:  # noqa: BLE001 - handed over in the Future, as the pool's worker does
+            future.set_exception(exc)
+        return future
+
+    @staticmethod
+    def shutdown(wait: bool = True) -> None:  # noqa: ARG004 - ThreadPoolExecutor's signature
+        """Nothing runs in the background."""
+
+
+def _idle(helper: ThreadPoolExecutor | _Inline) -> None:
     """Wait until the helper thread has done everything submitted so far (it runs one task at a time, in
     order): the store's connection is then free for this thread."""
     helper.submit(lambda: None).result()

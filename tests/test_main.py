@@ -278,6 +278,30 @@ def test_sigterm_finishes_the_cycle_and_exits_0(tmp_path):
     assert total >= 10 and total % 5 == 0  # only whole cycles
 
 
+def test_the_loops_stop_flag_ends_a_wait_from_another_thread_and_every_wait_after():
+    import threading
+
+    from daemon import StopFlag
+
+    flag = StopFlag()
+    assert flag.wait(0.01) is False and flag.wait(0) is False and flag.wait(-1) is False and not flag.is_set()
+    asked = threading.Event()
+
+    def stop_when_asked():
+        asked.wait(30)
+        flag.set()
+        flag.set()  # twice, as two signals would: harmless
+
+    thread = threading.Thread(target=stop_when_asked)
+    thread.start()
+    began = time.monotonic()
+    asked.set()
+    assert flag.wait(120) is True
+    assert time.monotonic() - began < 60  # ended by set(), not by its timeout
+    thread.join(30)
+    assert flag.is_set() and flag.wait(120) is True and flag.wait(0) is True  # at once from now on
+
+
 def test_check_passes_on_the_simulator_and_fails_on_an_unwritable_store(tmp_path):
     cfg = write_config(tmp_path)
     ok = run_cli("check", "--config", str(cfg), cwd=tmp_path)

@@ -278,6 +278,17 @@ def test_sigterm_ends_the_daemon_within_10_s_while_the_server_stalls(influxdb1, 
 
 
 
+def _syn_sent_to(port: int) -> bool:
+    """A TCP connection to 127.0.0.1:`port` is waiting for its SYN to be answered (/proc/net/tcp: SYN_SENT)."""
+    with open("/proc/net/tcp") as table:
+        next(table)
+        for row in table:
+            remote, state = row.split()[2:4]
+            if remote == f"0100007F:{port:04X}" and state == "02":
+                return True
+    return False
+
+
 def test_sigterm_ends_the_daemon_within_10_s_while_the_server_and_the_mqtt_broker_hang(victoria, make_proxy,
                                                                                        tmp_path):
     """A dead SIM link: the database takes the request and never answers, and the broker's connection attempt
@@ -302,9 +313,12 @@ def test_sigterm_ends_the_daemon_within_10_s_while_the_server_and_the_mqtt_broke
                 while "no answer within 5 s" not in (tmp_path / "daemon.log").read_text():  # the first attempt
                     assert time.monotonic() < deadline, (tmp_path / "daemon.log").read_text()
                     time.sleep(0.05)
-                # The next attempt begins after the 1 s backoff: stopped early in it, the MQTT thread has most
-                # of its 5 s still to wait, the sender its final flush (one after the other: over 10 s).
-                time.sleep(1.3)
+                # The next attempt begins after the 1 s backoff: stopped as it begins, the MQTT thread has its
+                # 5 s still to wait, the sender its final flush (one after the other: over 10 s).
+                port = listener.getsockname()[1]
+                while not _syn_sent_to(port):  # the kernel's own view: a connection to the broker being tried
+                    assert time.monotonic() < deadline, "no second attempt to reach the broker"
+                    time.sleep(0.02)
                 took = stop_daemon(proc)
             finally:
                 if proc.poll() is None:

@@ -201,6 +201,26 @@ def test_the_next_batch_is_read_while_a_request_is_in_flight_oldest_first_each_l
     assert [len(b) for b in writer.batches] == [5, 5, 5, 5, 5, 3]  # the failed one again, then the rest
 
 
+def test_a_flush_of_one_batch_reads_sends_and_marks_in_its_own_thread(tmp_path, clock):
+    import threading
+
+    outbox = filled(tmp_path, clock, 3)  # fewer lines than a batch: every flush but a drain's
+    threads = []
+    for name in ("pending_batch", "mark_sent"):
+        def traced(*args, _original=getattr(outbox, name), **kwargs):
+            threads.append(threading.current_thread().name)
+            return _original(*args, **kwargs)
+        setattr(outbox, name, traced)
+    writer = FakeWriter()
+    sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
+                    sleep=clock.sleep)
+    before = threading.active_count()
+    assert sender.flush().delivered == 3
+    # No helper thread for a single batch (starting one costs more than the request it would overlap).
+    assert threads == [threading.current_thread().name] * 2 and threading.active_count() == before
+    assert outbox.queue_stats().queue_depth == 0 and len(writer.batches) == 1
+
+
 def test_a_mark_that_fails_stops_the_drain_and_the_unmarked_lines_go_again_oldest_first(tmp_path, clock):
     from outbox import StoreError
 
