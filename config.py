@@ -361,13 +361,12 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         )
     if sampling.adc_samples not in ADC_SAMPLES:
         v.problem("sampling.adc_samples", f"{sampling.adc_samples} is not one of {', '.join(map(str, ADC_SAMPLES))}")
-    elif sampling.window_s / sampling.samples < 2 * ADC_TIME_S[sampling.adc_samples]:
+    elif (apart_s := sampling.window_s / sampling.samples) < (result_s := 2 * ADC_TIME_S[sampling.adc_samples]):
         # CNVR stays set (nothing reads the power register), so a repeated result could not be told apart.
         v.problem("sampling.samples", f"{sampling.samples} samples over {sampling.window_s} s are "
-                  f"{sampling.window_s / sampling.samples * 1000:.3g} ms apart, less than the "
-                  f"{2 * ADC_TIME_S[sampling.adc_samples] * 1000:.3g} ms one result of both ADCs takes at "
-                  f"adc_samples = {sampling.adc_samples}: samples would repeat a conversion (take fewer samples, "
-                  "a longer window_s or a lower adc_samples)")
+                  f"{apart_s * 1000:.3g} ms apart, less than the {result_s * 1000:.3g} ms one result of both ADCs "
+                  f"takes at adc_samples = {sampling.adc_samples}: samples would repeat a conversion (take fewer "
+                  "samples, a longer window_s or a lower adc_samples)")
     if influx.kind == "cloud":
         if influx.url and cloud_url_problem(influx.url):
             v.problem("influx.url", cloud_url_problem(influx.url))

@@ -475,7 +475,9 @@ def cmd_status(args, config: Config) -> int:
             print(f"no readings stored yet in {config.store.dir} (writer: {writer_label(config)})")
             return EXIT_OK
         # --json always prints the one object (a script must not meet a sentence on a fresh install).
-        stats, state = OutboxStats(0, None, None, 0, 0, 0, 0, 0), {}
+        stats = OutboxStats(queue_depth=0, oldest_unsent_ms=None, newest_ms=None, stored_total=0, quarantined=0,
+                            dropped=0, size_bytes=0)
+        state = {}
     else:
         if (outbox := _open_readonly(config)) is None:
             return EXIT_FAILURE

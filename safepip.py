@@ -33,7 +33,7 @@ import subprocess
 import sys
 import tempfile
 import zipfile
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 BUILD_USER = "spb-build"  # source builds only: a system user (install.sh) with no home, no shell, no other process
@@ -73,19 +73,25 @@ def _logical_lines(path: Path) -> list[tuple[int, str]]:
     return out
 
 
-def allowed_hashes(path: Path, _seen: frozenset[Path] = frozenset()) -> set[str]:
-    """Every sha256 in `path` (and the files it includes with -r). Raises HashError if any
-    requirement has none, or if an option could fetch unpinned code (-e, URLs, --index-url)."""
+def _requirement_lines(path: Path, _seen: frozenset[Path] = frozenset()) -> Iterator[tuple[str, str]]:
+    """(where: "file:line", logical line) of every line of `path` and of the files it includes with -r, in
+    order; each file once (an include cycle ends there)."""
     path = Path(path)
     if path.resolve() in _seen:
-        return set()
-    hashes: set[str] = set()
+        return
     for number, line in _logical_lines(path):
-        where = f"{path}:{number}"
         if line.startswith(("-r ", "--requirement ", "-r")) and not line.startswith("--require"):
             name = line.split(None, 1)[1] if " " in line else line[2:]
-            hashes |= allowed_hashes(path.parent / name.strip(), _seen | {path.resolve()})
-            continue
+            yield from _requirement_lines(path.parent / name.strip(), _seen | {path.resolve()})
+        else:
+            yield f"{path}:{number}", line
+
+
+def allowed_hashes(path: Path) -> set[str]:
+    """Every sha256 in `path` (and the files it includes with -r). Raises HashError if any
+    requirement has none, or if an option could fetch unpinned code (-e, URLs, --index-url)."""
+    hashes: set[str] = set()
+    for where, line in _requirement_lines(path):
         if line.startswith("-"):
             # -e/--editable, --index-url, --extra-index-url, -f, -c ...: none belongs in a release's file.
             raise HashError(f"{where}: option {line.split()[0]!r} is not allowed in a hashed requirements file")
@@ -99,19 +105,9 @@ def allowed_hashes(path: Path, _seen: frozenset[Path] = frozenset()) -> set[str]
     return hashes
 
 
-def pins(path: Path, _seen: frozenset[Path] = frozenset()) -> dict[str, str]:
+def pins(path: Path) -> dict[str, str]:
     """Normalised name -> version of every `name==version` line of `path` (and its -r files)."""
-    path = Path(path)
-    if path.resolve() in _seen:
-        return {}
-    found: dict[str, str] = {}
-    for _, line in _logical_lines(path):
-        if line.startswith(("-r ", "--requirement ", "-r")) and not line.startswith("--require"):
-            name = line.split(None, 1)[1] if " " in line else line[2:]  # as allowed_hashes reads it
-            found.update(pins(path.parent / name.strip(), _seen | {path.resolve()}))
-        elif match := _PIN.match(line):
-            found[_normalise(match[1])] = match[2]
-    return found
+    return {_normalise(match[1]): match[2] for _, line in _requirement_lines(path) if (match := _PIN.match(line))}
 
 
 def _normalise(name: str) -> str:

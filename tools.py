@@ -167,6 +167,12 @@ class _Sensor:
         self.energy_digits = energy_digits  # decimals of the published energy counters (energy_digits())
         self.reset_sums()
 
+    def lose(self, first: int, end: int, why: str) -> None:
+        """Samples `first` to `end` - 1 of this window are lost (not tried, or the bus gave up); the sensor's
+        first error of the cycle stays its error, else `why` is."""
+        self.lost.extend(range(_SAMPLE.size * first, _SAMPLE.size * end, _SAMPLE.size))
+        self.last_error = self.last_error or why
+
     def reset_sums(self) -> None:
         # Raw register counts, summed as integers (exact); scaled to volts and watts once per cycle.
         self.good = 0
@@ -265,8 +271,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
         live = []
         for sensor in self._sensors:
             if sensor.driver is not None and (stuck or sensor.timed_out):  # not tried again this cycle
-                sensor.lost.extend(range(0, _SAMPLE.size * n, _SAMPLE.size))
-                sensor.last_error = sensor.last_error or _STUCK_ERROR
+                sensor.lose(0, n, _STUCK_ERROR)
             elif sensor.driver is not None:
                 live.append(sensor)
         step_s = self.sampling.window_s / n
@@ -282,8 +287,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 sleep(target_s - now_s)
             elif now_s > give_up_s:
                 for sensor in live:
-                    sensor.lost.extend(range(_SAMPLE.size * k, _SAMPLE.size * n, _SAMPLE.size))
-                    sensor.last_error = sensor.last_error or "the sampling window ran out (transactions timed out)"
+                    sensor.lose(k, n, "the sampling window ran out (transactions timed out)")
                 break
             if not k:
                 give_up_s = max(now_s, target_s) + self.sampling.window_s + step_s
@@ -303,8 +307,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 stuck = timeouts >= _TIMEOUTS_STUCK
                 for sensor in live:
                     if stuck or sensor.timed_out:
-                        sensor.lost.extend(range(_SAMPLE.size * (k + 1), _SAMPLE.size * n, _SAMPLE.size))
-                        sensor.last_error = sensor.last_error or _STUCK_ERROR
+                        sensor.lose(k + 1, n, _STUCK_ERROR)
                 live = [] if stuck else [sensor for sensor in live if not sensor.timed_out]
                 if not live:
                     break
@@ -411,8 +414,7 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 timed_out += sensor.timed_out
                 if timed_out >= timeouts_left:
                     for rest in live[i + 1:]:
-                        rest.lost.append(at)
-                        rest.last_error = rest.last_error or _STUCK_ERROR
+                        rest.lose(at // _SAMPLE.size, at // _SAMPLE.size + 1, _STUCK_ERROR)
                     break
         return timed_out
 
