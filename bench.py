@@ -8,8 +8,8 @@
                                     # (bench_fleet.py; --fleet-scale, --fleet-seconds; a few minutes)
 
 The headline figures are taken as the Pi runs the daemon (bench_proc.py): `main.py run` as its own
-process at real time, CPU from /proc, every helper (counting proxy, busy loop, bare HTTP client,
-servers) in other processes. The simulator's own cost is measured apart by running the same daemon on a
+process at real time, CPU from the kernel's CPU-time clock of that process, every helper (counting proxy,
+busy loop, bare HTTP client, servers) in other processes. The simulator's own cost is measured apart by running the same daemon on a
 register-replay bus; the 2023 baseline is bench_seed2023.py, measured the same way. The older in-process
 figures stay as labelled micro-benchmarks: the pipeline in a tight loop on a fake clock, and the
 40-field naive writer. Real servers: VictoriaMetrics and InfluxDB 1.6.7, started like the tests start

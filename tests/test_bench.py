@@ -162,6 +162,29 @@ def test_proc_readings_of_a_running_process():
     assert bench_proc.proc_write_bytes(pid) >= 0
 
 
+def test_proc_cpu_counts_every_thread_ended_ones_too_and_resolves_less_than_a_tick():
+    import os
+    import subprocess
+    import sys
+
+    burn = ("import sys, threading\nt = threading.Thread(target=lambda: sum(range(4 * 10**6)))\nt.start()\n"
+            "t.join()\nprint('ended', flush=True)\nsys.stdin.read()")
+    child = subprocess.Popen([sys.executable, "-c", burn], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert child.stdout.readline() == "ended\n"  # its busy thread has ended
+        precise, ticks = bench_proc.proc_cpu_ms(child.pid), bench_proc.proc_stat_cpu_ms(child.pid)
+        assert ticks >= 30 and abs(precise - ticks) <= 20, (precise, ticks)  # the ended thread's CPU is in
+    finally:
+        child.kill()
+        child.wait()
+    pid = os.getpid()
+    before = bench_proc.proc_cpu_ms(pid)
+    deadline = time.process_time() + 0.002
+    while time.process_time() < deadline:
+        pass
+    assert 1.5 <= bench_proc.proc_cpu_ms(pid) - before < 10  # 2 ms, where /proc/PID/stat counts in 10 ms ticks
+
+
 @pytest.mark.parametrize("options", [[], ["--emulated"], ["--no-commit"]])
 def test_the_floor_runs_its_cycles_at_real_time_and_reports_its_cpu(options):
     import json
