@@ -676,7 +676,7 @@ _AS_THE_PI = [
                                                 ("floor_sampling_cpu_ms_per_cycle", "ms")]),
     ("one timed wake-up's CPU on this machine (the sampling floor's sleeps and waits, from the thread's CPU "
      "clock around each) / that floor's wake-ups per cycle (10 samples, the first one "
-     "the slot's wait, as the daemon's)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
+     "the slot's wait, as the daemon's; in runs before 2026-11-27 the slot's wait came apart: 11)", [("wakeup_cpu_us", "µs"), ("wakeups_per_cycle", "")]),
     ("the 2023 path, CPU per cycle (bench_seed2023.py, replay bus) / how many times the daemon's",
      [("seed2023_cpu_ms_per_cycle", "ms"), ("seed2023_cpu_ratio", "×")]),
     ("requests per cycle: daemon (flush scaled to the default cycles per request) / 2023 path",

@@ -54,10 +54,11 @@ class Site:
         """The first row of `sql` on the site's store (read-only), each value an int (NULL: 0)."""
         db = sqlite3.connect(f"file:{self.store / 'outbox.db'}?mode=ro", uri=True, timeout=10)
         try:
-            row = db.execute(sql).fetchone()
+            cursor = db.execute(sql)
+            row = cursor.fetchone() or (None,) * len(cursor.description)
         finally:
             db.close()
-        return tuple(int(value or 0) for value in row) if row else (0,)
+        return tuple(int(value or 0) for value in row)
 
     def _db_value(self, sql: str) -> int:
         return self._db_row(sql)[0]

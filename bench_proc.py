@@ -47,7 +47,7 @@ def proc_cpu_ms(pid: int) -> float:
     `--quick` run's 60 cycles is 0.17 ms a cycle of rounding on a figure with a 2.5 ms goal."""
     try:
         return time.clock_gettime_ns(((~pid) << 3) | _CPUCLOCK_SCHED) / 1e6
-    except OSError:  # not Linux's clock ids, or the process is gone
+    except OSError:  # a kernel without these clock ids (a process that is gone fails in /proc too)
         return proc_stat_cpu_ms(pid)
 
 

@@ -108,7 +108,7 @@ def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:
 class StopFlag:
     """A stop request the measuring loop waits on: set() from any thread ends a wait at once, and every wait
     after it. Its wait is one timed lock acquire: threading.Event.wait goes through a Condition (a new lock
-    and three more lock operations a call), which costs a wake-up about 40 us more CPU on the benchmark's
+    and several more lock operations a call), which costs a wake-up about 40 us more CPU on the benchmark's
     machine, once every cycle. Thread-safe."""
 
     def __init__(self) -> None:
@@ -397,5 +397,6 @@ class Daemon:
 
     def stop(self) -> None:
         """Ask the loop to stop after the current cycle. Thread-safe; a signal handler calls it from another
-        thread (Event.set takes a lock the interrupted thread may be holding in Event.wait)."""
+        thread (StopFlag.set takes a lock, which a handler run in the main thread could find held by that
+        thread: a second signal arriving during the first one's set())."""
         self.stop_event.set()

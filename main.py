@@ -350,8 +350,9 @@ def cmd_run(args, config: Config) -> int:
                     clock_guard=guard if stamp is None else None, listeners=listeners,
                     stored_state=mqtt.stored_state if mqtt else None)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        # From a thread: the handler runs in the main thread, which may hold the stop event's lock (inside
-        # Event.wait) at that very moment; setting it there would wait for itself forever.
+        # From a thread: the handler runs in the main thread between any two bytecodes, so a second signal
+        # could arrive while the first one's stop() holds the stop flag's lock; taken there, it would wait
+        # for itself forever.
         signal.signal(signum, lambda *_: threading.Thread(target=daemon.stop, name="stop", daemon=True).start())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
              len(config.channels), config.sampling.interval_s, outbox.path,

@@ -74,13 +74,13 @@ def _logical_lines(path: Path) -> list[tuple[int, str]]:
 
 
 def _requirement_lines(path: Path, _seen: frozenset[Path] = frozenset()) -> Iterator[tuple[str, str]]:
-    """(where: "file:line", logical line) of every line of `path` and of the files it includes with -r, in
-    order; each file once (an include cycle ends there)."""
+    """(where: "file:line", logical line) of every line of `path` and of the files it includes with -r or
+    --requirement, in order. A file that includes itself (directly or through others) is not read again."""
     path = Path(path)
     if path.resolve() in _seen:
         return
     for number, line in _logical_lines(path):
-        if line.startswith(("-r ", "--requirement ", "-r")) and not line.startswith("--require"):
+        if line.startswith(("-r", "--requirement ")):
             name = line.split(None, 1)[1] if " " in line else line[2:]
             yield from _requirement_lines(path.parent / name.strip(), _seen | {path.resolve()})
         else:

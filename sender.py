@@ -175,7 +175,7 @@ class Sender:
         self._next_send_allowed = 0.0
         self._last_progress = 0.0
         self._stop_deadline: float | None = None  # set by stop(): no request starts after it
-        self._mark_failed: StoreError | None = None  # a mark of this flush failed (the helper thread's)
+        self._mark_failed: StoreError | None = None  # a mark of this flush failed (the helper's)
         # After a 413: (the batch bytes the server took, until when (clock s)). Every batch above it would be
         # refused and split again, its upload paid twice on a metered link.
         self._size_limit: tuple[int, float] | None = None
@@ -299,7 +299,8 @@ class Sender:
                 helper.shutdown(wait=True)  # the last mark lands before the flush ends
                 if failed is None or isinstance(failed, _OutOfBudget):
                     _raise_failed(marks)
-                elif any(f.exception() for f in marks):
+                elif any(f.exception() for f in marks) and not any(f.exception() is failed for f in marks):
+                    # (A failed mark that stopped the flush is logged once, below, as the pause's reason.)
                     log.error("delivered points could not be marked (they go again): %s",
                               next(f.exception() for f in marks if f.exception()))
         except _OutOfBudget:
@@ -325,8 +326,9 @@ class Sender:
         return self._stop_deadline is not None and self._stop.is_set() and now >= self._stop_deadline
 
     def _read(self, after_id: int) -> tuple[Batch | None, object]:
-        """The helper thread's read: the next batch after `after_id` and its request, built ahead when the
-        writer offers prepare() (its gzip'd body; `backlog` for a full batch), else the lines."""
+        """The helper's read (in its thread; in the sender thread until a backlog starts one): the next batch
+        after `after_id` and its request, built ahead when the writer offers prepare() (its gzip'd body;
+        `backlog` for a full batch), else the lines."""
         cap = self._batch_bytes()
         batch = self.outbox.pending_batch(self.policy.batch_lines, cap, after_id)
         if batch is None:
@@ -357,8 +359,9 @@ class Sender:
                         "%d bytes for the next %.0f min", len(batch), text_bytes, cap, self.policy.size_limit_s / 60)
 
     def _mark(self, batch: Batch, result: FlushResult) -> None:
-        """The helper thread's mark: the server acknowledged `batch`. After a mark failed in this flush none
-        is made (the same error again), so the unmarked batches go again oldest first."""
+        """The helper's mark (in its thread; in the sender thread until a backlog starts one): the server
+        acknowledged `batch`. After a mark failed in this flush none is made (the same error again), so the
+        unmarked batches go again oldest first."""
         if self._mark_failed is not None:
             raise self._mark_failed
         try:
@@ -369,7 +372,7 @@ class Sender:
         result.delivered += len(batch)
 
     def _deliver(self, batch: Batch, request: object, result: FlushResult, deadline: float | None,
-                 helper: ThreadPoolExecutor) -> bool:
+                 helper: ThreadPoolExecutor | _Inline) -> bool:
         """Write one batch read by the helper. True when the server acknowledged it all (the caller has it
         marked). Refused lines or 413: the halving search (_send) on the batch's rows, with the store to
         this thread alone. Raises the writer's other errors, _OutOfBudget."""
@@ -458,7 +461,7 @@ class Sender:
         self._sleep(delay)
         return self._clock() >= self._next_send_allowed - 1e-6
 
-    def _log_progress(self, result: FlushResult, started: float, helper: ThreadPoolExecutor) -> None:
+    def _log_progress(self, result: FlushResult, started: float, helper: ThreadPoolExecutor | _Inline) -> None:
         now = self._clock()
         if now - self._last_progress < self.policy.progress_every_s:
             return

@@ -193,7 +193,8 @@ def battery_voltage_v(soc: float, current_a: float, capacity_ah: float) -> float
     """Terminal voltage (V) of a 12 V lead-acid battery at charge `soc` (0..1) and `current_a` (+ = charging).
 
     Open-circuit voltage by charge, the drop on the internal resistance, and while charging the charge
-    overvoltage, which grows with the current and towards full (13-14.4 V at typical solar currents).
+    overvoltage, which grows with the current and towards full (13-14.4 V from half charge up at C/20 and
+    more; a gentler charge, or one into an emptier battery, reads less).
     """
     volts = _ocv_v(soc) + current_a * INTERNAL_OHM_AH / capacity_ah
     if current_a > 0:

@@ -201,9 +201,9 @@ def test_the_floor_runs_its_cycles_at_real_time_and_reports_its_cpu(options):
     assert elapsed >= 16 * 0.05 - 0.05  # ten warm-up and six measured cycles on the grid: not a tight loop
     assert 0 < cpu_ms < 50  # measured (not a placeholder), and one thread cannot spend more than its 50 ms cycle
     if options == ["--no-commit"]:
-        # ten samples and the slot's wait a cycle at most (a late sample skips its sleep, so a loaded machine
-        # counts fewer); each wake-up costs CPU, and together never more than the whole cycle's
-        assert 0 < result["wakeups_per_cycle"] <= 11
+        # ten samples a cycle at most, the first one's wait the slot's (a late sample skips its sleep, so a
+        # loaded machine counts fewer); each wake-up costs CPU, and together never more than the whole cycle's
+        assert 0 < result["wakeups_per_cycle"] <= 10
         assert 0 < result["wakeup_cpu_us"] * result["wakeups_per_cycle"] / 1000 <= cpu_ms
     else:
         assert "wakeup_cpu_us" not in result  # measured only where the timing cannot weigh on a compared floor

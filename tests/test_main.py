@@ -285,20 +285,23 @@ def test_the_loops_stop_flag_ends_a_wait_from_another_thread_and_every_wait_afte
 
     flag = StopFlag()
     assert flag.wait(0.01) is False and flag.wait(0) is False and flag.wait(-1) is False and not flag.is_set()
-    asked = threading.Event()
-
-    def stop_when_asked():
-        asked.wait(30)
-        flag.set()
-        flag.set()  # twice, as two signals would: harmless
-
-    thread = threading.Thread(target=stop_when_asked)
-    thread.start()
-    began = time.monotonic()
-    asked.set()
-    assert flag.wait(120) is True
-    assert time.monotonic() - began < 60  # ended by set(), not by its timeout
-    thread.join(30)
+    results = []
+    waiter = threading.Thread(target=lambda: results.append((flag.wait(120), time.monotonic())))
+    waiter.start()
+    # set() once the waiter sleeps in the kernel: its task asleep at three looks in a row, this thread
+    # sleeping (the GIL free) between them, so it is in the wait, not on its way in.
+    asleep, deadline = 0, time.monotonic() + 60
+    while asleep < 3:
+        assert time.monotonic() < deadline and not results, "the waiter never waited"
+        stat = Path(f"/proc/self/task/{waiter.native_id}/stat").read_text()
+        asleep = asleep + 1 if stat[stat.rindex(")") + 2] == "S" else 0
+        time.sleep(0.01)
+    set_at = time.monotonic()
+    flag.set()
+    flag.set()  # twice, as two signals would: harmless
+    waiter.join(60)
+    assert results and results[0][0] is True
+    assert results[0][1] - set_at < 30  # woken by set(), not by its 120 s timeout
     assert flag.is_set() and flag.wait(120) is True and flag.wait(0) is True  # at once from now on
 
 

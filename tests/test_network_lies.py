@@ -281,10 +281,15 @@ def test_sigterm_ends_the_daemon_within_10_s_while_the_server_stalls(influxdb1, 
 def _syn_sent_to(port: int) -> set[str]:
     """The local ends of the TCP connections to 127.0.0.1:`port` whose SYN is not answered yet
     (/proc/net/tcp: state SYN_SENT)."""
+    import socket
+    import struct
+
+    # The kernel prints the address as a number in this machine's byte order, the port in hex.
+    peer = f"{struct.unpack('=I', socket.inet_aton('127.0.0.1'))[0]:08X}:{port:04X}"
     with open("/proc/net/tcp") as table:
         next(table)
         rows = [row.split()[1:4] for row in table]
-    return {local for local, remote, state in rows if remote == f"0100007F:{port:04X}" and state == "02"}
+    return {local for local, remote, state in rows if remote == peer and state == "02"}
 
 
 def test_sigterm_ends_the_daemon_within_10_s_while_the_server_and_the_mqtt_broker_hang(victoria, make_proxy,

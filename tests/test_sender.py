@@ -214,11 +214,34 @@ def test_a_flush_of_one_batch_reads_sends_and_marks_in_its_own_thread(tmp_path, 
     writer = FakeWriter()
     sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
                     sleep=clock.sleep)
-    before = threading.active_count()
     assert sender.flush().delivered == 3
     # No helper thread for a single batch (starting one costs more than the request it would overlap).
-    assert threads == [threading.current_thread().name] * 2 and threading.active_count() == before
+    assert threads == [threading.current_thread().name] * 2
+    assert not [t.name for t in threading.enumerate() if t.name.startswith("sender-prefetch")]
     assert outbox.queue_stats().queue_depth == 0 and len(writer.batches) == 1
+
+
+def test_a_failed_mark_of_a_single_batch_is_one_error_and_the_lines_go_again(tmp_path, clock, caplog):
+    from outbox import StoreError
+
+    outbox = filled(tmp_path, clock, 3)
+    mark_sent = outbox.mark_sent
+
+    def failing_once(ids):
+        outbox.mark_sent = mark_sent
+        raise StoreError("store: disk I/O error")
+
+    outbox.mark_sent = failing_once
+    writer = FakeWriter()
+    sender = Sender(writer, outbox, ErrorHandler(None, clock=clock), Policy(batch_lines=5), clock=clock,
+                    sleep=clock.sleep)
+    with caplog.at_level("ERROR", logger="sender"):
+        result = sender.flush()
+    assert isinstance(result.error, StoreError) and result.delivered == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "sender"] == ["delivery paused: store: disk I/O error"]
+    assert outbox.queue_stats().queue_depth == 3  # unmarked: they go again
+    clock.advance(POLICY.refused_retry_s)
+    assert sender.flush().delivered == 3 and len(writer.batches) == 2
 
 
 def test_a_mark_that_fails_stops_the_drain_and_the_unmarked_lines_go_again_oldest_first(tmp_path, clock):

@@ -827,6 +827,11 @@ def test_unhashed_requirements_are_refused_before_pip_runs(tmp_path):
     req.write_text(f"-r base.txt\nx==1 --hash=sha256:{'0' * 64}\n")
     with pytest.raises(safepip.HashError, match=r"base.txt:1"):
         safepip.allowed_hashes(req)
+    # pip's long spelling of -r is followed the same way, by the hash check and by the pins alike.
+    (tmp_path / "base.txt").write_text(f"Y_y==2 --hash=sha256:{'1' * 64}\n--requirement requirements.txt\n")
+    req.write_text(f"--requirement base.txt\nx==1 --hash=sha256:{'0' * 64}\n")
+    assert safepip.allowed_hashes(req) == {"0" * 64, "1" * 64}
+    assert safepip.pins(req) == {"y-y": "2", "x": "1"}
 
 
 def test_the_projects_requirement_files_are_fully_hashed():
