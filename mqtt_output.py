@@ -27,7 +27,7 @@ import time
 from collections.abc import Callable, Mapping
 
 from config import Config
-from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug  # noqa: F401 - slug is ours to export
+from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug
 from credentials import MQTT_PASSWORD_ENV, Secret, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
 from transport import call_within
@@ -177,8 +177,7 @@ class MqttOutput:
     """
 
     def __init__(self, config: Config, handler: ErrorHandler, *, meaning: Callable[[], str] = lambda: "",
-                 only_output: bool = False, environ: Mapping[str, str] | None = None,
-) -> None:
+                 only_output: bool = False, environ: Mapping[str, str] | None = None) -> None:
         self.config = config
         self.mqtt = config.mqtt
         self.handler = handler

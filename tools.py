@@ -351,6 +351,9 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
     def _prepare(self, sensor: _Sensor) -> bool:
         """Attach the driver if needed and, on its schedule, make sure the chip holds our settings.
         True when the chip's config was written (its conversions start again)."""
+        if sensor.driver is not None and sensor.cycles_to_check > 0:
+            sensor.cycles_to_check -= 1  # most cycles: no transaction, so nothing to time
+            return False
         began_s = self._clock()
         try:
             if sensor.driver is None:
@@ -359,9 +362,6 @@ class read_data:  # noqa: N801 - the name is fixed by the design card
                 sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
                 log.info("%s: INA219 at 0x%02X answered", sensor.channel.name, sensor.channel.address)
                 return True
-            if sensor.cycles_to_check > 0:
-                sensor.cycles_to_check -= 1
-                return False
             sensor.cycles_to_check = _SETTINGS_CHECK_CYCLES
             config = _read_register(sensor.driver, _REG_CONFIG, sensor.buffer)
             calibration = _read_register(sensor.driver, _REG_CALIBRATION, sensor.buffer)

@@ -176,11 +176,11 @@ def _restart_cmd(restart_cmd: Sequence[str] | str | None) -> list[str]:
 
 
 def restart_command(systemctl: str) -> list[str]:
-    """Restart the service onto the new release: a running one (try-restart; --no-block: its start and
-    pre-start must not wait on this process), and a failed one too (a crash loop, an exit 78: the fix just
-    installed must start, not wait for a reboot); a service stopped on purpose stays stopped."""
+    """Restart the service onto the new release: a running one (try-restart; --no-block: its start must not wait
+    on this process) and a failed one (a crash loop, an exit 78: the fix must start, not wait for a reboot); one
+    stopped on purpose stays stopped. A failed try-restart fails the command (the restart stays pending)."""
     q = shlex.quote
-    return ["sh", "-c", f"{q(systemctl)} --no-block try-restart {SERVICE}; if {q(systemctl)} is-failed --quiet "
+    return ["sh", "-c", f"{q(systemctl)} --no-block try-restart {SERVICE} || exit; if {q(systemctl)} is-failed --quiet "
                         f"{SERVICE}; then {q(systemctl)} reset-failed {SERVICE}; {q(systemctl)} --no-block start "
                         f"{SERVICE}; fi"]
 

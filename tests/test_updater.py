@@ -543,6 +543,11 @@ def test_the_restart_after_an_update_starts_a_failed_service_too(tmp_path):
         assert calls[:2] == [f"--no-block try-restart {updater.SERVICE}", f"is-failed --quiet {updater.SERVICE}"]
         assert calls[2:] == ([f"reset-failed {updater.SERVICE}", f"--no-block start {updater.SERVICE}"]
                              if failed else []), calls
+    # A try-restart that fails (systemd busy, the unit unreadable) fails the command: the restart stays pending.
+    systemctl.write_text(f'#!/bin/sh\necho "$*" >> {log}\n[ "$2" = try-restart ] && exit 1\nexit 1\n')
+    log.write_text("")
+    result = subprocess.run(updater.restart_command(str(systemctl)), capture_output=True, text=True, timeout=60)
+    assert result.returncode != 0 and log.read_text().splitlines() == [f"--no-block try-restart {updater.SERVICE}"]
 
 
 def test_the_service_user_cannot_veto_an_update_or_clear_a_rollback_in_its_state_file(site):
