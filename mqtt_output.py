@@ -28,7 +28,7 @@ from collections.abc import Callable, Mapping
 
 from config import Config
 from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug
-from credentials import MQTT_PASSWORD_ENV, Secret, scrub
+from credentials import MQTT_PASSWORD_ENV, Secret, SecretError, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
 from transport import call_within
 
@@ -116,6 +116,7 @@ def make_client(client_id: str):
         _puback_properties = Properties(PacketTypes.PUBACK)
         _read_buffer = b""
         oversize = 0
+        QUEUE_FULL = paho.MQTTErrorCode.MQTT_ERR_QUEUE_SIZE  # the publish() code for "queue of MAX_QUEUED full"
 
         def buffered(self) -> bool:
             return bool(self._read_buffer)
@@ -218,6 +219,7 @@ class MqttOutput:
         self._connected_at = 0.0  # monotonic time of the last accepted login
         self._login_by = 0.0  # while not logged in on an open socket: the broker must have answered by then
         self._refusing = False  # paho refused the last cycle's publishes (its queue for the broker is full)
+        self._discovery_due = False  # paho refused part of the last discovery: send it again
         self._thread: threading.Thread | None = None
         self._wake_r = self._wake_w = None  # socket pair: a cycle or stop() wakes the MQTT thread
 
@@ -350,6 +352,22 @@ class MqttOutput:
         client.connect_timeout = CONNECT_TIMEOUT_S
         return client
 
+    def _refresh_login(self, client) -> bool:
+        """Before each connection: the password as its file holds it now, as InfluxDB's token is re-read (a
+        corrected file is used without a restart). False, reported, when the file cannot be used now (gone,
+        readable by others): no login is tried with it. MQTT thread only."""
+        if not self.mqtt.username:
+            return True
+        try:
+            password = self.secret.value()
+        except SecretError as exc:
+            self._report(f"MQTT broker {self.where}: no login tried: {exc}")
+            return False
+        if password != self._password:
+            self._password = password
+            client.username_pw_set(self.mqtt.username, password or None)
+        return True
+
     def probe(self, timeout_s: float = CONNECT_TIMEOUT_S) -> str | None:
         """Connect once and wait for the broker's CONNACK (`main.py check`), about `timeout_s` at most.
 
@@ -432,6 +450,9 @@ class MqttOutput:
                         had_socket = False
                         retry_at = now + self._next_delay()
                     if now >= retry_at:
+                        if not self._refresh_login(client):
+                            retry_at = time.monotonic() + self._next_delay()
+                            continue
                         try:
                             client.reconnect()  # blocking, bounded by CONNECT_TIMEOUT_S (TLS handshake too)
                         except OSError as exc:
@@ -501,16 +522,25 @@ class MqttOutput:
             for topic, payload in self.states(report, led).items():
                 # Written at once (this thread runs paho's loop); refused when paho's queue of messages
                 # waiting for the broker's acknowledgement is full (MAX_QUEUED_MESSAGES: it acknowledges none).
-                refused += bool(client.publish(topic, payload, qos=qos).rc)  # MQTT_ERR_SUCCESS is 0
+                rc = client.publish(topic, payload, qos=qos).rc
+                if rc == client.QUEUE_FULL:
+                    refused += 1
+                elif rc:  # the write failed: paho closed the connection and _on_disconnect said why
+                    break
         finally:
             _cork(sock, 0)
+        if not self.connected:
+            self.states_skipped += 1
+            return False
         if refused:
             self.states_skipped += 1
             self._refusing = True
             self._report(f"MQTT broker {self.where} acknowledges nothing: {refused} state message(s) of this cycle "
                          f"not sent ({MAX_QUEUED_MESSAGES} still wait for the broker)")
             return True
-        if self._refusing:  # the broker caught up: what the refusals reported is over
+        if self._discovery_due:
+            self._send_discovery(client)
+        if self._refusing and not self._discovery_due:  # the broker caught up: what the refusals reported is over
             self._refusing = False
             log.info("MQTT: %s acknowledges again", self.where)
             self.problem = None
@@ -550,8 +580,6 @@ class MqttOutput:
         self.connected = True
         self._connected_at = time.monotonic()
         client.subscribe(self.status_topic, qos=self.mqtt.qos)
-        client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True)
-        self._send_discovery(client)
         if self.problem is not None:
             log.info("MQTT: connected to %s again", self.where)
         else:
@@ -559,11 +587,23 @@ class MqttOutput:
         self.problem = None
         self._refusing = False
         self.handler.clear("mqtt")
+        self._send_discovery(client)  # after the clear: what it cannot send is reported
 
     def _send_discovery(self, client) -> None:
+        """`online` and every entity's config, retained. Refused by paho (its queue still full of a stall's
+        messages, which it keeps across a reconnect) or cut by a lost connection: reported, and sent again
+        after the next cycle published whole (a new connection sends it anyway)."""
+        failed = bool(client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True).rc)
         for topic, config in self.discovery().items():
-            client.publish(topic, json.dumps(config, separators=(",", ":")), qos=self.mqtt.qos, retain=True)
-        self.discovery_sent += 1
+            failed += bool(client.publish(topic, json.dumps(config, separators=(",", ":")), qos=self.mqtt.qos,
+                                          retain=True).rc)
+        self._discovery_due = bool(failed)
+        if failed and self.connected:
+            self._refusing = True  # cleared, like a cycle's refusal, once a cycle and this went out whole
+            self._report(f"MQTT broker {self.where}: {failed} Home Assistant discovery message(s) not sent "
+                         f"({MAX_QUEUED_MESSAGES} messages still wait for the broker); sent again once it catches up")
+        elif not failed:
+            self.discovery_sent += 1
 
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was_connected, self.connected = self.connected, False
@@ -588,7 +628,6 @@ class MqttOutput:
         # broker without persistence has; send discovery (and availability) again either way.
         if message.topic == self.status_topic and message.payload[:16].strip() == b"online":
             log.info("MQTT: Home Assistant came online: sending discovery again")
-            client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True)
             self._send_discovery(client)
 
     def _report(self, message: str) -> None:

@@ -308,6 +308,8 @@ def _wait(predicate, what, timeout=DEADLINE_S):
 
 
 def test_a_wrong_password_is_reported_naming_the_broker_never_the_password(tmp_path, caplog):
+    import mqtt_output
+
     with Mosquitto(users={"logger": PASSWORD}) as secured:
         pw = tmp_path / "pw"
         pw.write_text("not-the-" + PASSWORD)
@@ -322,6 +324,17 @@ def test_a_wrong_password_is_reported_naming_the_broker_never_the_password(tmp_p
             assert f"127.0.0.1:{secured.port}" in out.problem and "refused the login" in out.problem
             # InfluxDB stays the data of record: a Short error on the LED.
             assert handler.active["mqtt"].tier == Tier.SHORT
+            # The file is re-read before each login, like InfluxDB's token: one others can read is refused
+            # (no login tried with it), and the corrected file logs in without a restart.
+            pw.chmod(0o644)
+            _wait(lambda: "readable by others" in (out.problem or ""), "refused password file",
+                  timeout=mqtt_output.RECONNECT_MAX_S + DEADLINE_S)
+            assert out.problem.startswith(f"MQTT broker 127.0.0.1:{secured.port}: no login tried: secret file")
+            pw.write_text(PASSWORD)
+            pw.chmod(0o600)
+            _wait(lambda: out.connected, "login with the corrected file",
+                  timeout=mqtt_output.RECONNECT_MAX_S + DEADLINE_S)
+            assert out.problem is None and "mqtt" not in handler.active
         finally:
             out.stop()
         # The right password (from $MQTT_PASSWORD) connects; with kind = "none" a fault would be Connection.
@@ -515,16 +528,17 @@ def test_two_loggers_with_one_client_id_back_off_instead_of_taking_the_session_e
 
 def test_states_paho_refuses_while_the_broker_acknowledges_nothing_are_counted_skipped_and_reported(monkeypatch):
     """A broker that stalls after the login acknowledges no qos 1 message: paho's queue of messages waiting
-    for it fills (MAX_QUEUED_MESSAGES, 5 here) and refuses the next publishes. Those cycles count as skipped,
+    for it fills (MAX_QUEUED_MESSAGES, small here) and refuses the next publishes. Those cycles count as skipped,
     not published, and the problem is reported naming the broker."""
     import mqtt_output
     from daemon import CycleReport
     from tools import ChannelReading, Cycle
 
-    monkeypatch.setattr(mqtt_output, "MAX_QUEUED_MESSAGES", 5)
     with Mosquitto() as stalling:
         handler = ErrorHandler(None)
         out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {stalling.port}', handler)
+        # Room for the discovery (`online` and every config) and two cycles more, so it fills in a few cycles.
+        monkeypatch.setattr(mqtt_output, "MAX_QUEUED_MESSAGES", len(out.discovery()) + 1 + 10)
         config = out.config
         readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, 10.0, 0.125, 10, 0, 0.5, 0.25)
                          for c in config.channels)
@@ -553,6 +567,97 @@ def test_states_paho_refuses_while_the_broker_acknowledges_nothing_are_counted_s
         finally:
             stalling.resume()
             out.stop()
+
+def test_a_connection_lost_while_publishing_is_reported_as_lost_not_as_a_full_queue():
+    """A write that fails mid-burst (the link went: paho answers the publish with a lost connection, not with
+    its queue-full code) leaves the cause _on_disconnect reported; the cycle counts as skipped, and the
+    next connection publishes again. The broker is stopped first, so nothing but the failed write can
+    tell the MQTT thread the connection is gone."""
+    import socket
+
+    import mqtt_output
+    from daemon import CycleReport
+    from tools import ChannelReading, Cycle
+
+    with Mosquitto() as broker:
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}', handler)
+        readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, 10.0, 0.125, 10, 0, 0.5, 0.25)
+                         for c in out.config.channels)
+
+        def cycle(n: int) -> None:
+            out.after_cycle(CycleReport(Cycle(1_780_000_000_000 + n, 1.0, readings), None, True, 0, n, None, 0.01))
+
+        out.start()
+        try:
+            _wait(lambda: out.connected, "connection")
+            broker.pause()
+            out._client.socket().shutdown(socket.SHUT_WR)  # the next write fails (EPIPE)
+            cycle(1)
+            _wait(lambda: out.states_skipped, "cycle counted skipped")
+            assert out.problem.startswith(f"MQTT broker 127.0.0.1:{broker.port}: connection lost"), out.problem
+            assert out.states_published == 0 and not out.connected
+            broker.resume()
+            _wait(lambda: out.connected, "connected again", timeout=mqtt_output.RECONNECT_MAX_S + DEADLINE_S)
+            n, deadline = 1, time.monotonic() + DEADLINE_S
+            while not out.states_published:
+                assert time.monotonic() < deadline, "no cycle published after the reconnection"
+                n += 1
+                cycle(n)
+                time.sleep(0.05)
+            assert out.problem is None and "mqtt" not in handler.active
+        finally:
+            broker.resume()
+            out.stop()
+
+
+def test_discovery_paho_refuses_after_a_stall_is_reported_and_sent_again_once_the_broker_catches_up(monkeypatch):
+    """paho keeps a stall's unacknowledged messages across a reconnect, so the discovery sent at the new login
+    can find its queue full: that is reported (never counted as sent), and the discovery and `online` go
+    again after the next cycle that goes out whole."""
+    import socket
+
+    import mqtt_output
+    from daemon import CycleReport
+    from tools import ChannelReading, Cycle
+
+    with Mosquitto() as broker:
+        handler = ErrorHandler(None)
+        out = _output(f'[mqtt]\nenabled = true\nhost = "127.0.0.1"\nport = {broker.port}', handler)
+        monkeypatch.setattr(mqtt_output, "MAX_QUEUED_MESSAGES", len(out.discovery()) + 1 + 10)
+        readings = tuple(ChannelReading(c.name, c.address, 12.5, 1.0, 10.0, 0.125, 10, 0, 0.5, 0.25)
+                         for c in out.config.channels)
+        n = 0
+
+        def cycle() -> None:
+            nonlocal n
+            n += 1
+            out.after_cycle(CycleReport(Cycle(1_780_000_000_000 + n, 1.0, readings), None, True, 0, n, None, 0.01))
+            time.sleep(0.05)
+
+        out.start()
+        try:
+            _wait(lambda: out.discovery_sent == 1 and out.problem is None, "first discovery")
+            broker.pause()
+            deadline = time.monotonic() + DEADLINE_S
+            while not out.states_skipped:  # the queue fills: cycles refused
+                assert time.monotonic() < deadline, "the queue never filled"
+                cycle()
+            out._client.socket().shutdown(socket.SHUT_RDWR)  # the connection goes; the queue stays
+            _wait(lambda: not out.connected, "connection lost")
+            broker.resume()
+            _wait(lambda: "discovery message(s) not sent" in (out.problem or ""), "discovery refusal reported",
+                  timeout=mqtt_output.RECONNECT_MAX_S + DEADLINE_S)
+            assert out.connected and out.discovery_sent == 1 and handler.active["mqtt"].tier == Tier.CONNECTION
+            deadline = time.monotonic() + DEADLINE_S
+            while out.discovery_sent < 2 or out.problem is not None:
+                assert time.monotonic() < deadline, (out.problem, out.discovery_sent)
+                cycle()
+            assert "mqtt" not in handler.active
+        finally:
+            broker.resume()
+            out.stop()
+
 
 def test_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
     """paho bounds the TCP connect and the TLS handshake, not the name lookup, which a SIM link's DNS can
