@@ -32,6 +32,19 @@ def slug(text: str) -> str:
     return _SLUG.sub("_", text).strip("_") or "_"
 
 
+_BAD_HOST = "is not a usable host name (an empty part between dots, or a part over 63 characters)"
+
+
+def _encodable_host(host: str) -> bool:
+    """Whether the socket library can look `host` up at all: it encodes a name with the IDNA codec first,
+    whose UnicodeError (not an OSError) no network code expects."""
+    try:
+        host.strip("[]").encode("idna")
+    except UnicodeError:
+        return False
+    return True
+
+
 def slug_clashes(channels) -> list[tuple[str, str]]:
     """(key path, problem) for names Home Assistant would take as one: two channels whose ids, `<unit>_<channel>`
     slugged, are equal (`pv.1` and `pv_1` of one unit; `pv` of unit `house_a` and `a_pv` of unit `house`: one
@@ -113,7 +126,7 @@ class Validator:
 
     def name_text(self, value, path):
         """A string that ends up in a tag, a URL or a log line: no control characters (NUL, newline...)."""
-        value = self.path_text(value, path)  # the same control-character rule
+        value = self.plain_text(value, path)
         if value is INVALID:
             return value
         if len(value) > 256:
@@ -145,6 +158,8 @@ class Validator:
         if any(c in value for c in "@/ \t") or "://" in value or value.count(":") == 1:
             return self.problem(path, "must be a host name or IP address alone (no scheme, login, path or port: "
                                       "the port has its own key)")
+        if not _encodable_host(value):
+            return self.problem(path, f"{value!r} {_BAD_HOST}")
         return value
 
     def mqtt_topic(self, value, path):
@@ -158,15 +173,24 @@ class Validator:
             return self.problem(path, f"{value!r}: a topic prefix cannot start or end with / or hold //")
         return value
 
-    def path_text(self, value, path):
-        """A file or directory path (up to 4096 characters, Linux's PATH_MAX): no NUL (the OS cannot
-        take it) and no other control character."""
+    def plain_text(self, value, path):
+        """A string with no NUL (the OS cannot take it) and no other control character."""
         value = self.text(value, path)
         if value is INVALID:
             return value
         bad = _control_character(value)
         if bad is not None:
             return self.problem(path, f"{value!r} contains the control character {bad!r}")
+        return value
+
+    def path_text(self, value, path):
+        """A file or directory path (up to 4096 characters, Linux's PATH_MAX; each name up to 255 bytes)."""
+        value = self.plain_text(value, path)
+        if value is INVALID:
+            return value
+        longest = max((len(part.encode("utf-8", "surrogateescape")) for part in value.split("/")), default=0)
+        if longest > 255:  # NAME_MAX: no file system takes a longer name; the first open would fail every start
+            return self.problem(path, f"has a name of {longest} bytes between slashes, more than 255")
         return value
 
     def pem_file(self, value, path):
@@ -340,6 +364,8 @@ class Validator:
             host = netloc
         if not host or host == "[]":
             return self.problem(path, f"{value!r} has no host")
+        if not _encodable_host(host):
+            return self.problem(path, f"{value!r}: the host {_BAD_HOST}")
         if sep and not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
             return self.problem(path, f"{value!r}: the port must be a number from 1 to 65535")
         try:
@@ -354,7 +380,8 @@ class Validator:
             return value
         host, sep, port = value.rpartition(":")
         if (not sep or not host or not port.isascii() or not port.isdigit() or not 0 <= int(port) < 65536
-                or not host.isascii() or _control_character(host) is not None or " " in host):
+                or not host.isascii() or _control_character(host) is not None or " " in host
+                or not _encodable_host(host)):
             return self.problem(path, f"{value!r} is not HOST:PORT (e.g. 127.0.0.1:8080 or 0.0.0.0:8080; port 0 picks a free one)")
         return value
 

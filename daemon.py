@@ -147,14 +147,15 @@ class Daemon:
     def __init__(self, config: Config, reader, outbox: Outbox, handler: ErrorHandler, *,
                  monitor=None, clock: Callable[[], float] = time.monotonic,
                  wait: Callable[[float], bool] | None = None, listeners: Iterable[Listener] = (),
-                 sender=None, clock_guard=None, stored_state: Callable[[], Mapping[str, str]] | None = None) -> None:
+                 sender=None, clock_guard=None, stored_state: Callable[[], Mapping[str, str]] | None = None,
+                 stop_event: StopFlag | None = None) -> None:
         self.config = config
         self.reader = reader
         self.outbox = outbox
         self.handler = handler
         self.monitor = monitor
         self.clock = clock
-        self.stop_event = StopFlag()
+        self.stop_event = stop_event or StopFlag()  # shared with a reader whose long window waits on it
         self.wait = wait or self.stop_event.wait
         self.listeners: list[Listener] = list(listeners)  # each gets every cycle's CycleReport, in order
         self.sender = sender

@@ -129,6 +129,16 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
         return UnreachableError(
             f"{said} (not InfluxDB's write answer, 204 No Content: a captive portal or proxy answered; "
             f"check the network, e.g. the SIM's data plan, and the URL)", status=status)
+    if 300 <= status < 400:
+        # InfluxDB never redirects a write: a captive portal sends the browser to its login page this way,
+        # and a web server in front of the database sends http:// on to https://.
+        location = _detail(next((str(v) for k, v in (headers or {}).items() if k.lower() == "location"), ""), secrets)
+        return UnreachableError(
+            f"{said} (a redirect{f' to {location}' if location else ''}, which InfluxDB never answers to a "
+            "write: a captive portal or proxy answered, or the URL should be https://; check the network, e.g. "
+            "the SIM's data plan, and the URL)", status=status)
+    if truncated:  # no InfluxDB answer is this long: whatever answered, it is not the database's verdict
+        return UnreachableError(f"{said} (not an answer InfluxDB gives)", status=status)
     if status == 422 or (status == 400 and any(marker in low for marker in _LINE_ERRORS)):
         rejected = RejectedError(f"{said} (lines refused)", status=status)
         counted = _DROPPED.search(raw[-200:])  # where InfluxDB 1.x puts it: past any cut of the message

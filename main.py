@@ -1,8 +1,7 @@
 """SolarPowerBrampton: measure the Brampton2Zero solar model, store every reading, deliver it.
 
 Commands: run, once, check, status, export, report (``python main.py --help``).
-This module wires the parts together and owns the exit codes; the parts never
-import it.
+This module wires the parts together and owns the exit codes; the parts never import it.
 """
 from __future__ import annotations
 
@@ -22,7 +21,7 @@ from pathlib import Path
 import config as config_mod
 from clock import iso_ms
 from config import Config, ConfigError
-from daemon import Daemon, load_energy
+from daemon import Daemon, StopFlag, load_energy
 from outbox import DB_NAME, Outbox, OutboxStats, StoreError, format_mb
 from reports import cycle_json, cycle_table, export_csv, export_lp
 from rpi_errors import CriticalError, ErrorHandler, MeasuringError, SolarError, StatusLED, Tier, is_raspberry_pi, make_led
@@ -130,7 +129,7 @@ def setup_logging(level: str = "INFO", log_config=None, store_dir: str | None = 
 
 
 def load(args) -> Config:
-    """The config the command runs with. Raises ConfigError (also for a file others can read)."""
+    """The config the command runs with. Raises ConfigError (also for a file group or others can write)."""
     path = config_mod.find_config(getattr(args, "config", None))
     if path is not None:
         config_mod.check_permissions(path)
@@ -169,7 +168,8 @@ def make_clock_guard(config: Config):
 
 
 def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float | None = None,
-                reopen_bus: Callable[[object], object] | None = None, wall_ms: Callable[[], int] | None = None):
+                reopen_bus: Callable[[object], object] | None = None, wall_ms: Callable[[], int] | None = None,
+                stop: StopFlag | None = None):
     from tools import read_data
 
     sampling = config.sampling
@@ -178,6 +178,8 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     energy = load_energy(outbox) if outbox else None
     # Points stamped with the simulated time: the energy counters integrate the same (simulated) seconds.
     extra = {"wall_ms": wall_ms, "energy_time_scale": config.simulation.speed} if wall_ms is not None else {}
+    if stop is not None and sampling.window_s > 2:  # SIGTERM stops a long window within 10 s: it waits on `stop`
+        extra["sleep"] = stop.wait  # (a short one sleeps: a cheaper wake-up, ten a cycle)
     return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus, **extra)
 
 
@@ -334,7 +336,8 @@ def cmd_run(args, config: Config) -> int:
         # Through the writer's transport: the probe's connection (and TLS session) serves the first flush.
         autostart.start_influx_probe(config.influx.url, min(config.influx.timeout_s, 5.0), handler,
                                      transport=getattr(writer, "transport", None), ca_file=config.influx.ca_file)
-    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice), wall_ms=stamp)
+    stop = StopFlag()  # the loop's, and a long window's (make_reader)
+    reader = make_reader(config, choice.bus, outbox, reopen_bus=bus_reopener(config, choice), wall_ms=stamp, stop=stop)
     sender = make_sender(config, writer, handler) if writer else None
     quarantine_stale(outbox, guard.boot_id)
     metrics = make_metrics(config, handler, sender) if config.web.enabled else None
@@ -348,11 +351,10 @@ def cmd_run(args, config: Config) -> int:
     # Simulated stamps are the model's own time: no NTP hold or re-stamping applies to them.
     daemon = Daemon(config, reader, outbox, handler, monitor=SystemMonitor(str(outbox.directory)), sender=sender,
                     clock_guard=guard if stamp is None else None, listeners=listeners,
-                    stored_state=mqtt.stored_state if mqtt else None)
+                    stored_state=mqtt.stored_state if mqtt else None, stop_event=stop)
     for signum in (signal.SIGTERM, signal.SIGINT):
-        # From a thread: the handler runs in the main thread between any two bytecodes, so a second signal
-        # could arrive while the first one's stop() holds the stop flag's lock; taken there, it would wait
-        # for itself forever.
+        # From a thread: the handler runs in the main thread between any two bytecodes, so a second signal could
+        # arrive while the first one's stop() holds the stop flag's lock; taken there, it would wait for itself.
         signal.signal(signum, lambda *_: threading.Thread(target=daemon.stop, name="stop", daemon=True).start())
     log.info("measuring %d channels every %g s, storing in %s; delivery: %s",
              len(config.channels), config.sampling.interval_s, outbox.path,
@@ -367,9 +369,8 @@ def cmd_run(args, config: Config) -> int:
     finally:
         daemon.store_held_at_exit()
         service.stop()
-        # The outputs stop side by side, each bounded (MQTT: 2 s + a connection attempt's 5 s; the sender: the
-        # final flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s even when
-        # both wait on a dead link.
+        # The outputs stop side by side, each bounded (MQTT: 2 s + a connection attempt's 5 s; the sender: the final
+        # flush + 2.5 s, a request in flight is cut), so SIGTERM ends the daemon within 10 s when both hang.
         mqtt_stop = threading.Thread(target=mqtt.stop, name="mqtt-stop", daemon=True) if mqtt else None
         if mqtt_stop:
             mqtt_stop.start()
@@ -692,4 +693,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    try:
+        sys.exit(main())
+    except BrokenPipeError:  # `main.py export | head` stopped reading: not worth a traceback
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # where the exit's flush goes
+        sys.exit(141)  # as a shell reports a command SIGPIPE ended

@@ -530,9 +530,8 @@ class Outbox:
         """Everything `status` shows: the queue counts plus the whole table's (not for every cycle)."""
         queue = self.queue_stats()
         # ids grow with time, so the first unsent id is the oldest unsent reading: one index probe.
-        row = self._db.execute(
-            "SELECT time_ms FROM points WHERE sent_ms IS NULL AND held = 0 ORDER BY id LIMIT 1"
-        ).fetchone()
+        row = self._db.execute("SELECT time_ms FROM points WHERE sent_ms IS NULL AND held = 0 "
+                               "ORDER BY id LIMIT 1").fetchone()
         total, newest = self._db.execute("SELECT count(*), max(time_ms) FROM points").fetchone()
         return OutboxStats(queue.queue_depth, row[0] if row else None, newest, total, queue.quarantined,
                            queue.dropped, self.used_bytes(), queue.held)
@@ -562,7 +561,8 @@ class Outbox:
 
     def _rows(self, sql: str, params: tuple) -> Iterator[tuple]:
         try:
-            yield from self._db.execute(sql, params)
+            for row in self._db.execute(sql, params):  # noqa: UP028 - `yield from` would close the cursor of an
+                yield row  # unfinished iteration (`export | head`) when collected, after the store closed: it raises
         except UnicodeDecodeError as exc:
             raise StoreError(f"store {self.path}: {_sqlite_text_error(exc)}", corrupt=True) from None
         except sqlite3.Error as exc:

@@ -169,7 +169,7 @@ def test_disk_full_holds_cycles_in_memory_shows_critical_and_stores_them_later(s
     outbox.close()
 
 
-@pytest.mark.slow  # whole daemon processes
+@pytest.mark.slow  # 400 cycles on a full filesystem
 def test_beyond_the_memory_hold_each_lost_cycle_is_counted_and_logged(small_fs, clock, caplog):
     daemon, outbox, handler = fake_daemon(small_fs / "store", clock)
     cycles(daemon, clock, 2)

@@ -217,12 +217,12 @@ def test_once_json_on_the_embedded_default(tmp_path):
     assert len(list(Outbox(tmp_path / "data").export())) == 5
 
 
-def write_config(tmp_path, extra=""):
+def write_config(tmp_path, extra="", *, interval_s=0.5, window_s=0.1):
     path = tmp_path / "c.toml"
     path.write_text(f"""
 [sampling]
-interval_s = 0.5
-window_s = 0.1
+interval_s = {interval_s}
+window_s = {window_s}
 [store]
 dir = "{tmp_path / 'store'}"
 [simulation]
@@ -261,6 +261,19 @@ def test_run_stores_every_cycle_and_status_and_export_show_them(tmp_path):
     assert bad.returncode == 2 and "--since 'yesterday'" in bad.stderr
 
 
+def test_export_into_a_reader_that_stops_early_ends_quietly(tmp_path):
+    """`main.py export | head`: the reader closes the pipe; the export ends with the shell's SIGPIPE status and
+    no traceback (one used to follow every such pipe)."""
+    cfg = write_config(tmp_path)
+    assert run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).returncode == 0
+    proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "export", "--config", str(cfg)], cwd=tmp_path,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc.stdout.close()  # before it writes a byte: its first write meets a closed pipe
+    err = proc.stderr.read()
+    proc.wait(60)
+    assert proc.returncode == 141 and "Traceback" not in err, err
+
+
 def test_sigterm_finishes_the_cycle_and_exits_0(tmp_path):
     cfg = write_config(tmp_path)
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg)], cwd=tmp_path,
@@ -276,6 +289,35 @@ def test_sigterm_finishes_the_cycle_and_exits_0(tmp_path):
     assert proc.returncode == 0, err
     total = Outbox(db.parent).stats().stored_total
     assert total >= 10 and total % 5 == 0  # only whole cycles
+
+
+def test_sigterm_during_a_long_sampling_window_ends_the_daemon_within_10_s_with_the_cycle_stored(tmp_path):
+    """A window of 40 s (samples 4 s apart) would hold SIGTERM until it ends: the waits between samples end at
+    the stop, the rest of the window is sampled at once, and the cycle is stored (README: within 10 s)."""
+    cfg = write_config(tmp_path, interval_s=60, window_s=40)
+    log = tmp_path / "daemon.log"
+    with open(log, "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg)], cwd=tmp_path,
+                                stdout=subprocess.DEVNULL, stderr=err)
+    try:
+        deadline = time.monotonic() + 60
+        while "measuring 4 channels every 60 s" not in log.read_text():
+            assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
+            time.sleep(0.05)
+        # The first sample is 2 s into the slot, the last 38 s later: 5 s after the loop's start is mid-window.
+        time.sleep(5)
+        began = time.monotonic()
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(30)
+        took_s = time.monotonic() - began
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert proc.returncode == 0, log.read_text()
+    assert took_s < 10, f"SIGTERM took {took_s:.1f} s mid-window"
+    assert Outbox(tmp_path / "store").stats().stored_total == 5  # the interrupted cycle, whole
+    assert "stopped after 1 cycle" in log.read_text()
 
 
 def test_the_loops_stop_flag_ends_a_wait_from_another_thread_and_every_wait_after():

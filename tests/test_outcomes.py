@@ -42,6 +42,28 @@ def test_status_to_error(status, cls, tier):
     assert str(error).startswith(f"HTTP {status} from http://db:8086: why")
 
 
+@pytest.mark.parametrize("status", [301, 302, 303, 307, 308])
+def test_a_redirect_is_a_connection_problem_naming_where_it_points_never_a_secret(status):
+    """A captive portal redirects the request to its login page (http:// on a SIM link); a web server in front
+    of InfluxDB sends http:// on to https://. InfluxDB itself never redirects a write: kept, 5 blinks."""
+    headers = {"Location": "http://portal.example/login?token=tok-SECRET"}
+    error = error_for_status(status, "<html>Sign in</html>", headers, "http://db:8086", "x", ("tok-SECRET",))
+    assert type(error) is UnreachableError and error.tier == Tier.CONNECTION and error.status == status
+    assert "a redirect to http://portal.example/login" in str(error) and "captive portal" in str(error)
+    assert "tok-SECRET" not in str(error)
+    assert "a redirect, which" in str(error_for_status(status, "", {}, "u", "x"))  # no Location given
+
+
+@pytest.mark.parametrize("status", [400, 401, 404, 422])
+def test_an_answer_cut_at_64_kb_is_a_connection_problem_whatever_its_status(status):
+    """README: an answer over 64 KB is handled as 5xx (kept, backed off, 5 blinks), not as the database's
+    verdict: no lines quarantined for a 422 whose endless body happens to name a line problem."""
+    body = "unable to parse line: " + "x" * 70_000
+    error = error_for_status(status, body, {}, "u", "x", truncated=True)
+    assert type(error) is UnreachableError and error.tier == Tier.CONNECTION
+    assert "answer longer than 64 KB" in str(error)
+
+
 def test_2xx_is_no_error():
     assert error_for_status(204, "", {}, "u", "w") is None
 
