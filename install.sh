@@ -424,6 +424,12 @@ do_install() {
   else
     rm -f "$DESTDIR$OPT/.restart-pending"
   fi
+  # A service left failed (a crash loop, an exit 78 the new release or config may fix) would stay down:
+  # `start` refuses a unit past its start limit until the failure is reset.
+  if systemctl is-failed --quiet "$NAME.service"; then
+    systemctl reset-failed "$NAME.service" || warn "systemctl reset-failed $NAME.service failed"
+    info "$NAME.service had failed: starting it again"
+  fi
   if systemctl enable --now "$NAME.service" "$NAME-update.timer"; then
     info "enabled and started $NAME.service and $NAME-update.timer"
   else

@@ -43,7 +43,9 @@ case "$name" in
       mkdir -p "$last/bin" && ln -s "$SPB_REAL_PYTHON" "$last/bin/python"
     fi ;;
   sudo) exit "${SPB_STUB_SUDO_RC:-0}" ;;
-  systemctl) [ "$1" = try-restart ] && [ -n "${SPB_STUB_RESTART_RC:-}" ] && exit "$SPB_STUB_RESTART_RC" ;;
+  systemctl)
+    [ "$1" = try-restart ] && [ -n "${SPB_STUB_RESTART_RC:-}" ] && exit "$SPB_STUB_RESTART_RC"
+    [ "$1" = is-failed ] && exit "${SPB_STUB_FAILED_RC:-1}" ;;
 esac
 exit 0
 """
@@ -291,6 +293,20 @@ def test_an_upgrade_whose_restart_did_not_happen_restarts_on_the_next_run(env, m
     _ok(env.run())  # nothing new to install, but the daemon still runs the old code: restart it
     assert ["systemctl", "try-restart", "solarpowerbrampton.service"] in env.calls("systemctl")
     assert not env.path(f"{OPT}/.restart-pending").exists()
+
+
+def test_a_failed_service_is_reset_and_started_by_the_next_install(env):
+    """A crash loop past systemd's start limit (or an exit 78) leaves the unit failed, and `enable --now`
+    alone would not start it: the run that brings the fix resets the failure first. A unit that has not
+    failed is left as it is."""
+    _ok(env.run())
+    assert not [c for c in env.calls("systemctl") if "reset-failed" in c]
+    out = _ok(env.run(extra_env={"SPB_STUB_FAILED_RC": "0"}))  # `systemctl is-failed` answers: failed
+    systemctl = env.calls("systemctl")
+    reset = ["systemctl", "reset-failed", "solarpowerbrampton.service"]
+    enable = ["systemctl", "enable", "--now", "solarpowerbrampton.service", "solarpowerbrampton-update.timer"]
+    assert reset in systemctl and systemctl.index(reset) < systemctl.index(enable), systemctl
+    assert "solarpowerbrampton.service had failed: starting it again" in out
 
 
 @pytest.mark.parametrize("example", [
