@@ -183,7 +183,7 @@ class BlinkPattern:
 # any counted code (each of those is mostly off) nor for "not running" (off).
 _HEARTBEAT = BlinkPattern(
     1, 4.8, 0.2, 0.0,
-    "All well: measuring and sending normally.",
+    "All well: measuring and storing normally (and sending, where a database is set).",
     "Nothing to do.")
 
 
