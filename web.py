@@ -20,6 +20,7 @@ import io
 import json
 import logging
 import re
+import selectors
 import socket
 import threading
 import time
@@ -89,12 +90,37 @@ class _Server(ThreadingHTTPServer):
     page: FlowPage
 
     def __init__(self, *args, header_deadline_s: float = HEADER_DEADLINE_S, **kwargs) -> None:
+        self._stop_requested = False
+        # stop_serving() ends the loop's select() with a byte. Made first: a failed bind calls server_close().
+        self._wake_r, self._wake_w = socket.socketpair()
         super().__init__(*args, **kwargs)
         self.header_deadline_s = header_deadline_s
         self._slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
         self._lock = threading.Lock()
         self._holding: set = set()  # connections holding a page slot
         self._waiting: dict = {}  # connection -> monotonic time it began waiting for a request header
+
+    def serve_until_stopped(self) -> None:
+        """socketserver's serve_forever without its poll (ten wake-ups a second: 30 a cycle at the default
+        interval, as much CPU as the cycle, for a page nobody may be watching): it sleeps in select() on the
+        listening socket and the wake-up socket stop_serving() writes. Runs in the page's thread."""
+        with selectors.DefaultSelector() as selector:
+            selector.register(self, selectors.EVENT_READ)
+            selector.register(self._wake_r, selectors.EVENT_READ)
+            while not self._stop_requested:
+                for key, _ in selector.select():
+                    if key.fileobj is self and not self._stop_requested:
+                        self._handle_request_noblock()  # socketserver's own accept-and-dispatch
+
+    def stop_serving(self) -> None:
+        """End serve_until_stopped() (from any thread)."""
+        self._stop_requested = True
+        self._wake_w.send(b"\0")
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._wake_r.close()
+        self._wake_w.close()
 
     def process_request(self, request, client_address) -> None:
         if not self._slots.acquire(blocking=False):
@@ -247,8 +273,7 @@ class FlowPage:
         server.page = self
         self._stopping = False
         self._server = server
-        self._thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.1},
-                                        name="flow-page", daemon=True)
+        self._thread = threading.Thread(target=server.serve_until_stopped, name="flow-page", daemon=True)
         self._thread.start()
         log.info("live energy-flow page on %s", self.url)
 
@@ -260,10 +285,10 @@ class FlowPage:
         with self._cond:
             self._stopping = True
             self._cond.notify_all()
-        server.shutdown()
-        server.server_close()
+        server.stop_serving()
         if self._thread is not None:
             self._thread.join(timeout=5)
+        server.server_close()
         self._server = None
         self._thread = None
 

@@ -289,6 +289,30 @@ def test_no_config_secrets_on_the_page(page):
     assert "address" not in text and "shunt_ohms" not in text and "0x40" not in text
 
 
+def test_an_idle_page_server_sleeps_until_a_request_or_its_stop():
+    """No polling: socketserver's loop woke ten times a second (30 wake-ups a cycle at the default 3 s, for a
+    page nobody watches, on a Pi). Idle for a second, the server thread is not switched to at all; a request
+    and stop() still wake it at once."""
+    page = web.FlowPage("127.0.0.1:0", channels=CHANNELS, site="x")
+    page.start()
+    try:
+        assert get(page, "/api/now")[0] in (200, 503)  # serving (503: no cycle yet)
+        thread = page._thread
+
+        def switches() -> int:
+            status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
+            return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
+
+        before = switches()
+        time.sleep(1.0)
+        assert switches() - before <= 1  # socketserver's poll: 10
+        assert get(page, "/api/now")[0] in (200, 503)
+    finally:
+        began = time.monotonic()
+        page.stop()
+    assert not thread.is_alive() and time.monotonic() - began < 2
+
+
 def test_start_raises_when_the_port_is_taken(page):
     port = int(page.url.rstrip("/").rsplit(":", 1)[1])
     other = web.FlowPage(f"127.0.0.1:{port}", channels=CHANNELS, site="x")
