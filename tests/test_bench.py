@@ -215,6 +215,23 @@ HEADLINE_KEYS = ("daemon_cpu_ms_per_cycle", "simulator_cpu_ms_per_cycle", "seed2
                  "schedule_p99_error_ms", "overruns")
 
 
+@pytest.mark.slow  # three daemon processes at real time
+def test_the_as_the_pi_runs_it_daemons_include_one_with_mqtt_and_metrics_scraped(victoria, tmp_path):
+    """process_cpu's third daemon (issue 15: the CPU per cycle with MQTT and /metrics on) really publishes and
+    is really scraped: 5 state messages a cycle (3 houses, the plant, the logger) seen by another process's
+    MQTT client, and /metrics answered on a kept-alive connection about every 5 cycles."""
+    from servers import Mosquitto, mqtt_binaries_available, require
+
+    require(mqtt_binaries_available())
+    with bench_proc.ProxyProcess() as proxies, Mosquitto() as broker:
+        figures = bench.process_cpu(victoria.url, proxies, 10, tmp_path, broker.port)
+    assert figures["outputs_mqtt_messages_per_cycle"] == pytest.approx(5, abs=0.5)
+    assert 0 < figures["outputs_scrapes_per_cycle"] <= 0.4
+    assert figures["daemon_cpu_ms_per_cycle_with_outputs"] > 0 and figures["daemon_cpu_ms_per_cycle"] > 0
+    assert "daemon_cpu_ms_per_cycle_with_outputs" in bench.TARGETS
+    assert "`daemon_cpu_ms_per_cycle_with_outputs`" in bench.markdown(figures)
+
+
 def test_the_readme_performance_table_shows_every_headline_key():
     readme = (bench.ROOT / "README.md").read_text()
     start = readme.index("## Performance")
