@@ -8,6 +8,7 @@ resumes delivery without a restart.
 from __future__ import annotations
 
 import base64
+import html
 import json
 import os
 import stat
@@ -130,17 +131,18 @@ def basic_auth_pair(username: str, password: str) -> str:
 
 def secret_forms(secret: str) -> list[str]:
     """Every form in which `secret` may come back from a server or a library: as is, URL-encoded,
-    JSON-escaped (as Python writes it, and as Go does: & < > as \\u0026 \\u003c \\u003e, non-ASCII kept
-    or escaped), and base64 (standard and URL-safe, with and without padding), longest first."""
+    HTML-escaped (an error page quoting a header), JSON-escaped (as Python writes it, and as Go does: & < >
+    as \\u0026 \\u003c \\u003e, non-ASCII kept or escaped), and base64 (standard and URL-safe, with and
+    without padding, also URL-encoded: + / = as %2B %2F %3D), longest first."""
     if not secret:
         return []
     raw = secret.encode("utf-8")
-    forms = {secret, quote(secret, safe=""), quote_plus(secret)}
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), html.escape(secret), html.escape(secret, False)}
     for ascii_only in (True, False):
         escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
         forms.update((escaped, escaped.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")))
     for encoded in (base64.b64encode(raw).decode("ascii"), base64.urlsafe_b64encode(raw).decode("ascii")):
-        forms.update((encoded, encoded.rstrip("="), encoded.replace("/", "\\/")))
+        forms.update((encoded, encoded.rstrip("="), encoded.replace("/", "\\/"), quote(encoded, safe="")))
     return sorted((f for f in forms if f), key=len, reverse=True)
 
 

@@ -102,3 +102,22 @@ def test_a_secret_with_a_line_break_is_refused_without_showing_it(tmp_path):
     assert "control character" in str(err.value) and "part-one" not in str(err.value)
     with pytest.raises(SecretError):
         Secret("INFLUXDB_TOKEN", environ={"INFLUXDB_TOKEN": "a\rb"}).value()
+
+
+def test_an_echo_url_encoding_the_basic_credentials_or_html_escaping_the_password_is_scrubbed():
+    """A proxy's error page that quotes the request: the base64 of `user:password` URL-encoded (its + / =
+    as %2B %2F %3D), or the password HTML-escaped (& < > " ' as entities)."""
+    import base64
+    import html
+    from urllib.parse import quote
+
+    from credentials import basic_auth_pair, scrub
+
+    password = "p>w?&'\"~~~"  # its `user:password` base64 holds + and /
+    pair = basic_auth_pair("logger", password)
+    encoded = base64.b64encode(pair.encode()).decode()
+    assert "+" in encoded or "/" in encoded
+    page = f"<p>Authorization: Basic {quote(encoded, safe='')}</p><p>password {html.escape(password)}</p>"
+    scrubbed = scrub(page, password, pair)
+    assert quote(encoded, safe="") not in scrubbed and html.escape(password) not in scrubbed
+    assert scrubbed.count("***") == 2
