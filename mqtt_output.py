@@ -30,6 +30,7 @@ from config import Config
 from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug
 from credentials import MQTT_PASSWORD_ENV, Secret, SecretError, scrub
 from rpi_errors import ConnectionFailedError, ErrorHandler, ShortError
+from schema import SYSTEM, typed_fields
 from transport import call_within
 
 log = logging.getLogger(__name__)
@@ -280,10 +281,8 @@ class MqttOutput:
             messages[topic] = encode(state).encode()
         state = {"time_ms": cycle.time_ms, LED_FIELD: led, "queue_depth": report.queue_depth}
         system = report.system
-        if system is not None:
-            for field in LOGGER_SENSORS:
-                if hasattr(system, field):
-                    state[field] = getattr(system, field)
+        if system is not None:  # rounded as the stored `system` point is: the same values in both
+            state.update(typed_fields(SYSTEM, {f: getattr(system, f) for f in LOGGER_SENSORS if hasattr(system, f)}))
             state["undervoltage"] = system.undervoltage
             state["throttled"] = system.throttled
         messages[self._logger_topic] = encode(state).encode()

@@ -160,9 +160,17 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
         stored = lp.samples(line for _, line, _ in box.export())
     finally:
         box.close()
-    compared = 0
+    compared = health = 0
     for topic, payload, _ in sub.messages:
-        if not topic.endswith("/state") or topic == logger_topic:
+        if topic == logger_topic:  # the Pi's health equals the cycle's stored `system` point
+            state = json.loads(payload)
+            for field in LOGGER_SENSORS:
+                if field != "queue_depth" and state.get(field) is not None:
+                    assert state[field] == pytest.approx(stored[(f"system_{field}", (("site", SITE),),
+                                                                 state["time_ms"])], rel=1e-12), field
+                    health += 1
+            continue
+        if not topic.endswith("/state"):
             continue
         state = json.loads(payload)
         for channel in config.channels:
@@ -174,6 +182,7 @@ def test_discovery_has_what_home_assistant_requires_and_states_equal_the_store(b
                     stored[(f"electricity_{field}", tags, state["time_ms"])], rel=1e-12), (topic, field)
                 compared += 1
     assert compared >= 3 * len(config.channels) * len(CHANNEL_SENSORS)
+    assert health >= 3 * 4  # cpu_percent, memory_used_mb, disk_free_mb, uptime_s (and cpu_temp_c where it is read)
     # Discovery is retained: a Home Assistant subscribing later (here: after the daemon stopped) gets it all.
     late = Subscriber(broker.port, ("homeassistant/#",))
     try:
