@@ -21,7 +21,7 @@ from outbox import Outbox, StoreError
 SECTIONS = {"site": config.SiteConfig, "sampling": config.SamplingConfig, "i2c": config.I2CConfig,
             "led": config.LedConfig, "store": config.StoreConfig, "simulation": config.SimulationConfig,
             "influx": config.InfluxConfig, "log": config.LogConfig, "update": config.UpdateConfig,
-            "clock": config.ClockConfig, "web": config.WebConfig}
+            "clock": config.ClockConfig, "web": config.WebConfig, "mqtt": config.MqttConfig}
 CHANNEL_KEYS = [f.name for f in dataclasses.fields(config.ChannelConfig)]
 KEY_PATHS = ([(section, f.name) for section, cls in SECTIONS.items() for f in dataclasses.fields(cls)]
              + [("channel", i, key) for i in range(2) for key in CHANNEL_KEYS]
@@ -47,7 +47,7 @@ EDGE_FLOATS = [0.0, -0.0, 1e308, -1e308, 5e-324, -5e-324, math.inf, -math.inf, m
 EDGE_INTS = [0, 1, -1, 255, 256, 65_535, 65_536, 2**31, 2**63 - 1, -(2**63), 0x40, 0x4F, 1000, 1001]
 EDGE_TEXT = ["", " ", "\x00", "a\x00b", "a\nb", "\x1b[31m", "\x7f", "\u0085", "\u2028", "\u0668\u0660",
              "127.0.0.1:\u0668\u0660\u0668\u0660", "http://127.0.0.1:\u0668\u0660", "http://h:0", "http://[::1]:8086",
-             "https://x:99999", "0x40", "0x4F", "power_plant", "local", "v1", "cloud", "day", "constant", "x" * 5000]
+             "https://x:99999", "0x40", "0x4F", "power_plant", "local", "v1", "cloud", "day", "constant", "simulated", "broker..lan", "x" * 5000]
 EDGE_DATES = [dt.datetime(1, 1, 1), dt.datetime(9999, 12, 31, 23, 59, 59, 999999), dt.datetime(1969, 12, 31, 23, 59),
               dt.datetime(2100, 12, 31, 23, 59, 59), dt.datetime(2026, 3, 29, 1, 30), dt.date(1, 1, 1),
               dt.date(9999, 12, 31), dt.time(12, 0), dt.datetime(2026, 6, 21, 12, 0, tzinfo=dt.timezone.utc)]
@@ -74,13 +74,17 @@ def mutate(doc: dict, op: str, path: tuple, value, store_dir: str) -> None:
     if op == "unknown":
         target = doc
         for part in path:
+            if not isinstance(target, (dict, list)) or (isinstance(target, list) and part >= len(target)) \
+                    or (isinstance(target, dict) and part not in target):
+                return  # an earlier mutation replaced or removed what the key would go into
             target = target[part]
-        target[value] = 1
+        if isinstance(target, dict):
+            target[value] = 1
         return
     *parents, last = path
     target = doc
     for part in parents:
-        if isinstance(target, dict):
+        if isinstance(target, dict) and isinstance(part, str):
             target = target.setdefault(part, {})
         elif isinstance(target, list) and isinstance(part, int) and part < len(target):
             target = target[part]
