@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import http.client
+import ipaddress
 import logging
 import select
 import socket
@@ -61,7 +62,7 @@ class Transport:
     (plus what was still in the send buffer at the minimum rate), however slowly the server
     trickles it. A socket read timeout alone cannot do this (it is per read): a watchdog timer
     cuts the socket when a phase's deadline passes. At most `max_answer_bytes` of a body are read.
-    DNS lookups are the resolver's (not cut). post() raises UnreachableError for every network
+    A name lookup finishes within `timeout_s` too (in a thread of its own). post() raises UnreachableError for every network
     failure (a TLS failure says why); requests from several threads (the start-up probe and the
     sender) wait for each other; abort() may be called from any thread.
     """
@@ -289,7 +290,7 @@ class Transport:
         if phase == "answer" and timed_out:
             return UnreachableError(f"no answer within {timeout_s:g} s after the upload from {target} "
                                     f"(the server stalls or trickles its answer)")
-        if phase == "connect" and timed_out:
+        if phase == "connect" and timed_out and not isinstance(exc, LookupTimeout):
             tls = " and TLS handshake" if self._https else ""
             return UnreachableError(f"cannot reach {target}: no connection{tls} within {timeout_s:g} s")
         return error_for_exception(exc, target, timeout_s, phase)
@@ -425,11 +426,44 @@ class _Coalescing:
             super().send(bytes(held))
 
 
+class LookupTimeout(TimeoutError):
+    """The name lookup (getaddrinfo) gave no answer in time: a SIM link's stalled resolver."""
+
+
+def _bounded_connection(address: tuple[str, int], timeout: float, source_address=None) -> socket.socket:
+    """socket.create_connection, its name lookup bounded by `timeout` too (the resolver has no timeout of its
+    own a caller can set; a stalled one held a flush for as long as it liked). An address is not looked up.
+    Raises LookupTimeout, socket.gaierror or the last connect error."""
+    host, port = address
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        done, infos = call_within(lambda: socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), timeout,
+                                  name="name-lookup")
+        if not done:
+            raise LookupTimeout(f"the name lookup of {host} gave no answer within {timeout:g} s") from None
+        error: OSError | None = None
+        for family, kind, proto, _, where in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                sock.settimeout(timeout)
+                if source_address:
+                    sock.bind(source_address)
+                sock.connect(where)
+                return sock
+            except OSError as exc:
+                sock.close()
+                error = exc
+        raise error or OSError(f"no address for {host}")
+    return socket.create_connection(address, timeout, source_address)
+
+
 class _HTTPConnection(_Coalescing, http.client.HTTPConnection):
     """http.client's connection, telling the Transport its socket as soon as TCP is up."""
 
     def __init__(self, host, port, *, timeout, on_socket) -> None:
         super().__init__(host, port, timeout=timeout)
+        self._create_connection = _bounded_connection
         self._on_socket = on_socket
 
     def connect(self) -> None:
@@ -443,6 +477,7 @@ class _HTTPSConnection(_Coalescing, http.client.HTTPSConnection):
 
     def __init__(self, host, port, *, timeout, context, session, on_socket) -> None:
         super().__init__(host, port, timeout=timeout, context=context)
+        self._create_connection = _bounded_connection
         self._tls_session = session
         self._on_socket = on_socket
 
@@ -563,6 +598,8 @@ def error_for_exception(exc: BaseException, target: str, timeout_s: float, phase
     during = {"upload": " during the upload", "answer": " while reading the answer"}.get(phase, "")
     if isinstance(exc, socket.gaierror):
         text = "DNS lookup failed"
+    elif isinstance(exc, LookupTimeout):
+        text = f"DNS lookup gave no answer within {timeout_s:g} s"
     elif isinstance(exc, (ConnectionRefusedError,)) or (isinstance(exc, OSError) and exc.errno in
                                                         (errno.EHOSTUNREACH, errno.ENETUNREACH)):
         text = "connection refused or no route"
