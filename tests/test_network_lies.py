@@ -460,15 +460,11 @@ def test_a_transport_dropped_without_close_leaves_no_watchdog_thread():
         assert not thread.is_alive()
 
 
-def test_a_delivery_whose_name_lookup_hangs_fails_within_timeout_s_as_a_connection_problem(monkeypatch):
-    """A SIM link's stalled resolver held a flush for as long as it liked (getaddrinfo has no timeout): the
-    lookup now runs under `timeout_s` too, and the request fails as a Connection problem that says so. No
-    resolver that hangs can run here: the system's getaddrinfo is replaced by one that answers only when the
-    test ends (30 s: a request that waits for it fails the test)."""
+@pytest.fixture
+def hanging_lookup(monkeypatch):
+    """No resolver that hangs can run here: the system's getaddrinfo is replaced by one that holds a lookup of
+    influx.example until the test ends (30 s at most: a caller that waits for it fails the test)."""
     import socket
-
-    from rpi_errors import UnreachableError
-    from transport import Transport
 
     answered = threading.Event()
     real = socket.getaddrinfo
@@ -480,42 +476,34 @@ def test_a_delivery_whose_name_lookup_hangs_fails_within_timeout_s_as_a_connecti
         return real(host, *args, **kwargs)
 
     monkeypatch.setattr(socket, "getaddrinfo", hanging)
+    yield
+    answered.set()
+
+
+def test_a_delivery_whose_name_lookup_hangs_fails_within_timeout_s_as_a_connection_problem(hanging_lookup):
+    """A SIM link's stalled resolver held a flush for as long as it liked (getaddrinfo has no timeout): the
+    lookup now runs under `timeout_s` too, and the request fails as a Connection problem that says so."""
+    from rpi_errors import UnreachableError
+    from transport import Transport
+
     transport = Transport("http://influx.example:8086", timeout_s=0.5)
     began = time.monotonic()
     try:
         with pytest.raises(UnreachableError, match="DNS lookup gave no answer within 0.5 s"):
             transport.post("/api/v2/write", b"m f=1 1", {})
     finally:
-        answered.set()
         transport.close()
     assert time.monotonic() - began < 10
 
 
-def test_the_influx_check_keeps_to_its_deadline_when_the_name_lookup_hangs(monkeypatch):
+def test_the_influx_check_keeps_to_its_deadline_when_the_name_lookup_hangs(hanging_lookup):
     """`main.py check` on a SIM link whose DNS stalls: the check ends within its deadline, and says the name
-    lookup is what hung (the Transport bounds it by its timeout_s). No resolver that hangs can run here: the
-    system's getaddrinfo is replaced by one that answers only after the check returned (30 s: a check that
-    waits fails the test)."""
-    import socket
-
+    lookup is what hung (the Transport bounds it by its timeout_s)."""
     import autostart
 
-    answered = threading.Event()
-    real = socket.getaddrinfo
-
-    def hanging(host, *args, **kwargs):
-        if host == "influx.example":
-            answered.wait(30)
-            raise socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution")
-        return real(host, *args, **kwargs)
-
-    monkeypatch.setattr(socket, "getaddrinfo", hanging)
     influx = parse_config({"influx": {"kind": "local", "api": "v2", "url": "http://influx.example:8086",
                                       "org": "o", "bucket": "b"}}).influx
-    try:
-        finding = autostart.influx_finding(influx, timeout_s=0.5)
-    finally:
-        answered.set()
+    finding = autostart.influx_finding(influx, timeout_s=0.5)
     assert finding.detail == ("http://influx.example:8086 is not reachable (cannot reach http://influx.example:8086: "
                               "DNS lookup gave no answer within 0.5 s)")
     assert finding.error is not None
