@@ -8,7 +8,6 @@ resumes delivery without a restart.
 from __future__ import annotations
 
 import base64
-import html
 import json
 import os
 import stat
@@ -137,7 +136,10 @@ def secret_forms(secret: str) -> list[str]:
     if not secret:
         return []
     raw = secret.encode("utf-8")
-    forms = {secret, quote(secret, safe=""), quote_plus(secret), html.escape(secret), html.escape(secret, False)}
+    # html.escape's forms, written out: importing html loads its entity table (a daemon's RSS, for an error path)
+    html = secret.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+    forms = {secret, quote(secret, safe=""), quote_plus(secret), html,
+             html.replace('"', "&quot;").replace("'", "&#x27;")}
     for ascii_only in (True, False):
         escaped = json.dumps(secret, ensure_ascii=ascii_only)[1:-1]
         forms.update((escaped, escaped.replace("&", "\\u0026").replace("<", "\\u003c").replace(">", "\\u003e")))

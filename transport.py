@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import errno
 import http.client
-import ipaddress
 import logging
 import select
 import socket
@@ -62,9 +61,10 @@ class Transport:
     (plus what was still in the send buffer at the minimum rate), however slowly the server
     trickles it. A socket read timeout alone cannot do this (it is per read): a watchdog timer
     cuts the socket when a phase's deadline passes. At most `max_answer_bytes` of a body are read.
-    A name lookup finishes within `timeout_s` too (in a thread of its own). post() raises UnreachableError for every network
-    failure (a TLS failure says why); requests from several threads (the start-up probe and the
-    sender) wait for each other; abort() may be called from any thread.
+    A name lookup finishes within `timeout_s` too (in a thread of its own). post() raises
+    UnreachableError for every network failure (a TLS failure says why); requests from several
+    threads (the start-up probe and the sender) wait for each other; abort() may be called from any
+    thread.
     """
 
     def __init__(self, url: str, timeout_s: float, *, min_upload_bytes_per_s: float = MIN_UPLOAD_BYTES_PER_S,
@@ -434,6 +434,8 @@ def _bounded_connection(address: tuple[str, int], timeout: float, source_address
     """socket.create_connection, its name lookup bounded by `timeout` too (the resolver has no timeout of its
     own a caller can set; a stalled one held a flush for as long as it liked). An address is not looked up.
     Raises LookupTimeout, socket.gaierror or the last connect error."""
+    import ipaddress  # here, not at import: a daemon connects rarely, and the module costs RSS
+
     host, port = address
     try:
         ipaddress.ip_address(host)
