@@ -352,9 +352,6 @@ def parse_config(data: Mapping[str, Any], source: str = "<config>") -> Config:
         v.problem(where, f"{problem} (with [mqtt] enabled: rename one)")
     if update.enabled and not update.remote:
         v.problem("update.remote", "required when [update] enabled = true")
-    if influx.kind == "none" and store.retention_days == 0:
-        v.problem("store.retention_days", "0 with [influx] kind = \"none\" would delete every reading as it is "
-                  "stored (the store is the only copy): give the days to keep, e.g. 7")
 
     if sampling.window_s >= sampling.interval_s:
         v.problem(

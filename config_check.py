@@ -32,7 +32,8 @@ def slug(text: str) -> str:
     return _SLUG.sub("_", text).strip("_") or "_"
 
 
-_BAD_HOST = "is not a usable host name (an empty part between dots, or a part over 63 characters)"
+_BAD_HOST = ("is not a usable host name (an empty part between dots, a part over 63 characters, or a character a "
+             "host name cannot hold)")
 
 
 def _encodable_host(host: str) -> bool:

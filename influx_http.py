@@ -137,7 +137,7 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
             f"{said} (a redirect{f' to {location}' if location else ''}, which InfluxDB never answers to a "
             "write: a captive portal or proxy answered, or the URL should be https://; check the network, e.g. "
             "the SIM's data plan, and the URL)", status=status)
-    if truncated:  # no InfluxDB answer is this long: whatever answered, it is not the database's verdict
+    if truncated and status not in (429, 503):  # no InfluxDB answer is this long: not the database's verdict
         return UnreachableError(f"{said} (not an answer InfluxDB gives)", status=status)
     if status == 422 or (status == 400 and any(marker in low for marker in _LINE_ERRORS)):
         rejected = RejectedError(f"{said} (lines refused)", status=status)

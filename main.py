@@ -65,10 +65,8 @@ def open_bus(config: Config, simulate: bool, clock: Callable[[], float] = time.m
             return BusChoice(ExtendedI2C(config.i2c.bus, frequency=None), False, f"using I2C bus {device}")
         except Exception as exc:  # noqa: BLE001 - Blinka's board detection raises several kinds
             raise CriticalError(f"cannot open I2C bus {device}: {type(exc).__name__}: {exc}", key="i2c") from None
-    raise CriticalError(
-        f"I2C bus {device} is missing: enable I2C (sudo raspi-config nonint do_i2c 0) and reboot",
-        key="i2c",
-    )
+    raise CriticalError(f"I2C bus {device} is missing: enable I2C (sudo raspi-config nonint do_i2c 0) and reboot",
+                        key="i2c")
 
 
 def _measures_model(config: Config, simulate: bool) -> bool:
@@ -179,7 +177,7 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     # Points stamped with the simulated time: the energy counters integrate the same (simulated) seconds.
     extra = {"wall_ms": wall_ms, "energy_time_scale": config.simulation.speed} if wall_ms is not None else {}
     if stop is not None and sampling.window_s > 2:  # SIGTERM stops a long window within 10 s: it waits on `stop`
-        extra["sleep"] = stop.wait  # (a short one sleeps: a cheaper wake-up, ten a cycle)
+        extra["sleep"] = lambda s: stop.wait(s) if s > 0 else time.sleep(0)  # (a short one sleeps: cheaper)
     return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus, **extra)
 
 
@@ -694,7 +692,9 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     try:
-        sys.exit(main())
+        code = main()
+        sys.stdout.flush()  # here, not at exit: a buffered pipe's last block fails here, inside the try
     except BrokenPipeError:  # `main.py export | head` stopped reading: not worth a traceback
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # where the exit's flush goes
-        sys.exit(141)  # as a shell reports a command SIGPIPE ended
+        code = 141  # as a shell reports a command SIGPIPE ended
+    sys.exit(code)

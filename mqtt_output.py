@@ -592,10 +592,15 @@ class MqttOutput:
         """`online` and every entity's config, retained. Refused by paho (its queue still full of a stall's
         messages, which it keeps across a reconnect) or cut by a lost connection: reported, and sent again
         after the next cycle published whole (a new connection sends it anyway)."""
-        failed = bool(client.publish(self.availability_topic, "online", qos=self.mqtt.qos, retain=True).rc)
-        for topic, config in self.discovery().items():
-            failed += bool(client.publish(topic, json.dumps(config, separators=(",", ":")), qos=self.mqtt.qos,
-                                          retain=True).rc)
+        messages = [(self.availability_topic, "online"),
+                    *((topic, json.dumps(config, separators=(",", ":"))) for topic, config in self.discovery().items())]
+        failed = 0
+        for topic, payload in messages:
+            rc = client.publish(topic, payload, qos=self.mqtt.qos, retain=True).rc
+            if rc and rc != client.QUEUE_FULL:  # the connection went: the next login sends it all again
+                failed += 1
+                break
+            failed += bool(rc)
         self._discovery_due = bool(failed)
         if failed and self.connected:
             self._refusing = True  # cleared, like a cycle's refusal, once a cycle and this went out whole

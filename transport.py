@@ -440,21 +440,25 @@ def _bounded_connection(address: tuple[str, int], timeout: float, source_address
     try:
         ipaddress.ip_address(host)
     except ValueError:
+        began = time.monotonic()
         done, infos = call_within(lambda: socket.getaddrinfo(host, port, 0, socket.SOCK_STREAM), timeout,
                                   name="name-lookup")
         if not done:
             raise LookupTimeout(f"the name lookup of {host} gave no answer within {timeout:g} s") from None
         error: OSError | None = None
         for family, kind, proto, _, where in infos:
-            sock = socket.socket(family, kind, proto)
+            sock = None
             try:
-                sock.settimeout(timeout)
+                # An address family the kernel lacks (IPv6 disabled on a Pi) fails here: the next one is tried.
+                sock = socket.socket(family, kind, proto)
+                sock.settimeout(max(timeout - (time.monotonic() - began), 0.001))  # the lookup's time counts
                 if source_address:
                     sock.bind(source_address)
                 sock.connect(where)
                 return sock
             except OSError as exc:
-                sock.close()
+                if sock is not None:
+                    sock.close()
                 error = exc
         raise error or OSError(f"no address for {host}")
     return socket.create_connection(address, timeout, source_address)

@@ -190,5 +190,7 @@ def test_any_mutated_config_is_a_working_once_or_exit_78_naming_each_key(mutatio
             box = Outbox(stored[0].parent, readonly=True)
         except StoreError as exc:
             raise AssertionError(f"once exited 0 but its store is unreadable: {exc}") from None
-        assert box.stats().stored_total >= 1  # `once` really measured and stored
+        # `once` really measured and stored: the point is there, or (a retention under a day) it was settled
+        # into the ledger's daily totals, which keep it, and then aged out.
+        assert box.stats().stored_total >= 1 or box.state("ledger:"), (doc, err)
         box.close()

@@ -266,8 +266,10 @@ def test_export_into_a_reader_that_stops_early_ends_quietly(tmp_path):
     no traceback (one used to follow every such pipe)."""
     cfg = write_config(tmp_path)
     assert run_cli("run", "--config", str(cfg), "--cycles", "1", cwd=tmp_path).returncode == 0
+    # Buffered as in any shell pipe (PYTHONUNBUFFERED off): a small export is written only by the last flush.
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "export", "--config", str(cfg)], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
     proc.stdout.close()  # before it writes a byte: its first write meets a closed pipe
     err = proc.stderr.read()
     proc.wait(60)

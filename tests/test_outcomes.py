@@ -54,6 +54,12 @@ def test_a_redirect_is_a_connection_problem_naming_where_it_points_never_a_secre
     assert "a redirect, which" in str(error_for_status(status, "", {}, "u", "x"))  # no Location given
 
 
+def test_a_throttling_answer_cut_at_64_kb_keeps_its_retry_after():
+    """A CDN's long 429 or 503 page still says when to come back: the wait is the server's, not the backoff's."""
+    error = error_for_status(429, "x" * 70_000, {"Retry-After": "120"}, "u", "x", truncated=True)
+    assert type(error) is ThrottledError and error.retry_after_s == 120
+
+
 @pytest.mark.parametrize("status", [400, 401, 404, 422])
 def test_an_answer_cut_at_64_kb_is_a_connection_problem_whatever_its_status(status):
     """README: an answer over 64 KB is handled as 5xx (kept, backed off, 5 blinks), not as the database's

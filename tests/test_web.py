@@ -303,7 +303,13 @@ def test_an_idle_page_server_sleeps_until_a_request_or_its_stop():
             status = Path(f"/proc/self/task/{thread.native_id}/status").read_text()
             return sum(int(line.split()[1]) for line in status.splitlines() if "ctxt_switches" in line)
 
-        before = switches()
+        # Settled first: back from answering the request (a GIL hand-over is a switch too), asleep in select().
+        before, deadline = switches(), time.monotonic() + 10
+        while True:
+            time.sleep(0.1)
+            if (now := switches()) == before or time.monotonic() > deadline:
+                break
+            before = now
         time.sleep(1.0)
         assert switches() - before <= 1  # socketserver's poll: 10
         assert get(page, "/api/now")[0] in (200, 503)
