@@ -105,6 +105,9 @@ def load_energy(outbox: Outbox) -> dict[str, tuple[float, float]]:
 
 
 # -- the daemon ---------------------------------------------------------------
+SHORT_SLEEP_S = 0.5  # StopFlag.sleep: the longest pause that is a plain sleep (a stop may wait that long)
+
+
 class StopFlag:
     """A stop request the measuring loop waits on: set() from any thread ends a wait at once, and every wait
     after it. Its wait is one timed lock acquire: threading.Event.wait goes through a Condition (a new lock
@@ -131,6 +134,18 @@ class StopFlag:
         if timeout_s > 0 and self._closed.acquire(True, min(timeout_s, threading.TIMEOUT_MAX)):
             self._closed.release()  # left open: every later wait returns at once
         return self._set
+
+    def sleep(self, seconds: float) -> None:
+        """A pause between a cycle's samples (read_data's `sleep`): none once set(), so a stop reads the rest
+        of the window at once and stores the cycle. Up to SHORT_SLEEP_S a plain time.sleep, whose wake-up
+        costs less than the lock's (ten a cycle) and which a stop waits out at most; longer, the stoppable
+        wait (a window may last an hour)."""
+        if self._set:
+            seconds = 0.0  # still time.sleep(0): a wait for the bus's lock yields
+        if seconds > SHORT_SLEEP_S:
+            self.wait(seconds)
+        else:
+            time.sleep(seconds)
 
 
 class Daemon:

@@ -176,8 +176,8 @@ def make_reader(config: Config, bus, outbox: Outbox | None, *, window_s: float |
     energy = load_energy(outbox) if outbox else None
     # Points stamped with the simulated time: the energy counters integrate the same (simulated) seconds.
     extra = {"wall_ms": wall_ms, "energy_time_scale": config.simulation.speed} if wall_ms is not None else {}
-    if stop is not None and sampling.window_s > 2:  # SIGTERM stops a long window within 10 s: it waits on `stop`
-        extra["sleep"] = lambda s: stop.wait(s) if s > 0 else time.sleep(0)  # (a short one sleeps: cheaper)
+    if stop is not None:  # the samples' pauses end at a stop (SIGTERM within 10 s, whatever window_s says)
+        extra["sleep"] = stop.sleep
     return read_data(bus, config.channels, sampling, energy=energy, reopen_bus=reopen_bus, **extra)
 
 

@@ -302,12 +302,12 @@ def test_sigterm_during_a_long_sampling_window_ends_the_daemon_within_10_s_with_
         proc = subprocess.Popen([sys.executable, str(ROOT / "main.py"), "run", "--config", str(cfg)], cwd=tmp_path,
                                 stdout=subprocess.DEVNULL, stderr=err)
     try:
+        # The chips answer when the first cycle's first sample is taken (2 s into the slot): from that line on,
+        # the daemon is inside the window, whose last sample is 36 s later.
         deadline = time.monotonic() + 60
-        while "measuring 4 channels every 60 s" not in log.read_text():
+        while "power_plant: INA219 at 0x45 answered" not in log.read_text():
             assert time.monotonic() < deadline and proc.poll() is None, log.read_text()
             time.sleep(0.05)
-        # The first sample is 2 s into the slot, the last 38 s later: 5 s after the loop's start is mid-window.
-        time.sleep(5)
         began = time.monotonic()
         proc.send_signal(signal.SIGTERM)
         proc.wait(30)
@@ -320,6 +320,22 @@ def test_sigterm_during_a_long_sampling_window_ends_the_daemon_within_10_s_with_
     assert took_s < 10, f"SIGTERM took {took_s:.1f} s mid-window"
     assert Outbox(tmp_path / "store").stats().stored_total == 5  # the interrupted cycle, whole
     assert "stopped after 1 cycle" in log.read_text()
+
+
+def test_a_samples_pause_ends_at_a_stop_and_a_short_one_is_a_plain_sleep(monkeypatch):
+    """StopFlag.sleep, read_data's pause between samples: a long one waits on the flag, a short one (up to
+    SHORT_SLEEP_S) sleeps, and once the flag is set none pauses at all (time.sleep(0) still yields)."""
+    import daemon
+    from daemon import StopFlag
+
+    flag, calls = StopFlag(), []
+    monkeypatch.setattr(daemon.time, "sleep", lambda s: calls.append(("sleep", s)))
+    monkeypatch.setattr(flag, "wait", lambda s: calls.append(("wait", s)))
+    flag.sleep(0.1)
+    flag.sleep(daemon.SHORT_SLEEP_S + 0.1)
+    flag.set()
+    flag.sleep(4.0)
+    assert calls == [("sleep", 0.1), ("wait", daemon.SHORT_SLEEP_S + 0.1), ("sleep", 0.0)]
 
 
 def test_the_loops_stop_flag_ends_a_wait_from_another_thread_and_every_wait_after():
