@@ -24,7 +24,7 @@ import socket
 import ssl
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 
 from config import Config
 from config_check import MQTT_LOGGER_NODE as LOGGER_NODE, slug
@@ -508,7 +508,6 @@ class MqttOutput:
             pending, self._pending, self._woken = self._pending, None, False
         if pending is None:
             return False
-        qos = self.mqtt.qos
         sock = client.socket()
         if not self.connected or sock is None:
             self.states_skipped += 1
@@ -516,16 +515,8 @@ class MqttOutput:
         report, led = pending
         # Corked, the burst leaves in one TCP segment instead of one per message: cheaper on both ends.
         _cork(sock, 1)
-        refused = 0
         try:
-            for topic, payload in self.states(report, led).items():
-                # Written at once (this thread runs paho's loop); refused when paho's queue of messages
-                # waiting for the broker's acknowledgement is full (MAX_QUEUED_MESSAGES: it acknowledges none).
-                rc = client.publish(topic, payload, qos=qos).rc
-                if rc == client.QUEUE_FULL:
-                    refused += 1
-                elif rc:  # the write failed: paho closed the connection and _on_disconnect said why
-                    break
+            refused = self._publish(client, self.states(report, led).items())
         finally:
             _cork(sock, 0)
         if not self.connected:
@@ -588,20 +579,28 @@ class MqttOutput:
         self.handler.clear("mqtt")
         self._send_discovery(client)  # after the clear: what it cannot send is reported
 
+    def _publish(self, client, messages: Iterable[tuple[str, str | bytes]], *, retain: bool = False) -> int:
+        """Publish each (topic, payload) at [mqtt] qos, written at once (this thread runs paho's loop). Returns
+        how many paho refused because its queue of messages waiting for the broker's acknowledgement is full
+        (MAX_QUEUED_MESSAGES: the broker acknowledges none). Stops at a failed write: paho closed the
+        connection and _on_disconnect said why (`connected` is then False)."""
+        refused = 0
+        for topic, payload in messages:
+            rc = client.publish(topic, payload, qos=self.mqtt.qos, retain=retain).rc
+            if rc == client.QUEUE_FULL:
+                refused += 1
+            elif rc:
+                break
+        return refused
+
     def _send_discovery(self, client) -> None:
         """`online` and every entity's config, retained. Refused by paho (its queue still full of a stall's
         messages, which it keeps across a reconnect) or cut by a lost connection: reported, and sent again
         after the next cycle published whole (a new connection sends it anyway)."""
         messages = [(self.availability_topic, "online"),
                     *((topic, json.dumps(config, separators=(",", ":"))) for topic, config in self.discovery().items())]
-        failed = 0
-        for topic, payload in messages:
-            rc = client.publish(topic, payload, qos=self.mqtt.qos, retain=True).rc
-            if rc and rc != client.QUEUE_FULL:  # the connection went: the next login sends it all again
-                failed += 1
-                break
-            failed += bool(rc)
-        self._discovery_due = bool(failed)
+        failed = self._publish(client, messages, retain=True)
+        self._discovery_due = bool(failed) or not self.connected  # (a lost connection: the next login sends it)
         if failed and self.connected:
             self._refusing = True  # cleared, like a cycle's refusal, once a cycle and this went out whole
             self._report(f"MQTT broker {self.where}: {failed} Home Assistant discovery message(s) not sent "
