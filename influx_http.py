@@ -72,14 +72,19 @@ def request_body(lines: "Sequence[str] | Prepared") -> bytes:
     return lines.body if isinstance(lines, Prepared) else gzip_lines(lines)
 
 
+def header(headers: Mapping[str, str] | None, name: str) -> str:
+    """The value of header `name` (`name` lower-case; any case in `headers`), the last one when repeated;
+    "" when absent."""
+    value = ""
+    for key, item in (headers or {}).items():
+        if key.lower() == name:
+            value = str(item)
+    return value
+
+
 def retry_after_s(headers: Mapping[str, str] | None, now: float | None = None) -> float | None:
     """Seconds from a Retry-After header (delta-seconds or an HTTP date); None if absent or unreadable."""
-    if not headers:
-        return None
-    value = None
-    for key, item in headers.items():
-        if key.lower() == "retry-after":
-            value = str(item).strip()
+    value = header(headers, "retry-after").strip()
     if not value:
         return None
     try:
@@ -132,7 +137,7 @@ def error_for_status(status: int, body: str | bytes | None, headers: Mapping[str
     if 300 <= status < 400:
         # InfluxDB never redirects a write: a captive portal sends the browser to its login page this way,
         # and a web server in front of the database sends http:// on to https://.
-        location = _detail(next((str(v) for k, v in (headers or {}).items() if k.lower() == "location"), ""), secrets)
+        location = _detail(header(headers, "location"), secrets)
         return UnreachableError(
             f"{said} (a redirect{f' to {location}' if location else ''}, which InfluxDB never answers to a "
             "write: a captive portal or proxy answered, or the URL should be https://; check the network, e.g. "

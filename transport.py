@@ -446,19 +446,13 @@ def _bounded_connection(address: tuple[str, int], timeout: float, source_address
         if not done:
             raise LookupTimeout(f"the name lookup of {host} gave no answer within {timeout:g} s") from None
         error: OSError | None = None
-        for family, kind, proto, _, where in infos:
-            sock = None
+        for *_, where in infos:  # each address in the resolver's order, as create_connection tries them
             try:
-                # An address family the kernel lacks (IPv6 disabled on a Pi) fails here: the next one is tried.
-                sock = socket.socket(family, kind, proto)
-                sock.settimeout(max(timeout - (time.monotonic() - began), 0.001))  # the lookup's time counts
-                if source_address:
-                    sock.bind(source_address)
-                sock.connect(where)
-                return sock
+                # An address needs no lookup; the lookup's time counts against the connect's. An address family
+                # the kernel lacks (IPv6 disabled on a Pi) fails like a refused connect: the next one is tried.
+                return socket.create_connection(where[:2], max(timeout - (time.monotonic() - began), 0.001),
+                                                source_address)
             except OSError as exc:
-                if sock is not None:
-                    sock.close()
                 error = exc
         raise error or OSError(f"no address for {host}")
     return socket.create_connection(address, timeout, source_address)
